@@ -1,0 +1,41 @@
+# The README's two commands: `make lab` (set up, then open JupyterLab on the notebooks) and
+# `make test` (set up, then run every test). The set-up is shared and redone only when
+# pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.batchlab-installed
+PORT   ?= 8888
+# The PyTorch build to install first. The default is the one this course is tested with; elsewhere,
+# for the small CPU-only wheels, run e.g.:
+#   make lab TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH       ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
+NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: lab test notebooks setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_INDEX) $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) \
+		--ServerApp.port_retries=0 --ServerApp.root_dir=notebooks $(LAB_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(NBVAL) $(PYTEST_ARGS)
+
+# Re-execute every chapter in place (outputs and execution counts are committed), then drop saved
+# widget state, which would only make the files large and the diffs noisy.
+notebooks: $(STAMP)
+	$(PY) benchmarks/notebooks.py --write $(or $(NB),notebooks/*.ipynb)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

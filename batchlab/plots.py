@@ -1,0 +1,70 @@
+"""Figures the chapters draw, as ``matplotlib.figure.Figure`` objects (no pyplot global state).
+
+A notebook shows a returned figure as its cell's output; a widget renders it to PNG with
+:func:`figure_to_png`.
+"""
+
+from __future__ import annotations
+
+import io
+
+from matplotlib.figure import Figure
+
+from .training import History
+
+X_AXES = {"steps": "optimizer steps", "samples": "samples seen", "seconds": "wall-clock seconds"}
+
+
+def plot_histories(histories, x=("steps", "samples", "seconds"), *, title: str | None = None,
+                   log_loss: bool = True, smooth: float = 0.05) -> Figure:
+    """Training loss of several runs against each of ``x`` (steps, samples, seconds), one panel each.
+
+    Comparing the panels is the point of chapter 1: a large batch looks best per step, a small batch
+    per sample, and the fastest per second depends on the machine. Small batches give very noisy
+    per-step losses, so each curve is a trailing mean over the last ``smooth`` fraction of its samples
+    (0 draws the raw losses). Steps and seconds are on log axes: runs differ in both by orders of magnitude.
+    """
+    histories = [histories] if isinstance(histories, History) else list(histories)
+    if not histories or not all(isinstance(h, History) for h in histories):
+        raise TypeError("histories must be a History or a non-empty list of History objects from batchlab.train")
+    x = (x,) if isinstance(x, str) else tuple(x)
+    unknown = [axis for axis in x if axis not in X_AXES]
+    if unknown or not x:
+        raise ValueError(f"x must name axes among {', '.join(X_AXES)}, got {x!r}")
+    fig = Figure(figsize=(4.2 * len(x), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(x), squeeze=False)[0]
+    for ax, axis in zip(axes, x):
+        for history in histories:
+            xs = history.steps if axis == "steps" else getattr(history, axis)
+            style = "o-" if len(xs) < 20 else "-"
+            ax.plot(xs, smoothed(history, smooth), style, label=history.label, linewidth=1.2, markersize=4)
+        if axis in ("steps", "seconds"):
+            ax.set_xscale("log")
+        ax.set_xlabel(X_AXES[axis])
+        ax.set_ylabel("training loss" + (" (smoothed)" if smooth else ""))
+        if log_loss:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def smoothed(history: History, fraction: float) -> list:
+    """The loss as a trailing mean over the steps that cover the last ``fraction`` of the samples."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"smooth must be a fraction in [0, 1), got {fraction}")
+    window = max(1, round(fraction * len(history.loss)))
+    total, out = 0.0, []
+    for i, loss in enumerate(history.loss):
+        total += loss - (history.loss[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def figure_to_png(fig: Figure, dpi: int = 80) -> bytes:
+    """Render ``fig`` to PNG bytes (for ``ipywidgets.Image``), without any date in the file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    return buffer.getvalue()

@@ -1,0 +1,256 @@
+"""A readable training loop (chapter 1; chapter 6 walks through its accumulation part line by line).
+
+:func:`train` is the loop every chapter uses: batches from a shuffled ``DataLoader``, one optimizer step
+per *effective* batch, optionally split into micro-batches whose gradients are accumulated. It returns
+a :class:`History` of the loss, the samples seen and the wall-clock time after every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .validation import check_float, check_int
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class History:
+    """What happened during :func:`train`, one entry per optimizer step.
+
+    ``loss`` is the mean loss over the step's effective batch, ``samples`` the number of samples seen
+    after the step, ``seconds`` the wall-clock training time since the start (evaluation excluded). ``eval_steps`` and
+    ``eval_accuracy`` hold the accuracy on ``eval_dataset`` (0 to 1) after the given steps. Two
+    histories compare equal when everything but the wall-clock times is equal.
+    """
+
+    label: str
+    batch_size: int
+    loss: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+    seconds: list = field(default_factory=list, compare=False)
+    eval_steps: list = field(default_factory=list)
+    eval_accuracy: list = field(default_factory=list)
+
+    @property
+    def steps(self) -> list:
+        """Optimizer step numbers, 1, 2, ... (the x axis of a loss-per-step plot)."""
+        return list(range(1, len(self.loss) + 1))
+
+    @property
+    def samples_per_second(self) -> float:
+        """Training throughput over the whole run (samples / second)."""
+        return self.samples[-1] / self.seconds[-1] if self.seconds and self.seconds[-1] > 0 else float("nan")
+
+    def __repr__(self) -> str:
+        last = f", final loss {self.loss[-1]:.4f}" if self.loss else ""
+        accuracy = f", accuracy {self.eval_accuracy[-1]:.3f}" if self.eval_accuracy else ""
+        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy})"
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    epochs: int | None = None,
+    steps: int | None = None,
+    optimizer="sgd",
+    lr: float = 0.05,
+    accumulation_steps: int = 1,
+    loss_fn=None,
+    device="cpu",
+    seed: int = 0,
+    progress: bool = True,
+    eval_dataset: Dataset | None = None,
+    label: str | None = None,
+) -> History:
+    """Train ``model`` on ``dataset`` and return its :class:`History`.
+
+    * ``batch_size``: samples per optimizer step (the *effective* batch). Batches are drawn from a
+      shuffled ``DataLoader`` with ``drop_last=True``, so every step sees exactly ``batch_size`` samples.
+    * ``epochs`` or ``steps`` (exactly one): how long to train.
+    * ``optimizer``: ``"sgd"`` (momentum 0.9), ``"adam"``, or a function ``params -> Optimizer``.
+    * ``accumulation_steps``: split every batch into this many equal micro-batches and accumulate their
+      gradients before the step: same result, less activation memory (chapter 6).
+    * ``loss_fn``: defaults to cross-entropy (mean over the batch).
+    * ``seed``: fixes the shuffling and any randomness in the model, so the same seed gives the same
+      History; the global random state is left as it was.
+    * ``eval_dataset``: if given, accuracy is measured after each epoch and after the last step.
+
+    The model is moved to ``device`` and trained in place. Arguments are checked before anything is
+    touched; if training fails or is interrupted, the model's weights, device and mode are restored.
+    """
+    total_steps, make_optimizer = _check_train_args(
+        model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps, loss_fn, device, seed,
+        eval_dataset,
+    )
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    device = torch.device(device)
+    history = History(label or f"batch {batch_size}, lr {lr:g}", batch_size)
+    saved_state = copy.deepcopy(model.state_dict())
+    saved_device, was_training = _device_of(model), model.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.to(device).train()
+            opt = make_optimizer(model.parameters())
+            _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
+                 eval_dataset, progress, history)
+    except BaseException:
+        model.load_state_dict(saved_state)
+        model.to(saved_device)
+        raise
+    finally:
+        model.train(was_training)
+    return history
+
+
+def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
+         eval_dataset, progress, history):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=history.label, disable=not progress, leave=False)
+    step = 0
+    while step < total_steps:  # one pass of this loop is one epoch
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            step_loss = 0.0
+            # Split the effective batch into micro-batches; only one micro-batch's activations
+            # are alive at a time, which is what saves memory.
+            for micro_inputs, micro_targets in zip(inputs.chunk(accumulation_steps),
+                                                   targets.chunk(accumulation_steps)):
+                loss = loss_fn(model(micro_inputs), micro_targets)
+                # Weight each micro-batch by its share of the batch: the summed gradients are then
+                # exactly the gradient of the mean loss over the whole effective batch.
+                share = len(micro_targets) / len(targets)
+                (loss * share).backward()  # adds to .grad; frees this micro-batch's graph
+                step_loss += loss.item() * share  # .item(): keep a number, not the graph
+            opt.step()  # one update per effective batch
+            opt.zero_grad(set_to_none=True)  # start the next batch's accumulation from zero
+            step += 1
+            history.loss.append(step_loss)
+            history.samples.append(step * batch_size)
+            history.seconds.append(time.perf_counter() - start)
+            bar.update()
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            if step == total_steps:
+                break
+        if eval_dataset is not None:
+            paused = time.perf_counter()
+            history.eval_steps.append(step)
+            history.eval_accuracy.append(evaluate(model, eval_dataset, device=device))
+            start += time.perf_counter() - paused  # ``seconds`` counts training time only
+    bar.close()
+
+
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device=None) -> float:
+    """The fraction of ``dataset`` that ``model`` classifies correctly (0 to 1).
+
+    Runs under ``torch.no_grad()`` in eval mode and puts the model back in the mode it was in.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_dataset("dataset", dataset)
+    check_int("batch_size", batch_size, minimum=1)
+    device = torch.device(device) if device is not None else _device_of(model)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        with torch.no_grad():
+            for inputs, targets in DataLoader(dataset, batch_size=batch_size):
+                predictions = model(inputs.to(device)).argmax(dim=1)
+                correct += (predictions == targets.to(device)).sum().item()
+    finally:
+        model.train(was_training)
+    return correct / len(dataset)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _check_dataset(name: str, dataset) -> None:
+    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+        raise TypeError(f"{name} must be a map-style torch Dataset with a length, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    item = dataset[0]
+    if (
+        not isinstance(item, (tuple, list))
+        or len(item) != 2
+        or not isinstance(item[0], torch.Tensor)
+        or not isinstance(item[1], (int, torch.Tensor))
+    ):
+        raise TypeError(
+            f"{name} must yield (input tensor, integer label) pairs, but item 0 is {_describe(item)}"
+        )
+
+
+def _describe(item) -> str:
+    if isinstance(item, (tuple, list)):
+        return f"a {type(item).__name__} of ({', '.join(type(x).__name__ for x in item)})"
+    return f"a {type(item).__name__}"
+
+
+def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
+                      loss_fn, device, seed, eval_dataset):
+    """Check every argument of :func:`train`; return (number of steps, optimizer factory)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_dataset("dataset", dataset)
+    check_int("batch_size", batch_size, minimum=1)
+    if batch_size > len(dataset):
+        raise ValueError(
+            f"batch_size must be at most the data set size ({len(dataset)}), got {batch_size}"
+        )
+    check_int("accumulation_steps", accumulation_steps, minimum=1)
+    if batch_size % accumulation_steps:
+        raise ValueError(
+            f"accumulation_steps must divide batch_size into equal micro-batches: {batch_size} is not "
+            f"divisible by {accumulation_steps}; try accumulation_steps in "
+            f"{[k for k in range(1, min(batch_size, 64) + 1) if batch_size % k == 0]}"
+        )
+    if (epochs is None) == (steps is None):
+        raise ValueError(f"give exactly one of epochs or steps, got epochs={epochs!r}, steps={steps!r}")
+    steps_per_epoch = len(dataset) // batch_size
+    total = check_int("steps", steps, minimum=1) if steps is not None else \
+        check_int("epochs", epochs, minimum=1) * steps_per_epoch
+    check_float("lr", lr)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+    check_int("seed", seed, minimum=0)
+    if eval_dataset is not None:
+        _check_dataset("eval_dataset", eval_dataset)
+    return total, _optimizer_factory(optimizer, lr)
+
+
+def _optimizer_factory(optimizer, lr: float):
+    if callable(optimizer):
+        def make(params):
+            opt = optimizer(params)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(opt).__name__}")
+            return opt
+        return make
+    if optimizer == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if optimizer == "adam":
+        return lambda params: torch.optim.Adam(params, lr=lr)
+    raise ValueError(
+        f"optimizer must be 'sgd', 'adam' or a function params -> torch.optim.Optimizer, got {optimizer!r}"
+    )

@@ -1,0 +1,59 @@
+import pytest
+from matplotlib.figure import Figure
+
+import batchlab
+from batchlab import datasets
+from batchlab.plots import figure_to_png, smoothed
+from batchlab.widgets import ConvergenceWidget
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    return datasets.digits(train=False)
+
+
+def test_plot_histories_draws_one_panel_per_axis(small_digits):
+    runs = [batchlab.train(batchlab.build_model("mlp", in_shape=(1, 8, 8)), small_digits, batch_size=b,
+                           epochs=1, progress=False) for b in (16, 64)]
+    fig = batchlab.plot_histories(runs, x=("steps", "samples"))
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert [len(line.get_xdata()) for line in fig.axes[0].lines] == [len(r.loss) for r in runs]
+    assert figure_to_png(fig).startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="x must name axes among steps, samples, seconds"):
+        batchlab.plot_histories(runs, x="epochs")
+    with pytest.raises(TypeError, match="History"):
+        batchlab.plot_histories([])
+
+
+def test_smoothing_is_a_trailing_mean():
+    history = batchlab.History("h", 1, loss=[1.0, 3.0, 5.0, 7.0])
+    assert smoothed(history, 0.5) == [1.0, 2.0, 4.0, 6.0]
+    assert smoothed(history, 0) == history.loss
+
+
+def test_convergence_widget_follows_its_controls(small_digits):
+    widget = ConvergenceWidget(small_digits, epochs=1, batch_size=64, lr=0.05, keep=2)
+    first_png = bytes(widget.image.value)
+    assert first_png.startswith(b"\x89PNG") and "batch 64" in widget.summary.value
+    state = widget.set(batch_size=16)
+    assert [run["label"] for run in state["runs"]] == ["batch 64, lr 0.05", "batch 16, lr 0.05"]
+    assert [run["steps"] for run in state["runs"]] == [359 // 64, 359 // 16]
+    assert bytes(widget.image.value) != first_png
+    widget.lr.value = 0.1  # as a learner moving the slider
+    labels = [run["label"] for run in widget.state["runs"]]
+    assert labels == ["batch 16, lr 0.05", "batch 16, lr 0.1"]  # keep=2: the oldest run left the figure
+    cached = widget._cache[(16, 0.05)]
+    widget.set(lr=0.05)
+    assert widget._shown[-1] is cached  # a setting already run is reused, not retrained
+
+
+def test_convergence_widget_refuses_bad_values(small_digits):
+    widget = ConvergenceWidget(small_digits, epochs=1)
+    with pytest.raises(ValueError, match="batch_size must be one of"):
+        widget.set(batch_size=3)
+    with pytest.raises(ValueError, match="set\\(\\) takes batch_size and lr"):
+        widget.set(model="cnn")
+    with pytest.raises(ValueError, match="name must be one of"):
+        ConvergenceWidget(small_digits, model="transformer")
+    bundle = widget._repr_mimebundle_()
+    assert bundle["text/plain"] == "ConvergenceWidget(model='mlp', epochs=1)"
