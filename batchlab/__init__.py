@@ -6,6 +6,9 @@ Each module matches an idea a chapter teaches; the names learners use are re-exp
 from . import datasets, exercises, widgets
 from .batchsize import gradient_noise, step_times
 from .course import setup
+from .leaks import LeakReport, leak_check
+from .memory import MemoryReport, gpu_reference, process_memory, profile_step, track_memory
+from .memory_plots import plot_leak_checks, plot_peak_breakdown, plot_step_timeline
 from .models import MODEL_NAMES, build_model, count_parameters
 from .plots import plot_histories
 from .training import History, evaluate, train
@@ -13,6 +16,16 @@ from .training import History, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "LeakReport",
+    "MemoryReport",
+    "gpu_reference",
+    "leak_check",
+    "plot_leak_checks",
+    "plot_peak_breakdown",
+    "plot_step_timeline",
+    "process_memory",
+    "profile_step",
+    "track_memory",
     "MODEL_NAMES",
     "History",
     "build_model",

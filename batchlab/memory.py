@@ -1,0 +1,604 @@
+"""Where the memory of a training step goes, measured (chapter 4; chapter 5 builds its leak checks on it).
+
+:func:`track_memory` watches every tensor storage that is created and freed inside a ``with`` block,
+on any device (on a CPU too, where ``torch.cuda``'s counters do not exist and ``tracemalloc`` sees
+nothing), and sorts its bytes into the categories of :data:`CATEGORIES`:
+
+* ``parameters`` and ``buffers`` of the model (BatchNorm's running statistics are buffers),
+* ``gradients`` (the ``.grad`` of each parameter),
+* ``optimizer_state`` (momentum, Adam's two moments and step counters),
+* ``activations``: tensors that autograd saved for the backward pass,
+* ``inputs``: the batch given to the model (and, in :func:`profile_step`, its targets),
+* ``temporaries``: everything else, e.g. the output of a layer that backward does not need.
+
+How it sees: a ``TorchDispatchMode`` is called after every tensor operation and notes the storages
+that the operation's outputs did not share with its inputs (new memory); a weak reference to each
+storage reports the moment it is freed. Saved-tensor hooks tell which tensors autograd keeps for
+backward, and model / optimizer hooks mark the phases of a step (forward, loss, backward, optimizer
+step). Each storage is counted once (views share their storage) by its ``nbytes``. Parameters,
+buffers, gradients and optimizer state that already exist when the block starts are counted as live
+from the start, so a step's peak includes them.
+
+What it does not see: scratch memory that a single operation allocates and frees inside itself (a
+cuDNN workspace, for instance) and memory that is not a tensor (the CUDA context, the allocator's
+cache). On CUDA the report therefore carries ``torch.cuda``'s own counters beside the tracked bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import itertools
+import json
+import threading
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from importlib import resources
+
+import psutil
+import torch
+from torch import nn
+
+from .training import _optimizer_factory
+from .validation import check_choice
+
+CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")
+PHASES = ("start", "forward", "loss", "backward", "optimizer step", "after step")
+MiB = 2**20
+
+# When a storage is seen in several roles, the role that explains it best wins: a parameter saved for
+# backward is still a parameter, an input saved for backward is still an input.
+_PRIORITY = {"temporaries": 0, "activations": 1, "inputs": 2, "gradients": 3, "optimizer_state": 3,
+             "buffers": 4, "parameters": 5}
+
+
+def _dispatch_mode_class():
+    """The one private torch API this module relies on: the base class of Python dispatch modes.
+
+    ``TorchDispatchMode`` is documented ("Extending PyTorch") but lives in a private module;
+    ``tests/test_memory.py`` fails loudly if it moves or stops seeing operations.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def _tensors_in(obj, found: list) -> list:
+    """Append every tensor inside nested tuples, lists and dicts of ``obj`` to ``found``."""
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _tensors_in(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensors_in(item, found)
+    return found
+
+
+def _storage(tensor: torch.Tensor):
+    """The untyped storage behind ``tensor``, or None for tensors without one (sparse, nested, ...)."""
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a tensor or nested lists / dicts of them).
+
+    Views of one tensor share its storage and count once. This is the independent, by-hand sum the
+    chapter compares the tracker with (e.g. ``storage_bytes(list(model.parameters()))``).
+    """
+    seen = {}  # id -> storage; holding the storages keeps their ids unique while we count
+    for tensor in _tensors_in(tensors, []):
+        storage = _storage(tensor)
+        if storage is not None:
+            seen[id(storage)] = storage
+    return sum(storage.nbytes() for storage in seen.values())
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list:
+    """Every tensor held in ``optimizer.state`` (momentum buffers, Adam's moments and step counts)."""
+    return _tensors_in([dict(state) for state in optimizer.state.values()], [])
+
+
+@dataclass
+class TimelineEvent:
+    """Tracked bytes by category just after one event of a step (an allocation or a free)."""
+
+    phase: str
+    bytes: dict
+    what: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+@dataclass
+class MemoryReport:
+    """The memory of one training step: what :func:`profile_step` measures (and what an estimator predicts).
+
+    * ``peak_bytes``: the most bytes alive at any moment of the step; ``breakdown``: those bytes by
+      category; ``peak_phase``: the phase the peak happened in.
+    * ``timeline``: a :class:`TimelineEvent` (bytes by category and phase) after each event.
+    * ``category_peaks``: the most bytes each category held at any moment (e.g. all gradients exist
+      only at the end of backward, after activations are freed, so they are not all in ``breakdown``).
+    * ``device``: where the tensors lived. ``cuda_allocated`` / ``cuda_max_allocated`` /
+      ``cuda_reserved``: ``torch.cuda``'s counters after the step (None off CUDA).
+    """
+
+    peak_bytes: int
+    breakdown: dict
+    peak_phase: str
+    timeline: list = field(default_factory=list, repr=False)
+    device: str = "cpu"
+    category_peaks: dict = field(default_factory=dict)
+    cuda_allocated: int | None = None
+    cuda_max_allocated: int | None = None
+    cuda_reserved: int | None = None
+    label: str = ""
+
+    def __repr__(self) -> str:
+        title = f"{self.label}: " if self.label else ""
+        lines = [f"MemoryReport({title}peak {self.peak_bytes / MiB:.1f} MiB on {self.device}, during {self.peak_phase}"]
+        width = max((len(c) for c in self.breakdown), default=0)
+        for category in [c for c in CATEGORIES if c in self.breakdown] + \
+                [c for c in self.breakdown if c not in CATEGORIES]:
+            lines.append(f"  {category:<{width}} {self.breakdown[category] / MiB:8.1f} MiB")
+        if self.cuda_max_allocated is not None:
+            lines.append(f"  torch.cuda: allocated {self.cuda_allocated / MiB:.1f} MiB, max allocated "
+                         f"{self.cuda_max_allocated / MiB:.1f} MiB, reserved {self.cuda_reserved / MiB:.1f} MiB")
+        return "\n".join(lines) + ")"
+
+
+_active = threading.local()
+
+
+class _StorageRef(weakref.ref):
+    """A weak reference to a tracked storage that remembers what the tracker needs when it is freed."""
+
+    __slots__ = ("key", "serial", "nbytes")
+
+    def __new__(cls, storage, callback, key, serial, nbytes):
+        ref = super().__new__(cls, storage, callback)
+        ref.key, ref.serial, ref.nbytes = key, serial, nbytes
+        return ref
+
+    def __init__(self, storage, callback, *_args):
+        super().__init__(storage, callback)
+
+
+class MemoryTracker:
+    """The live state of a :func:`track_memory` block; ask it for :meth:`current`, :meth:`report`."""
+
+    def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 *, record: bool = True):
+        self.model, self.optimizer = model, optimizer
+        params = list(model.parameters()) if model is not None else []
+        if optimizer is not None:
+            params += [p for group in optimizer.param_groups for p in group["params"]]
+        self._params = list({id(p): p for p in params}.values())
+        self.device = str(self._params[0].device) if self._params else "cpu"
+        self.phase = "start"
+        self._record = record  # False: keep only what is alive now (leak_check), no timeline
+        self._lock = threading.RLock()
+        self._live: dict = {}  # id(storage) -> _StorageRef (serial, nbytes, and a callback when freed)
+        self._category: dict = {}  # serial -> category
+        self._events: list = []  # (serial, +nbytes or -nbytes, phase, what)
+        self._serial = 0
+        self._device_bytes: dict = {}  # device -> bytes allocated there (names the device without a model)
+        self._on_free = self._freed  # one bound method for every weak reference
+        self._handles: list = []
+        self._cuda = None
+        self.active = False
+
+    # -- what the hooks call -------------------------------------------------------------------
+    def _add(self, storage, category: str, what: str) -> int | None:
+        """Start tracking ``storage`` (new memory, or memory that existed before the block)."""
+        nbytes = storage.nbytes()
+        key = id(storage)
+        with self._lock:
+            if key in self._live:
+                self._classify(self._live[key].serial, category)
+                return None
+            self._serial += 1
+            serial = self._serial
+            self._live[key] = _StorageRef(storage, self._on_free, key, serial, nbytes)
+            self._category[serial] = category
+            device = str(storage.device)
+            self._device_bytes[device] = self._device_bytes.get(device, 0) + nbytes
+            if self._record:
+                self._events.append((serial, nbytes, self.phase, what))
+            return serial
+
+    def _freed(self, ref: _StorageRef) -> None:
+        with self._lock:
+            if self._live.get(ref.key) is not ref:
+                return
+            del self._live[ref.key]
+            if self._record:
+                self._events.append((ref.serial, -ref.nbytes, self.phase, "free"))
+            else:
+                del self._category[ref.serial]
+
+    def _classify(self, serial: int, category: str) -> None:
+        if _PRIORITY[category] > _PRIORITY[self._category[serial]]:
+            self._category[serial] = category
+
+    def adopt(self, tensors, category: str = "inputs") -> None:
+        """Count ``tensors`` (created before the block) as live from now on, in ``category``."""
+        check_choice("category", category, CATEGORIES)
+        for tensor in _tensors_in(tensors, []):
+            storage = _storage(tensor)
+            if storage is not None and storage.nbytes() > 0:
+                self._add(storage, category, f"existing {category}")
+
+    def _reclassify(self, tensors, category: str) -> None:
+        with self._lock:
+            for tensor in _tensors_in(tensors, []):
+                storage = _storage(tensor)
+                ref = self._live.get(id(storage)) if storage is not None else None
+                if ref is not None:
+                    self._classify(ref.serial, category)
+
+    def _on_op(self, func, args, kwargs, out) -> None:
+        outputs = _tensors_in(out, [])
+        if not outputs:
+            return
+        inputs = None
+        new = []
+        for tensor in outputs:
+            storage = _storage(tensor)
+            if storage is None or id(storage) in self._live or storage.nbytes() == 0:
+                continue
+            if inputs is None:  # views, in-place and out= results share an input's storage: no new memory
+                inputs = {id(s) for s in map(_storage, _tensors_in((args, kwargs), [])) if s is not None}
+            if id(storage) not in inputs and all(storage is not s for s in new):
+                new.append(storage)
+        for storage in new:
+            self._add(storage, "temporaries", str(func.overloadpacket.__name__))
+
+    def _pack(self, tensor):
+        if self.phase in ("start", "after step"):
+            self.phase = "forward"  # without a model, the first saved tensor marks the forward pass
+        self._reclassify(tensor, "activations")
+        # Keep a detached alias, not the tensor itself: an output saved with its own grad_fn would
+        # make a reference cycle that the garbage collector cannot see (and so never frees).
+        return tensor.detach()
+
+    def _unpack(self, tensor):
+        if self.phase != "backward":
+            self.phase = "backward"  # backward is the only reader of saved tensors
+        return tensor
+
+    def _sweep(self) -> None:
+        """Put the current gradients and optimizer state into their categories."""
+        self._reclassify([p.grad for p in self._params if p.grad is not None], "gradients")
+        if self.optimizer is not None:
+            self._reclassify(optimizer_state_tensors(self.optimizer), "optimizer_state")
+
+    def mark(self, phase: str) -> None:
+        """Name the phase that the next events belong to (for steps the hooks cannot see)."""
+        if not isinstance(phase, str) or not phase:
+            raise ValueError(f"phase must be a non-empty string, got {phase!r}")
+        self.phase = phase
+
+    # -- installing and removing ---------------------------------------------------------------
+    def _install(self) -> None:
+        self.active = True
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.model is not None:
+            self.adopt(list(self.model.parameters()), "parameters")
+            self.adopt(list(self.model.buffers()), "buffers")
+            self._handles.append(self.model.register_forward_pre_hook(self._forward_pre_hook))
+            self._handles.append(self.model.register_forward_hook(self._forward_hook))
+        self.adopt(self._params, "parameters")
+        self.adopt([p.grad for p in self._params if p.grad is not None], "gradients")
+        for p in self._params:
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+        if self.optimizer is not None:
+            self.adopt(optimizer_state_tensors(self.optimizer), "optimizer_state")
+            self._handles.append(self.optimizer.register_step_pre_hook(self._step_pre_hook))
+            self._handles.append(self.optimizer.register_step_post_hook(self._step_post_hook))
+
+    def _uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._sweep()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            self._cuda = (torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device),
+                          torch.cuda.memory_reserved(self.device))
+        with self._lock:
+            self._final = self.current()
+            self._live.clear()  # dropping the weak references also drops their callbacks
+        self.active = False
+
+    def _forward_pre_hook(self, _module, args):
+        self.phase = "forward"
+        for tensor in _tensors_in(args, []):
+            storage = _storage(tensor)
+            if storage is None:
+                continue
+            if id(storage) in self._live:
+                self._reclassify(tensor, "inputs")
+            elif storage.nbytes() <= tensor.numel() * tensor.element_size():
+                # An input made before the block: count it, unless it is a slice of a larger tensor
+                # (a data set), which costs the step no memory of its own.
+                self._add(storage, "inputs", "existing inputs")
+
+    def _forward_hook(self, _module, _args, _output):
+        self.phase = "loss"
+
+    def _grad_hook(self, param):
+        self.phase = "backward"
+        self._reclassify(param.grad, "gradients")
+
+    def _step_pre_hook(self, _optimizer, _args, _kwargs):
+        self._sweep()
+        self.phase = "optimizer step"
+
+    def _step_post_hook(self, _optimizer, _args, _kwargs):
+        self._sweep()
+        self.phase = "after step"
+
+    # -- what a learner asks -------------------------------------------------------------------
+    def current(self) -> dict:
+        """Bytes alive now (or at the end of the block, once it is over), by category."""
+        if not self.active:
+            return dict(getattr(self, "_final", dict.fromkeys(CATEGORIES, 0)))
+        with self._lock:
+            totals = dict.fromkeys(CATEGORIES, 0)
+            for ref in self._live.values():
+                totals[self._category[ref.serial]] += ref.nbytes
+            return totals
+
+    @property
+    def current_bytes(self) -> int:
+        """Total tracked bytes alive now."""
+        return sum(self.current().values())
+
+    def report(self, label: str = "") -> MemoryReport:
+        """The :class:`MemoryReport` of everything seen so far (categories as known now)."""
+        if not self._record:
+            raise RuntimeError("this tracker keeps no timeline (it was started by leak_check); use current()")
+        if self.active:
+            self._sweep()
+        with self._lock:
+            events = list(self._events)
+            categories = dict(self._category)
+        live = dict.fromkeys(CATEGORIES, 0)
+        category_peaks = dict.fromkeys(CATEGORIES, 0)
+        timeline, peak, peak_index = [], -1, 0
+        for serial, delta, phase, what in events:
+            live[categories[serial]] += delta
+            category = categories[serial]
+            category_peaks[category] = max(category_peaks[category], live[category])
+            # The memory that existed at the start is one point of the timeline, not one per tensor.
+            if what.startswith("existing") and phase == "start" and timeline and timeline[-1].what == "existing":
+                timeline[-1] = TimelineEvent(phase, dict(live), "existing")
+            elif what.startswith("existing") and phase == "start":
+                timeline.append(TimelineEvent(phase, dict(live), "existing"))
+            else:
+                timeline.append(TimelineEvent(phase, dict(live), what))
+            if sum(live.values()) > peak:
+                peak, peak_index = sum(live.values()), len(timeline) - 1
+        if not timeline:
+            timeline = [TimelineEvent(self.phase, dict(live), "nothing tracked")]
+            peak = 0
+        at_peak = timeline[peak_index]
+        cuda = self._cuda or (None, None, None)
+        device = self.device if self._params or not self._device_bytes else \
+            max(self._device_bytes, key=self._device_bytes.get)
+        return MemoryReport(peak_bytes=peak, breakdown=dict(at_peak.bytes), peak_phase=at_peak.phase,
+                            timeline=timeline, device=device, category_peaks=category_peaks,
+                            cuda_allocated=cuda[0], cuda_max_allocated=cuda[1], cuda_reserved=cuda[2],
+                            label=label)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most tracked bytes alive at any moment so far."""
+        return self.report().peak_bytes
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "finished"
+        return f"MemoryTracker({state}, {self.current_bytes / MiB:.1f} MiB live, {len(self._events)} events)"
+
+
+def _make_mode(tracker: MemoryTracker):
+    base = _dispatch_mode_class()
+
+    class _StorageWatcher(base):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tracker._on_op(func, args, kwargs, out)
+            return out
+
+    return _StorageWatcher()
+
+
+def track_memory(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None):
+    """Record every tensor storage created and freed inside the ``with`` block, by category.
+
+    ``with batchlab.track_memory(model, optimizer) as tracker: ...`` then ``tracker.report()`` gives a
+    :class:`MemoryReport`; ``tracker.current()`` gives the bytes alive now by category. ``model`` and
+    ``optimizer`` (both optional) let the tracker name parameters, gradients and optimizer state and
+    mark the forward pass and the optimizer step; their memory that exists already is counted from
+    the start. Memory made before the block and not passed in (a data set, say) is not counted.
+
+    The tracker always removes its hooks when the block ends, also when it ends with an error. One
+    tracker at a time: nesting raises ``RuntimeError``. On CUDA it resets the peak counter of
+    ``torch.cuda`` at the start, so ``report().cuda_max_allocated`` belongs to this block.
+    """
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    return _tracking(model, optimizer, record=True)
+
+
+@contextmanager
+def _tracking(model, optimizer, *, record: bool):
+    if getattr(_active, "tracker", None) is not None:
+        raise RuntimeError("track_memory is already active: trackers cannot be nested. Use the outer tracker, "
+                           "or leave its block first (leak_check and profile_step start one of their own).")
+    tracker = MemoryTracker(model, optimizer, record=record)
+    _active.tracker = tracker
+    try:
+        tracker._install()
+        # Saved-tensor hooks name the activations; a tracker without a timeline (leak_check) does without
+        # them, because the aliases they keep would add Python objects that the check counts.
+        hooks = torch.autograd.graph.saved_tensors_hooks(tracker._pack, tracker._unpack) if record else nullcontext()
+        with _make_mode(tracker), hooks:
+            yield tracker
+    finally:
+        try:
+            tracker._uninstall()
+        finally:
+            _active.tracker = None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _check_batch(batch):
+    if (
+        not isinstance(batch, (tuple, list))
+        or len(batch) != 2
+        or not all(isinstance(t, torch.Tensor) for t in batch)
+    ):
+        got = f"a {type(batch).__name__}" if not isinstance(batch, (tuple, list)) else \
+            f"a {type(batch).__name__} of ({', '.join(type(t).__name__ for t in batch)})"
+        raise TypeError(f"batch must be a pair (inputs, targets) of tensors, as a DataLoader yields, got {got}")
+    inputs, targets = batch
+    if inputs.shape[:1] != targets.shape[:1]:
+        raise ValueError(f"batch inputs and targets must have the same number of samples, got "
+                         f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+    if len(inputs) == 0:
+        raise ValueError("batch is empty: it must hold at least one sample")
+    return inputs, targets
+
+
+def _training_step(model, inputs, targets, optimizer, loss_fn) -> None:
+    loss = loss_fn(model(inputs), targets)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(f"loss_fn must return a scalar tensor (use a mean or sum reduction), got "
+                         f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device=None) -> MemoryReport:
+    """Measure one training step of ``model`` on ``batch`` = (inputs, targets): a :class:`MemoryReport`.
+
+    The step is forward, loss, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, measured
+    with :func:`track_memory` after one unmeasured warm-up step that creates the optimizer state (as
+    in every step but the first of a real training run). ``optimizer`` is ``"sgd"`` (lr 0.01,
+    momentum 0.9), ``"adam"`` (lr 0.001) or a function ``params -> Optimizer``; ``loss_fn`` defaults to
+    cross-entropy. ``device`` (default: where the model is) is where the step runs.
+
+    The step runs on a copy of the model, so ``model`` (its weights, buffers, gradients, device) and the
+    global random state are left exactly as they were.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs, targets = _check_batch(batch)
+    if isinstance(optimizer, str):
+        check_choice("optimizer", optimizer, ("sgd", "adam"))
+    make_optimizer = _optimizer_factory(optimizer, 0.01 if optimizer == "sgd" else 1e-3)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    if device is None:
+        device = _device_of(model)
+        for name, tensor in (("inputs", inputs), ("targets", targets)):
+            if tensor.device != device:
+                raise ValueError(f"batch {name} are on {tensor.device} but the model is on {device}: move both "
+                                 f"to one device, or pass device='{device.type}' to run the step there")
+    else:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        work = copy.deepcopy(model).to(device).train()
+        for p in work.parameters():
+            p.grad = None
+        inputs, targets = inputs.to(device), targets.to(device)
+        opt = make_optimizer(work.parameters())
+        _training_step(work, inputs, targets, opt, loss_fn)  # warm-up: creates the optimizer state
+        with track_memory(work, opt) as tracker:
+            tracker.adopt([inputs, targets], "inputs")
+            _training_step(work, inputs, targets, opt, loss_fn)
+    return tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
+                                f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}")
+
+
+# -- the process's view --------------------------------------------------------------------------
+
+@dataclass
+class ProcessMemory:
+    """What the operating system sees (``rss_bytes``) beside what Python's tensors hold.
+
+    ``tensor_bytes``: the storages of the CPU tensors that Python objects refer to (found through the
+    garbage collector, each storage once). Tensors that only the autograd graph keeps are not Python
+    objects, so they are missing here; :func:`track_memory` sees them.
+    """
+
+    rss_bytes: int
+    tensor_bytes: int
+
+    @property
+    def other_bytes(self) -> int:
+        """Resident memory that is not tensors: the interpreter, torch's libraries, freed-but-kept pages."""
+        return self.rss_bytes - self.tensor_bytes
+
+    def __repr__(self) -> str:
+        return (f"ProcessMemory(resident {self.rss_bytes / MiB:.1f} MiB, of which CPU tensors "
+                f"{self.tensor_bytes / MiB:.1f} MiB and everything else {self.other_bytes / MiB:.1f} MiB)")
+
+
+_TENSOR_TYPES: dict = {}  # type -> is it a tensor type? (cached: asked for every object gc knows)
+
+
+def _python_tensors(objects=None) -> list:
+    """Every tensor that is a Python object now (parameters included), or among ``objects``.
+
+    Types are checked once each with ``issubclass``; ``isinstance`` on every object would ask some
+    lazy objects for their ``__class__`` and make them warn.
+    """
+    objects = gc.get_objects() if objects is None else objects
+    kinds = set(map(type, objects))
+    for kind in kinds - _TENSOR_TYPES.keys():
+        _TENSOR_TYPES[kind] = issubclass(kind, torch.Tensor)
+    tensor_kinds = {kind for kind in kinds if _TENSOR_TYPES[kind]}
+    # The same as [obj for obj in objects if type(obj) in tensor_kinds], without a Python-level loop.
+    return list(itertools.compress(objects, map(tensor_kinds.__contains__, map(type, objects))))
+
+
+def process_memory() -> ProcessMemory:
+    """Resident memory of this process (psutil) and the bytes of the CPU tensors Python holds."""
+    tensors = [t for t in _python_tensors() if t.device.type == "cpu"]
+    return ProcessMemory(rss_bytes=psutil.Process().memory_info().rss, tensor_bytes=storage_bytes(tensors))
+
+
+def gpu_reference() -> dict:
+    """Real measurements of training steps on an NVIDIA H100 (PyTorch 2.11), shipped with batchlab.
+
+    ``about`` and ``env`` say how they were measured; ``rows`` hold, per model, optimizer and batch
+    size, the bytes allocated before the step, the peak allocated and the peak reserved; ``context``
+    is what a process holds on the GPU beyond PyTorch's allocator (the CUDA context).
+    """
+    text = resources.files("batchlab").joinpath("data", "gpu_memory_h100.json").read_text(encoding="utf-8")
+    return json.loads(text)
