@@ -7,6 +7,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.batchlab-installed
 PORT   ?= 8888
+# JupyterLab refuses to run as root unless told to; containers and CI machines often are root.
+ROOT_OK := $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True)
 # The PyTorch build to install first. The default is the one this course is tested with; elsewhere,
 # for the small CPU-only wheels, run e.g.:
 #   make lab TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) \
-		--ServerApp.port_retries=0 --ServerApp.root_dir=notebooks $(LAB_ARGS)
+		--ServerApp.port_retries=0 --ServerApp.root_dir=notebooks $(ROOT_OK) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(NBVAL) $(PYTEST_ARGS)

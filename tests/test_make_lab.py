@@ -34,14 +34,18 @@ def test_make_lab_serves_the_notebooks():
                     listing = json.load(response)
             except OSError:
                 time.sleep(0.5)
-        assert listing is not None, f"JupyterLab did not answer on port {port}"
+        if listing is None:
+            lab.kill()
+            log = lab.communicate(timeout=30)[0].decode(errors="replace")
+            raise AssertionError(f"JupyterLab did not answer on port {port}; make lab printed:\n{log[-3000:]}")
         names = {item["name"] for item in listing["content"]}
         expected = {p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
         assert expected and expected <= names
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab?token={TOKEN}", timeout=10) as page:
             assert page.status == 200 and b"JupyterLab" in page.read()
     finally:
-        os.killpg(lab.pid, signal.SIGTERM)
+        if lab.poll() is None:
+            os.killpg(lab.pid, signal.SIGTERM)
         try:
             output = lab.communicate(timeout=30)[0].decode(errors="replace")
         except subprocess.TimeoutExpired:
