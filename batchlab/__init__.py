@@ -4,6 +4,7 @@ Each module matches an idea a chapter teaches; the names learners use are re-exp
 """
 
 from . import datasets, exercises, widgets
+from .batching import LoaderStats, iter_batches, loader_sweep, loader_throughput
 from .batchsize import gradient_noise, step_times
 from .course import setup
 from .leaks import LeakReport, leak_check
@@ -26,6 +27,11 @@ __all__ = [
     "process_memory",
     "profile_step",
     "track_memory",
+    "LoaderStats",
+    "batching",
+    "iter_batches",
+    "loader_sweep",
+    "loader_throughput",
     "MODEL_NAMES",
     "History",
     "build_model",

@@ -19,6 +19,7 @@ them on platforms that *spawn* workers (macOS, Windows) as well as where they fo
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -60,10 +61,11 @@ def iter_batches(dataset, batch_size: int, *, shuffle: bool = False, drop_last: 
     _check_bool("drop_last", drop_last)
     if collate_fn is not None and not callable(collate_fn):
         raise TypeError(f"collate_fn must be a function from a list of samples to a batch, got {collate_fn!r}")
-    return _batches(dataset, batch_size, shuffle, drop_last, seed, collate_fn or collate)
+    return batch_loop(dataset, batch_size, shuffle, drop_last, seed, collate_fn or collate)
 
 
-def _batches(dataset, batch_size, shuffle, drop_last, seed, collate_fn):
+def batch_loop(dataset, batch_size, shuffle, drop_last, seed, collate_fn):
+    """The loop of :func:`iter_batches`, without its argument checks: the code chapter 3 shows."""
     n = len(dataset)
     if shuffle:  # one permutation of all indices per pass, from its own seeded generator
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -210,7 +212,9 @@ def loader_throughput(dataset, *, batch_size: int, num_workers: int = 0, pin_mem
 
     Each of ``repeats`` runs asks the loader for a fresh iterator (an epoch: shuffled, ``drop_last``),
     takes ``warmup`` batches untimed, then times ``batches`` more. Only fetching is timed: the loop
-    does nothing with a batch, so this is the most a training loop could get from this loader.
+    does nothing with a batch, so this is the most a training loop could get from this loader. With
+    ``persistent_workers`` every run also reads the rest of its epoch, untimed, so that the next run's
+    time to the first batch is that of a new epoch on idle workers.
 
     Everything is checked before a worker starts: the arguments, that the data set has
     ``(warmup + batches) * batch_size`` samples, and that its first ``batch_size`` samples collate.
@@ -226,10 +230,10 @@ def loader_throughput(dataset, *, batch_size: int, num_workers: int = 0, pin_mem
     _check_loader_args(dataset, batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor,
                        batches, warmup, repeats, seed, collate_fn)
     collate_fn = collate_fn or collate
-    collate_fn([dataset[i] for i in range(batch_size)])  # un-collatable samples fail here, not in a worker
     stats = LoaderStats("DataLoader", batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor)
     with torch.random.fork_rng(devices=[]), one_thread(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        collate_fn([dataset[i] for i in range(batch_size)])  # un-collatable samples fail here, not in a worker
         torch.manual_seed(seed)  # transforms in the main process (num_workers=0) draw from this
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                             generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
@@ -239,9 +243,13 @@ def loader_throughput(dataset, *, batch_size: int, num_workers: int = 0, pin_mem
         try:
             for _ in range(repeats):
                 start = time.perf_counter(), time.process_time()
-                iterator = iter(loader)  # workers start here (once only with persistent_workers)
+                with frozen_gc():  # see frozen_gc: workers then copy less of this process's memory
+                    iterator = iter(loader)  # workers start here (once only with persistent_workers)
                 stats = stats.merged(_time_batches(iterator, start, stats, batches, warmup))
-                if not persistent_workers:
+                if persistent_workers:
+                    for _ in iterator:  # finish the epoch (untimed), as training would: the next one
+                        pass  # then starts from idle workers instead of waiting for this one's leftovers
+                else:
                     stop_workers(iterator)
         finally:
             stop_workers(iterator)  # also after an error or Ctrl-C: no worker is left behind
@@ -288,6 +296,25 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def frozen_gc():
+    """Hide this process's objects from the garbage collector of worker processes forked in the block.
+
+    A forked worker shares memory pages with its parent until one of them writes to a page. The
+    worker's garbage collector writes to every object it examines, so its first full collection would
+    copy pages holding the parent's objects into the worker. ``gc.freeze()`` moves them into a
+    generation the collector skips; the worker keeps that state, and the parent is unfrozen afterwards.
+    """
+    if gc.get_freeze_count():  # the caller froze objects already: leave their choice alone
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def stop_workers(iterator) -> None:
@@ -464,7 +491,7 @@ def shapes_image_folder(n: int = SHAPES_FOLDER_SIZE, image_size: int = 128, *, c
     That is real CPU work per sample, which is what ``DataLoader`` workers share (chapter 3).
 
     The files are written once, to ``root`` (default: ``$BATCHLAB_CACHE`` or the system temporary
-    folder, under ``batchlab/shapes-<n>-<image_size>px-seed<seed>``), and reused afterwards. The
+    folder, under ``batchlab-cache/shapes-<n>-<image_size>px-seed<seed>``), and reused afterwards. The
     data set's ``mean`` and ``std`` attributes hold the statistics used by ``Normalize``.
     """
     from torchvision.datasets import ImageFolder
@@ -492,7 +519,7 @@ def shapes_image_folder(n: int = SHAPES_FOLDER_SIZE, image_size: int = 128, *, c
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("BATCHLAB_CACHE") or Path(tempfile.gettempdir()) / "batchlab")
+    return Path(os.environ.get("BATCHLAB_CACHE") or Path(tempfile.gettempdir()) / "batchlab-cache")
 
 
 def _write_once(folder: Path, write) -> tuple[list, list]:
@@ -614,7 +641,8 @@ def worker_memory(dataset, *, batch_size: int, num_workers: int = 2) -> list:
     check_int("batch_size", batch_size, minimum=1)
     check_int("num_workers", num_workers, minimum=1)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    iterator = iter(loader)
+    with frozen_gc():
+        iterator = iter(loader)
     memory = []
     try:
         for index, _ in enumerate(iterator):

@@ -1,5 +1,6 @@
 """Chapter 3: manual batching equals DataLoader; loader measurements are sane and leave no worker behind."""
 
+import gc
 import os
 import signal
 import threading
@@ -297,6 +298,21 @@ def test_stop_workers_adapter_still_matches_torch(small_images):
     assert not [p for p in children() if p.pid in {w.pid for w in iterator._workers}]
     batching.stop_workers(None)  # nothing to do
     batching.stop_workers(iter(DataLoader(small_images, batch_size=8)))  # single process: nothing to do
+
+
+def test_frozen_gc_freezes_only_inside_the_block():
+    assert gc.get_freeze_count() == 0
+    with batching.frozen_gc():
+        assert gc.get_freeze_count() > 0  # what a worker forked here inherits
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze is left as it is
+    try:
+        frozen = gc.get_freeze_count()
+        with batching.frozen_gc():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_loader_sweep_table_and_figure(small_images):

@@ -1,0 +1,85 @@
+"""Chapter 3's numbers: DataLoader workers on the CPU-heavy image folder, and manual batching vs DataLoader.
+
+    python benchmarks/loader.py               # 5 interleaved repeats of every setting
+    python benchmarks/loader.py --repeats 9   # steadier medians on a busy machine
+
+Goals on a 2-core machine, at 128x128 PNG files (decode, random resized crop, flip, colour jitter,
+normalise), batch size 32:
+
+* ``num_workers=2`` delivers at least 1.5x the samples per second of ``num_workers=0``;
+* ``batchlab.iter_batches`` is within 10% of ``DataLoader(num_workers=0)``.
+
+Every setting runs once per round and the rounds repeat, so load from other programs spreads over
+all settings; the medians over rounds are compared. The load average is printed before and after,
+because other programs on the same cores lower the numbers (and the ratios). Exit status 1 if a goal
+is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+
+import psutil
+import torch
+
+from batchlab.batching import iter_batches_throughput, loader_throughput, shapes_image_folder, usable_cores
+
+WORKERS = (0, 1, 2, 4)
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds over all settings (default 5)")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per run (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches per run (default 3)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=128)
+    args = parser.parse_args()
+
+    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores "
+          f"({usable_cores()} usable), Python {platform.python_version()}, torch {torch.__version__}")
+    dataset = shapes_image_folder(image_size=args.image_size)
+    print(f"data: {len(dataset)} PNG files of {args.image_size}x{args.image_size} in {dataset.root}; "
+          f"batch size {args.batch_size}, {args.warmup} + {args.batches} batches per run, {args.repeats} rounds")
+    print("before:", load())
+
+    options = dict(batch_size=args.batch_size, batches=args.batches, warmup=args.warmup, repeats=1)
+    results: dict = {}
+    for _ in range(args.repeats):
+        for workers in WORKERS:
+            run = loader_throughput(dataset, num_workers=workers, **options)
+            results[workers] = results[workers].merged(run) if workers in results else run
+        run = iter_batches_throughput(dataset, **options)
+        results["manual"] = results["manual"].merged(run) if "manual" in results else run
+    print("after: ", load())
+
+    print(f"\n{'setting':44} {'median samples/s':>16} {'min':>7} {'max':>7} {'main busy':>9}")
+    for stats in results.values():
+        runs = stats.runs_samples_per_second
+        print(f"{stats.setting:44} {stats.samples_per_second:16,.0f} {min(runs):7,.0f} {max(runs):7,.0f} "
+              f"{stats.busy_fraction:9.0%}")
+
+    workers_ratio = results[2].samples_per_second / results[0].samples_per_second
+    manual_ratio = results["manual"].samples_per_second / results[0].samples_per_second
+    per_round = [a / b for a, b in zip(results[2].runs_samples_per_second, results[0].runs_samples_per_second)]
+    workers_ok, manual_ok = workers_ratio >= 1.5, abs(manual_ratio - 1) <= 0.10
+    print(f"\nnum_workers=2 / num_workers=0: {workers_ratio:.2f}x (per round: "
+          f"{', '.join(f'{r:.2f}' for r in per_round)}); goal >= 1.5x: {'met' if workers_ok else 'MISSED'}")
+    print(f"iter_batches / DataLoader(num_workers=0): {manual_ratio:.3f}; goal within 10%: "
+          f"{'met' if manual_ok else 'MISSED'}")
+    print(f"medians of {args.repeats} rounds; {statistics.median(results[0].runs_busy_fraction):.0%} of a core busy "
+          "in the main process without workers (below ~90% means other programs took CPU time from it)")
+    return 0 if workers_ok and manual_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
