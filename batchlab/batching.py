@@ -641,13 +641,14 @@ def worker_memory(dataset, *, batch_size: int, num_workers: int = 2) -> list:
     check_int("batch_size", batch_size, minimum=1)
     check_int("num_workers", num_workers, minimum=1)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    others = {p.pid for p in psutil.Process().children()}  # processes that are not this loader's workers
     with frozen_gc():
         iterator = iter(loader)
     memory = []
     try:
         for index, _ in enumerate(iterator):
             if index == len(loader) - 1:  # every worker has done its share; none has exited yet
-                for child in psutil.Process().children():
+                for child in [p for p in psutil.Process().children() if p.pid not in others]:
                     info = child.memory_full_info()
                     memory.append({"rss": info.rss, "pss": getattr(info, "pss", None), "uss": info.uss})
     finally:

@@ -11,17 +11,20 @@ normalise), batch size 32:
 
 Every setting runs once per round and the rounds repeat, so load from other programs spreads over
 all settings; the medians over rounds are compared. The load average is printed before and after,
-because other programs on the same cores lower the numbers (and the ratios). Exit status 1 if a goal
-is missed.
+because other programs on the same cores lower the numbers (and the ratios). Each round also measures
+the *ceiling*: the same per-sample work in 2 plain processes against 1 (no DataLoader), which is the
+most that 2 workers could gain on this machine at that moment. Exit status 1 if a goal is missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
+import time
 
 import psutil
 import torch
@@ -34,6 +37,25 @@ WORKERS = (0, 1, 2, 4)
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
+
+
+def _fetch(dataset, indices) -> None:
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    for i in indices:
+        dataset[i]
+
+
+def parallel_rate(dataset, processes: int, per_process: int) -> float:
+    """Samples per second of ``processes`` forked processes fetching ``per_process`` samples each."""
+    context = multiprocessing.get_context("fork")
+    jobs = [context.Process(target=_fetch, args=(dataset, range(k * per_process, (k + 1) * per_process)))
+            for k in range(processes)]
+    start = time.perf_counter()
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    return processes * per_process / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -54,7 +76,9 @@ def main() -> int:
 
     options = dict(batch_size=args.batch_size, batches=args.batches, warmup=args.warmup, repeats=1)
     results: dict = {}
+    ceiling = []
     for _ in range(args.repeats):
+        ceiling.append(parallel_rate(dataset, 2, 256) / parallel_rate(dataset, 1, 256))
         for workers in WORKERS:
             run = loader_throughput(dataset, num_workers=workers, **options)
             results[workers] = results[workers].merged(run) if workers in results else run
@@ -74,6 +98,8 @@ def main() -> int:
     workers_ok, manual_ok = workers_ratio >= 1.5, abs(manual_ratio - 1) <= 0.10
     print(f"\nnum_workers=2 / num_workers=0: {workers_ratio:.2f}x (per round: "
           f"{', '.join(f'{r:.2f}' for r in per_round)}); goal >= 1.5x: {'met' if workers_ok else 'MISSED'}")
+    print(f"ceiling, 2 plain processes / 1 process doing the same work: {statistics.median(ceiling):.2f}x "
+          f"(per round: {', '.join(f'{r:.2f}' for r in ceiling)}); below 2x means the cores were not all ours")
     print(f"iter_batches / DataLoader(num_workers=0): {manual_ratio:.3f}; goal within 10%: "
           f"{'met' if manual_ok else 'MISSED'}")
     print(f"medians of {args.repeats} rounds; {statistics.median(results[0].runs_busy_fraction):.0%} of a core busy "

@@ -18,11 +18,15 @@ from batchlab.widgets import LoaderWidget
 
 
 def children():
-    """Live child processes of this test process (DataLoader workers, if any were left behind)."""
+    """Live child processes of this test process (DataLoader workers, if any were left behind).
+
+    Python's multiprocessing resource tracker, which spawned workers start once and which lives as long
+    as the test session, is not a worker and is not counted.
+    """
     alive = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if child.status() != psutil.STATUS_ZOMBIE:
+            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
                 alive.append(child)
         except psutil.NoSuchProcess:
             pass
@@ -383,6 +387,15 @@ def test_augmentation_is_reproducible_with_a_seeded_generator(tmp_path):
     assert_same_batches(first_batches(2), first_batches(2))
     with pytest.raises(AssertionError):  # the same images, but each worker draws from its own seed
         assert_same_batches(first_batches(0), first_batches(2))
+
+
+def test_image_folder_works_with_spawned_workers(tmp_path):
+    """On macOS and Windows workers are spawned: the data set and helpers must pickle by module name."""
+    data = batching.shapes_image_folder(8, 32, root=tmp_path / "f")
+    loader = DataLoader(data, batch_size=4, num_workers=1, multiprocessing_context="spawn", collate_fn=batching.collate,
+                        worker_init_fn=batching.seed_worker, generator=torch.Generator().manual_seed(0))
+    batches = list(loader)
+    assert [tuple(images.shape) for images, _ in batches] == [(4, 3, 28, 28)] * 2
 
 
 def test_image_folder_arguments_are_checked(tmp_path):
