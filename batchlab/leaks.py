@@ -28,9 +28,9 @@ class LeakReport:
     """What grew while :func:`leak_check` called a function ``iterations`` times.
 
     ``bytes_per_iteration``, ``nodes_per_iteration`` and ``objects_per_iteration`` are the slopes of
-    a least-squares line through ``bytes`` (tracked tensor bytes alive after each call, counted from
-    the start of the check), ``nodes`` (autograd graph nodes reachable) and ``objects`` (objects the
-    garbage collector tracks). ``leaking`` is True when any of them grew steadily, in the first and in
+    a least-squares line through ``bytes`` (tensor bytes alive after each call), ``nodes`` (autograd
+    graph nodes reachable) and ``objects`` (objects the garbage collector tracks), all three counted
+    from the start of the check. ``leaking`` is True when any of them grew steadily, in the first and in
     the second half of the run; ``message`` says which. ``growing`` names the node and object types
     that grew, with their growth per iteration; ``freed_by_gc`` is the tracked bytes that one
     ``gc.collect()`` released at the end (memory that reference cycles held).
@@ -145,13 +145,15 @@ def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "") ->
         with _tracking(None, None, record=False) as tracker:
             nodes_before = graph_nodes()  # first, so that the Python wrappers of existing nodes are counted
             objects_before = _object_types(exclude=nodes_before)
+            node_start, object_start = sum(nodes_before.values()), sum(objects_before.values())
             byte_series, node_series, object_series = [], [], []
             for i in range(iterations):
                 fn()
+                # Each series counts from the start of the check: what this check's calls left behind.
                 byte_series.append(tracker.current_bytes)
                 objects = gc.get_objects()
-                node_series.append(sum(graph_nodes(objects).values()))
-                object_series.append(len(objects) - len(tracker._live) * len(_OWN_TYPES))
+                node_series.append(sum(graph_nodes(objects).values()) - node_start)
+                object_series.append(len(objects) - len(tracker._live) * len(_OWN_TYPES) - object_start)
                 del objects
                 if i == iterations // 2:
                     objects_middle = _object_types(exclude=nodes_before)

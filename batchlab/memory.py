@@ -64,6 +64,12 @@ def _dispatch_mode_class():
     return TorchDispatchMode
 
 
+# torch.tensor(data), torch.as_tensor and torch.from_numpy build their tensor outside the dispatcher and
+# then pass it through this operation, which returns it as it is: its storage is new although it is
+# also the operation's input.
+_LIFT_FRESH = torch.ops.aten.lift_fresh
+
+
 def _tensors_in(obj, found: list) -> list:
     """Append every tensor inside nested tuples, lists and dicts of ``obj`` to ``found``."""
     if isinstance(obj, torch.Tensor):
@@ -128,6 +134,8 @@ class MemoryReport:
       only at the end of backward, after activations are freed, so they are not all in ``breakdown``).
     * ``device``: where the tensors lived. ``cuda_allocated`` / ``cuda_max_allocated`` /
       ``cuda_reserved``: ``torch.cuda``'s counters after the step (None off CUDA).
+    * ``reserved_bytes``: the most bytes a CUDA caching allocator reserved during the step
+      (``torch.cuda.max_memory_reserved`` when measured; an estimator's prediction otherwise; None on CPU).
     """
 
     peak_bytes: int
@@ -140,6 +148,7 @@ class MemoryReport:
     cuda_max_allocated: int | None = None
     cuda_reserved: int | None = None
     label: str = ""
+    reserved_bytes: int | None = None
 
     def __repr__(self) -> str:
         title = f"{self.label}: " if self.label else ""
@@ -148,6 +157,8 @@ class MemoryReport:
         for category in [c for c in CATEGORIES if c in self.breakdown] + \
                 [c for c in self.breakdown if c not in CATEGORIES]:
             lines.append(f"  {category:<{width}} {self.breakdown[category] / MiB:8.1f} MiB")
+        if self.reserved_bytes is not None:
+            lines.append(f"  reserved by the caching allocator at most: {self.reserved_bytes / MiB:.1f} MiB")
         if self.cuda_max_allocated is not None:
             lines.append(f"  torch.cuda: allocated {self.cuda_allocated / MiB:.1f} MiB, max allocated "
                          f"{self.cuda_max_allocated / MiB:.1f} MiB, reserved {self.cuda_reserved / MiB:.1f} MiB")
@@ -175,7 +186,7 @@ class MemoryTracker:
     """The live state of a :func:`track_memory` block; ask it for :meth:`current`, :meth:`report`."""
 
     def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 *, record: bool = True):
+                 *, record: bool = True, observer=None):
         self.model, self.optimizer = model, optimizer
         params = list(model.parameters()) if model is not None else []
         if optimizer is not None:
@@ -184,10 +195,13 @@ class MemoryTracker:
         self.device = str(self._params[0].device) if self._params else "cpu"
         self.phase = "start"
         self._record = record  # False: keep only what is alive now (leak_check), no timeline
+        # Something that wants every event as it happens (the GPU estimator replays them through a model
+        # of CUDA's allocator): its allocated(serial, nbytes), freed(serial) and after_op(func, args, out).
+        self._observer = observer
         self._lock = threading.RLock()
         self._live: dict = {}  # id(storage) -> _StorageRef (serial, nbytes, and a callback when freed)
         self._category: dict = {}  # serial -> category
-        self._events: list = []  # (serial, +nbytes or -nbytes, phase, what)
+        self._events: list = []  # (serial, +nbytes or -nbytes, phase, what); serial 0 marks a new phase
         self._serial = 0
         self._device_bytes: dict = {}  # device -> bytes allocated there (names the device without a model)
         self._on_free = self._freed  # one bound method for every weak reference
@@ -212,6 +226,8 @@ class MemoryTracker:
             self._device_bytes[device] = self._device_bytes.get(device, 0) + nbytes
             if self._record:
                 self._events.append((serial, nbytes, self.phase, what))
+            if self._observer is not None:
+                self._observer.allocated(serial, nbytes)
             return serial
 
     def _freed(self, ref: _StorageRef) -> None:
@@ -223,6 +239,8 @@ class MemoryTracker:
                 self._events.append((ref.serial, -ref.nbytes, self.phase, "free"))
             else:
                 del self._category[ref.serial]
+            if self._observer is not None:
+                self._observer.freed(ref.serial)
 
     def _classify(self, serial: int, category: str) -> None:
         if _PRIORITY[category] > _PRIORITY[self._category[serial]]:
@@ -246,9 +264,7 @@ class MemoryTracker:
 
     def _on_op(self, func, args, kwargs, out) -> None:
         outputs = _tensors_in(out, [])
-        if not outputs:
-            return
-        inputs = None
+        inputs = set() if func.overloadpacket is _LIFT_FRESH else None
         new = []
         for tensor in outputs:
             storage = _storage(tensor)
@@ -260,31 +276,65 @@ class MemoryTracker:
                 new.append(storage)
         for storage in new:
             self._add(storage, "temporaries", str(func.overloadpacket.__name__))
+        if self._observer is not None:
+            self._observer.after_op(func, args, out)
 
     def _pack(self, tensor):
         if self.phase in ("start", "after step"):
-            self.phase = "forward"  # without a model, the first saved tensor marks the forward pass
+            self._set_phase("forward")  # without a model, the first saved tensor marks the forward pass
         self._reclassify(tensor, "activations")
         # Keep a detached alias, not the tensor itself: an output saved with its own grad_fn would
         # make a reference cycle that the garbage collector cannot see (and so never frees).
         return tensor.detach()
 
     def _unpack(self, tensor):
-        if self.phase != "backward":
-            self.phase = "backward"  # backward is the only reader of saved tensors
+        self._set_phase("backward")  # backward is the only reader of saved tensors
         return tensor
 
     def _sweep(self) -> None:
-        """Put the current gradients and optimizer state into their categories."""
-        self._reclassify([p.grad for p in self._params if p.grad is not None], "gradients")
+        """Put the current gradients and optimizer state into their categories (and count any that
+        were made without an operation the tracker sees)."""
+        self._collect([p.grad for p in self._params if p.grad is not None], "gradients")
         if self.optimizer is not None:
-            self._reclassify(optimizer_state_tensors(self.optimizer), "optimizer_state")
+            self._collect(optimizer_state_tensors(self.optimizer), "optimizer_state")
+
+    def _collect(self, tensors, category: str) -> None:
+        for tensor in tensors:
+            storage = _storage(tensor)
+            if storage is not None and storage.nbytes() > 0:
+                self._add(storage, category, f"found {category}")
+
+    def begin_measurement(self) -> None:
+        """Forget the events so far: the timeline restarts here, from what is alive now.
+
+        For a warm-up inside the block (as :func:`profile_step` does before its block): memory alive now
+        becomes the timeline's starting point, and peaks count from here. On CUDA the peak counter of
+        ``torch.cuda`` is reset too.
+        """
+        with self._lock:
+            self._events = [(ref.serial, ref.nbytes, "start", "existing") for ref in self._live.values()]
+            self.phase = "start"
+        if self.active and self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def category_of(self, serial: int) -> str:
+        """The category of the storage numbered ``serial`` (the numbers an observer is given)."""
+        return self._category[serial]
 
     def mark(self, phase: str) -> None:
         """Name the phase that the next events belong to (for steps the hooks cannot see)."""
         if not isinstance(phase, str) or not phase:
             raise ValueError(f"phase must be a non-empty string, got {phase!r}")
-        self.phase = phase
+        self._set_phase(phase)
+
+    def _set_phase(self, phase: str) -> None:
+        """Enter ``phase``; the timeline gets a marker even if the phase allocates nothing."""
+        if phase != self.phase:
+            self.phase = phase
+            if self._record:
+                with self._lock:
+                    self._events.append((0, 0, phase, "phase"))
 
     # -- installing and removing ---------------------------------------------------------------
     def _install(self) -> None:
@@ -315,14 +365,14 @@ class MemoryTracker:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
             self._cuda = (torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device),
-                          torch.cuda.memory_reserved(self.device))
+                          torch.cuda.memory_reserved(self.device), torch.cuda.max_memory_reserved(self.device))
         with self._lock:
             self._final = self.current()
             self._live.clear()  # dropping the weak references also drops their callbacks
         self.active = False
 
     def _forward_pre_hook(self, _module, args):
-        self.phase = "forward"
+        self._set_phase("forward")
         for tensor in _tensors_in(args, []):
             storage = _storage(tensor)
             if storage is None:
@@ -335,19 +385,19 @@ class MemoryTracker:
                 self._add(storage, "inputs", "existing inputs")
 
     def _forward_hook(self, _module, _args, _output):
-        self.phase = "loss"
+        self._set_phase("loss")
 
     def _grad_hook(self, param):
-        self.phase = "backward"
+        self._set_phase("backward")
         self._reclassify(param.grad, "gradients")
 
     def _step_pre_hook(self, _optimizer, _args, _kwargs):
         self._sweep()
-        self.phase = "optimizer step"
+        self._set_phase("optimizer step")
 
     def _step_post_hook(self, _optimizer, _args, _kwargs):
         self._sweep()
-        self.phase = "after step"
+        self._set_phase("after step")
 
     # -- what a learner asks -------------------------------------------------------------------
     def current(self) -> dict:
@@ -378,9 +428,10 @@ class MemoryTracker:
         category_peaks = dict.fromkeys(CATEGORIES, 0)
         timeline, peak, peak_index = [], -1, 0
         for serial, delta, phase, what in events:
-            live[categories[serial]] += delta
-            category = categories[serial]
-            category_peaks[category] = max(category_peaks[category], live[category])
+            if serial:  # serial 0 marks the start of a phase
+                category = categories[serial]
+                live[category] += delta
+                category_peaks[category] = max(category_peaks[category], live[category])
             # The memory that existed at the start is one point of the timeline, not one per tensor.
             if what.startswith("existing") and phase == "start" and timeline and timeline[-1].what == "existing":
                 timeline[-1] = TimelineEvent(phase, dict(live), "existing")
@@ -394,13 +445,13 @@ class MemoryTracker:
             timeline = [TimelineEvent(self.phase, dict(live), "nothing tracked")]
             peak = 0
         at_peak = timeline[peak_index]
-        cuda = self._cuda or (None, None, None)
+        cuda = self._cuda or (None, None, None, None)
         device = self.device if self._params or not self._device_bytes else \
             max(self._device_bytes, key=self._device_bytes.get)
         return MemoryReport(peak_bytes=peak, breakdown=dict(at_peak.bytes), peak_phase=at_peak.phase,
                             timeline=timeline, device=device, category_peaks=category_peaks,
                             cuda_allocated=cuda[0], cuda_max_allocated=cuda[1], cuda_reserved=cuda[2],
-                            label=label)
+                            reserved_bytes=cuda[3], label=label)
 
     @property
     def peak_bytes(self) -> int:
@@ -445,11 +496,13 @@ def track_memory(model: nn.Module | None = None, optimizer: torch.optim.Optimize
 
 
 @contextmanager
-def _tracking(model, optimizer, *, record: bool):
+def _tracking(model, optimizer, *, record: bool, observer=None):
+    """:func:`track_memory` without its argument checks, for batchlab's own tools: ``record=False`` keeps
+    no timeline (leak_check); ``observer`` is told of every event as it happens (the GPU estimator)."""
     if getattr(_active, "tracker", None) is not None:
         raise RuntimeError("track_memory is already active: trackers cannot be nested. Use the outer tracker, "
                            "or leave its block first (leak_check and profile_step start one of their own).")
-    tracker = MemoryTracker(model, optimizer, record=record)
+    tracker = MemoryTracker(model, optimizer, record=record, observer=observer)
     _active.tracker = tracker
     try:
         tracker._install()
@@ -535,7 +588,8 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
         work = copy.deepcopy(model).to(device).train()
         for p in work.parameters():
             p.grad = None
-        inputs, targets = inputs.to(device), targets.to(device)
+        # Own copies of the batch: a slice of a larger tensor would otherwise count the whole tensor.
+        inputs, targets = inputs.to(device).clone(), targets.to(device).clone()
         opt = make_optimizer(work.parameters())
         _training_step(work, inputs, targets, opt, loss_fn)  # warm-up: creates the optimizer state
         with track_memory(work, opt) as tracker:
@@ -579,12 +633,13 @@ def _python_tensors(objects=None) -> list:
     lazy objects for their ``__class__`` and make them warn.
     """
     objects = gc.get_objects() if objects is None else objects
-    kinds = set(map(type, objects))
+    types = list(map(type, objects))
+    kinds = set(types)
     for kind in kinds - _TENSOR_TYPES.keys():
         _TENSOR_TYPES[kind] = issubclass(kind, torch.Tensor)
     tensor_kinds = {kind for kind in kinds if _TENSOR_TYPES[kind]}
     # The same as [obj for obj in objects if type(obj) in tensor_kinds], without a Python-level loop.
-    return list(itertools.compress(objects, map(tensor_kinds.__contains__, map(type, objects))))
+    return list(itertools.compress(objects, map(tensor_kinds.__contains__, types)))
 
 
 def process_memory() -> ProcessMemory:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .leaks import LeakReport
 from .memory import CATEGORIES, MemoryReport, MiB
@@ -40,14 +41,18 @@ def plot_step_timeline(report: MemoryReport, *, title: str | None = None) -> Fig
                  labels=[c.replace("_", " ") for c in categories], colors=[COLORS.get(c) for c in categories],
                  step="post", alpha=0.9)
     # Shade and name each run of events in one phase.
-    start, shade = 0, 0
+    start, shade, last_label = 0, 0, (-len(xs), 1.0)
     for i in range(1, len(xs) + 1):
         if i == len(xs) or report.timeline[i].phase != report.timeline[start].phase:
             if report.timeline[start].phase != "start":
                 shade += 1
                 ax.axvspan(start - 0.5, i - 0.5, color="grey", alpha=0.16 if shade % 2 else 0.06, lw=0)
-                ax.text((start + i - 1) / 2, 1.0, report.timeline[start].phase, transform=ax.get_xaxis_transform(),
+                # Names of short phases next to each other go on two rows so that they do not overlap.
+                center = (start + i - 1) / 2
+                y = 1.07 if center - last_label[0] < 0.12 * len(xs) and last_label[1] == 1.0 else 1.0
+                ax.text(center, y, report.timeline[start].phase, transform=ax.get_xaxis_transform(),
                         ha="center", va="bottom", fontsize="small")
+                last_label = (center, y)
             start = i
     peak_x = max(xs, key=lambda i: report.timeline[i].total)
     ax.axhline(report.peak_bytes / MiB, color="black", linestyle="--", linewidth=0.8)
@@ -94,8 +99,9 @@ def plot_peak_breakdown(reports, *, xlabel: str = "batch size", title: str | Non
 
 
 def plot_leak_checks(reports, *, title: str | None = None) -> Figure:
-    """What stayed alive after each iteration of :func:`batchlab.leak_check`: tensor memory and autograd
-    graph nodes, one line per report (its ``label``), so a leak and its fix can be compared."""
+    """What each iteration of :func:`batchlab.leak_check` left behind: tensor memory and autograd graph
+    nodes (counted from the start of the check), one line per report (its ``label``), so that a leak
+    and its fix can be compared. Solid lines are leaks, dashed lines are not."""
     reports = [reports] if isinstance(reports, LeakReport) else list(reports)
     if not reports or not all(isinstance(r, LeakReport) for r in reports):
         raise TypeError("reports must be a LeakReport or a non-empty list of them, as batchlab.leak_check returns")
@@ -107,12 +113,15 @@ def plot_leak_checks(reports, *, title: str | None = None) -> Figure:
         xs = range(1, len(r.bytes) + 1)
         memory_ax.plot(xs, [b / 1024 for b in r.bytes], style, marker=".", label=label)
         nodes_ax.plot(xs, r.nodes, style, marker=".", label=label)
-    memory_ax.set_ylabel("tensor KiB still alive")
-    nodes_ax.set_ylabel("autograd graph nodes alive")
-    for ax in (memory_ax, nodes_ax):
+    memory_ax.set_ylabel("tensor KiB left behind")
+    nodes_ax.set_ylabel("autograd graph nodes left behind")
+    series = ([b / 1024 for r in reports for b in r.bytes], [n for r in reports for n in r.nodes])
+    for ax, values in zip((memory_ax, nodes_ax), series):
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
+        low, high = min(0, min(values)), max(1, max(values))  # flat lines at zero stay at the bottom
+        ax.set_ylim(low - 0.03 * (high - low), high + 0.08 * (high - low))
     memory_ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)

@@ -144,6 +144,13 @@ def test_profile_step_leaves_everything_as_it_was():
     assert not model._forward_hooks and not model._forward_pre_hooks
 
 
+def test_a_sliced_batch_counts_only_itself():
+    model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
+    inputs, targets = batch_of(100, (1, 8, 8))
+    report = batchlab.profile_step(model, (inputs[:10], targets[:10]))
+    assert report.category_peaks["inputs"] == nbytes([inputs[:10], targets[:10]])
+
+
 def test_report_reads_in_mib():
     report = memory.MemoryReport(peak_bytes=3 * 2**20, breakdown={"parameters": 2**20, "activations": 2 * 2**20},
                                  peak_phase="backward", device="cpu")
@@ -164,6 +171,15 @@ def test_views_count_once_and_frees_are_seen():
         assert tracker.current_bytes == 0
     report = tracker.report()
     assert report.peak_bytes == 8000 and report.timeline[-1].total == 0
+
+
+def test_tensors_made_from_python_data_count():
+    existing = torch.ones(10)
+    with batchlab.track_memory() as tracker:
+        made = torch.tensor([1.0, 2.0, 3.0])  # built outside the dispatcher, then passed through it
+        same = torch.as_tensor(existing)  # no copy: nothing new
+        assert tracker.current_bytes == 12
+    assert made.numel() == 3 and same is existing
 
 
 def test_existing_memory_not_passed_in_is_not_counted():
@@ -262,6 +278,42 @@ def test_model_and_batch_on_different_devices():
     # Naming a device moves both (a copy of the model) there.
     report = batchlab.profile_step(model, (inputs, targets), device="cpu")
     assert report.device == "cpu" and report.cuda_max_allocated is None
+
+
+class Recorder:
+    """An observer that keeps its own account of the tracker's events."""
+
+    def __init__(self):
+        self.live, self.ops = {}, []
+
+    def allocated(self, serial, nbytes):
+        self.live[serial] = nbytes
+
+    def freed(self, serial):
+        del self.live[serial]
+
+    def after_op(self, func, args, out):
+        self.ops.append(func.overloadpacket.__name__)
+
+
+def test_an_observer_sees_every_event_and_measurement_can_restart():
+    model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
+    optimizer = make_optimizer("adam", model.parameters())
+    inputs, targets = batch_of(16, (1, 8, 8))
+    observer = Recorder()
+    with memory._tracking(model, optimizer, record=True, observer=observer) as tracker:
+        step(model, optimizer, inputs, targets)  # the first step creates Adam's state
+        assert sum(observer.live.values()) == tracker.current_bytes
+        tracker.begin_measurement()
+        start = tracker.current()
+        step(model, optimizer, inputs, targets)
+        assert sum(observer.live.values()) == tracker.current_bytes
+    assert "addmm" in observer.ops and "_foreach_sqrt" in observer.ops or "sqrt" in observer.ops
+    report = tracker.report()
+    assert report.timeline[0].bytes == start  # the timeline restarts at begin_measurement
+    assert start["optimizer_state"] == nbytes(state_tensors(optimizer))
+    assert {tracker.category_of(serial) for serial in observer.live} <= set(memory.CATEGORIES)
+    assert report.category_peaks["optimizer_state"] == start["optimizer_state"]
 
 
 def test_the_private_dispatch_api_still_works():
