@@ -7,6 +7,7 @@ from . import datasets, exercises, widgets
 from .batching import LoaderStats, iter_batches, loader_sweep, loader_throughput
 from .batchsize import gradient_noise, step_times
 from .course import setup
+from .distributed import RankError, launch, train_ddp
 from .leaks import LeakReport, leak_check
 from .memory import MemoryReport, gpu_reference, process_memory, profile_step, track_memory
 from .memory_plots import plot_leak_checks, plot_peak_breakdown, plot_step_timeline
@@ -17,6 +18,9 @@ from .training import History, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "RankError",
+    "launch",
+    "train_ddp",
     "LeakReport",
     "MemoryReport",
     "gpu_reference",

@@ -71,6 +71,7 @@ def train(
     progress: bool = True,
     eval_dataset: Dataset | None = None,
     label: str | None = None,
+    shuffle: bool = True,
 ) -> History:
     """Train ``model`` on ``dataset`` and return its :class:`History`.
 
@@ -84,6 +85,8 @@ def train(
     * ``seed``: fixes the shuffling and any randomness in the model, so the same seed gives the same
       History; the global random state is left as it was.
     * ``eval_dataset``: if given, accuracy is measured after each epoch and after the last step.
+    * ``shuffle=False`` takes the samples in the data set's order (chapter 7 uses it to replay the
+      exact global batches that distributed training saw).
 
     The model is moved to ``device`` and trained in place. Arguments are checked before anything is
     touched; if training fails or is interrupted, the model's weights, device and mode are restored.
@@ -92,6 +95,8 @@ def train(
         model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps, loss_fn, device, seed,
         eval_dataset,
     )
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = torch.device(device)
     history = History(label or f"batch {batch_size}, lr {lr:g}", batch_size)
@@ -103,7 +108,7 @@ def train(
             model.to(device).train()
             opt = make_optimizer(model.parameters())
             _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
-                 eval_dataset, progress, history)
+                 eval_dataset, progress, history, shuffle)
     except BaseException:
         model.load_state_dict(saved_state)
         model.to(saved_device)
@@ -114,8 +119,8 @@ def train(
 
 
 def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
-         eval_dataset, progress, history):
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+         eval_dataset, progress, history, shuffle=True):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
     bar = tqdm(total=total_steps, desc=history.label, disable=not progress, leave=False)

@@ -1,0 +1,477 @@
+"""Data parallelism over processes with ``torch.distributed`` (chapter 7).
+
+Three pieces, each small enough to read in one go:
+
+* :func:`launch` starts ``nprocs`` processes from a notebook (what ``torchrun`` does from a shell),
+  joins them into a process group and runs ``fn(rank, world_size, *args)`` in each. It returns rank 0's
+  result, raises a failing rank's exception with that rank's traceback, and stops every process it
+  started after an error, a timeout or a keyboard interrupt.
+* :func:`global_batch_order` asks ``DistributedSampler`` which samples each process gets, and lists
+  them in the order of the *global* batches, so that one process can replay exactly what the group saw.
+* :func:`train_process` is the code every process runs: ``DistributedSampler``, ``DistributedDataParallel``,
+  gradient accumulation with ``no_sync``. :func:`train_ddp` runs it under :func:`launch`; the script
+  ``python -m batchlab.ddp_train`` runs the same function under ``torchrun``.
+
+Why processes start with ``fork`` (on Linux and macOS): a function defined in a notebook lives in the
+kernel's ``__main__``, which a ``spawn``-ed process cannot import, so ``spawn`` would only run functions
+from ``.py`` files. A forked child is a copy of the kernel, so it has the function, the data set and
+PyTorch already loaded (and shares their memory pages until it writes to them). The known danger of
+fork is a child that inherits a thread pool it does not have: PyTorch's OpenMP pool hangs in a forked
+child that asks for more than one thread after the parent used several. Each child therefore switches
+to one thread before anything else (as DataLoader workers do, and as ``torchrun`` does by setting
+``OMP_NUM_THREADS=1``). ``start_method="spawn"`` is there for functions in importable modules, and is
+the only choice on Windows. CUDA cannot be initialised again in a forked child, so with the NCCL
+backend and fork, CUDA must not have been used in the notebook before :func:`launch`.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .models import MODEL_NAMES, build_model
+from .training import History, _check_dataset, _optimizer_factory
+from .validation import check_choice, check_float, check_int
+
+BACKENDS = ("gloo", "nccl")
+MASTER_ADDR = "127.0.0.1"  # every process of launch() runs on this machine
+
+
+class RankError(RuntimeError):
+    """An exception raised in one of the processes of :func:`launch`, carried back to the caller.
+
+    ``rank`` is the process that failed first, ``traceback`` the text of its traceback (the exception
+    object itself stays in the process that died).
+    """
+
+    def __init__(self, rank: int, world_size: int, traceback: str):
+        self.rank, self.world_size, self.traceback = rank, world_size, traceback
+        last = traceback.strip().splitlines()[-1] if traceback.strip() else "no Python exception"
+        super().__init__(f"rank {rank} of {world_size} failed: {last}\n\n"
+                         f"--- traceback from rank {rank} ---\n{traceback.rstrip()}")
+
+
+# -- launching processes ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now (the operating system picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((MASTER_ADDR, 0))  # port 0: let the OS choose an unused one
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((MASTER_ADDR, port))
+        except OSError:
+            return False
+    return True
+
+
+def default_backend(nprocs: int) -> str:
+    """``"nccl"`` when every process can have its own CUDA GPU, ``"gloo"`` (CPU) otherwise."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nprocs else "gloo"
+
+
+def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: float | None = 300.0,
+           port: int | None = None, start_method: str | None = None):
+    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` new processes that form a process group.
+
+    Each process gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
+    in its environment (as under ``torchrun``), one CPU thread, and a process group already set up
+    with ``backend`` (default: :func:`default_backend`); with NCCL, rank *r* uses GPU *r*.
+    Returns what rank 0's ``fn`` returned (it travels back with ``torch.save``, so it must be picklable).
+
+    * ``timeout`` (seconds, or None to wait for ever): if the processes have not all finished by then,
+      they are stopped and ``TimeoutError`` is raised.
+    * ``port``: the rendezvous port; None picks a free one.
+    * ``start_method``: ``"fork"`` (default where the system has it) or ``"spawn"`` (``fn`` must then
+      be importable from a module; see the module docstring for why).
+
+    An exception in any process is raised here as :class:`RankError` with the traceback of the
+    process that failed first. Whatever happens, no process started here is left running.
+    """
+    start_method, backend, port = _check_launch_args(fn, nprocs, backend, timeout, port, start_method)
+    context = multiprocessing.get_context(start_method)
+    workdir = tempfile.mkdtemp(prefix="batchlab-launch-")  # tracebacks and rank 0's result go here
+    processes = []
+    try:
+        for rank in range(nprocs):
+            process = context.Process(target=_rank_main, name=f"batchlab-rank-{rank}",
+                                      args=(rank, nprocs, fn, args, backend, port, workdir))
+            process.start()
+            processes.append(process)
+        _wait(processes, timeout, workdir)
+        result = os.path.join(workdir, "result.pt")
+        if not os.path.exists(result):
+            raise RuntimeError("rank 0 finished without a result: did fn call sys.exit()?")
+        return torch.load(result, weights_only=False)  # written by our own rank 0 just now
+    finally:  # also on KeyboardInterrupt: no process outlives this call
+        _stop(processes)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
+    """Check :func:`launch`'s arguments before any process starts; return (start method, backend, port)."""
+    if not callable(fn):
+        raise TypeError(f"fn must be a function fn(rank, world_size, ...), got {fn!r}")
+    check_int("nprocs", nprocs, minimum=1)
+    if timeout is not None:
+        check_float("timeout", timeout)
+    methods = multiprocessing.get_all_start_methods()
+    start_method = start_method or ("fork" if "fork" in methods else "spawn")
+    check_choice("start_method", start_method, [m for m in ("fork", "spawn") if m in methods])
+    if start_method == "spawn" and getattr(fn, "__module__", None) == "__main__":
+        raise ValueError(f"with start_method='spawn', fn must be importable, but {fn.__name__} is defined in "
+                         "__main__ (a notebook or script): move it into a .py file and import it, or use fork")
+    backend = check_choice("backend", backend or default_backend(nprocs), BACKENDS)
+    if backend == "nccl":
+        _check_nccl(nprocs, start_method)
+    if port is None:
+        return start_method, backend, free_port()
+    check_int("port", port, minimum=1, maximum=65535)
+    if not _port_free(port):
+        raise ValueError(f"port {port} is in use on {MASTER_ADDR}: pass port=None to pick a free one")
+    return start_method, backend, port
+
+
+def _check_nccl(nprocs: int, start_method: str) -> None:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < nprocs:
+        raise ValueError(f"backend 'nccl' needs one CUDA GPU per process: nprocs={nprocs} but {gpus} GPU(s) "
+                         "here; use backend='gloo' or fewer processes")
+    if start_method == "fork" and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was already used in this process, and a forked process cannot use it again: "
+                           "restart the kernel and call launch before any CUDA work, or use start_method='spawn'")
+
+
+def _rank_main(rank, world_size, fn, args, backend, port, workdir):
+    """What each started process runs: set up, call ``fn``, report, tear down."""
+    if sys.platform == "linux":  # if the launching process dies, take this one with it
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    torch.set_num_threads(1)  # first of all: an inherited OpenMP pool hangs if this child uses several threads
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR=MASTER_ADDR, MASTER_PORT=str(port))
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per process, before NCCL sets up its communicator
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))  # reads the variables set above
+        result = fn(rank, world_size, *args)
+        if rank == 0:
+            torch.save(result, os.path.join(workdir, "result.pt"))
+    except KeyboardInterrupt:
+        os._exit(1)  # interrupted with the caller, which reports it: no traceback of our own
+    except Exception:
+        import traceback
+
+        with open(os.path.join(workdir, f"error-{rank}.txt"), "w") as f:
+            f.write(f"{time.time()!r}\n{traceback.format_exc()}")  # the time tells which rank failed first
+        sys.exit(1)  # the caller raises it; exiting quietly avoids a second copy on this process's stderr
+    finally:
+        if dist.is_initialized():
+            gc.collect()  # free DDP objects (they sit in reference cycles) while their process group exists
+            dist.destroy_process_group()
+
+
+def _wait(processes, timeout, workdir) -> None:
+    """Wait until every process has finished; raise as soon as one fails or the time is up."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    running = {p.sentinel: p for p in processes}
+    while running:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        finished = multiprocessing.connection.wait(list(running), timeout=left)
+        if not finished:
+            ranks = sorted(processes.index(p) for p in running.values())
+            raise TimeoutError(f"launch timed out after {timeout:g} s: rank(s) {ranks} of {len(processes)} were "
+                               "still running (a rank stuck in a loop, or waiting in a collective for a rank "
+                               "that never joins it); all processes were stopped")
+        for sentinel in finished:
+            process = running.pop(sentinel)
+            process.join()
+            if process.exitcode != 0:
+                raise _failure(processes, workdir)
+
+
+def _failure(processes, workdir) -> RankError:
+    """The error of the rank that failed first (a peer of a failed rank often fails too, later)."""
+    time.sleep(0.2)  # give a peer that is failing at the same moment the time to write its traceback
+    reports = []
+    for rank in range(len(processes)):
+        path = os.path.join(workdir, f"error-{rank}.txt")
+        if os.path.exists(path):
+            with open(path) as f:
+                when, _, text = f.read().partition("\n")
+            reports.append((float(when), rank, text))
+    if reports:
+        _, rank, text = min(reports)
+        return RankError(rank, len(processes), text)
+    rank = next(r for r, p in enumerate(processes) if p.exitcode not in (0, None))
+    code = processes[rank].exitcode
+    how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    return RankError(rank, len(processes), f"the process {how} without a Python exception "
+                                           "(out of memory, or a crash in native code?)")
+
+
+def _stop(processes, grace: float = 2.0) -> None:
+    """Terminate (then kill) every process still alive, and reap them all."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    end = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, end - time.monotonic()))
+        if process.is_alive():
+            process.kill()  # SIGTERM was not enough (stuck in native code)
+            process.join()
+        process.close()
+
+
+# -- which samples each process gets --------------------------------------------------------------
+
+def samples_per_process(n: int, world_size: int, drop_last: bool = False) -> int:
+    """How many samples ``DistributedSampler`` gives each process per epoch: the data padded up to a
+    multiple of ``world_size`` by repeating samples, or cut down to one with ``drop_last``."""
+    return n // world_size if drop_last else math.ceil(n / world_size)
+
+
+def sampler_assignment(n: int, world_size: int, *, epoch: int = 0, shuffle: bool = True, seed: int = 0,
+                       drop_last: bool = False) -> list:
+    """For each rank, the indices that ``DistributedSampler`` gives it in ``epoch``, over ``n`` samples."""
+    assignment = []
+    for rank in range(world_size):
+        sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                     drop_last=drop_last)
+        sampler.set_epoch(epoch)  # what a training loop must call at the start of every epoch
+        assignment.append(list(sampler))
+    return assignment
+
+
+def global_batch_order(n: int, *, world_size: int, batch_size: int, steps: int, seed: int = 0,
+                       drop_last: bool = False) -> list:
+    """The sample indices that DDP training over ``n`` samples uses, in the order of its global batches.
+
+    Step *k* of :func:`train_ddp` (global batch ``batch_size``) trains on
+    ``order[k * batch_size:(k + 1) * batch_size]``: each process's *k*-th local batch from its
+    ``DistributedSampler`` (seeded with ``seed``, ``set_epoch`` at every epoch), rank after rank.
+    Training one process on ``Subset(dataset, order)`` without shuffling replays the same batches.
+    """
+    local = batch_size // world_size
+    order, epoch = [], 0
+    while len(order) < steps * batch_size:
+        per_rank = sampler_assignment(n, world_size, epoch=epoch, seed=seed, drop_last=drop_last)
+        for start in range(0, len(per_rank[0]) - local + 1, local):  # full local batches only (drop_last)
+            for indices in per_rank:
+                order.extend(indices[start:start + local])
+        epoch += 1
+    return order[:steps * batch_size]
+
+
+def plot_sampler(n: int, world_size: int, *, epochs=(0, 1), shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False) -> Figure:
+    """Which sample each rank gets in each of ``epochs``: one row per epoch, one colour per rank.
+
+    Hatched boxes are padding: samples that ``DistributedSampler`` repeats so that every rank gets
+    the same number (``drop_last=True`` cuts the data instead).
+    """
+    per_rank = samples_per_process(n, world_size, drop_last)
+    fig = Figure(figsize=(0.42 * world_size * (per_rank + 1) + 1, 0.55 * len(epochs) + 0.9), layout="constrained")
+    ax = fig.subplots()
+    colours = [f"C{rank % 10}" for rank in range(world_size)]
+    for row, epoch in enumerate(epochs):
+        for rank, indices in enumerate(sampler_assignment(n, world_size, epoch=epoch, shuffle=shuffle, seed=seed,
+                                                          drop_last=drop_last)):
+            for j, index in enumerate(indices):
+                x = rank * (per_rank + 1) + j
+                padded = rank + j * world_size >= n  # positions past the end of the data are repeats
+                ax.add_patch(Rectangle((x, -row - 0.4), 0.9, 0.8, facecolor=colours[rank], edgecolor="black",
+                                       alpha=0.35 if padded else 0.8, hatch="///" if padded else None, linewidth=0.5))
+                ax.text(x + 0.45, -row, str(index), ha="center", va="center", fontsize=8)
+    ax.set_xlim(-0.2, world_size * (per_rank + 1) - 0.8)
+    ax.set_ylim(-len(epochs) + 0.45, 0.6)
+    ax.set_yticks([-row for row in range(len(epochs))], [f"epoch {e}" for e in epochs])
+    ax.set_xticks([rank * (per_rank + 1) + (per_rank - 1) / 2 for rank in range(world_size)],
+                  [f"rank {rank}" for rank in range(world_size)])
+    ax.tick_params(length=0)
+    ax.set_frame_on(False)
+    ax.set_title(f"DistributedSampler: {n} samples over {world_size} processes\n"
+                 f"shuffle={shuffle}, drop_last={drop_last}; hatched: repeated to pad", fontsize=9)
+    return fig
+
+
+# -- counting the gradient all-reduces ------------------------------------------------------------
+
+@dataclass
+class CommStats:
+    """Gradient all-reduces seen by one process: how many calls, how many bytes, and the seconds from
+    starting each one to its result arriving (which includes waiting for the slowest process)."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+def counting_allreduce_hook(stats, bucket):
+    """A DDP communication hook: PyTorch's default all-reduce of ``bucket``, counted and timed in ``stats``
+    (a :class:`CommStats`). Unannotated on purpose: DDP checks hook annotations, and this module's
+    ``from __future__ import annotations`` would turn them into strings."""
+    stats.calls += 1
+    stats.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
+    start = time.perf_counter()
+
+    def done(future):
+        stats.seconds += time.perf_counter() - start
+        return future.value()
+
+    return allreduce_hook(None, bucket).then(done)  # None: the default (whole) process group
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+def _num_classes(dataset) -> int:
+    base = getattr(dataset, "dataset", dataset)  # a Subset keeps the classes on the data set it wraps
+    return len(getattr(dataset, "classes", None) or getattr(base, "classes", None) or range(10))
+
+
+def _check_ddp_args(model_name, dataset, world_size, batch_size, steps, accumulation_steps, drop_last):
+    """Check everything that can be checked before a process starts; return the per-process batch."""
+    check_choice("model_name", model_name, MODEL_NAMES)
+    _check_dataset("dataset", dataset)
+    check_int("world_size", world_size, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("steps", steps, minimum=1)
+    check_int("accumulation_steps", accumulation_steps, minimum=1)
+    if not isinstance(drop_last, bool):
+        raise TypeError(f"drop_last must be True or False, got {drop_last!r}")
+    n = len(dataset)
+    if world_size > n:
+        raise ValueError(f"world_size={world_size} is more processes than the {n} samples of the data set can feed")
+    per_step = world_size * accumulation_steps
+    if batch_size % per_step:
+        raise ValueError(f"batch_size must split into world_size x accumulation_steps = {per_step} equal "
+                         f"micro-batches, got {batch_size}; try a multiple of {per_step}, such as "
+                         f"{max(per_step, batch_size // per_step * per_step)}")
+    local = batch_size // world_size
+    if samples_per_process(n, world_size, drop_last) < local:
+        raise ValueError(f"each of the {world_size} processes gets {samples_per_process(n, world_size, drop_last)} "
+                         f"samples per epoch but needs {local} per step (batch_size {batch_size} / world_size "
+                         f"{world_size}): use a smaller batch_size or fewer processes")
+    return local
+
+
+def train_ddp(model_name: str, dataset, *, world_size: int = 2, batch_size: int, steps: int, optimizer="sgd",
+              lr: float = 0.05, accumulation_steps: int = 1, seed: int = 0, drop_last: bool = False,
+              no_sync: bool = True, timeout: float | None = 300.0) -> dict:
+    """Train ``build_model(model_name)`` with DistributedDataParallel in ``world_size`` processes.
+
+    ``batch_size`` is the global effective batch: each process takes ``batch_size / world_size``
+    samples per step from its ``DistributedSampler``, in ``accumulation_steps`` micro-batches. With
+    ``no_sync=False`` DDP all-reduces the gradients after every micro-batch instead of once per step
+    (same result, more communication). The optimizer (``"sgd"``, ``"adam"`` or a function) is built as
+    :func:`batchlab.train` builds it. Returns rank 0's results, a dict with:
+
+    ``state_dict`` (final weights, CPU tensors), ``loss`` (the mean loss over each global batch),
+    ``history`` (a :class:`History` of it, for ``plot_histories``), ``comm`` (rank 0's gradient
+    all-reduces: ``calls``, ``bytes``, ``seconds``), ``per_process_batch``, ``micro_batch``, ``seconds``.
+    """
+    _check_ddp_args(model_name, dataset, world_size, batch_size, steps, accumulation_steps, drop_last)
+    _optimizer_factory(optimizer, check_float("lr", lr))  # refuses a bad optimizer before anything starts
+    check_int("seed", seed, minimum=0)
+    config = dict(batch_size=batch_size, steps=steps, optimizer=optimizer, lr=lr, seed=seed,
+                  accumulation_steps=accumulation_steps, drop_last=drop_last, no_sync=no_sync)
+    return launch(_train_and_report, model_name, dataset, config, nprocs=world_size, timeout=timeout)
+
+
+def _train_and_report(rank, world_size, model_name, dataset, config):
+    """:func:`train_process` on this rank's device; the weights come back as CPU tensors."""
+    device = f"cuda:{rank}" if dist.get_backend() == "nccl" else "cpu"
+    result = train_process(rank, world_size, model_name, dataset, device=device, **config)
+    result["state_dict"] = {k: v.detach().cpu() for k, v in result["state_dict"].items()}
+    return result
+
+
+def train_process(rank: int, world_size: int, model_name: str, dataset, *, batch_size: int, steps: int,
+                  optimizer="sgd", lr: float = 0.05, accumulation_steps: int = 1, seed: int = 0,
+                  drop_last: bool = False, no_sync: bool = True, device="cpu") -> dict:
+    """The training loop that every process runs, in a process group that is already set up.
+
+    Used by :func:`train_ddp` (processes from :func:`launch`) and by ``batchlab.ddp_train`` (processes
+    from ``torchrun``); arguments as in :func:`train_ddp`. Every process returns the same dict.
+    """
+    local = _check_ddp_args(model_name, dataset, world_size, batch_size, steps, accumulation_steps, drop_last)
+    torch.manual_seed(seed)  # the same global random state in every process
+    model = build_model(model_name, in_shape=tuple(dataset[0][0].shape), num_classes=_num_classes(dataset),
+                        seed=seed).to(device)
+    # DDP copies rank 0's weights to every process, then averages gradients over processes during backward.
+    # gradient_as_bucket_view: .grad lives inside DDP's communication buffers instead of beside them.
+    ddp = DistributedDataParallel(model, device_ids=[device] if device != "cpu" else None,
+                                  gradient_as_bucket_view=True)
+    comm = CommStats()
+    ddp.register_comm_hook(comm, counting_allreduce_hook)  # the default all-reduce, counted
+    opt = _optimizer_factory(optimizer, lr)(ddp.parameters())
+    # Each process sees its own 1/world_size share of a permutation that is the same in every process.
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=drop_last)
+    loader = DataLoader(dataset, batch_size=local, sampler=sampler, drop_last=True)  # equal steps everywhere
+    losses, seconds = _run_steps(ddp, loader, sampler, opt, steps, accumulation_steps, no_sync, device)
+    # One collective at the end instead of one per step: each process's mean loss over its share,
+    # averaged over the (equal-sized) shares, is the mean loss over the global batch.
+    global_loss = torch.tensor(losses, dtype=torch.float64, device=device)
+    dist.all_reduce(global_loss)
+    loss = (global_loss / world_size).tolist()
+    history = History(f"DDP {world_size} x {local // accumulation_steps} x {accumulation_steps}", batch_size,
+                      loss=loss, samples=[batch_size * (i + 1) for i in range(steps)], seconds=seconds)
+    return dict(state_dict=model.state_dict(), loss=loss, history=history, comm=asdict(comm),
+                per_process_batch=local, micro_batch=local // accumulation_steps, seconds=seconds[-1])
+
+
+def _run_steps(ddp, loader, sampler, opt, steps, accumulation_steps, no_sync, device):
+    """The loop itself; returns this process's loss per step and the seconds after each step."""
+    loss_fn = nn.CrossEntropyLoss()
+    losses, seconds, start, epoch = [], [], time.perf_counter(), 0
+    while len(losses) < steps:
+        sampler.set_epoch(epoch)  # a new permutation each epoch, the same one in every process
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            step_loss = 0.0
+            micro_batches = list(zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)))
+            for i, (micro_inputs, micro_targets) in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                # no_sync: keep this micro-batch's gradients local; the last backward all-reduces their sum.
+                with ddp.no_sync() if no_sync and not last else nullcontext():
+                    loss = loss_fn(ddp(micro_inputs), micro_targets)
+                    # Equal micro-batches: 1/accumulation_steps makes the local sum a local mean, and DDP's
+                    # all-reduce divides by world_size, so the step uses the mean over the global batch.
+                    (loss / accumulation_steps).backward()
+                step_loss += loss.item() / accumulation_steps  # .item(): a number, not the graph
+            opt.step()  # every process applies the same averaged gradient: weights stay identical
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            seconds.append(time.perf_counter() - start)
+            if len(losses) == steps:
+                break
+        epoch += 1
+    return losses, seconds
