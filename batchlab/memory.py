@@ -44,6 +44,7 @@ from .training import _optimizer_factory
 from .validation import check_choice
 
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")
+# The phases the tracker's hooks mark, in the order of a training step ("start": before the forward pass).
 PHASES = ("start", "forward", "loss", "backward", "optimizer step", "after step")
 MiB = 2**20
 
@@ -94,8 +95,8 @@ def _storage(tensor: torch.Tensor):
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (a tensor or nested lists / dicts of them).
 
-    Views of one tensor share its storage and count once. This is the independent, by-hand sum the
-    chapter compares the tracker with (e.g. ``storage_bytes(list(model.parameters()))``).
+    Views of one tensor share its storage and count once: the sum to compare a tracker's category with,
+    e.g. ``storage_bytes(list(model.parameters()))``.
     """
     seen = {}  # id -> storage; holding the storages keeps their ids unique while we count
     for tensor in _tensors_in(tensors, []):
@@ -112,7 +113,8 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list:
 
 @dataclass
 class TimelineEvent:
-    """Tracked bytes by category just after one event of a step (an allocation or a free)."""
+    """Tracked bytes by category just after one event of a step: an allocation (``what`` names the
+    operation), a free, or the start of a phase."""
 
     phase: str
     bytes: dict

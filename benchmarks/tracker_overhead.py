@@ -1,7 +1,7 @@
 """How much slower is a training step under batchlab.track_memory? (chapter 4 quotes the ratio)
 
     python benchmarks/tracker_overhead.py            # CPU, and CUDA too when a GPU is present
-    python benchmarks/tracker_overhead.py --runs 15
+    python benchmarks/tracker_overhead.py --runs 15 --threads 1
 
 For each model, the same step (forward, loss, backward, SGD step, zero_grad) is timed without and with
 the tracker, alternating the two so that both see the same machine load; the medians of ``--runs``
@@ -77,7 +77,11 @@ def measure(name, in_shape, batch_size, device, runs):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=9, help="timed runs of each step (default 9)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 gives steadier times on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
     if hasattr(os, "getloadavg"):
