@@ -322,8 +322,9 @@ def stop_workers(iterator) -> None:
 
     ``DataLoader`` stops its workers when its iterator is garbage-collected, but after an exception
     the traceback keeps the iterator alive, so the workers would linger. This calls the iterator's
-    private ``_shutdown_workers``, the one private torch API batchlab uses; ``tests/test_batching.py``
-    fails loudly if torch renames it. Does nothing for ``None`` or a single-process iterator.
+    private ``_shutdown_workers``: this function is the only place chapter 3's code touches it, and
+    ``tests/test_batching.py`` fails loudly if torch renames it. Does nothing for ``None`` or a
+    single-process iterator.
     """
     if iterator is None or not hasattr(iterator, "_workers"):
         return
@@ -589,21 +590,16 @@ class SharedGeneratorDataset(Dataset):
 
 
 def seed_worker(worker_id: int) -> None:
-    """A ``worker_init_fn`` that gives each worker's copy of the data set its own generator.
+    """A ``worker_init_fn`` that gives each worker's copy of the data set (its ``rng``) its own generator.
 
     ``torch.utils.data.get_worker_info().seed`` differs per worker and per epoch and is derived from
     the loader's ``generator``, so a loader built with ``generator=torch.Generator().manual_seed(s)``
-    gives the same numbers on every run. Also seeds NumPy's and Python's global generators.
+    gives the same numbers on every run. (``DataLoader`` already seeds each worker's global torch,
+    ``random`` and ``numpy.random`` generators; a generator the data set owns is the one it cannot see.)
     """
-    import random
-
     info = get_worker_info()
-    if info is None:
-        return
-    if hasattr(info.dataset, "rng"):
+    if info is not None and hasattr(info.dataset, "rng"):
         info.dataset.rng = np.random.default_rng(info.seed)
-    np.random.seed(info.seed % 2**32)
-    random.seed(info.seed)
 
 
 class LookupTable(Dataset):
