@@ -463,16 +463,27 @@ def usable_cores() -> int:
     """The CPU cores this process may use: its CPU affinity, capped by a cgroup CPU quota (Binder, Docker).
 
     ``os.cpu_count()`` counts the cores of the whole machine, which on a shared server can be far more
-    than a notebook is allowed to use.
+    than a notebook is allowed to use. Both cgroup versions are read: v2's ``cpu.max`` and v1's
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    return min(cores, max(1, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPU time per second the cgroup may use (e.g. 1.5 cores), or None when there is no quota."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+        quota, period = (root / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return cores
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -350,6 +350,23 @@ def test_usable_cores():
     assert 1 <= batching.usable_cores() <= os.cpu_count()
 
 
+def test_cgroup_quotas_of_both_versions_are_read(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert batching._cgroup_cpu_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert batching._cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert batching._cgroup_cpu_quota(v1) == 2.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert batching._cgroup_cpu_quota(v1) is None
+    assert batching._cgroup_cpu_quota(tmp_path / "missing") is None
+
+
 # --- the CPU-heavy image folder ------------------------------------------------------------------------
 
 
