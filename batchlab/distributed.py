@@ -143,9 +143,11 @@ def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
     methods = multiprocessing.get_all_start_methods()
     start_method = start_method or ("fork" if "fork" in methods else "spawn")
     check_choice("start_method", start_method, [m for m in ("fork", "spawn") if m in methods])
-    if start_method == "spawn" and getattr(fn, "__module__", None) == "__main__":
+    interactive_main = getattr(sys.modules.get("__main__"), "__file__", None) is None  # notebook, REPL
+    if start_method == "spawn" and getattr(fn, "__module__", None) == "__main__" and interactive_main:
         raise ValueError(f"with start_method='spawn', fn must be importable, but {fn.__name__} is defined in "
-                         "__main__ (a notebook or script): move it into a .py file and import it, or use fork")
+                         "a notebook (or another interactive session): move it into a .py file and import it, "
+                         "or use start_method='fork'")
     backend = check_choice("backend", backend or default_backend(nprocs), BACKENDS)
     if backend == "nccl":
         _check_nccl(nprocs, start_method)
@@ -188,8 +190,10 @@ def _rank_main(rank, world_size, fn, args, backend, port, workdir):
     except Exception:
         import traceback
 
-        with open(os.path.join(workdir, f"error-{rank}.txt"), "w") as f:
+        path = os.path.join(workdir, f"error-{rank}")
+        with open(path + ".part", "w") as f:
             f.write(f"{time.time()!r}\n{traceback.format_exc()}")  # the time tells which rank failed first
+        os.replace(path + ".part", path + ".txt")  # the caller never reads a half-written file
         sys.exit(1)  # the caller raises it; exiting quietly avoids a second copy on this process's stderr
     finally:
         if dist.is_initialized():

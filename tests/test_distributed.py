@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -19,7 +20,15 @@ from torch.utils.data import DistributedSampler, Subset, TensorDataset
 
 import batchlab
 from batchlab import datasets
-from batchlab.distributed import RankError, free_port, global_batch_order, launch, samples_per_process, train_ddp
+from batchlab.distributed import (
+    RankError,
+    free_port,
+    global_batch_order,
+    launch,
+    plot_sampler,
+    samples_per_process,
+    train_ddp,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,12 +154,13 @@ def test_a_port_in_use_is_refused_and_the_default_picks_a_free_one():
         assert launch(sum_of_ranks, 1.0)["sum"] == 3.0
 
 
-def test_spawn_refuses_a_function_from_main():
+def test_spawn_refuses_a_function_from_a_notebook(monkeypatch):
     def local(rank, world_size):
         return rank
 
-    local.__module__ = "__main__"  # as if defined in a notebook
-    with pytest.raises(ValueError, match="must be importable.*move it into a .py file"):
+    local.__module__ = "__main__"  # as if defined in a notebook, whose __main__ has no file to import
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    with pytest.raises(ValueError, match="must be importable.*defined in a notebook.*move it into a .py file"):
         launch(local, start_method="spawn")
 
 
@@ -187,6 +197,15 @@ def test_global_batch_order_moves_to_the_next_epoch_with_set_epoch():
     assert first != second  # a new permutation in epoch 1
     padded = global_batch_order(5, world_size=2, batch_size=2, steps=3)
     assert len(padded) == 6 and len(set(padded)) == 5  # 5 samples padded to 6 by repeating one
+
+
+def test_plot_sampler_draws_every_slot_and_hatches_the_padding():
+    fig = plot_sampler(10, 3, epochs=(0, 1), shuffle=False)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 2 * 3 * 4  # 2 epochs x 3 ranks x 4 samples each
+    assert sum(bool(patch.get_hatch()) for patch in ax.patches) == 2 * 2  # 12 slots for 10 samples, per epoch
+    assert [t.get_text() for t in ax.texts[:8]] == ["0", "3", "6", "9", "1", "4", "7", "0"]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["rank 0", "rank 1", "rank 2"]
 
 
 # -- DDP training ----------------------------------------------------------------------------------------
