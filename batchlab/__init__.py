@@ -6,8 +6,10 @@ Each module matches an idea a chapter teaches; the names learners use are re-exp
 from . import datasets, exercises, widgets
 from .batching import LoaderStats, iter_batches, loader_sweep, loader_throughput
 from .batchsize import gradient_noise, step_times
+from .budget import BatchSizeSearch, find_batch_size, memory_budget
 from .course import setup
 from .distributed import RankError, launch, train_ddp
+from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
 from .leaks import LeakReport, leak_check
 from .memory import MemoryReport, gpu_reference, process_memory, profile_step, track_memory
 from .memory_plots import plot_leak_checks, plot_peak_breakdown, plot_step_timeline
@@ -18,6 +20,12 @@ from .training import History, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchSizeSearch",
+    "CUDA_CONSTANTS",
+    "estimate_memory",
+    "find_batch_size",
+    "max_batch_size",
+    "memory_budget",
     "RankError",
     "launch",
     "train_ddp",

@@ -14,7 +14,8 @@ from torch import nn
 
 from .validation import check_choice, check_int
 
-MODEL_NAMES = ("mlp", "cnn", "cnn_bn", "resnet18")
+MODEL_NAMES = ("mlp", "cnn", "cnn_bn", "resnet18", "transformer")
+VOCAB_SIZE = 1000  # tokens the "transformer" model knows (ids 0 ... 999)
 
 
 def build_model(name: str, *, in_shape=(3, 32, 32), num_classes: int = 10, seed: int | None = 0) -> nn.Module:
@@ -26,12 +27,15 @@ def build_model(name: str, *, in_shape=(3, 32, 32), num_classes: int = 10, seed:
       Linear(128, classes). Height and width must be at least 4.
     * ``"resnet18"``: torchvision's ResNet-18 with random weights (nothing is downloaded); its first
       convolution is adapted when there are not 3 input channels.
+    * ``"transformer"``: a Transformer encoder that classifies sequences of token ids; ``in_shape`` is
+      ``(sequence_length,)``. Embedding (:data:`VOCAB_SIZE` tokens, width 128) plus learned positions,
+      2 encoder layers (4 heads, feed-forward 512, dropout 0.1), mean over positions, Linear.
 
     ``seed`` makes the initial weights reproducible without touching the global random state;
     ``seed=None`` draws them from the global generator instead.
     """
     check_choice("name", name, MODEL_NAMES)
-    in_shape = _check_in_shape(in_shape)
+    in_shape = _check_in_shape(in_shape, 1 if name == "transformer" else 3)
     check_int("num_classes", num_classes, minimum=2)
     if seed is None:
         return _build(name, in_shape, num_classes)
@@ -42,6 +46,8 @@ def build_model(name: str, *, in_shape=(3, 32, 32), num_classes: int = 10, seed:
 
 
 def _build(name: str, in_shape: tuple, num_classes: int) -> nn.Module:
+    if name == "transformer":
+        return TransformerClassifier(in_shape[0], num_classes)
     channels, height, width = in_shape
     if name == "mlp":
         return nn.Sequential(
@@ -69,14 +75,34 @@ def _build(name: str, in_shape: tuple, num_classes: int) -> nn.Module:
     return model
 
 
-def _check_in_shape(in_shape) -> tuple:
+def _check_in_shape(in_shape, dims: int) -> tuple:
     if (
         not isinstance(in_shape, (tuple, list))
-        or len(in_shape) != 3
+        or len(in_shape) != dims
         or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in in_shape)
     ):
-        raise ValueError(f"in_shape must be (channels, height, width) of positive ints, got {in_shape!r}")
+        expected = "(sequence_length,)" if dims == 1 else "(channels, height, width)"
+        raise ValueError(f"in_shape must be {expected} of positive ints, got {in_shape!r}")
     return tuple(in_shape)
+
+
+class TransformerClassifier(nn.Module):
+    """Token ids (batch, length) -> class scores, through a small Transformer encoder."""
+
+    def __init__(self, length: int, num_classes: int, width: int = 128, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB_SIZE, width)
+        self.position = nn.Parameter(torch.zeros(length, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] > len(self.position):
+            raise ValueError(f"expected token ids of shape (batch, up to {len(self.position)}) and dtype "
+                             f"torch.long, got {tuple(tokens.shape)} {tokens.dtype}")
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        return self.head(self.encoder(x).mean(dim=1))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -27,8 +27,9 @@ class History:
 
     ``loss`` is the mean loss over the step's effective batch, ``samples`` the number of samples seen
     after the step, ``seconds`` the wall-clock training time since the start (evaluation excluded). ``eval_steps`` and
-    ``eval_accuracy`` hold the accuracy on ``eval_dataset`` (0 to 1) after the given steps. Two
-    histories compare equal when everything but the wall-clock times is equal.
+    ``eval_accuracy`` hold the accuracy on ``eval_dataset`` (0 to 1) after the given steps; ``notes``
+    what training changed on its own (``on_oom="halve"``). Two histories compare equal when
+    everything but the wall-clock times is equal.
     """
 
     label: str
@@ -38,6 +39,7 @@ class History:
     seconds: list = field(default_factory=list, compare=False)
     eval_steps: list = field(default_factory=list)
     eval_accuracy: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
     @property
     def steps(self) -> list:
@@ -72,6 +74,7 @@ def train(
     eval_dataset: Dataset | None = None,
     label: str | None = None,
     shuffle: bool = True,
+    on_oom: str | None = None,
 ) -> History:
     """Train ``model`` on ``dataset`` and return its :class:`History`.
 
@@ -87,6 +90,9 @@ def train(
     * ``eval_dataset``: if given, accuracy is measured after each epoch and after the last step.
     * ``shuffle=False`` takes the samples in the data set's order (chapter 7 uses it to replay the
       exact global batches that distributed training saw).
+    * ``on_oom="halve"``: when a step runs out of memory, free it, halve the micro-batch (double the
+      accumulation steps, so the effective batch stays the same), and redo the step; the change is
+      printed and kept in ``History.notes`` (chapter 4).
 
     The model is moved to ``device`` and trained in place. Arguments are checked before anything is
     touched; if training fails or is interrupted, the model's weights, device and mode are restored.
@@ -97,6 +103,8 @@ def train(
     )
     if not isinstance(shuffle, bool):
         raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
+    if on_oom not in (None, "halve"):
+        raise ValueError(f"on_oom must be None (let the error through) or 'halve', got {on_oom!r}")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = torch.device(device)
     history = History(label or f"batch {batch_size}, lr {lr:g}", batch_size)
@@ -108,7 +116,7 @@ def train(
             model.to(device).train()
             opt = make_optimizer(model.parameters())
             _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
-                 eval_dataset, progress, history, shuffle)
+                 eval_dataset, progress, history, shuffle, on_oom)
     except BaseException:
         model.load_state_dict(saved_state)
         model.to(saved_device)
@@ -119,7 +127,7 @@ def train(
 
 
 def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
-         eval_dataset, progress, history, shuffle=True):
+         eval_dataset, progress, history, shuffle=True, on_oom=None):
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
@@ -128,17 +136,11 @@ def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_st
     while step < total_steps:  # one pass of this loop is one epoch
         for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
-            step_loss = 0.0
-            # Split the effective batch into micro-batches; only one micro-batch's activations
-            # are alive at a time, which is what saves memory.
-            for micro_inputs, micro_targets in zip(inputs.chunk(accumulation_steps),
-                                                   targets.chunk(accumulation_steps)):
-                loss = loss_fn(model(micro_inputs), micro_targets)
-                # Weight each micro-batch by its share of the batch: the summed gradients are then
-                # exactly the gradient of the mean loss over the whole effective batch.
-                share = len(micro_targets) / len(targets)
-                (loss * share).backward()  # adds to .grad; frees this micro-batch's graph
-                step_loss += loss.item() * share  # .item(): keep a number, not the graph
+            if on_oom is None:
+                step_loss = _accumulate(model, loss_fn, inputs, targets, accumulation_steps)
+            else:
+                step_loss, accumulation_steps = _accumulate_or_halve(model, opt, loss_fn, inputs, targets,
+                                                                     accumulation_steps, history, step + 1)
             opt.step()  # one update per effective batch
             opt.zero_grad(set_to_none=True)  # start the next batch's accumulation from zero
             step += 1
@@ -155,6 +157,41 @@ def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_st
             history.eval_accuracy.append(evaluate(model, eval_dataset, device=device))
             start += time.perf_counter() - paused  # ``seconds`` counts training time only
     bar.close()
+
+
+def _accumulate(model, loss_fn, inputs, targets, accumulation_steps: int) -> float:
+    """Forward and backward over one effective batch in micro-batches; return its mean loss."""
+    step_loss = 0.0
+    # Split the effective batch into micro-batches; only one micro-batch's activations
+    # are alive at a time, which is what saves memory.
+    for micro_inputs, micro_targets in zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)):
+        loss = loss_fn(model(micro_inputs), micro_targets)
+        # Weight each micro-batch by its share of the batch: the summed gradients are then
+        # exactly the gradient of the mean loss over the whole effective batch.
+        share = len(micro_targets) / len(targets)
+        (loss * share).backward()  # adds to .grad; frees this micro-batch's graph
+        step_loss += loss.item() * share  # .item(): keep a number, not the graph
+    return step_loss
+
+
+def _accumulate_or_halve(model, opt, loss_fn, inputs, targets, accumulation_steps, history, step):
+    """:func:`_accumulate`, retried with micro-batches half as large after each out-of-memory error."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics to undo
+    while True:
+        try:
+            return _accumulate(model, loss_fn, inputs, targets, accumulation_steps), accumulation_steps
+        except torch.OutOfMemoryError:
+            if accumulation_steps >= len(targets):
+                raise  # micro-batches of one sample: nothing left to halve
+        # Outside the except block the failed step's tensors are free. Undo what it did, then retry.
+        opt.zero_grad(set_to_none=True)
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+        accumulation_steps *= 2
+        note = (f"step {step}: out of memory; now {accumulation_steps} micro-batches of about "
+                f"{-(-len(targets) // accumulation_steps)} samples (the effective batch is still {len(targets)})")
+        history.notes.append(note)
+        tqdm.write(note)
 
 
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device=None) -> float:

@@ -39,3 +39,36 @@ def check_choice(name: str, value, choices) -> str:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(name: str, value) -> int:
+    """A memory size in bytes from an int (bytes) or a string such as "4GiB", "4 GB", "512 MiB".
+
+    KiB, MiB, GiB and TiB are powers of 1024 (what ``torch.cuda`` reports); KB, MB, GB and TB are
+    powers of 1000. Units are not case-sensitive.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be a number of bytes or a string like '4GiB', got {value!r}")
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtib")
+        unit = text[len(number):] or "b"
+        try:
+            size = float(number)
+        except ValueError:
+            size = None
+        if size is None or unit not in _UNITS or not size == size or size == float("inf"):
+            raise ValueError(
+                f"{name} {value!r} is not a memory size; write a number and a unit, e.g. '4GiB', '512 MiB', "
+                f"'8 GB' or a plain number of bytes (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            )
+        size = round(size * _UNITS[unit])
+    else:
+        size = value
+    if size <= 0:
+        raise ValueError(f"{name} must be a positive amount of memory, got {value!r}")
+    return size

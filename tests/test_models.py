@@ -7,9 +7,16 @@ from batchlab.models import MODEL_NAMES
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_models_classify_their_input(name):
-    in_shape = (3, 32, 32) if name == "resnet18" else (1, 28, 28)
+    in_shape = {"resnet18": (3, 32, 32), "transformer": (16,)}.get(name, (1, 28, 28))
     model = batchlab.build_model(name, in_shape=in_shape, num_classes=7)
-    assert model(torch.zeros(2, *in_shape)).shape == (2, 7)
+    inputs = torch.zeros(2, *in_shape, dtype=torch.long if name == "transformer" else torch.float32)
+    assert model(inputs).shape == (2, 7)
+
+
+def test_transformer_names_what_it_expects():
+    model = batchlab.build_model("transformer", in_shape=(16,))
+    with pytest.raises(ValueError, match=r"token ids of shape \(batch, up to 16\) and dtype torch.long"):
+        model(torch.zeros(2, 16))
 
 
 def test_models_match_the_gpu_reference_architectures():
@@ -35,8 +42,9 @@ def test_resnet18_adapts_to_grey_images():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(name="vgg"), "name must be one of 'mlp', 'cnn', 'cnn_bn', 'resnet18', got 'vgg'"),
+        (dict(name="vgg"), "name must be one of 'mlp', 'cnn', 'cnn_bn', 'resnet18', 'transformer', got 'vgg'"),
         (dict(name="mlp", in_shape=(28, 28)), r"in_shape must be \(channels, height, width\)"),
+        (dict(name="transformer", in_shape=(1, 28, 28)), r"in_shape must be \(sequence_length,\)"),
         (dict(name="cnn", in_shape=(1, 2, 2)), "height and width of at least 4"),
         (dict(name="mlp", num_classes=1), "num_classes must be an int >= 2"),
     ],

@@ -1,0 +1,194 @@
+"""Out of memory on purpose: a simulated GPU budget, and the batch-size search that probes it (chapter 4).
+
+* :func:`memory_budget` makes tensor memory behave like a GPU of a given size, on any device: when the
+  tracked tensors would need more, the operation raises a real ``torch.OutOfMemoryError`` with a
+  message in the style of CUDA's. Learners without a GPU meet, catch and recover from it.
+* :func:`find_batch_size` is the probing search that Lightning's and Accelerate's batch-size finders
+  run: train a step, catch the out-of-memory error, clean up, try another size. It restores the model
+  and optimizer bitwise afterwards.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .allocator import MiB
+from .memory import CATEGORIES, _check_batch, _tracking
+from .training import _optimizer_factory
+from .validation import check_choice, check_int, parse_bytes
+
+
+class _BudgetGuard:
+    """A tracker observer that raises ``torch.OutOfMemoryError`` when live tensors pass the budget."""
+
+    def __init__(self, budget: int):
+        self.budget, self.live, self.sizes, self.tracker = budget, 0, {}, None
+
+    def allocated(self, serial: int, nbytes: int) -> None:
+        self.sizes[serial] = nbytes
+        self.live += nbytes
+        if self.live > self.budget and self.tracker is not None and self.tracker.active:
+            raise torch.OutOfMemoryError(self._message(nbytes))
+
+    def freed(self, serial: int) -> None:
+        self.live -= self.sizes.pop(serial, 0)
+
+    def after_op(self, func, args, out) -> None:
+        pass
+
+    def _message(self, nbytes: int) -> str:
+        in_use = self.live - nbytes
+        by_category = self.tracker.current()
+        parts = ", ".join(f"{c} {by_category[c] / MiB:.2f} MiB" for c in CATEGORIES if by_category.get(c))
+        return (f"Simulated out of memory (batchlab.memory_budget). Tried to allocate {nbytes / MiB:.2f} MiB; "
+                f"{in_use / MiB:.2f} MiB is already in use by tensors, of a {self.budget / MiB:.2f} MiB budget. "
+                f"In use, with this allocation: {parts}. Free memory outside the except block, then try a "
+                f"smaller batch or gradient accumulation (chapter 6).")
+
+
+@contextmanager
+def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None):
+    """Inside the block, tensors may use at most ``budget`` ("512MiB", "4 GiB" or bytes) in total.
+
+    Counted: every tensor created in the block, plus the existing parameters, buffers, gradients and
+    optimizer state of ``model`` and ``optimizer`` when given (pass them: on a GPU they take memory
+    too). The operation that would exceed the budget raises ``torch.OutOfMemoryError``; catch it, let
+    the ``except`` block end, free what you can, and carry on. ``with memory_budget(...) as tracker``
+    gives the :class:`~batchlab.memory.MemoryTracker` that counts.
+    """
+    budget = parse_bytes("budget", budget)
+    guard = _BudgetGuard(budget)
+    with _tracking(model, optimizer, record=False, observer=guard) as tracker:
+        guard.tracker = tracker
+        if guard.live > budget:
+            raise ValueError(
+                f"budget {budget / MiB:.2f} MiB is smaller than what exists already: {guard.live / MiB:.2f} MiB "
+                f"({', '.join(f'{c} {b / MiB:.2f} MiB' for c, b in tracker.current().items() if b)}); "
+                f"even batch 1 cannot fit")
+        yield tracker
+
+
+@dataclass
+class BatchSizeSearch:
+    """What :func:`find_batch_size` found: the batch size, and every trial (size, fitted, seconds)."""
+
+    batch_size: int
+    mode: str
+    trials: list = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(t[2] for t in self.trials)
+
+    def __repr__(self) -> str:
+        tried = ", ".join(f"{n}{'' if ok else ' (OOM)'}" for n, ok, _ in self.trials)
+        return f"BatchSizeSearch({self.mode}: batch size {self.batch_size} after {len(self.trials)} trials: {tried})"
+
+
+def _snapshot(model: nn.Module, optimizer) -> bytes:
+    """The model's and optimizer's state as bytes (not tensors, so it costs no tracked memory)."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(),
+                "optimizer": optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else None},
+               buffer)
+    return buffer.getvalue()
+
+
+def _restore(model: nn.Module, optimizer, snapshot: bytes) -> None:
+    state = torch.load(io.BytesIO(snapshot), weights_only=True)
+    model.load_state_dict(state["model"])
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.load_state_dict(state["optimizer"])
+
+
+def _trial(model, make_batch, n, optimizer, loss_fn, device) -> bool:
+    """Two training steps at batch size ``n``: True if they fitted, False on out-of-memory."""
+    inputs, targets = _check_batch(make_batch(n))
+    if len(inputs) != n:
+        raise ValueError(f"make_batch({n}) must return {n} samples, got inputs of shape {tuple(inputs.shape)}")
+    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else \
+        _optimizer_factory(optimizer, 0.01 if optimizer == "sgd" else 1e-3)(model.parameters())
+    fitted = True
+    try:
+        for _ in range(2):  # the second step is the one that counts: the optimizer state exists by then
+            loss = loss_fn(model(inputs.to(device)), targets.to(device))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    except torch.OutOfMemoryError:
+        fitted = False
+    # Clean up *after* the except block: while it runs, the traceback keeps the failed step's tensors
+    # (activations in the frames of forward) alive, and nothing could be freed.
+    loss = inputs = targets = None
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return fitted
+
+
+def find_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start: int = 2, max_trials: int = 25,
+                    optimizer="sgd", loss_fn=None, device=None) -> BatchSizeSearch:
+    """Search for the largest batch that trains without running out of memory, by trying it.
+
+    ``mode="power"`` doubles the batch from ``start`` until a step runs out of memory and keeps the last
+    size that worked (Lightning's default); ``"binsearch"`` then bisects between that size and the one
+    that failed. Out-of-memory errors come from a real GPU, or from :func:`memory_budget` on any device.
+    ``optimizer`` is "sgd", "adam", a function ``params -> Optimizer`` or an existing optimizer.
+
+    Each trial is two real steps (forward, backward, optimizer step), so the search changes the weights;
+    they are saved first (as bytes, outside the budget) and restored afterwards, so ``model`` and an
+    optimizer you pass are bitwise as they were, whatever happens.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(make_batch):
+        raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
+    check_choice("mode", mode, ("power", "binsearch"))
+    check_int("start", start, minimum=1)
+    check_int("max_trials", max_trials, minimum=1)
+    if isinstance(optimizer, str):
+        check_choice("optimizer", optimizer, ("sgd", "adam"))
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    device = device or next(iter(model.parameters())).device
+    snapshot, was_training = _snapshot(model, optimizer), model.training
+    search = BatchSizeSearch(0, mode)
+    try:
+        model.train()
+        _search(search, lambda n: _trial(model, make_batch, n, optimizer, loss_fn, device), start, max_trials)
+    finally:
+        _restore(model, optimizer, snapshot)
+        model.train(was_training)
+    if search.batch_size == 0:
+        raise torch.OutOfMemoryError(f"even the first trial, batch {start}, ran out of memory: try start=1, "
+                                     f"a larger budget or a smaller model. Trials: {search.trials}")
+    return search
+
+
+def _search(search: BatchSizeSearch, fits, start: int, max_trials: int) -> None:
+    def attempt(n: int) -> bool:
+        began = time.perf_counter()
+        ok = fits(n)
+        search.trials.append((n, ok, time.perf_counter() - began))
+        if ok:
+            search.batch_size = max(search.batch_size, n)
+        return ok
+
+    n, failed = start, None
+    while len(search.trials) < max_trials:  # grow: double until a step does not fit
+        if not attempt(n):
+            failed = n
+            break
+        n *= 2
+    if search.mode == "binsearch" and failed is not None:
+        lo, hi = search.batch_size, failed
+        while hi - lo > 1 and len(search.trials) < max_trials:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if attempt(mid) else (lo, mid)

@@ -1,0 +1,409 @@
+"""How much memory would a training step need on a GPU? Estimated without a GPU (chapter 4).
+
+:func:`estimate_memory` runs one training step of a *copy* of the model on PyTorch's ``meta``
+device, where tensors have shapes but no data, so nothing of the model's or the batch's size is
+allocated. :func:`batchlab.track_memory` watches the step as it would on a real device, and for
+``device="cuda"`` every allocation and free is replayed through a model of CUDA's caching allocator
+(:mod:`batchlab.allocator`), with what the GPU libraries add (:data:`CUDA_CONSTANTS`):
+
+* the caching allocator rounds every tensor up to 512 bytes, and gives a tensor a whole cached
+  block when splitting it is not worth it;
+* cuBLAS keeps a workspace per thread that runs matrix products (forward and backward);
+* cuDNN needs scratch memory for some convolution algorithms;
+* attention runs through fused kernels on CUDA that never store the attention matrix;
+* optimizers use their multi-tensor ("foreach") implementation on CUDA, whose temporaries span
+  all parameters at once.
+
+:func:`max_batch_size` uses it to find the largest batch that fits a memory budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .allocator import CachingAllocator, MiB
+from .memory import CATEGORIES, MemoryReport, _check_batch, _tracking
+from .training import _optimizer_factory
+from .validation import check_choice, check_int, parse_bytes
+
+# Every constant of the CUDA model, with where it comes from. Measured values come from
+# batchlab/data/gpu_memory_h100.json (NVIDIA H100 80GB, PyTorch 2.11, CUDA 13).
+CUDA_CONSTANTS = {
+    "cublas_workspace": (32 * MiB, "cuBLAS workspace per handle: NVIDIA's recommended size for Hopper GPUs "
+                                   "(cuBLAS documentation, cublasSetWorkspace), allocated by PyTorch through its "
+                                   "caching allocator the first time a handle multiplies matrices"),
+    "cublas_handles": (2, "forward runs on the Python thread, backward on autograd's device thread, each with "
+                          "its own cuBLAS handle and so its own workspace"),
+    "other_workspace": (1 * MiB, "the rest of the 65 MiB that stays allocated after all models are deleted "
+                                 "(reference: context.allocated = 68,157,440 bytes = 2 x 32 MiB + 1 MiB)"),
+    "cudnn_gemm_workspace_limit": (64 * MiB, "cuDNN convolutions: we assume cuDNN's heuristics pick a GEMM-based "
+                                             "algorithm whose workspace is the lowered (im2col) matrix while that "
+                                             "matrix is at most this size, and a workspace-free implicit GEMM "
+                                             "above it. Calibrated on the reference rows (cnn_28 batch 64 and "
+                                             "resnet18_32 batch 32 match with it; cnn_28 batch 512 shows no "
+                                             "large workspace)"),
+    "cuda_context": (808_255_488, "memory a CUDA process holds outside PyTorch's allocator (CUDA context, "
+                                  "kernels): reference context.mem_get_info_used - context.reserved"),
+}
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation")
+
+
+def _constant(name: str) -> int:
+    return CUDA_CONSTANTS[name][0]
+
+
+def cudnn_workspace(func, args) -> int:
+    """Bytes of cuDNN scratch memory our model assumes for one convolution call (0 for other ops).
+
+    Forward and weight-gradient lower the input to a (kernel area x input channels) by (output
+    positions) matrix; the input-gradient lowers the output gradient the same way, with output channels
+    and input positions. See ``CUDA_CONSTANTS["cudnn_gemm_workspace_limit"]`` for when it applies.
+    """
+    name = func.overloadpacket.__name__
+    if name == "convolution":
+        inputs, weight = args[0], args[1]
+        lowered = weight.shape[1] * math.prod(weight.shape[2:]) * _conv_out_positions(inputs, weight, args)
+    elif name == "convolution_backward":
+        grad_out, inputs, weight, wanted = args[0], args[1], args[2], args[-1]
+        lowered = weight.shape[1] * math.prod(weight.shape[2:]) * grad_out.shape[0] * math.prod(grad_out.shape[2:])
+        if wanted[0]:  # the input gradient is computed too
+            lowered = max(lowered, weight.shape[0] * math.prod(weight.shape[2:]) * inputs.shape[0]
+                          * math.prod(inputs.shape[2:]))
+    else:
+        return 0
+    nbytes = lowered * weight.element_size()
+    return nbytes if nbytes <= _constant("cudnn_gemm_workspace_limit") else 0
+
+
+def _conv_out_positions(inputs, weight, args) -> int:
+    stride, padding, dilation = args[3], args[4], args[5]
+    positions = inputs.shape[0]
+    for i, size in enumerate(inputs.shape[2:]):
+        kernel = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        positions *= (size + 2 * padding[i] - kernel) // stride[i] + 1
+    return positions
+
+
+_attention_lock = threading.Lock()
+_attention_route = threading.local()  # the kernel choice of the estimate running in this thread
+
+
+@contextmanager
+def _attention_kernels(device: str):
+    """Make ``F.scaled_dot_product_attention`` run the kernel ``device`` would run, in this thread only.
+
+    On the meta device PyTorch falls back to the "math" attention, which stores the full
+    (length x length) attention matrix for backward. An NVIDIA GPU runs fused kernels instead
+    (FlashAttention for half precision, the memory-efficient kernel for float32 or with a mask), which
+    keep only the output and one log-sum-exp per query: that is why long sequences fit on a GPU. A CPU
+    runs its own flash kernel when there is no dropout. ``nn.MultiheadAttention`` calls the function
+    through the ``torch.nn.functional`` module, so the function is swapped there for the duration of the
+    block; other threads keep the original.
+    """
+    functional = torch.nn.functional
+    with _attention_lock:
+        if getattr(functional.scaled_dot_product_attention, "_batchlab_original", None) is None:
+            original = functional.scaled_dot_product_attention
+
+            def routed(*args, **kwargs):
+                route = getattr(_attention_route, "device", None)
+                if route == "cuda":
+                    return _fused_attention(*args, **kwargs)
+                if route == "cpu":
+                    return _cpu_attention(original, *args, **kwargs)
+                return original(*args, **kwargs)
+
+            routed._batchlab_original, routed._batchlab_users = original, 0
+            functional.scaled_dot_product_attention = routed
+        functional.scaled_dot_product_attention._batchlab_users += 1
+    _attention_route.device = device
+    try:
+        yield
+    finally:
+        _attention_route.device = None
+        with _attention_lock:
+            routed = functional.scaled_dot_product_attention
+            routed._batchlab_users -= 1
+            if routed._batchlab_users == 0:
+                functional.scaled_dot_product_attention = routed._batchlab_original
+
+
+def _cpu_attention(original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    if dropout_p or attn_mask is not None or enable_gqa:
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal,
+                                                                      scale=scale)[0]
+
+
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False):
+    aten = torch.ops.aten
+    if query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and query.shape[-1] <= 256:
+        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                        scale=scale)[0]
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # the kernel takes an additive bias
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            attn_mask.logical_not(), float("-inf"))
+    return aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, query.requires_grad,
+                                                        dropout_p, is_causal, scale=scale)[0]
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (no memory is used).
+
+    ``deepcopy`` is told, through its memo, to use a meta twin wherever it meets a parameter or
+    buffer, so the copy never holds real data and the caller's model is not touched.
+    """
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+class _AllocatorReplay:
+    """Replays what a :class:`~batchlab.memory.MemoryTracker` sees through a CUDA caching allocator model.
+
+    The tracker calls :meth:`allocated`, :meth:`freed` and :meth:`after_op`; the replay adds the
+    library workspaces and remembers which tensors were alive at the highest allocated moment.
+    """
+
+    def __init__(self, capacity: int | None = None):
+        self.allocator = CachingAllocator(capacity)
+        self.blocks: dict = {}  # tracker serial -> allocator block
+        self.sizes: dict = {}  # tracker serial -> bytes the tensor asked for
+        self.library_blocks: list = []  # cuBLAS workspaces, allocated at the first matrix product
+        self.measuring = False
+        self.peak = -1
+        self.at_peak: tuple = ({}, 0, "")  # (serial -> block size, workspace bytes, phase)
+        self.tracker = None
+
+    def allocated(self, serial: int, nbytes: int) -> None:
+        self.blocks[serial], self.sizes[serial] = self.allocator.malloc(nbytes), nbytes
+        self._note_peak()
+
+    def freed(self, serial: int) -> None:
+        block = self.blocks.pop(serial, None)
+        if block is not None:
+            self.allocator.free(block)
+
+    def after_op(self, func, args, out) -> None:
+        name = func.overloadpacket.__name__
+        if name in GEMM_OPS and not self.library_blocks:
+            sizes = [_constant("cublas_workspace")] * _constant("cublas_handles") + [_constant("other_workspace")]
+            self.library_blocks = [self.allocator.malloc(size) for size in sizes]
+            self._note_peak()
+        workspace = cudnn_workspace(func, args)
+        if workspace:  # cuDNN's scratch memory lives only while the convolution runs
+            block = self.allocator.malloc(workspace)
+            self._note_peak(block.size)
+            self.allocator.free(block)
+
+    def _note_peak(self, scratch: int = 0) -> None:
+        if self.measuring and self.allocator.allocated > self.peak:
+            self.peak = self.allocator.allocated
+            workspace = sum(b.size for b in self.library_blocks) + scratch
+            live = {serial: block.size for serial, block in self.blocks.items()}
+            self.at_peak = (live, workspace, self.tracker.phase if self.tracker else "")
+
+    def breakdown(self, category_of) -> dict:
+        """Bytes by category at the peak: tensors, library workspaces, and the allocator's rounding."""
+        live, workspace, _phase = self.at_peak
+        totals = dict.fromkeys(CATEGORIES, 0)
+        for serial in live:
+            totals[category_of(serial)] += self.sizes[serial]
+        totals["workspaces"] = workspace
+        totals["allocator rounding"] = sum(live.values()) - sum(self.sizes[s] for s in live)
+        return totals
+
+
+def _check_estimate_args(model, batch, optimizer, loss_fn, device):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs, targets = _check_batch(batch)
+    if isinstance(optimizer, str):
+        check_choice("optimizer", optimizer, ("sgd", "adam"))
+    elif not callable(optimizer):
+        raise TypeError(f"optimizer must be 'sgd', 'adam' or a function params -> Optimizer, got {optimizer!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
+    check_choice("device", device, ("cuda", "cpu"))
+    return inputs, targets
+
+
+def _make_optimizer(optimizer, params, device: str):
+    """The optimizer a real run would build; on CUDA PyTorch picks the multi-tensor (foreach) code."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, foreach=device == "cuda")
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=1e-3, foreach=device == "cuda")
+    return _optimizer_factory(optimizer, 0.01)(params)
+
+
+def _meta_step(model, inputs, targets, opt, loss_fn) -> None:
+    loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    del loss
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@contextmanager
+def _explain_meta_failures():
+    """Turn an operation that the meta device cannot run into an error that names it."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as error:
+        if "meta" not in str(error).lower():
+            raise
+        raise NotImplementedError(
+            f"estimate_memory runs the step on PyTorch's meta device, and one operation of this model has no "
+            f"meta implementation: {str(error).splitlines()[0]}. Measure it instead with "
+            f"batchlab.profile_step(model, batch) on a real device."
+        ) from error
+
+
+def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device: str = "cuda",
+                    capacity=None) -> MemoryReport:
+    """The peak memory of one training step of ``model`` on ``batch`` = (inputs, targets) on ``device``.
+
+    The step is forward, loss (default cross-entropy), backward, ``optimizer.step()`` and
+    ``zero_grad(set_to_none=True)``, after a first step that creates the optimizer state, as in
+    :func:`batchlab.profile_step`. Nothing of the model's or batch's size is allocated: a copy of the
+    model runs on the meta device (``model`` and ``batch`` are only read).
+
+    ``device="cuda"`` predicts ``torch.cuda.max_memory_allocated`` (``peak_bytes``) and
+    ``max_memory_reserved`` (``reserved_bytes``) of a CUDA GPU, with the allocator and library effects
+    of :data:`CUDA_CONSTANTS`; ``breakdown`` adds ``workspaces`` and ``allocator rounding`` to the
+    tensor categories. ``device="cpu"`` predicts the tensor bytes a CPU step holds at its peak.
+    ``capacity`` (bytes or a string like ``"4GiB"``) makes the simulated GPU that small: a step that
+    does not fit raises ``torch.OutOfMemoryError``, as on a real GPU.
+    """
+    inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device)
+    capacity = parse_bytes("capacity", capacity) if capacity is not None else None
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    work = _meta_copy(model).train()
+    inputs, targets = inputs.to("meta"), targets.to("meta")
+    opt = _make_optimizer(optimizer, list(work.parameters()), device)
+    replay = _AllocatorReplay(capacity) if device == "cuda" else None
+    tracking = _tracking(work, opt, record=True, observer=replay)
+    with _explain_meta_failures(), _attention_kernels(device), tracking as tracker:
+        tracker.adopt([inputs, targets], "inputs")
+        _meta_step(work, inputs, targets, opt, loss_fn)  # warm-up: optimizer state, cached blocks
+        tracker.begin_measurement()
+        if replay is not None:
+            replay.tracker, replay.measuring = tracker, True
+            replay.allocator.reset_peaks()
+        _meta_step(work, inputs, targets, opt, loss_fn)
+    report = tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
+                                  f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}, "
+                                  f"estimated for {device}")
+    report.device = device
+    if replay is None and capacity is not None and report.peak_bytes > capacity:
+        raise torch.OutOfMemoryError(f"Simulated out of memory: the step needs {report.peak_bytes / MiB:.2f} MiB "
+                                     f"of tensors at its peak, more than the {capacity / MiB:.2f} MiB budget.")
+    if replay is not None:
+        report.peak_bytes = replay.allocator.peak_allocated
+        report.reserved_bytes = replay.allocator.peak_reserved
+        report.breakdown = replay.breakdown(tracker.category_of)
+        report.peak_phase = replay.at_peak[2] or report.peak_phase
+    return report
+
+
+# max_batch_size answers n only if a batch SAFETY_MARGIN larger fits: a margin on what grows with the
+# batch, which is where the model's errors are (it predicts the memory before the step exactly on all
+# reference rows; its peak is at most 10% low, for mlp_28 at batch 8192, and 5.5% low above 256 MiB).
+SAFETY_MARGIN = 0.05
+
+
+def _fits(model, make_batch, n, capacity, optimizer, loss_fn, device) -> bool:
+    padded = math.ceil(n * (1 + SAFETY_MARGIN))
+    try:
+        estimate_memory(model, _checked_batch(make_batch, padded), optimizer=optimizer, loss_fn=loss_fn,
+                        device=device, capacity=capacity)
+    except torch.OutOfMemoryError:
+        return False
+    return True
+
+
+def _checked_batch(make_batch, n: int):
+    batch = make_batch(n)
+    inputs, targets = _check_batch(batch)
+    if len(inputs) != n:
+        raise ValueError(f"make_batch({n}) must return a batch of {n} samples, but its inputs have shape "
+                         f"{tuple(inputs.shape)}: build the batch with n as its first dimension")
+    return batch
+
+
+def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", loss_fn=None, device="cuda",
+                   limit: int = 1 << 20) -> int:
+    """The largest batch size whose training step fits in ``budget`` on ``device``, from estimates only.
+
+    ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors are fine and
+    cost nothing). ``budget`` is the memory PyTorch may use, in bytes or as a string ("4GiB",
+    "512 MiB"); on a real card that is its size minus the CUDA context (see ``CUDA_CONSTANTS``).
+
+    A batch fits when the simulated caching allocator never needs more than the budget (it releases
+    its unused cache first, like the real one): this counts reserved memory and fragmentation, not
+    just the allocated peak. A batch counts as fitting only if one ``SAFETY_MARGIN`` (5%) larger
+    fits, so the answer errs on the safe side. Activation memory grows almost linearly with the batch,
+    so two estimates give a first guess, and a short bisection near it gives the answer: about ten
+    estimates in all.
+    """
+    if not callable(make_batch):
+        raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
+    budget = parse_bytes("budget", budget)
+    check_int("limit", limit, minimum=1)
+    capacity = budget
+    args = (optimizer, loss_fn, device)
+    smallest, one = _smallest_batch(model, make_batch, optimizer, loss_fn, device)
+    if not _fits(model, make_batch, smallest, capacity, *args):
+        raise ValueError(_does_not_fit_message(one, budget, smallest))
+    probe = max(smallest + 1, min(limit, 64))
+    many = estimate_memory(model, _checked_batch(make_batch, probe), optimizer=optimizer, loss_fn=loss_fn,
+                           device=device)
+    per_sample = max(1.0, (many.peak_bytes - one.peak_bytes) / (probe - smallest))
+    guess = int(min(limit, max(smallest, smallest + (capacity - one.peak_bytes) / per_sample)))
+    # Bracket the answer around the linear guess, then bisect: lo always fits, hi never does.
+    if _fits(model, make_batch, guess, capacity, *args):
+        lo, hi = guess, min(limit + 1, max(guess + 1, int(guess * 1.1)))
+        while hi <= limit and _fits(model, make_batch, hi, capacity, *args):
+            lo, hi = hi, min(limit + 1, hi * 2)
+    else:
+        lo, hi = smallest, guess
+        candidate = int(guess * 0.9)
+        while candidate > lo and not _fits(model, make_batch, candidate, capacity, *args):
+            hi, candidate = candidate, int(candidate * 0.8)
+        lo = max(lo, candidate)
+    while hi - lo > max(1, lo // 100):  # within 1%: closer is not worth more estimates
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits(model, make_batch, mid, capacity, *args) else (lo, mid)
+    return lo
+
+
+def _smallest_batch(model, make_batch, optimizer, loss_fn, device):
+    """1, or 2 for models that cannot train on one sample (BatchNorm needs two values per channel)."""
+    try:
+        return 1, estimate_memory(model, _checked_batch(make_batch, 1), optimizer=optimizer, loss_fn=loss_fn,
+                                  device=device)
+    except ValueError as error:
+        if "more than 1 value per channel" not in str(error):
+            raise
+        return 2, estimate_memory(model, _checked_batch(make_batch, 2), optimizer=optimizer, loss_fn=loss_fn,
+                                  device=device)
+
+
+def _does_not_fit_message(report: MemoryReport, budget: int, smallest: int) -> str:
+    parts = sorted(((b, c) for c, b in report.breakdown.items() if b), reverse=True)[:3]
+    largest = ", ".join(f"{c} {b / MiB:.1f} MiB" for b, c in parts)
+    return (f"even a batch of {smallest} does not fit in {budget / MiB:.1f} MiB: one step needs about "
+            f"{report.peak_bytes / MiB:.1f} MiB (largest parts: {largest}). Use a larger budget, a smaller "
+            f"model, or an optimizer with less state (SGD keeps one buffer per parameter, Adam two).")

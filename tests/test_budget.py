@@ -1,0 +1,103 @@
+"""The simulated memory budget, the probing batch-size search, and out-of-memory recovery in train."""
+
+import pytest
+import torch
+
+import batchlab
+from batchlab import datasets
+from batchlab.budget import find_batch_size, memory_budget
+
+
+def cnn():
+    return batchlab.build_model("cnn_bn", in_shape=(3, 32, 32), num_classes=5)
+
+
+def make_batch(n):
+    return torch.randn(n, 3, 32, 32), torch.randint(0, 5, (n,))
+
+
+def test_a_step_over_budget_raises_a_real_out_of_memory_error():
+    model = cnn()
+    with memory_budget("40MiB", model) as tracker:
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            model(torch.randn(512, 3, 32, 32))
+        message = str(caught.value)
+        # While the exception (and its traceback) is kept, the failed step's tensors stay alive ...
+        assert tracker.current()["temporaries"] > 0
+        del caught
+        # ... and once it is gone, their memory is free again.
+        assert tracker.current()["temporaries"] == 0 and tracker.current()["inputs"] == 0
+    assert "Tried to allocate 64.00 MiB" in message and "of a 40.00 MiB budget" in message
+    assert "parameters 2.08 MiB" in message and "inputs 6.00 MiB" in message
+    out = model(torch.randn(512, 3, 32, 32))  # after the block nothing is limited
+    assert out.shape == (512, 5)
+
+
+def test_a_step_within_budget_runs_and_the_tracker_uninstalls():
+    model = cnn()
+    with memory_budget("512 MiB", model):
+        model(torch.randn(8, 3, 32, 32)).sum().backward()
+    with batchlab.track_memory():  # a new tracker may start: the budget's is gone
+        pass
+
+
+def test_a_budget_below_the_parameters_is_refused():
+    with pytest.raises(ValueError, match=r"smaller than what exists already.*parameters 2.08 MiB"):
+        with memory_budget("1MiB", cnn()):
+            pass
+    with pytest.raises(ValueError, match="is not a memory size"):
+        with memory_budget("a lot"):
+            pass
+
+
+@pytest.mark.parametrize("mode", ["power", "binsearch"])
+def test_find_batch_size_restores_model_and_optimizer_bitwise(mode):
+    model = cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batchlab.train(model, datasets.shapes(64), batch_size=32, steps=1, optimizer=lambda p: optimizer, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before_momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    with memory_budget("48MiB", model, optimizer):
+        search = find_batch_size(model, make_batch, mode=mode, optimizer=optimizer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    after_momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    assert all(torch.equal(b, a) for b, a in zip(before_momentum, after_momentum))
+    assert [n for n, _, _ in search.trials][:3] == [2, 4, 8]
+    fitted = [n for n, ok, _ in search.trials if ok]
+    failed = [n for n, ok, _ in search.trials if not ok]
+    assert search.batch_size == max(fitted) and failed and min(failed) > search.batch_size
+    if mode == "binsearch":
+        assert min(failed) - search.batch_size == 1  # bisected down to neighbours
+
+
+def test_find_batch_size_checks_its_arguments():
+    with pytest.raises(ValueError, match="mode must be one of 'power', 'binsearch'"):
+        find_batch_size(cnn(), make_batch, mode="random")
+    with pytest.raises(ValueError, match=r"make_batch\(2\) must return 2 samples"):
+        find_batch_size(cnn(), lambda n: make_batch(n + 1))
+
+
+def test_train_halves_the_micro_batch_on_out_of_memory():
+    data = datasets.digits()
+    recovered = batchlab.build_model("mlp", in_shape=(1, 8, 8))
+    reference = batchlab.build_model("mlp", in_shape=(1, 8, 8))
+    with memory_budget("5MiB", recovered):
+        history = batchlab.train(recovered, data, batch_size=512, steps=4, on_oom="halve", progress=False)
+    assert history.notes and all("effective batch is still 512" in note for note in history.notes)
+    halvings = len(history.notes)
+    expected = batchlab.train(reference, data, batch_size=512, steps=4, accumulation_steps=2**halvings,
+                              progress=False)
+    for p, q in zip(recovered.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert history.loss == pytest.approx(expected.loss, rel=1e-5)
+
+
+def test_train_without_on_oom_lets_the_error_through_and_restores_the_model():
+    model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with memory_budget("5MiB", model):
+        with pytest.raises(torch.OutOfMemoryError):
+            batchlab.train(model, datasets.digits(), batch_size=512, steps=2, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="on_oom must be None"):
+        batchlab.train(model, datasets.digits(), batch_size=64, steps=1, on_oom="skip", progress=False)

@@ -1,0 +1,138 @@
+"""The GPU memory estimator, checked against real H100 measurements and against CPU measurements."""
+
+import pytest
+import torch
+from torch import nn
+
+import batchlab
+from batchlab.estimate import CUDA_CONSTANTS, cudnn_workspace, estimate_memory, max_batch_size
+from batchlab.memory import gpu_reference
+
+REFERENCE_MODELS = {"mlp_28": ("mlp", (1, 28, 28)), "cnn_28": ("cnn_bn", (1, 28, 28)),
+                    "resnet18_32": ("resnet18", (3, 32, 32))}
+MiB = 2**20
+
+
+def meta_batch(n, in_shape, dtype=torch.float32):
+    inputs = torch.empty(n, *in_shape, device="meta", dtype=dtype)
+    return inputs, torch.zeros(n, dtype=torch.long, device="meta")
+
+
+@pytest.mark.parametrize("row", gpu_reference()["rows"],
+                         ids=lambda r: f"{r['model']}-{r['opt']}-{r['batch']}")
+def test_estimate_matches_the_h100_reference(row):
+    name, in_shape = REFERENCE_MODELS[row["model"]]
+    report = estimate_memory(batchlab.build_model(name, in_shape=in_shape), meta_batch(row["batch"], in_shape),
+                             optimizer=row["opt"], device="cuda")
+    error = report.peak_bytes / row["peak_allocated"] - 1
+    bar = 0.10 if row["peak_allocated"] >= 256 * MiB else 0.25
+    assert abs(error) <= bar, f"estimated {report.peak_bytes / MiB:.1f} MiB, measured " \
+                              f"{row['peak_allocated'] / MiB:.1f} MiB ({error:+.1%}, bar ±{bar:.0%})"
+    assert report.reserved_bytes >= report.peak_bytes
+
+
+def test_breakdown_adds_up_and_names_the_gpu_extras():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    report = estimate_memory(model, meta_batch(512, (1, 28, 28)))
+    assert sum(report.breakdown.values()) == report.peak_bytes
+    cublas = CUDA_CONSTANTS["cublas_workspace"][0] * CUDA_CONSTANTS["cublas_handles"][0]
+    assert report.breakdown["workspaces"] >= cublas
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert params <= report.breakdown["parameters"] < params * 1.01
+    assert report.breakdown["activations"] > report.breakdown["parameters"]
+
+
+def test_cpu_estimate_agrees_with_a_cpu_measurement():
+    model = batchlab.build_model("cnn_bn", in_shape=(3, 32, 32), num_classes=5)
+    batch = (torch.randn(64, 3, 32, 32), torch.randint(0, 5, (64,)))
+    measured = batchlab.profile_step(model, batch, optimizer="adam")
+    estimated = estimate_memory(model, batch, optimizer="adam", device="cpu")
+    assert abs(estimated.peak_bytes / measured.peak_bytes - 1) < 0.02
+    assert estimated.breakdown["optimizer_state"] == measured.breakdown["optimizer_state"]
+
+
+def test_the_callers_model_and_batch_are_untouched():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = (torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    estimate_memory(model, batch, optimizer="adam")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None and p.device.type == "cpu" for p in model.parameters())
+    assert batch[0].device.type == "cpu"
+
+
+def test_cuda_attention_does_not_store_the_attention_matrix():
+    # On CUDA attention runs in fused kernels: saved memory grows with the sequence, not its square.
+    # On the CPU, with dropout, the math kernel keeps the (length x length) attention matrix.
+    model = batchlab.build_model("transformer", in_shape=(1024,))
+
+    def activations(length, device):
+        tokens = torch.zeros(8, length, dtype=torch.long, device="meta")
+        report = estimate_memory(model, (tokens, torch.zeros(8, dtype=torch.long, device="meta")), device=device)
+        return report.breakdown["activations"]
+
+    gpu_growth = activations(1024, "cuda") / activations(512, "cuda")
+    cpu_growth = activations(1024, "cpu") / activations(512, "cpu")
+    assert 1.9 < gpu_growth < 2.1, gpu_growth
+    assert cpu_growth > 3, cpu_growth
+
+
+def test_cudnn_workspace_model():
+    conv = torch.ops.aten.convolution.default
+    x, w = torch.empty(64, 32, 14, 14, device="meta"), torch.empty(64, 32, 3, 3, device="meta")
+    args = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    assert cudnn_workspace(conv, args) == 32 * 9 * 64 * 14 * 14 * 4  # the lowered input matrix
+    big = (torch.empty(4096, 32, 14, 14, device="meta"), w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    assert cudnn_workspace(conv, big) == 0  # above the limit cuDNN picks a workspace-free kernel
+    assert cudnn_workspace(torch.ops.aten.relu.default, (x,)) == 0
+
+
+def test_simulated_capacity_raises_out_of_memory():
+    model = batchlab.build_model("resnet18", in_shape=(3, 64, 64))
+    estimate_memory(model, meta_batch(64, (3, 64, 64)), capacity="1GiB")
+    with pytest.raises(torch.OutOfMemoryError, match="Simulated CUDA out of memory"):
+        estimate_memory(model, meta_batch(1024, (3, 64, 64)), capacity="1GiB")
+
+
+def test_max_batch_size_fits_and_is_near_the_largest_that_fits():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    make = lambda n: meta_batch(n, (1, 28, 28))  # noqa: E731
+    n = max_batch_size(model, make, budget="512MiB")
+    estimate_memory(model, make(n), capacity="512MiB")  # it fits...
+    with pytest.raises(torch.OutOfMemoryError):  # ...and 20% more does not (fragmentation makes what
+        estimate_memory(model, make(int(n * 1.2)), capacity="512MiB")  # fits jagged near the limit)
+
+
+def test_max_batch_size_handles_batchnorm_models_that_need_two_samples():
+    model = batchlab.build_model("resnet18", in_shape=(3, 32, 32))
+    assert max_batch_size(model, lambda n: meta_batch(n, (3, 32, 32)), budget="400MiB") > 100
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(budget="lots"), ValueError, "budget 'lots' is not a memory size"),
+        (dict(budget="60MiB"), ValueError, r"even a batch of 1 does not fit in 60.0 MiB.*workspaces 65.0 MiB"),
+        (dict(budget="4GiB", make_batch=lambda n: meta_batch(n + 1, (1, 28, 28))), ValueError,
+         r"make_batch\(1\) must return a batch of 1 samples"),
+        (dict(budget="4GiB", make_batch="not callable"), TypeError, "make_batch must be a function"),
+        (dict(budget="4GiB", optimizer="lbfgs"), ValueError, "optimizer must be one of 'sgd', 'adam'"),
+    ],
+)
+def test_max_batch_size_refuses_bad_input(kwargs, error, match):
+    kwargs = {"make_batch": lambda n: meta_batch(n, (1, 28, 28)), **kwargs}
+    with pytest.raises(error, match=match):
+        max_batch_size(batchlab.build_model("mlp", in_shape=(1, 28, 28)), **kwargs)
+
+
+def test_a_model_the_meta_device_cannot_run_is_named():
+    class NeedsData(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.linear(x) * float(x.sum())  # reads a value: impossible without data
+
+    with pytest.raises(NotImplementedError, match="meta device.*profile_step"):
+        estimate_memory(NeedsData(), (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)))
