@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+# One CPU thread, as batchlab.setup() gives the notebooks: on a shared machine, torch's threads
+# waiting for each other make small operations many times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seeded():
