@@ -54,6 +54,6 @@ def test_convergence_widget_refuses_bad_values(small_digits):
     with pytest.raises(ValueError, match="set\\(\\) takes batch_size and lr"):
         widget.set(model="cnn")
     with pytest.raises(ValueError, match="name must be one of"):
-        ConvergenceWidget(small_digits, model="transformer")
+        ConvergenceWidget(small_digits, model="vgg")
     bundle = widget._repr_mimebundle_()
     assert bundle["text/plain"] == "ConvergenceWidget(model='mlp', epochs=1)"
