@@ -16,10 +16,12 @@ from .memory_plots import plot_leak_checks, plot_peak_breakdown, plot_step_timel
 from .models import MODEL_NAMES, build_model, count_parameters
 from .plots import plot_histories
 from .training import History, evaluate, train
+from .widgets import BatchSizeExplorer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchSizeExplorer",
     "BatchSizeSearch",
     "CUDA_CONSTANTS",
     "estimate_memory",

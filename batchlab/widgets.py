@@ -1,34 +1,253 @@
 """Interactive explorers for the chapter notebooks (ipywidgets).
 
-Model / view split: the computation is an ordinary function elsewhere in batchlab (here
-:func:`batchlab.train`); a widget only wires controls to it and draws. Figures are rendered to PNG
-into a ``widgets.Image`` and text goes into ``widgets.HTML``, never into an ``Output`` widget, so the
-notebooks stay stable under nbval and update live in JupyterLab.
+Model / view split: the computation is an ordinary function elsewhere in batchlab
+(:func:`batchlab.train`, :mod:`batchlab.explorer`, :func:`batchlab.batching.loader_throughput`); a
+widget only wires controls to it and draws. Every explorer is built from the same three parts:
 
-Every widget has ``set(**values)`` (move the controls as a learner would and return when the panels
-have updated) and ``state`` (what is shown now), which tests and notebooks use.
+* :class:`Explorer`, the base: controls whose changes call the widget's ``_changed``, ``set(**values)``
+  (move the controls as a learner would and return when the panels have updated), ``state`` (what
+  is shown now) and a short, stable ``text/plain`` for nbval;
+* :class:`Panel`: a matplotlib figure rendered to PNG into a ``widgets.Image``, with a line of text
+  in a ``widgets.HTML`` under it, never an ``Output`` widget, so the notebooks stay stable under
+  nbval and update live in JupyterLab;
+* :class:`Jobs`: runs a widget's work one job at a time, in a background thread or inline. A newer
+  job cancels the older one, and only the newest job may draw, one drawing at a time.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
+import functools
+import html
+import threading
+import time
+from contextlib import contextmanager
+
 import ipywidgets as widgets
 
+from . import explorer as ex
 from .datasets import digits
-from .models import build_model
+from .models import MODEL_NAMES, build_model
 from .plots import figure_to_png, plot_histories
-from .training import train
-from .validation import check_choice, check_int
+from .training import History, train
+from .validation import check_choice, check_float, check_int
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DRAW_INTERVAL = 0.5  # seconds between two drawings of a run in progress; the first after that long too,
+# so that a run that ends sooner is drawn once
 
 
-class ConvergenceWidget:
+# -- the shared machinery -------------------------------------------------------------------------
+
+class Job:
+    """One piece of a widget's work; ``publish(draw)`` runs ``draw`` only while this job is the newest."""
+
+    def __init__(self, jobs: Jobs, work):
+        self.jobs, self.work = jobs, work
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a newer job was submitted (or the widget closed): the work should stop."""
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def publish(self, draw) -> bool:
+        """Call ``draw()`` if this job is still the newest, holding the drawing lock; say whether it ran."""
+        with self.jobs.drawing:
+            if self.cancelled or self.jobs.latest is not self:
+                return False
+            draw()
+            return True
+
+    def run(self, previous: threading.Thread | None = None) -> None:
+        if previous is not None:
+            previous.join()  # one computation at a time: let the cancelled job stop first
+        if self.cancelled:
+            return
+        try:
+            self.work(self)
+        except Exception as error:  # shown in the widget, never raised into the notebook
+            if self.jobs.on_error is None:
+                raise
+            self.publish(functools.partial(self.jobs.on_error, error))
+
+
+class Jobs:
+    """A widget's work queue of length one: the newest job runs, older ones are cancelled.
+
+    ``background=True`` runs each job in its own short-lived thread, so the controls stay responsive;
+    a job that starts waits for the cancelled one before it to stop, so two jobs never compute at
+    once. ``background=False`` runs each job at once in the caller's thread (for work that must not
+    leave the main thread, such as starting DataLoader worker processes). ``on_error(error)`` shows
+    what a background job raised; without it, the error propagates.
+    """
+
+    def __init__(self, *, background: bool = True, on_error=None):
+        self.background, self.on_error = background, on_error
+        self.drawing = threading.RLock()  # held while a job draws: one drawing at a time
+        self._lock = threading.Lock()
+        self.latest: Job | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, work) -> Job:
+        """Cancel the running job and start ``work(job)``."""
+        job = Job(self, work)
+        with self._lock:
+            if self.latest is not None:
+                self.latest.cancel()
+            self.latest = job
+            if self.background:
+                previous = self._thread
+                self._thread = threading.Thread(target=job.run, args=(previous,), name="batchlab-explorer",
+                                                daemon=True)
+                self._thread.start()
+        if not self.background:
+            job.run()
+        return job
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no job runs (at most ``timeout`` seconds); True if none does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None or thread is threading.current_thread():
+                return True
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
+            with self._lock:
+                if self._thread is thread:
+                    self._thread = None
+                    return True
+
+    @property
+    def running(self) -> bool:
+        with self._lock:
+            return self._thread is not None and self._thread.is_alive()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self.latest is not None:
+                self.latest.cancel()
+
+
+class Panel:
+    """A figure (PNG in a ``widgets.Image``) above a line of text (``widgets.HTML``)."""
+
+    def __init__(self, text: str = ""):
+        self.image = widgets.Image(format="png")
+        self.text = widgets.HTML(text)
+        self.box = widgets.VBox([self.image, self.text])
+
+    def draw(self, fig) -> None:
+        self.image.value = figure_to_png(fig)
+
+    def say(self, text: str) -> None:
+        self.text.value = text
+
+
+class Explorer:
+    """What every explorer shares: controls that call ``_changed(name)``, ``set``, ``state``, display.
+
+    A subclass builds its controls and panels, calls ``super().__init__``, and implements
+    ``_changed`` (start the work: usually ``self.jobs.submit(...)``) and ``state``. ``settable``
+    names the controls that ``set`` accepts, in the order its error message lists them.
+    """
+
+    settable: tuple = ()
+
+    def __init__(self, controls: dict, children: list, *, background: bool, on_error=None):
+        self.controls = controls
+        self.jobs = Jobs(background=background, on_error=on_error)
+        self._quiet = 0
+        self.box = widgets.VBox(children)
+        for name, control in controls.items():
+            control.observe(functools.partial(self._on_change, name), names="value")
+
+    def _on_change(self, name: str, _change) -> None:
+        if not self._quiet:
+            self._changed(name)
+
+    def _changed(self, name: str | None = None) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def quietly(self):
+        """Change controls without starting any work (to correct a value, or to set several at once)."""
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    def set(self, **values) -> dict:
+        """Move controls as a learner would; return :attr:`state` once the panels have updated."""
+        for name, value in values.items():
+            if name not in self.settable:
+                raise ValueError(f"set() takes {_and(self.settable)}, got {name!r}")
+            self._check(name, value)
+        with self.quietly():  # several values, one update
+            for name, value in values.items():
+                self._apply(name, value)
+        self._changed(None)
+        self.wait()
+        return self.state
+
+    def _check(self, name: str, value) -> None:
+        """Raise if ``set`` must refuse ``value`` for ``name`` (before any control changes)."""
+
+    def _apply(self, name: str, value) -> None:
+        self.controls[name].value = value
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the panels show the current setting (at most ``timeout`` seconds)."""
+        return self.jobs.wait(timeout)
+
+    @property
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop any work and close the widgets (they disappear from the notebook)."""
+        self.jobs.cancel()
+        self.jobs.wait()
+        self.box.close_all() if hasattr(self.box, "close_all") else self.box.close()
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.box._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = repr(self)  # short and stable: nbval compares it
+        return bundle
+
+
+def _and(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _table(header, rows) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# -- chapter 1 ------------------------------------------------------------------------------------
+
+class ConvergenceWidget(Explorer):
     """Chapter 1: batch size and learning rate -> loss curves and samples per second.
 
     Each setting trains ``model`` (from the same initial weights) for ``epochs`` passes over
     ``dataset`` (default: the digits training set), so every run sees the same number of samples.
     The last ``keep`` runs stay on the figure for comparison; a setting already run is reused.
+    Runs use :func:`batchlab.train` in the kernel's own thread (``set`` and the controls return
+    when the run is drawn); :class:`BatchSizeExplorer` runs in the background instead.
     """
+
+    settable = ("batch_size", "lr")
 
     def __init__(self, dataset=None, model: str = "mlp", *, epochs: int = 2, batch_size: int = 64,
                  lr: float = 0.05, keep: int = 4):
@@ -39,19 +258,22 @@ class ConvergenceWidget:
         sizes = [b for b in BATCH_SIZES if b <= len(self.dataset)]
         check_choice("batch_size", batch_size, sizes)
         self.in_shape = tuple(self.dataset[0][0].shape)
-        build_model(model, in_shape=self.in_shape)  # fail now, with a clear message, on a bad name
+        images = [name for name in MODEL_NAMES if name != "transformer"]
+        if model not in images:
+            raise ValueError(f"model name must be one of {', '.join(map(repr, images))} (models of images, "
+                             f"like the digits), got {model!r}")
+        build_model(model, in_shape=self.in_shape)  # fail now, with a clear message, on an unusable shape
         self.batch_size = widgets.SelectionSlider(options=sizes, value=batch_size, description="batch size",
                                                   continuous_update=False)
         self.lr = widgets.FloatLogSlider(value=lr, base=10, min=-3, max=0, step=0.25, description="learning rate",
                                          continuous_update=False, readout_format=".3g")
-        self.image = widgets.Image(format="png")
-        self.summary = widgets.HTML()
+        self.panel = Panel()
+        self.image, self.summary = self.panel.image, self.panel.text
         self._cache: dict = {}
         self._shown: list = []
-        for control in (self.batch_size, self.lr):
-            control.observe(self._update, names="value")
-        self.box = widgets.VBox([widgets.HBox([self.batch_size, self.lr]), self.image, self.summary])
-        self._update()
+        super().__init__({"batch_size": self.batch_size, "lr": self.lr},
+                         [widgets.HBox([self.batch_size, self.lr]), self.panel.box], background=False)
+        self._changed()
 
     def _run(self, batch_size: int, lr: float):
         key = (batch_size, round(lr, 6))
@@ -61,34 +283,28 @@ class ConvergenceWidget:
                                      progress=False, label=f"batch {batch_size}, lr {lr:.3g}")
         return self._cache[key]
 
-    def _update(self, _change=None):
-        history = self._run(self.batch_size.value, self.lr.value)
-        self._shown = [h for h in self._shown if h is not history][-(self.keep - 1):] + [history]
-        fig = plot_histories(self._shown, x=("steps", "samples", "seconds"))
-        self.image.value = figure_to_png(fig)
-        rows = "".join(
-            f"<tr><td>{h.label}</td><td>{len(h.loss)}</td><td>{h.loss[-1]:.3f}</td>"
-            f"<td>{h.samples_per_second:,.0f}</td></tr>" for h in self._shown
-        )
-        self.summary.value = (
-            "<table><tr><th>run</th><th>steps</th><th>final loss</th><th>samples/s</th></tr>"
-            f"{rows}</table>"
-        )
+    def _changed(self, name=None):
+        self.jobs.submit(self._work)
 
-    def set(self, **values) -> dict:
-        """Move controls (``batch_size=``, ``lr=``) as a learner would; return :attr:`state`."""
-        for name, value in values.items():
-            if name not in ("batch_size", "lr"):
-                raise ValueError(f"set() takes batch_size and lr, got {name!r}")
-            control = getattr(self, name)
-            if name == "batch_size":
-                check_choice("batch_size", value, control.options)
-            control.value = value
-        return self.state
+    def _work(self, job: Job):
+        history = self._run(self.batch_size.value, self.lr.value)
+        job.publish(lambda: self._show(history))
+
+    def _show(self, history):
+        self._shown = [h for h in self._shown if h is not history][-(self.keep - 1):] + [history]
+        self.panel.draw(plot_histories(self._shown, x=("steps", "samples", "seconds")))
+        self.panel.say(_table(("run", "steps", "final loss", "samples/s"),
+                              [(h.label, len(h.loss), f"{h.loss[-1]:.3f}", f"{h.samples_per_second:,.0f}")
+                               for h in self._shown]))
+
+    def _check(self, name, value):
+        if name == "batch_size":
+            check_choice("batch_size", value, self.batch_size.options)
 
     @property
     def state(self) -> dict:
         """The runs on the figure now: label, final loss, steps and samples per second of each."""
+        self.wait()
         return {
             "runs": [
                 {"label": h.label, "steps": len(h.loss), "final_loss": h.loss[-1],
@@ -97,23 +313,27 @@ class ConvergenceWidget:
             ]
         }
 
-    def _repr_mimebundle_(self, **kwargs):
-        bundle = self.box._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = f"ConvergenceWidget(model={self.model_name!r}, epochs={self.epochs})"
-        return bundle
+    def __repr__(self) -> str:
+        return f"ConvergenceWidget(model={self.model_name!r}, epochs={self.epochs})"
 
+
+# -- chapter 3 ------------------------------------------------------------------------------------
 
 LOADER_BATCH_SIZES = (8, 16, 32, 64, 128)
 
 
-class LoaderWidget:
+class LoaderWidget(Explorer):
     """Chapter 3: ``num_workers`` and batch size -> samples per second of a ``DataLoader``, on this machine.
 
     Each setting is measured once with :func:`batchlab.batching.loader_throughput` (``batches`` timed
     batches after ``warmup``) and kept: the figure shows every setting measured so far against
     ``num_workers``, one line per batch size, with the usable CPU cores marked. ``dataset`` defaults
-    to the CPU-heavy image folder of :func:`batchlab.batching.shapes_image_folder`.
+    to the CPU-heavy image folder of :func:`batchlab.batching.shapes_image_folder`. Measurements run
+    in the kernel's own thread: they start worker processes, which must not be forked from a
+    background thread.
     """
+
+    settable = ("num_workers", "batch_size")
 
     def __init__(self, dataset=None, *, num_workers: int = 0, batch_size: int = 32, batches: int = 10,
                  warmup: int = 2, max_workers: int | None = None):
@@ -134,13 +354,12 @@ class LoaderWidget:
                                              continuous_update=False)
         self.batch_size = widgets.SelectionSlider(options=sizes, value=batch_size, description="batch size",
                                                   continuous_update=False)
-        self.image = widgets.Image(format="png")
-        self.summary = widgets.HTML()
+        self.panel = Panel()
+        self.image, self.summary = self.panel.image, self.panel.text
         self._results: dict = {}
-        for control in (self.num_workers, self.batch_size):
-            control.observe(self._update, names="value")
-        self.box = widgets.VBox([widgets.HBox([self.num_workers, self.batch_size]), self.image, self.summary])
-        self._update()
+        super().__init__({"num_workers": self.num_workers, "batch_size": self.batch_size},
+                         [widgets.HBox([self.num_workers, self.batch_size]), self.panel.box], background=False)
+        self._changed()
 
     def _measure(self, batch_size: int, num_workers: int):
         from .batching import loader_throughput
@@ -151,39 +370,39 @@ class LoaderWidget:
                                                    batches=self.batches, warmup=self.warmup, repeats=1)
         return self._results[key]
 
-    def _update(self, _change=None):
-        from .batching import LoaderSweep
+    def _changed(self, name=None):
+        self.jobs.submit(self._work)
 
+    def _work(self, job: Job):
         key = (self.batch_size.value, self.num_workers.value)
         stats = self._measure(*key)
+        job.publish(lambda: self._show(key, stats))
+
+    def _show(self, key, stats):
+        from .batching import LoaderSweep
+
         sweep = LoaderSweep(list(self._results.values()), self.cores)
-        self.image.value = figure_to_png(sweep.figure(highlight=key))
+        self.panel.draw(sweep.figure(highlight=key))
         baseline = self._results.get((key[0], 0))
         speedup = (f", {stats.samples_per_second / baseline.samples_per_second:.2f}× the speed of num_workers=0"
                    if baseline is not None and key[1] > 0 else "")
-        self.summary.value = (
+        self.panel.say(
             f"<b>This machine: {self.cores} usable CPU cores.</b> "
             f"batch size {key[0]}, num_workers {key[1]}: <b>{stats.samples_per_second:,.0f} samples/s</b>"
             f"{speedup}; main process busy {stats.busy_fraction:.0%}; first batch after "
             f"{stats.first_batch_seconds:.2f} s."
         )
 
-    def set(self, **values) -> dict:
-        """Move controls (``num_workers=``, ``batch_size=``) as a learner would; return :attr:`state`."""
-        for name, value in values.items():
-            if name not in ("num_workers", "batch_size"):
-                raise ValueError(f"set() takes num_workers and batch_size, got {name!r}")
-            control = getattr(self, name)
-            if name == "batch_size":
-                check_choice("batch_size", value, control.options)
-            else:
-                check_int("num_workers", value, minimum=0, maximum=control.max)
-            control.value = value
-        return self.state
+    def _check(self, name, value):
+        if name == "batch_size":
+            check_choice("batch_size", value, self.batch_size.options)
+        else:
+            check_int("num_workers", value, minimum=0, maximum=self.num_workers.max)
 
     @property
     def state(self) -> dict:
         """The usable cores, the current setting and every (batch_size, num_workers) -> samples/s measured."""
+        self.wait()
         key = (self.batch_size.value, self.num_workers.value)
         return {
             "cores": self.cores,
@@ -193,7 +412,428 @@ class LoaderWidget:
             "measured": {k: s.samples_per_second for k, s in sorted(self._results.items())},
         }
 
-    def _repr_mimebundle_(self, **kwargs):
-        bundle = self.box._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = f"LoaderWidget(batches={self.batches}, warmup={self.warmup})"
-        return bundle
+    def __repr__(self) -> str:
+        return f"LoaderWidget(batches={self.batches}, warmup={self.warmup})"
+
+
+# -- the batch-size explorer (chapters 0, 1 and 4) ------------------------------------------------
+
+PANELS = ("memory", "convergence", "speed")
+LR_RANGE = (1e-3, 1.0)
+MiB = 2**20
+
+
+class _Run:
+    """A convergence run as drawn: its setting, its History so far, the steps it will take."""
+
+    def __init__(self, setting: ex.RunSetting, steps: int):
+        self.setting, self.steps = setting, steps
+        self.history = History(setting.label, setting.batch_size)
+        self.done = False
+
+
+class BatchSizeExplorer(Explorer):
+    """Move the batch size; watch the memory of a step, the convergence and the speed respond.
+
+    Controls: batch size (a log-scale slider from 1 to 4096 or the data set's size, and a box to type
+    any size), learning rate, model (:data:`batchlab.MODEL_NAMES`), device profile (this machine's
+    CPU, or a simulated GPU of 4 to 80 GiB) and accumulation steps. ``panels`` picks among:
+
+    * ``"memory"``: the estimated peak of one training step by category, as a stacked bar against the
+      device's size, with an out-of-memory state and the largest batch that fits
+      (:func:`batchlab.explorer.memory_point`, :func:`batchlab.explorer.largest_batch`). It models
+      3x224x224 images (``image_shape``) or 512-token sequences (``sequence_length``): a GPU's memory
+      runs out on real input sizes. It updates before a change returns (a fraction of a second);
+    * ``"convergence"``: loss against steps and samples for the current setting and the ``keep`` - 1
+      settings before it. The same architecture trains on ``dataset`` (default: the 8x8 digits) in a
+      background thread, so the controls stay responsive; a newer change cancels an older run;
+    * ``"speed"``: samples per second of the runs measured so far, against the batch size.
+
+    Results are cached: a setting seen before is shown again without computing. Bad input (a value out
+    of range, text that is not a number, a model that does not exist) is clamped or refused with a
+    message under the controls, never raised. ``set(**values)`` applies values as a learner would and
+    returns when every panel shows them; ``state`` is what the panels show.
+    """
+
+    settable = ("batch_size", "lr", "model", "profile", "accumulation_steps")
+
+    def __init__(self, dataset=None, *, model: str = "cnn", batch_size: int = 64, lr: float = 0.05,
+                 profile="GPU 8 GiB (simulated)", accumulation_steps: int = 1, optimizer: str = "sgd",
+                 panels=PANELS, keep: int = 4, image_shape=ex.IMAGE_SHAPE,
+                 sequence_length: int = ex.SEQUENCE_LENGTH):
+        self.dataset = dataset if dataset is not None else digits(train=True)
+        self.panels = self._check_panels(panels)
+        self.optimizer = check_choice("optimizer", optimizer, ("sgd", "adam"))
+        self.keep = check_int("keep", keep, minimum=1)
+        self.image_shape = tuple(image_shape)
+        self.sequence_length = check_int("sequence_length", sequence_length, minimum=1)
+        self.limit = min(ex.MAX_BATCH, len(self.dataset))
+        check_choice("model", model, MODEL_NAMES)
+        check_int("batch_size", batch_size, minimum=1, maximum=self.limit)
+        if not LR_RANGE[0] <= check_float("lr", lr) <= LR_RANGE[1]:
+            raise ValueError(f"lr must be between {LR_RANGE[0]} and {LR_RANGE[1]}, got {lr}")
+        self.profiles = ex.device_profiles()
+        profile_name = self._profile_name(profile)
+        if profile_name is None:
+            raise ValueError(f"profile must be one of {', '.join(map(repr, self.profiles))}, got {profile!r}")
+        if ex.fit_accumulation(batch_size, check_int("accumulation_steps", accumulation_steps, minimum=1))[1]:
+            raise ValueError(f"accumulation_steps must divide batch_size into equal micro-batches, got "
+                             f"{accumulation_steps} for batch {batch_size}")
+        self._build_controls(model, batch_size, lr, profile_name, accumulation_steps)
+        self._batch, self._notes = batch_size, []
+        self._meta, self._largest, self._templates, self._data = {}, {}, {}, {}
+        self._points: collections.OrderedDict = collections.OrderedDict()
+        self._runs: collections.OrderedDict = collections.OrderedDict()
+        self._kept: list = []
+        self._memory = self._memory_key = self._run_shown = self._error = self._submitted = None
+        self._draws = collections.deque(maxlen=100)  # labels of the runs drawn, newest last
+        super().__init__(self._control_dict(), self._layout(), background=True, on_error=self._run_failed)
+        self._changed()
+
+    # -- building ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_panels(panels) -> tuple:
+        panels = (panels,) if isinstance(panels, str) else tuple(panels)
+        if not panels or any(p not in PANELS for p in panels):
+            raise ValueError(f"panels must name some of {', '.join(PANELS)}, got {panels!r}")
+        return panels
+
+    def _build_controls(self, model, batch_size, lr, profile_name, accumulation_steps):
+        wide = {"description_width": "initial"}
+        self.batch_size = widgets.SelectionSlider(
+            options=self._batch_options(batch_size), value=batch_size, description="batch size",
+            continuous_update=False, style=wide, layout=widgets.Layout(width="420px"))
+        self.batch_text = widgets.Text(value=str(batch_size), description="or type", continuous_update=False,
+                                       style=wide, layout=widgets.Layout(width="150px"))
+        self.lr = widgets.FloatLogSlider(value=lr, base=10, min=-3, max=0, step=0.25, description="learning rate",
+                                         continuous_update=False, readout_format=".3g", style=wide)
+        self.model = widgets.Dropdown(options=MODEL_NAMES, value=model, description="model", style=wide,
+                                      layout=widgets.Layout(width="200px"))
+        self.profile = widgets.Dropdown(options=list(self.profiles), value=profile_name, description="device",
+                                        style=wide, layout=widgets.Layout(width="300px"))
+        self.accumulation_steps = widgets.IntText(value=accumulation_steps, description="accumulation steps",
+                                                  style=wide, layout=widgets.Layout(width="190px"))
+        self.message = widgets.HTML()
+        self.memory, self.convergence, self.speed = Panel(), Panel(), Panel()
+
+    def _control_dict(self) -> dict:
+        return {"batch_size": self.batch_size, "batch_text": self.batch_text, "lr": self.lr, "model": self.model,
+                "profile": self.profile, "accumulation_steps": self.accumulation_steps}
+
+    def _layout(self) -> list:
+        trains = "convergence" in self.panels or "speed" in self.panels
+        second = [self.model] + ([self.profile] if "memory" in self.panels else []) + \
+            ([self.lr] if trains else []) + [self.accumulation_steps]
+        rows = [widgets.HBox([self.batch_size, self.batch_text]),
+                widgets.HBox(second, layout=widgets.Layout(flex_flow="row wrap")), self.message]
+        if "memory" in self.panels:
+            rows.append(self.memory.box)
+        shown = [getattr(self, p).box for p in ("convergence", "speed") if p in self.panels]
+        if shown:
+            rows.append(widgets.HBox(shown, layout=widgets.Layout(flex_flow="row wrap")))
+        return rows
+
+    def _batch_options(self, batch_size: int) -> tuple:
+        return tuple(sorted(set(ex.batch_size_options(self.limit)) | {batch_size}))
+
+    def _profile_name(self, value) -> str | None:
+        """The profile a learner means: its name, "cpu", or a GPU size (16, "16 GiB", "16GB")."""
+        from .validation import parse_bytes
+
+        if value in self.profiles:
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("cpu", "this machine", ex.CPU_PROFILE):
+            return ex.CPU_PROFILE
+        try:
+            size = value * ex.GiB if isinstance(value, int) and not isinstance(value, bool) else \
+                parse_bytes("profile", value)
+        except (TypeError, ValueError):
+            return None
+        names = [name for name, p in self.profiles.items()
+                 if p.device == "cuda" and abs(p.capacity - size) < 0.1 * size]
+        return names[0] if names else None
+
+    # -- reacting to a change ---------------------------------------------------------------------
+    def _apply(self, name, value):
+        with self.quietly():
+            self._notes += self._put(name, value)
+
+    def _put(self, name: str, value) -> list:
+        """Put ``value`` into the control ``name`` as if typed there; return what had to be corrected."""
+        if name == "batch_size":
+            self.batch_text.value = str(value)
+            return self._correct("batch_text")
+        if name == "lr":
+            return self._put_lr(value)
+        if name == "model":
+            if value not in MODEL_NAMES:
+                return [f"model {value!r} does not exist; the models are {', '.join(MODEL_NAMES)}."]
+            self.model.value = value
+            return []
+        if name == "profile":
+            found = self._profile_name(value)
+            if found is None:
+                return [f"device {value!r} is not one of the profiles: {', '.join(self.profiles)}."]
+            self.profile.value = found
+            return []
+        try:
+            self.accumulation_steps.value = int(value)
+        except (TypeError, ValueError):
+            return [f"accumulation steps: {value!r} is not a whole number; kept {self.accumulation_steps.value}."]
+        return self._correct("accumulation_steps")
+
+    def _put_lr(self, value) -> list:
+        try:
+            lr = float(value)
+        except (TypeError, ValueError):
+            return [f"learning rate: {value!r} is not a number; kept {self.lr.value:.3g}."]
+        if not lr == lr or lr in (float("inf"), float("-inf")):
+            return [f"learning rate: {value!r} is not a finite number; kept {self.lr.value:.3g}."]
+        used = min(max(lr, LR_RANGE[0]), LR_RANGE[1])
+        self.lr.value = used
+        return [] if used == lr else [f"learning rate {lr:g} is outside {LR_RANGE[0]:g} to {LR_RANGE[1]:g}; "
+                                      f"using {used:g}."]
+
+    def _correct(self, name) -> list:
+        """Bring the controls back in line after ``name`` changed; return the messages that explain how."""
+        notes = []
+        with self.quietly():
+            if name == "batch_size":
+                self._set_batch(self.batch_size.value)
+            elif name == "batch_text":
+                size, note = ex.read_batch_size(self.batch_text.value, self.limit)
+                notes += [note] if note else []
+                self._set_batch(size if size is not None else self._batch)
+            steps = self.accumulation_steps.value
+            if steps < 1:
+                notes.append(f"accumulation steps must be at least 1, got {steps}; using 1.")
+                steps = 1
+            steps, note = ex.fit_accumulation(self._batch, steps)
+            notes += [note] if note else []
+            self.accumulation_steps.value = steps
+        return notes
+
+    def _set_batch(self, size: int) -> None:
+        options = self._batch_options(size)
+        if options != self.batch_size.options:
+            self.batch_size.options = options
+        self.batch_size.value = size
+        self.batch_text.value = str(size)
+        self._batch = size
+
+    def _changed(self, name=None):
+        """A control changed (in the browser or through ``set``): correct it, then update the panels."""
+        notes, self._notes = self._notes, []
+        try:
+            if name is not None:
+                notes += self._correct(name)
+            setting = self._setting()
+            if "memory" in self.panels:
+                self._update_memory(setting)
+            if "convergence" in self.panels or "speed" in self.panels:
+                self._start_run(setting)
+        except Exception as error:  # a control's callback must never raise into the notebook
+            notes.append(f"could not update the explorer: {error}")
+        self.message.value = "".join(f"<div style='color:#C44E52'>⚠ {html.escape(n)}</div>" for n in notes)
+
+    def _setting(self) -> ex.RunSetting:
+        return ex.RunSetting(self.model.value, self._batch, float(self.lr.value), self.accumulation_steps.value,
+                             self.optimizer)
+
+    # -- memory -----------------------------------------------------------------------------------
+    def _meta_model(self, name: str):
+        if name not in self._meta:
+            shape = ex.memory_input_shape(name, self.image_shape, self.sequence_length)
+            self._meta[name] = (ex.meta_model(name, shape), shape)
+        return self._meta[name]
+
+    def _point(self, name: str, profile: ex.Profile, batch_size: int, steps: int = 1) -> ex.MemoryPoint:
+        key = (name, profile.name, batch_size, steps, self.optimizer)
+        if key not in self._points:
+            model, shape = self._meta_model(name)
+            self._points[key] = ex.memory_point(model, shape, batch_size, profile, optimizer=self.optimizer,
+                                                accumulation_steps=steps)
+            if len(self._points) > 256:
+                self._points.popitem(last=False)
+        self._points.move_to_end(key)
+        return self._points[key]
+
+    def _largest_batch(self, name: str, profile: ex.Profile) -> int:
+        key = (name, profile.name, self.optimizer)
+        if key not in self._largest:
+            model, shape = self._meta_model(name)
+            self._largest[key] = ex.largest_batch(model, shape, profile, optimizer=self.optimizer)
+        return self._largest[key]
+
+    def _update_memory(self, s: ex.RunSetting) -> None:
+        profile = self.profiles[self.profile.value]
+        key = (s.model, profile.name, s.batch_size, s.accumulation_steps, self.optimizer)
+        if key == self._memory_key:
+            return
+        point = self._point(s.model, profile, s.batch_size, s.accumulation_steps)
+        largest = self._largest_batch(s.model, profile)
+        micro = _micro(s)
+        bars = {f"batch {s.batch_size}{micro}": point}
+        if largest and largest != s.batch_size // s.accumulation_steps:
+            bars[f"batch {largest}\n(largest that fits)"] = self._point(s.model, profile, largest)
+        title = "out of memory" if not point.fits else "fits"
+        self.memory.draw(ex.plot_memory(bars, title=f"{s.model}, batch {s.batch_size}{micro}: {title}"))
+        self.memory.say(self._memory_text(s, point, largest, profile))
+        self._memory, self._memory_key = (point, largest), key
+
+    def _memory_text(self, s, point, largest, profile) -> str:
+        shape = "x".join(map(str, ex.memory_input_shape(s.model, self.image_shape, self.sequence_length)))
+        what = f"{s.model} on {'sequences of ' + shape + ' tokens' if s.model == 'transformer' else shape + ' images'}"
+        where = (f"the {_size(profile.capacity)} GPU ({_size(profile.reserved)} of it is the CUDA context)"
+                 if profile.device == "cuda" else "this machine's free RAM")
+        need = f"one training step of {what} at batch {s.batch_size} needs {_size(point.peak_bytes)} at its peak"
+        if point.fits:
+            head = f"<b>Fits.</b> {need}; PyTorch can use {_size(profile.budget)} of {where}."
+        elif point.peak_bytes <= profile.budget:
+            head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}, and the caching allocator cannot place "
+                    f"its blocks in the {_size(profile.budget)} that PyTorch can use of {where}: it would reserve "
+                    f"{_size(point.peak_bytes + point.cached_bytes)}.")
+        else:
+            head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}, but PyTorch can use only "
+                    f"{_size(profile.budget)} of {where}.")
+        if not largest:
+            return f"{head} Not even the smallest batch fits this device."
+        tail = f" The largest batch that fits in one step: <b>{largest:,}</b> (estimated, with a 5% margin)."
+        if not point.fits:
+            k = next((k for k in range(2, s.batch_size + 1) if s.batch_size % k == 0 and s.batch_size // k <= largest),
+                     None)
+            if k is not None:
+                tail += (f" To keep the batch of {s.batch_size}, accumulate {k} micro-batches of "
+                         f"{s.batch_size // k} (accumulation steps = {k}).")
+        return head + tail
+
+    # -- convergence and speed --------------------------------------------------------------------
+    def _template(self, name: str):
+        """The training data and initial model of ``name`` (built here, in the kernel's thread: building
+        seeds the model from torch's global random generator, which a background thread must not touch)."""
+        if name not in self._templates:
+            data = ex.training_data(name, self.dataset)
+            self._templates[name] = (data, ex.training_model(name, data))
+        return self._templates[name]
+
+    def _start_run(self, s: ex.RunSetting) -> None:
+        run = self._runs.get(s.key)
+        if run is not None:
+            self._runs.move_to_end(s.key)
+        template = self._template(s.model) if run is None else None
+        self._submitted = s
+        self.jobs.submit(functools.partial(self._converge, s, run, template))
+
+    def _converge(self, s: ex.RunSetting, run, template, job: Job) -> None:
+        if run is None:
+            run = self._train(s, template, job)
+        if run is not None:
+            job.publish(lambda: self._show_run(run))
+
+    def _train(self, s: ex.RunSetting, template, job: Job):
+        """Train ``s`` step by step, drawing now and then; None if a newer change cancelled it."""
+        data, initial = template
+        run = _Run(s, ex.run_length(s.model, s.batch_size, len(data)))
+        losses = ex.training_losses(copy.deepcopy(initial), data, batch_size=s.batch_size, lr=s.lr, steps=run.steps,
+                                    accumulation_steps=s.accumulation_steps, optimizer=s.optimizer, seed=s.seed)
+        start, paused = time.perf_counter(), 0.0
+        drawn = start
+        for loss in losses:
+            if job.cancelled:
+                return None
+            history = run.history
+            history.loss.append(loss)
+            history.samples.append(len(history.loss) * s.batch_size)
+            history.seconds.append(time.perf_counter() - start - paused)
+            if time.perf_counter() - drawn >= DRAW_INTERVAL:
+                before = time.perf_counter()
+                job.publish(lambda: self._show_run(run))
+                drawn = time.perf_counter()
+                paused += drawn - before  # drawing is not training: samples/s leaves it out
+        run.done = True
+        with self.jobs.drawing:
+            self._runs[s.key] = run
+            while len(self._runs) > 64:
+                self._runs.popitem(last=False)
+        return run
+
+    def _show_run(self, run: _Run) -> None:
+        """Draw ``run`` (finished or not) beside the last finished runs; called by the newest job only."""
+        key = run.setting.key
+        if run.done:
+            self._kept = [k for k in self._kept if k != key and k in self._runs] + [key]
+        earlier = [self._runs[k] for k in self._kept if k != key and k in self._runs][-(self.keep - 1):] \
+            if self.keep > 1 else []
+        shown = earlier + [run]
+        if "convergence" in self.panels and run.history.loss:
+            self.convergence.draw(plot_histories([r.history for r in shown], x=("steps", "samples"),
+                                                 title="loss on the digits, trained on this machine's CPU"))
+        self.convergence.say(self._run_text(run))
+        if "speed" in self.panels and run.done:
+            self._show_speed(run)
+        self._run_shown, self._shown_runs, self._error = run, shown, None
+        self._draws.append(run.setting.label)
+
+    def _run_text(self, run: _Run) -> str:
+        h = run.history
+        if not run.done:
+            return f"Training <b>{html.escape(h.label)}</b>: step {len(h.loss)} of {run.steps}…"
+        epochs, max_steps = ex.RUNS[run.setting.model]
+        return (f"<b>{html.escape(h.label)}</b>: {run.steps} steps, {h.samples[-1]:,} samples, final loss "
+                f"{h.loss[-1]:.3f} (a short run: {epochs} epoch{'s' * (epochs > 1)}, at most {max_steps} steps).")
+
+    def _show_speed(self, run: _Run) -> None:
+        s = run.setting
+        points = {r.setting.batch_size: r.history.samples_per_second for r in self._runs.values()
+                  if r.done and r.setting.model == s.model and r.setting.accumulation_steps == s.accumulation_steps}
+        self.speed.draw(ex.plot_speed(points, current=s.batch_size, title=f"{s.model}: speed against batch size"))
+        per_step = 1000 * run.history.seconds[-1] / run.steps
+        self.speed.say(f"<b>{run.history.samples_per_second:,.0f} samples/s</b> at batch {s.batch_size} "
+                       f"({per_step:.1f} ms per step), measured on this machine's CPU.")
+
+    def _run_failed(self, error: Exception) -> None:
+        label = self._submitted.label if self._submitted else "this setting"
+        self._error = f"could not train {label}: {error}"
+        self.convergence.say(f"<b style='color:#C44E52'>Could not train {html.escape(label)}:</b> "
+                             f"{html.escape(str(error))}")
+
+    # -- what is shown ----------------------------------------------------------------------------
+    @property
+    def state(self) -> dict:
+        """What the panels show now: the setting, the memory estimate, the run drawn and its speed."""
+        with self.jobs.drawing:
+            memory, run, error = self._memory, self._run_shown, self._error
+            shown = list(getattr(self, "_shown_runs", []))
+        point, largest = memory if memory is not None else (None, None)
+        history = run.history if run is not None else None
+        profile = self.profiles[self.profile.value]
+        return {
+            "batch_size": self._batch, "lr": self.lr.value, "model": self.model.value,
+            "profile": profile.name, "accumulation_steps": self.accumulation_steps.value,
+            "micro_batch": self._batch // self.accumulation_steps.value,
+            "peak_bytes": point.peak_bytes if point else None,
+            "breakdown": dict(point.breakdown) if point else None,
+            "budget_bytes": profile.budget, "device_bytes": profile.capacity,
+            "fits": point.fits if point else None, "largest_batch": largest,
+            "run": history.label if history else None,
+            "running": bool(run is not None and not run.done),
+            "steps": len(history.loss) if history else 0, "steps_planned": run.steps if run else None,
+            "loss": list(history.loss) if history else [], "samples": list(history.samples) if history else [],
+            "samples_per_second": history.samples_per_second if run is not None and run.done else None,
+            "runs": [r.history.label for r in shown],
+            "error": error,
+            "message": html.unescape(self.message.value.replace("</div>", "\n")).replace(
+                "<div style='color:#C44E52'>⚠ ", "").strip(),
+        }
+
+    def __repr__(self) -> str:
+        return f"BatchSizeExplorer(panels={self.panels!r})"
+
+
+def _micro(s: ex.RunSetting) -> str:
+    k = s.accumulation_steps
+    return f" ({k} x {s.batch_size // k})" if k > 1 else ""
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / ex.GiB:.2f} GiB" if nbytes >= ex.GiB else f"{nbytes / MiB:.0f} MiB"

@@ -1,0 +1,298 @@
+"""The batch-size explorer and the machinery every explorer shares (issue 7).
+
+Widgets are driven as a learner drives them, through ``set`` and their controls' ``.value``, and
+checked through ``state`` and what their panels show. The computations behind them are checked
+as plain functions (batchlab.explorer).
+"""
+
+import gc
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+import batchlab
+from batchlab import datasets
+from batchlab import explorer as ex
+from batchlab.widgets import BatchSizeExplorer, Jobs
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    return datasets.digits(train=False)  # 359 images: short runs
+
+
+@pytest.fixture
+def explorer(small_digits):
+    widget = BatchSizeExplorer(small_digits, model="mlp", batch_size=32, profile="GPU 4 GiB (simulated)")
+    widget.wait()
+    yield widget
+    widget.close()
+
+
+def explorer_threads():
+    return [t for t in threading.enumerate() if t.name == "batchlab-explorer"]
+
+
+# -- the computations (batchlab.explorer) --------------------------------------------------------
+
+def test_batch_sizes_are_a_log_scale_and_typed_values_are_clamped_or_refused():
+    assert ex.batch_size_options(1438) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1438)
+    assert ex.batch_size_options(4096)[-2:] == (2048, 4096)
+    assert ex.read_batch_size(" 256 ", 1438) == (256, "")
+    assert ex.read_batch_size("1,024", 1438) == (1024, "")
+    size, note = ex.read_batch_size("99999", 1438)
+    assert size == 1438 and "using 1438" in note
+    size, note = ex.read_batch_size(0, 1438)
+    assert size == 1 and "using 1" in note
+    size, note = ex.read_batch_size("12.6", 1438)
+    assert size == 13 and "not a whole number" in note
+    for text in ("abc", "", "nan", "inf"):
+        size, note = ex.read_batch_size(text, 1438)
+        assert size is None and repr(text) in note
+
+
+def test_accumulation_steps_are_fitted_to_the_batch():
+    assert ex.fit_accumulation(64, 4) == (4, "")
+    steps, note = ex.fit_accumulation(1438, 4)  # 1438 = 2 x 719
+    assert steps == 2 and "micro-batches of 719" in note
+    assert ex.fit_accumulation(3, 8)[0] == 3  # at most one sample per micro-batch
+    assert ex.fit_accumulation(7, 0)[0] == 1
+
+
+def test_memory_point_agrees_with_the_estimator_and_the_largest_batch():
+    profile = ex.device_profiles()["GPU 4 GiB (simulated)"]
+    assert profile.budget == 4 * 2**30 - batchlab.CUDA_CONSTANTS["cuda_context"][0]
+    shape = ex.memory_input_shape("cnn")
+    model = ex.meta_model("cnn", shape)
+    assert shape == (3, 224, 224) and next(model.parameters()).device.type == "meta"
+    point = ex.memory_point(model, shape, 32, profile)
+    report = batchlab.estimate_memory(model, ex.meta_batch(32, shape), device="cuda")
+    assert point.peak_bytes == report.peak_bytes and point.breakdown == report.breakdown and point.fits
+    largest = ex.largest_batch(model, shape, profile)
+    assert largest == batchlab.max_batch_size(model, lambda n: ex.meta_batch(n, shape), budget=profile.budget)
+    assert ex.memory_point(model, shape, largest, profile).fits
+    too_big = ex.memory_point(model, shape, 2 * largest, profile)
+    assert not too_big.fits
+    with pytest.raises(torch.OutOfMemoryError):  # the simulated GPU agrees
+        batchlab.estimate_memory(model, ex.meta_batch(2 * largest, shape), capacity=profile.budget)
+
+
+def test_accumulation_keeps_every_gradient_alive_in_the_memory_point():
+    profile = ex.device_profiles()["GPU 80 GiB (simulated)"]
+    shape = ex.memory_input_shape("cnn")
+    model = ex.meta_model("cnn", shape)
+    gradients = sum(p.numel() * 4 for p in model.parameters())
+    whole = ex.memory_point(model, shape, 64, profile)
+    split = ex.memory_point(model, shape, 64, profile, accumulation_steps=4)
+    micro = ex.memory_point(model, shape, 16, profile)
+    assert split.breakdown["gradients"] == gradients
+    assert split.breakdown["activations"] == micro.breakdown["activations"] < whole.breakdown["activations"]
+    assert split.peak_bytes == micro.peak_bytes + gradients - micro.breakdown["gradients"]
+
+
+def test_training_losses_are_the_losses_of_batchlab_train(small_digits):
+    for accumulation in (1, 2):
+        model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
+        history = batchlab.train(model, small_digits, batch_size=32, steps=14, lr=0.05,
+                                 accumulation_steps=accumulation, progress=False)
+        model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
+        losses = list(ex.training_losses(model, small_digits, batch_size=32, lr=0.05, steps=14,
+                                         accumulation_steps=accumulation))
+        assert losses == history.loss  # same loop: the same numbers, bit for bit
+
+
+def test_training_runs_touch_no_global_random_state(small_digits):
+    data = ex.training_data("transformer", small_digits)
+    tokens, label = data[0]
+    assert tokens.shape == (8,) and tokens.dtype == torch.long and 0 <= int(tokens.min()) <= int(tokens.max()) < 256
+    model = ex.training_model("transformer", data)
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    before = torch.get_rng_state()
+    first = list(ex.training_losses(model, data, batch_size=32, lr=0.01, steps=3))
+    assert torch.equal(torch.get_rng_state(), before)
+    again = list(ex.training_losses(ex.training_model("transformer", data), data, batch_size=32, lr=0.01, steps=3))
+    assert first == again
+
+
+def test_run_length_is_short_for_every_model():
+    assert ex.run_length("mlp", 64, 1438) == 2 * (1438 // 64)
+    assert ex.run_length("mlp", 1, 1438) == ex.RUNS["mlp"][1]
+    assert ex.run_length("resnet18", 16, 1438) == min(1438 // 16, ex.RUNS["resnet18"][1])
+    assert ex.run_length("cnn", 1438, 1438) == 2
+
+
+# -- the shared machinery ------------------------------------------------------------------------
+
+def test_jobs_run_the_newest_work_only_and_never_two_at_once():
+    jobs, log, started = Jobs(background=True), [], threading.Event()
+    running = []
+
+    def slow(name):
+        def work(job):
+            running.append(name)
+            assert len(running) == 1  # never two computations at once
+            started.set()
+            while not job.cancelled and len(log) < 1000:
+                time.sleep(0.005)
+            running.remove(name)
+            job.publish(lambda: log.append(name))
+        return work
+
+    jobs.submit(slow("old"))
+    started.wait(5)
+    jobs.submit(lambda job: job.publish(lambda: log.append("new")))
+    assert jobs.wait(10) and not jobs.running
+    assert log == ["new"]  # the cancelled job could not draw
+
+
+def test_jobs_show_errors_instead_of_raising():
+    shown = []
+    jobs = Jobs(background=True, on_error=shown.append)
+    jobs.submit(lambda job: 1 / 0)
+    jobs.wait(10)
+    assert len(shown) == 1 and isinstance(shown[0], ZeroDivisionError)
+    inline = Jobs(background=False)
+    with pytest.raises(ZeroDivisionError):  # inline jobs without a handler raise, like a function
+        inline.submit(lambda job: 1 / 0)
+
+
+# -- the explorer --------------------------------------------------------------------------------
+
+def test_explorer_shows_memory_convergence_and_speed(explorer):
+    state = explorer.state
+    assert (state["model"], state["batch_size"], state["profile"]) == ("mlp", 32, "GPU 4 GiB (simulated)")
+    assert state["fits"] and state["peak_bytes"] == sum(state["breakdown"].values())
+    assert {"parameters", "gradients", "optimizer_state", "activations"} <= set(state["breakdown"])
+    assert state["run"] == "mlp, batch 32, lr 0.05" and not state["running"]
+    assert state["steps"] == state["steps_planned"] == 2 * (359 // 32) == len(state["loss"])
+    assert state["samples"] == [32 * (i + 1) for i in range(state["steps"])]
+    assert state["samples_per_second"] > 0 and state["message"] == ""
+    for panel in (explorer.memory, explorer.convergence, explorer.speed):
+        assert bytes(panel.image.value).startswith(b"\x89PNG")
+    assert "Fits." in explorer.memory.text.value and "samples/s" in explorer.speed.text.value
+    assert explorer._repr_mimebundle_()["text/plain"] == "BatchSizeExplorer(panels=('memory', 'convergence', 'speed'))"
+
+
+def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does(small_digits):
+    widget = BatchSizeExplorer(small_digits, model="cnn", batch_size=32, profile="4 GiB", panels="memory")
+    first = (widget.memory.text.value, bytes(widget.memory.image.value))
+    widget.batch_size.value = 256  # the slider, as a learner moves it
+    state = widget.state
+    assert not state["fits"] and 0 < state["largest_batch"] < 256
+    text = widget.memory.text.value
+    assert "Out of memory." in text and f"<b>{state['largest_batch']}</b>" in text
+    assert (widget.memory.text.value, bytes(widget.memory.image.value)) != first
+    assert "accumulate 4 micro-batches of 64" in widget.memory.text.value
+    state = widget.set(accumulation_steps=4)  # the way out that the panel suggests
+    assert state["fits"] and state["micro_batch"] == 64
+    state = widget.set(profile=80, accumulation_steps=1)
+    assert state["fits"] and state["largest_batch"] > 256
+    assert state["loss"] == [] and state["run"] is None and not explorer_threads()  # no convergence panel
+
+
+def test_bad_input_is_clamped_or_refused_with_a_message(explorer):
+    explorer.batch_text.value = "lots"  # typed in the box
+    assert explorer.state["batch_size"] == 32 and "'lots' is not a number" in explorer.state["message"]
+    assert explorer.batch_text.value == "32"
+    explorer.batch_text.value = "100000"
+    state = explorer.state
+    assert state["batch_size"] == 359 and "using 359" in state["message"] and explorer.batch_size.value == 359
+    explorer.batch_text.value = "100"  # a size between two stops of the slider
+    assert explorer.batch_size.value == 100 and explorer.state["message"] == ""
+    state = explorer.set(lr="fast", model="vgg", profile="3 GiB", accumulation_steps="two")
+    assert (state["lr"], state["model"], state["profile"], state["accumulation_steps"]) == \
+        (0.05, "mlp", "GPU 4 GiB (simulated)", 1)
+    for words in ("'fast' is not a number", "'vgg' does not exist", "'3 GiB' is not one of", "'two'"):
+        assert words in state["message"]
+    state = explorer.set(lr=50, accumulation_steps=-3)
+    assert state["lr"] == 1.0 and state["accumulation_steps"] == 1 and "using 1." in state["message"]
+    state = explorer.set(batch_size=90, accumulation_steps=4)
+    assert state["accumulation_steps"] == 3 and "micro-batches of 30" in state["message"]
+    with pytest.raises(ValueError, match="set\\(\\) takes batch_size, lr, model, profile and accumulation_steps"):
+        explorer.set(colour="red")  # a misspelt name is a programming error
+
+
+def test_a_newer_change_cancels_the_older_run_and_only_it_draws(small_digits):
+    widget = BatchSizeExplorer(small_digits, model="resnet18", batch_size=2, panels=("convergence", "speed"))
+    deadline = time.monotonic() + 60
+    while widget.state["steps"] < 2 and time.monotonic() < deadline:  # the resnet18 run has started drawing
+        time.sleep(0.05)
+    assert widget.state["running"]
+    with widget.jobs.drawing:  # no drawing can slip in between the change and the mark
+        widget.model.value = "mlp"  # changing the model while a run is in flight
+        mark = len(widget._draws)
+    for batch_size in (4, 8, 16):  # rapid slider changes
+        widget.batch_size.value = batch_size
+    assert widget.wait(60)
+    state = widget.state
+    assert state["run"] == "mlp, batch 16, lr 0.05" and not state["running"]
+    assert set(list(widget._draws)[mark:]) <= {"mlp, batch 4, lr 0.05", "mlp, batch 8, lr 0.05",
+                                               "mlp, batch 16, lr 0.05"}
+    assert {key[0] for key in widget._runs} == {"mlp"}  # the cancelled resnet18 run was dropped
+    assert not explorer_threads()
+    widget.close()
+
+
+def test_results_already_computed_are_reused(explorer):
+    first = explorer._run_shown
+    explorer.set(batch_size=64)
+    assert explorer._run_shown is not first
+    state = explorer.set(batch_size=32)
+    assert explorer._run_shown is first  # not trained again
+    assert state["runs"] == ["mlp, batch 64, lr 0.05", "mlp, batch 32, lr 0.05"]
+    point = explorer._memory[0]
+    explorer.set(batch_size=64)
+    explorer.set(batch_size=32)
+    assert explorer._memory[0] is point
+
+
+def test_failed_runs_are_shown_not_raised(small_digits):
+    widget = BatchSizeExplorer(small_digits, model="resnet18", batch_size=1, panels="convergence")
+    widget.wait(60)
+    state = widget.state
+    assert state["error"] and "could not train resnet18, batch 1" in state["error"]
+    assert "Could not train" in widget.convergence.text.value
+    widget.close()
+
+
+def test_two_hundred_changes_leave_memory_and_threads_as_they_were(small_digits):
+    widget = BatchSizeExplorer(small_digits, model="mlp", batch_size=32, profile="GPU 4 GiB (simulated)")
+    sizes, lrs = (16, 32, 64, 128, 256), [0.01 * 1.05**i for i in range(60)]
+    controls = [(widget.batch_size, sizes), (widget.lr, lrs), (widget.profile, list(widget.profiles)[:3]),
+                (widget.model, ("mlp", "cnn", "mlp", "cnn_bn"))]
+
+    def change(i):  # one control at a time, as fast as the kernel takes them; a pause now and then
+        control, values = controls[i % len(controls)]
+        control.value = values[i // len(controls) % len(values)]
+        if i % 10 == 9:
+            widget.wait()
+
+    for i in range(40):  # warm up: caches fill, lazy imports and allocator pools settle
+        change(i)
+    widget.wait()
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    for i in range(40, 240):
+        change(i)
+    widget.wait()
+    gc.collect()
+    grown = psutil.Process().memory_info().rss - before
+    assert grown < 50 * 2**20, f"200 changes grew the resident memory by {grown / 2**20:.1f} MiB"
+    assert not explorer_threads() and not widget.jobs.running
+    assert len(widget._runs) <= 64 and len(widget._points) <= 256
+    widget.close()
+
+
+def test_chosen_panels_only(small_digits):
+    widget = BatchSizeExplorer(small_digits, model="mlp", batch_size=16, panels=("convergence", "speed"))
+    state = widget.set(batch_size=64)
+    assert state["peak_bytes"] is None and state["fits"] is None and state["samples_per_second"] > 0
+    assert widget.memory.box not in widget.box.children and widget.profile not in widget.box.children[1].children
+    with pytest.raises(ValueError, match="panels must name some of memory, convergence, speed"):
+        BatchSizeExplorer(small_digits, panels=("loss",))
+    with pytest.raises(ValueError, match="profile must be one of"):
+        BatchSizeExplorer(small_digits, profile="5 GiB")
+    widget.close()
