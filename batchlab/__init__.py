@@ -4,6 +4,14 @@ Each module matches an idea a chapter teaches; the names learners use are re-exp
 """
 
 from . import datasets, exercises, widgets
+from .accumulation import (
+    GhostBatchNorm,
+    GradientComparison,
+    accumulate_weighted,
+    compare_gradients,
+    profile_accumulation,
+    replace_batchnorm,
+)
 from .batching import LoaderStats, iter_batches, loader_sweep, loader_throughput
 from .batchsize import gradient_noise, step_times
 from .budget import BatchSizeSearch, find_batch_size, memory_budget
@@ -21,6 +29,13 @@ from .widgets import BatchSizeExplorer
 __version__ = "0.1.0"
 
 __all__ = [
+    "GhostBatchNorm",
+    "GradientComparison",
+    "accumulate_weighted",
+    "accumulation",
+    "compare_gradients",
+    "profile_accumulation",
+    "replace_batchnorm",
     "BatchSizeExplorer",
     "BatchSizeSearch",
     "CUDA_CONSTANTS",
