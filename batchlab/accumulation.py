@@ -31,8 +31,8 @@ from .memory import MemoryReport, _check_batch, track_memory
 from .training import _accumulate, _optimizer_factory, train
 from .validation import check_choice, check_float, check_int
 
-# Two float32 gradients count as equal when every parameter's difference is at most this fraction of
-# its norm: float32 keeps about 7 significant digits, and summing the same numbers in another order
+# Two float32 gradients count as equal when their difference is at most this fraction of the gradient's
+# norm: float32 keeps about 7 significant digits, and summing the same numbers in another order
 # (micro-batch by micro-batch) changes the last of them.
 RTOL = 1e-5
 BUGS = ("missing loss scaling", "zero_grad in the wrong place", "steps every micro-batch")
@@ -52,9 +52,10 @@ def split_batch(batch, micro_batches) -> list:
     if isinstance(micro_batches, numbers.Integral) and not isinstance(micro_batches, bool):
         k = check_int("micro_batches", micro_batches, minimum=1)
         if n % k:
+            size = -(-n // k)  # micro-batches of ceil(n / k) samples and a shorter last one, as an example
             raise ValueError(f"micro_batches={k} does not divide the batch of {n} samples into equal micro-batches; "
                              f"use one of {[d for d in range(1, n + 1) if n % d == 0]}, or give a list of sizes "
-                             f"(e.g. {[n // k + 1] * (k - 1) + [n - (n // k + 1) * (k - 1)]}) for uneven ones")
+                             f"(e.g. {[size] * (n // size) + ([n % size] if n % size else [])}) for uneven ones")
         sizes = [n // k] * k
     elif isinstance(micro_batches, (list, tuple)) and micro_batches:
         sizes = [check_int(f"micro_batches[{i}]", s, minimum=1) for i, s in enumerate(micro_batches)]
@@ -113,8 +114,8 @@ def _scalar_loss(loss_fn, outputs, targets) -> torch.Tensor:
 
 def _undo_on_error(model: nn.Module, fn):
     """Run ``fn()``; if it fails, put the gradients and buffers back as they were (nothing half-accumulated)."""
-    # Gradients that already exist are copied (a reference would stop backward from adding to them in
-    # place); the usual case after zero_grad(set_to_none=True) is no gradient at all, and costs nothing.
+    # Gradients that already exist are copied, since backward adds into them in place; the usual case
+    # after zero_grad(set_to_none=True) is no gradient at all, which costs nothing to remember.
     grads = {p: (p.grad.clone() if p.grad is not None else None) for p in model.parameters()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics move in forward
     try:
@@ -291,12 +292,14 @@ def batchnorm_statistics(model: nn.Module, batch, micro_batches=4, *, layer: str
     (one row per micro-batch), ``mean_shift`` (how far the micro-batches' means are from the full
     batch's, on average, in units of the full batch's std) and ``output_difference`` (the mean absolute
     difference of the layer's outputs for the same samples; the outputs have std about 1). ``layer``
-    names the layer (default: the first BatchNorm). Runs on a copy: ``model`` is not changed.
+    names the layer (default: the first BatchNorm). The BatchNorm inside a :class:`GhostBatchNorm` is
+    left out: what it sees is fixed by its virtual batch. Runs on a copy: ``model`` is not changed.
     """
     _check_training_model(model)
     parts = split_batch(batch, micro_batches)
     work = _fresh_copy(model)
-    norms = {name: m for name, m in work.named_modules() if isinstance(m, BATCHNORMS)}
+    ghosts = {id(m.bn) for m in work.modules() if isinstance(m, GhostBatchNorm)}
+    norms = {name: m for name, m in work.named_modules() if isinstance(m, BATCHNORMS) and id(m) not in ghosts}
     if not norms:
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer: nothing depends on the batch's statistics")
     name = layer if layer is not None else next(iter(norms))

@@ -128,7 +128,8 @@ def test_bad_micro_batches_are_refused_with_what_would_work(digits):
         accumulation.split_batch(batch, [20, 20, 10, 0])
     with pytest.raises(ValueError, match=r"must add up to the batch \(50 samples\), got \[20, 20\] \(sum 40\)"):
         accumulation.split_batch(batch, [20, 20])
-    with pytest.raises(ValueError, match=r"micro_batches=4 does not divide the batch of 50.*use one of \[1, 2, 5"):
+    with pytest.raises(ValueError, match=r"micro_batches=4 does not divide the batch of 50.*use one of \[1, 2, 5.*"
+                                         r"e\.g\. \[13, 13, 13, 11\]"):
         accumulation.split_batch(batch, 4)
     with pytest.raises(ValueError, match="micro_batches must be a positive int, got 0"):
         accumulation.split_batch(batch, 0)
@@ -191,6 +192,8 @@ def test_batchnorm_breaks_the_equivalence_because_it_sees_only_the_micro_batch(d
     assert one["mean_shift"] == 0 and one["output_difference"] == 0
     with pytest.raises(ValueError, match="has no BatchNorm layer"):
         accumulation.batchnorm_statistics(mlp(), batch, 4)
+    with pytest.raises(ValueError, match="has no BatchNorm layer"):  # ghost BatchNorm's statistics are fixed
+        accumulation.batchnorm_statistics(batchlab.replace_batchnorm(cnn_bn(), "ghost"), batch, 4)
 
 
 @pytest.mark.parametrize("norm", ["ghost", "group", "layer", "none"])
