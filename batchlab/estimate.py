@@ -248,10 +248,12 @@ def _make_optimizer(optimizer, params, device: str):
     return _optimizer_factory(optimizer, 0.01)(params)
 
 
-def _meta_step(model, inputs, targets, opt, loss_fn) -> None:
-    loss = loss_fn(model(inputs), targets)
-    loss.backward()
-    del loss
+def _meta_step(model, inputs, targets, opt, loss_fn, accumulation_steps: int = 1) -> None:
+    # The step of batchlab.train: micro-batches weighted by their share, one optimizer step.
+    for micro_inputs, micro_targets in zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)):
+        loss = loss_fn(model(micro_inputs), micro_targets) * (len(micro_targets) / len(targets))
+        loss.backward()
+        del loss
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -272,7 +274,7 @@ def _explain_meta_failures():
 
 
 def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device: str = "cuda",
-                    capacity=None) -> MemoryReport:
+                    capacity=None, accumulation_steps: int = 1) -> MemoryReport:
     """The peak memory of one training step of ``model`` on ``batch`` = (inputs, targets) on ``device``.
 
     The step is forward, loss (default cross-entropy), backward, ``optimizer.step()`` and
@@ -285,10 +287,12 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
     of :data:`CUDA_CONSTANTS`; ``breakdown`` adds ``workspaces`` and ``allocator rounding`` to the
     tensor categories. ``device="cpu"`` predicts the tensor bytes a CPU step holds at its peak.
     ``capacity`` (bytes or a string like ``"4GiB"``) makes the simulated GPU that small: a step that
-    does not fit raises ``torch.OutOfMemoryError``, as on a real GPU.
+    does not fit raises ``torch.OutOfMemoryError``, as on a real GPU. ``accumulation_steps`` splits the
+    batch into that many micro-batches whose gradients are accumulated, as ``batchlab.train`` does.
     """
     inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device)
     capacity = parse_bytes("capacity", capacity) if capacity is not None else None
+    check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=len(inputs))
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     work = _meta_copy(model).train()
     inputs, targets = inputs.to("meta"), targets.to("meta")
@@ -297,12 +301,12 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
     tracking = _tracking(work, opt, record=True, observer=replay)
     with _explain_meta_failures(), _attention_kernels(device), tracking as tracker:
         tracker.adopt([inputs, targets], "inputs")
-        _meta_step(work, inputs, targets, opt, loss_fn)  # warm-up: optimizer state, cached blocks
+        _meta_step(work, inputs, targets, opt, loss_fn, accumulation_steps)  # warm-up: state, cached blocks
         tracker.begin_measurement()
         if replay is not None:
             replay.tracker, replay.measuring = tracker, True
             replay.allocator.reset_peaks()
-        _meta_step(work, inputs, targets, opt, loss_fn)
+        _meta_step(work, inputs, targets, opt, loss_fn, accumulation_steps)
     report = tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
                                   f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}, "
                                   f"estimated for {device}")

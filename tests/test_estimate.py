@@ -136,3 +136,14 @@ def test_a_model_the_meta_device_cannot_run_is_named():
 
     with pytest.raises(NotImplementedError, match="meta device.*profile_step"):
         estimate_memory(NeedsData(), (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)))
+
+
+def test_accumulation_lowers_the_estimated_peak_as_measured_on_the_cpu():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    batch = meta_batch(256, (1, 28, 28))
+    whole, split = (estimate_memory(model, batch, device="cpu", accumulation_steps=k) for k in (1, 4))
+    assert split.breakdown["activations"] < whole.breakdown["activations"] / 3.5
+    gpu = [estimate_memory(model, batch, accumulation_steps=k).peak_bytes for k in (1, 4, 16)]
+    assert gpu[0] > gpu[1] > gpu[2]
+    with pytest.raises(ValueError, match="accumulation_steps must be at most 256, got 512"):
+        estimate_memory(model, batch, accumulation_steps=512)
