@@ -22,13 +22,15 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import traceback
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .allocator import CachingAllocator, MiB
-from .memory import CATEGORIES, MemoryReport, _check_batch, _tracking
+from .memory import CATEGORIES, MemoryReport, _check_batch, _tracking, profile_step
 from .training import _optimizer_factory
 from .validation import check_choice, check_int, parse_bytes
 
@@ -260,15 +262,19 @@ def _meta_step(model, inputs, targets, opt, loss_fn, accumulation_steps: int = 1
 
 @contextmanager
 def _explain_meta_failures():
-    """Turn an operation that the meta device cannot run into an error that names it."""
+    """Turn an operation that the meta device cannot run into an error that says where it is."""
     try:
         yield
     except (NotImplementedError, RuntimeError) as error:
         if "meta" not in str(error).lower():
             raise
+        frames = [f for f in traceback.extract_tb(error.__traceback__)
+                  if "/torch/" not in f.filename and "/batchlab/" not in f.filename]
+        last = frames[-1] if frames else None
+        where = f" (in {last.name}, {last.filename}:{last.lineno}: {last.line})" if last else ""
         raise NotImplementedError(
-            f"estimate_memory runs the step on PyTorch's meta device, and one operation of this model has no "
-            f"meta implementation: {str(error).splitlines()[0]}. Measure it instead with "
+            f"estimate_memory runs the step on PyTorch's meta device, where tensors have no values, and this "
+            f"model needs one{where}: {str(error).splitlines()[0]}. Measure the step instead with "
             f"batchlab.profile_step(model, batch) on a real device."
         ) from error
 
@@ -293,6 +299,17 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
     inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device)
     capacity = parse_bytes("capacity", capacity) if capacity is not None else None
     check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=len(inputs))
+    try:
+        return _estimate(model, inputs, targets, optimizer, loss_fn, device, capacity, accumulation_steps)
+    except NotImplementedError as error:
+        if device != "cpu" or accumulation_steps != 1 or inputs.device.type == "meta":
+            raise
+        # A CPU estimate can fall back on measuring: the batch is real, so run the real step.
+        warnings.warn(f"{error} Measuring the step on the CPU instead.", stacklevel=2)
+        return profile_step(model, (inputs, targets), optimizer=optimizer, loss_fn=loss_fn, device="cpu")
+
+
+def _estimate(model, inputs, targets, optimizer, loss_fn, device, capacity, accumulation_steps) -> MemoryReport:
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     work = _meta_copy(model).train()
     inputs, targets = inputs.to("meta"), targets.to("meta")

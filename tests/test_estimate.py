@@ -125,17 +125,25 @@ def test_max_batch_size_refuses_bad_input(kwargs, error, match):
         max_batch_size(batchlab.build_model("mlp", in_shape=(1, 28, 28)), **kwargs)
 
 
+class NeedsData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.linear(x) * float(x.sum())  # reads a value: impossible without data
+
+
 def test_a_model_the_meta_device_cannot_run_is_named():
-    class NeedsData(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.linear(x) * float(x.sum())  # reads a value: impossible without data
-
-    with pytest.raises(NotImplementedError, match="meta device.*profile_step"):
+    with pytest.raises(NotImplementedError, match=r"meta device.*in forward, .*test_estimate.py:\d+.*profile_step"):
         estimate_memory(NeedsData(), (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)))
+
+
+def test_a_cpu_estimate_falls_back_to_measuring():
+    model, batch = NeedsData(), (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.warns(UserWarning, match="Measuring the step on the CPU instead"):
+        report = estimate_memory(model, batch, device="cpu")
+    assert report.peak_bytes == batchlab.profile_step(model, batch).peak_bytes
 
 
 def test_accumulation_lowers_the_estimated_peak_as_measured_on_the_cpu():
