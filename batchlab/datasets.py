@@ -10,6 +10,8 @@ Nothing here downloads anything:
   on every run and in every worker process.
 * :func:`write_image_folder` - writes a data set as PNG files that ``torchvision.datasets.ImageFolder``
   reads, so a chapter can load real files from disk.
+* :class:`Countdown` - the smallest useful ``IterableDataset`` (a stream), which chapter 2 runs with
+  two worker processes to show why each worker must take its own share of a stream.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .validation import check_int
 
@@ -113,6 +115,31 @@ def shapes(n: int, image_size: int = 32, channels: int = 3, seed: int = 0, trans
         raise ValueError(f"channels must be 1 (grey) or 3 (colour), got {channels}")
     check_int("seed", seed, minimum=0, maximum=2**31 - 1)
     return Shapes(n, image_size, channels, seed, transform)
+
+
+class Countdown(IterableDataset):
+    """A stream of the ints ``start - 1, start - 2, ..., 0`` (chapter 2's ``IterableDataset``).
+
+    An ``IterableDataset`` has no length and no index, only ``__iter__``. With ``num_workers > 0`` a
+    ``DataLoader`` runs ``__iter__`` once in *every* worker process, so a stream that ignores this
+    yields each item once per worker. With ``split_between_workers=True`` (the default) worker ``k``
+    of ``n`` takes every ``n``-th item starting at the ``k``-th, so together the workers yield each
+    item once; ``False`` shows the duplicates.
+
+    It lives in a module, not in the notebook, because on macOS and Windows worker processes are
+    *spawned* and must import the data set's class by name (chapter 3).
+    """
+
+    def __init__(self, start: int, split_between_workers: bool = True):
+        self.start = check_int("start", start, minimum=0)
+        if not isinstance(split_between_workers, bool):
+            raise TypeError(f"split_between_workers must be True or False, got {split_between_workers!r}")
+        self.split = split_between_workers
+
+    def __iter__(self):
+        info = get_worker_info()  # None in the main process, else this worker's id and the number of workers
+        first, step = (info.id, info.num_workers) if (info is not None and self.split) else (0, 1)
+        return iter(range(self.start - 1 - first, -1, -step))
 
 
 def draw_shape(label: int, size: int, channels: int, rng: np.random.Generator) -> torch.Tensor:

@@ -83,3 +83,22 @@ def test_write_image_folder_rejects_empty_and_wrong_items(tmp_path):
     bad = torch.utils.data.TensorDataset(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"item 0: image must be a \(1 or 3, H, W\) tensor, got \(5,\)"):
         datasets.write_image_folder(bad, tmp_path)
+
+
+def test_countdown_streams_every_item_once_per_loader():
+    assert list(datasets.Countdown(4)) == [3, 2, 1, 0]  # in the main process: the whole stream
+    assert list(datasets.Countdown(0)) == []
+
+
+@pytest.mark.parametrize("split, expected", [(True, [0, 1, 2, 3, 4, 5]), (False, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])])
+def test_countdown_with_two_workers_splits_or_duplicates(split, expected):
+    loader = torch.utils.data.DataLoader(datasets.Countdown(6, split_between_workers=split), batch_size=3,
+                                         num_workers=2)
+    assert sorted(int(x) for batch in loader for x in batch) == expected
+
+
+def test_countdown_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="start must be an int >= 0, got -1"):
+        datasets.Countdown(-1)
+    with pytest.raises(TypeError, match="split_between_workers must be True or False"):
+        datasets.Countdown(3, split_between_workers="yes")
