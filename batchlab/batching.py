@@ -10,7 +10,9 @@
   decoded and augmented by a ``torchvision.transforms.v2`` pipeline in every ``__getitem__``.
 * The pitfalls of workers: :class:`SharedGeneratorDataset` and :func:`seed_worker` (random numbers),
   :class:`LookupTable` and :func:`worker_memory` (copy-on-access of Python objects).
-* The exercise: :func:`token_sequences` and :func:`check_padding_collate` (a padding ``collate_fn``).
+* The exercises: :func:`token_sequences` and :func:`check_padding_collate` (a padding ``collate_fn``),
+  :func:`check_best_num_workers` (reading your own measurements) and :func:`check_persistent_prediction`
+  (what persistent workers do to a generator the data set owns).
 
 Every data set and function here lives in an importable module, so ``DataLoader`` workers can find
 them on platforms that *spawn* workers (macOS, Windows) as well as where they fork (Linux).
@@ -792,3 +794,95 @@ def _padding_problem(collate_fn, samples) -> str | None:
         if int(labels[row]) != label:
             return f"labels[{row}] should be sample {row}'s label {label}, got {int(labels[row])}"
     return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exercises 2 and 3: reading measurements, predicting what persistent workers do
+
+
+def check_best_num_workers(answer, measured, *, batch_size: int = 64) -> None:
+    """Check exercise 2 of chapter 3: the ``num_workers`` that delivered the most samples/s at ``batch_size``.
+
+    ``measured`` is what *you* measured: a :class:`LoaderSweep`, or the explorer's ``state["measured"]``
+    (a dict from ``(batch_size, num_workers)`` to samples per second). It must hold every ``num_workers``
+    from 0 to one more than the usable cores at ``batch_size``, so that the settings beyond the cores
+    are compared too. The right answer is the fastest setting in those measurements, not a number
+    fixed in advance: on a busy machine it changes from run to run. ``None`` prints the task.
+    """
+    if answer is None:
+        print(f"Your turn: measure num_workers from 0 to one more than your usable cores at batch size {batch_size}, "
+              "then give the num_workers that delivered the most samples per second.")
+        return
+    rates = _rates_at(measured, batch_size)
+    cores = usable_cores()
+    missing = [n for n in range(cores + 2) if n not in rates]
+    assert not missing, (
+        f"measure num_workers={', '.join(map(str, missing))} at batch size {batch_size} first: this machine "
+        f"has {cores} usable cores, so compare 0 to {cores + 1} workers (move the explorer's sliders, or run "
+        f"loader_sweep(images, num_workers=range({cores + 2}), batch_size={batch_size}))")
+    assert isinstance(answer, int) and not isinstance(answer, bool), (
+        f"the answer should be a number of workers (an int), got {answer!r}")
+    best = max(rates, key=rates.get)
+    assert answer == best, (
+        f"num_workers={answer} is not the fastest in your measurements at batch size {batch_size}: "
+        "compare the samples per second of every setting")
+    print(f"Correct: num_workers={best} delivered {rates[best]:,.0f} samples/s, "
+          f"{rates[best] / rates[0]:.2f}x num_workers=0; this machine has {cores} usable cores.")
+    if best > cores:
+        print("More workers than cores came out on top: they cannot add CPU, so the settings from "
+              f"{cores} workers up differ by noise. Measure again with more repeats to see it.")
+    elif best == 0:
+        print("No workers came out on top: the cores were busy with other work, so the workers had no "
+              "spare CPU and only added their costs. Measure again when the machine is idle.")
+
+
+def _rates_at(measured, batch_size: int) -> dict:
+    """``{num_workers: samples/s}`` at ``batch_size`` from a :class:`LoaderSweep` or a ``state["measured"]`` dict."""
+    if isinstance(measured, LoaderSweep):
+        pairs = {(s.batch_size, s.num_workers): s.samples_per_second for s in measured.stats}
+    elif isinstance(measured, dict):
+        pairs = measured
+    else:
+        raise TypeError("measured must be a LoaderSweep or the explorer's state['measured'] (a dict from "
+                        f"(batch_size, num_workers) to samples/s), got {type(measured).__name__}")
+    return {workers: rate for (size, workers), rate in pairs.items() if size == batch_size}
+
+
+def persistent_worker_numbers(epochs: int = 2) -> list:
+    """The numbers a :class:`SharedGeneratorDataset` of 8 items gives with 2 *persistent* workers.
+
+    No ``worker_init_fn``, batches of 2: one list of 4 batches per epoch, each batch the 2 numbers
+    drawn for it (batches 0 and 2 come from worker 0, batches 1 and 3 from worker 1).
+    """
+    loader = DataLoader(SharedGeneratorDataset(8), batch_size=2, num_workers=2, persistent_workers=True,
+                        generator=torch.Generator().manual_seed(0))
+    # The persistent workers stop when the loader, which holds their iterator, is freed on return.
+    return [[[round(r, 3) for r in batch[1].tolist()] for batch in loader] for _ in range(epochs)]
+
+
+def check_persistent_prediction(epoch_2_repeats_epoch_1, workers_draw_the_same) -> None:
+    """Check exercise 3 of chapter 3: two predictions (True or False) about ``persistent_workers=True``.
+
+    Without a ``worker_init_fn``, with 2 persistent workers, does epoch 2 of a
+    :class:`SharedGeneratorDataset` repeat epoch 1's numbers, and do the two workers still draw the
+    same numbers as each other? The check runs it (:func:`persistent_worker_numbers`) and compares.
+    ``None`` prints the task.
+    """
+    if epoch_2_repeats_epoch_1 is None or workers_draw_the_same is None:
+        print("Your turn: predict, True or False, whether epoch 2 repeats epoch 1 and whether the two workers "
+              "draw the same numbers, with persistent_workers=True and no worker_init_fn.")
+        return
+    for name, value in (("epoch_2_repeats_epoch_1", epoch_2_repeats_epoch_1),
+                        ("workers_draw_the_same", workers_draw_the_same)):
+        assert isinstance(value, bool), f"{name} should be True or False, got {value!r}"
+    first, second = persistent_worker_numbers(epochs=2)
+    repeats = first == second
+    same = all(epoch[0] == epoch[1] and epoch[2] == epoch[3] for epoch in (first, second))
+    hint = ("run numbers_per_epoch with persistent_workers=True added to its DataLoader and compare the "
+            "batches; remember which copy of the data set each worker uses")
+    assert epoch_2_repeats_epoch_1 == repeats, f"not what happens for epoch 2 against epoch 1: {hint}"
+    assert workers_draw_the_same == same, f"not what happens for the two workers: {hint}"
+    print(f"Correct. epoch 1: {first}\n         epoch 2: {second}")
+    print("Persistent workers keep their copy of the data set, generator included, from one epoch to the "
+          "next, so each copy moves on" + (" - but both copies started in the same state, so the workers "
+          "still agree with each other: only a worker_init_fn gives each its own generator." if same else "."))

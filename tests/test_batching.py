@@ -568,3 +568,52 @@ def test_loader_widget_batch_sizes_fit_the_dataset(small_images):
     assert widget.batch_size.options == (8, 16)
     with pytest.raises(ValueError, match="too few"):
         LoaderWidget(datasets.shapes(10, image_size=16), batches=2)
+
+
+# --- exercises 2 and 3 ------------------------------------------------------------------------------------
+
+
+def test_check_best_num_workers_reads_the_learners_measurements(capsys, monkeypatch):
+    monkeypatch.setattr(batching, "usable_cores", lambda: 2)
+    measured = {(64, 0): 400.0, (64, 1): 380.0, (64, 2): 700.0, (64, 3): 650.0, (32, 3): 9999.0}
+    batching.check_best_num_workers(None, measured)
+    assert capsys.readouterr().out.startswith("Your turn: measure num_workers from 0 to one more than your usable")
+    batching.check_best_num_workers(2, measured)
+    assert capsys.readouterr().out.startswith("Correct: num_workers=2 delivered 700 samples/s, 1.75x")
+    with pytest.raises(AssertionError, match="num_workers=3 is not the fastest"):
+        batching.check_best_num_workers(3, measured)  # the faster (32, 3) is another batch size
+    with pytest.raises(AssertionError, match="measure num_workers=3 at batch size 64 first"):
+        batching.check_best_num_workers(2, {k: v for k, v in measured.items() if k != (64, 3)})
+    with pytest.raises(AssertionError, match="an int"):
+        batching.check_best_num_workers("2", measured)
+    with pytest.raises(TypeError, match="measured must be a LoaderSweep"):
+        batching.check_best_num_workers(2, [700.0])
+
+
+def test_check_best_num_workers_takes_a_sweep_and_explains_a_surprise(capsys, monkeypatch):
+    monkeypatch.setattr(batching, "usable_cores", lambda: 1)
+    stats = [batching.LoaderStats("DataLoader", 64, n, runs_samples_per_second=(rate,))
+             for n, rate in ((0, 500.0), (1, 450.0), (2, 460.0))]
+    batching.check_best_num_workers(0, batching.LoaderSweep(stats, 1))
+    assert "No workers came out on top" in capsys.readouterr().out
+
+
+def test_persistent_workers_keep_moving_but_still_agree():
+    before = {p.pid for p in children()}
+    first, second = batching.persistent_worker_numbers(epochs=2)
+    assert first[0] == first[1] and second[0] == second[1]  # the two workers' copies start alike
+    assert first != second  # each copy's generator moves on into epoch 2
+    assert started_since(before) == []  # the persistent workers stopped with their loader
+
+
+def test_check_persistent_prediction(capsys):
+    batching.check_persistent_prediction(None, None)
+    assert capsys.readouterr().out.startswith("Your turn:")
+    batching.check_persistent_prediction(False, True)
+    assert capsys.readouterr().out.startswith("Correct.")
+    with pytest.raises(AssertionError, match="epoch 2 against epoch 1"):
+        batching.check_persistent_prediction(True, True)  # the answer without persistent workers
+    with pytest.raises(AssertionError, match="the two workers"):
+        batching.check_persistent_prediction(False, False)
+    with pytest.raises(AssertionError, match="True or False"):
+        batching.check_persistent_prediction("no", True)
