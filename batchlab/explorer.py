@@ -139,7 +139,7 @@ def meta_batch(n: int, input_shape: tuple):
 class MemoryPoint:
     """One step's estimated peak on a profile: ``breakdown`` by category, and whether it ``fits``."""
 
-    batch_size: int  # samples in one forward/backward (the micro-batch when accumulating)
+    batch_size: int  # samples per optimizer step (split into micro-batches when accumulating)
     peak_bytes: int
     breakdown: dict
     profile: Profile
@@ -156,36 +156,30 @@ def memory_point(model: nn.Module, input_shape: tuple, batch_size: int, profile:
                  optimizer="sgd", accumulation_steps: int = 1) -> MemoryPoint:
     """The estimated peak of one training step of ``model`` on ``batch_size`` samples on ``profile``.
 
-    With ``accumulation_steps`` > 1 the step runs on micro-batches of ``batch_size // accumulation_steps``
-    and every parameter's gradient stays alive from one micro-batch to the next, so the peak counts all
-    of them. It ``fits`` when the simulated device never needs more than its budget.
+    With ``accumulation_steps`` > 1 the step runs as that many micro-batches whose gradients are
+    accumulated, as :func:`batchlab.train` does (:func:`batchlab.estimate_memory` models it). It
+    ``fits`` when the simulated device never needs more than its budget.
     """
-    micro = batch_size // accumulation_steps
-    report = estimate_memory(model, meta_batch(micro, input_shape), optimizer=optimizer, device=profile.device)
-    breakdown = dict(report.breakdown)
-    peak = report.peak_bytes
-    if accumulation_steps > 1:
-        all_gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        extra = max(0, all_gradients - breakdown.get("gradients", 0))
-        breakdown["gradients"] = breakdown.get("gradients", 0) + extra
-        peak += extra
-    fits = _fits(model, input_shape, micro, profile, optimizer, report, peak)
-    reserved = (report.reserved_bytes or report.peak_bytes) + peak - report.peak_bytes
+    batch = meta_batch(batch_size, input_shape)
+    report = estimate_memory(model, batch, optimizer=optimizer, device=profile.device,
+                             accumulation_steps=accumulation_steps)
+    fits = _fits(model, batch, profile, optimizer, accumulation_steps, report)
+    reserved = report.reserved_bytes or report.peak_bytes
     # Short of memory, the allocator releases its unused cache before it gives up, so a step that
     # fits never holds more than the budget.
-    cached = max(0, (reserved if not fits else min(reserved, profile.budget)) - peak)
-    return MemoryPoint(batch_size, peak, breakdown, profile, fits, cached)
+    cached = max(0, (reserved if not fits else min(reserved, profile.budget)) - report.peak_bytes)
+    return MemoryPoint(batch_size, report.peak_bytes, dict(report.breakdown), profile, fits, cached)
 
 
-def _fits(model, input_shape, micro, profile, optimizer, report, peak) -> bool:
+def _fits(model, batch, profile, optimizer, accumulation_steps, report) -> bool:
     """Sure answers from one estimate; in between (cache over the budget), ask the simulated allocator."""
-    if peak > profile.budget:
+    if report.peak_bytes > profile.budget:
         return False
-    if profile.device == "cpu" or (report.reserved_bytes or 0) + peak - report.peak_bytes <= profile.budget:
+    if profile.device == "cpu" or (report.reserved_bytes or 0) <= profile.budget:
         return True
     try:
-        estimate_memory(model, meta_batch(micro, input_shape), optimizer=optimizer, device="cuda",
-                        capacity=profile.budget)
+        estimate_memory(model, batch, optimizer=optimizer, device="cuda", capacity=profile.budget,
+                        accumulation_steps=accumulation_steps)
     except torch.OutOfMemoryError:
         return False
     return True
@@ -200,6 +194,15 @@ def largest_batch(model: nn.Module, input_shape: tuple, profile: Profile, *, opt
         if "does not fit" not in str(error):
             raise
         return 0
+
+
+def largest_batch_for(model_name: str, profile_name: str, *, optimizer="sgd") -> int:
+    """:func:`largest_batch` for a course model on a profile of :func:`device_profiles`, by name, as the
+    explorer's memory panel shows it (the checks of chapter 0's exercise use it)."""
+    profiles = device_profiles()
+    check_choice("profile_name", profile_name, tuple(profiles))
+    shape = memory_input_shape(model_name)
+    return largest_batch(meta_model(model_name, shape), shape, profiles[profile_name], optimizer=optimizer)
 
 
 def plot_memory(points: dict, *, title: str = "") -> Figure:

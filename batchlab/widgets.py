@@ -16,12 +16,14 @@ widget only wires controls to it and draws. Every explorer is built from the sam
 
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
 import functools
 import html
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 
 import ipywidgets as widgets
@@ -92,6 +94,7 @@ class Jobs:
         self._lock = threading.Lock()
         self.latest: Job | None = None
         self._thread: threading.Thread | None = None
+        _all_jobs.add(self)
 
     def submit(self, work) -> Job:
         """Cancel the running job and start ``work(job)``."""
@@ -134,6 +137,18 @@ class Jobs:
         with self._lock:
             if self.latest is not None:
                 self.latest.cancel()
+
+
+_all_jobs: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_jobs() -> None:
+    """When the kernel shuts down, stop the runs in flight rather than kill them in the middle of an op."""
+    for jobs in list(_all_jobs):
+        jobs.cancel()
+    for jobs in list(_all_jobs):
+        jobs.wait(timeout=5)
 
 
 class Panel:
@@ -452,7 +467,8 @@ class BatchSizeExplorer(Explorer):
     Results are cached: a setting seen before is shown again without computing. Bad input (a value out
     of range, text that is not a number, a model that does not exist) is clamped or refused with a
     message under the controls, never raised. ``set(**values)`` applies values as a learner would and
-    returns when every panel shows them; ``state`` is what the panels show.
+    returns when every panel shows them; ``state`` is what the panels show. The explorer itself is
+    returned once its first panels are drawn.
     """
 
     settable = ("batch_size", "lr", "model", "profile", "accumulation_steps")
@@ -487,8 +503,10 @@ class BatchSizeExplorer(Explorer):
         self._kept: list = []
         self._memory = self._memory_key = self._run_shown = self._error = self._submitted = None
         self._draws = collections.deque(maxlen=100)  # labels of the runs drawn, newest last
+        self._lock = threading.RLock()  # the caches, shared with the background thread
         super().__init__(self._control_dict(), self._layout(), background=True, on_error=self._run_failed)
         self._changed()
+        self.wait()  # the first panels are complete when the explorer appears; later changes run in the background
 
     # -- building ---------------------------------------------------------------------------------
     @staticmethod
@@ -628,10 +646,11 @@ class BatchSizeExplorer(Explorer):
             if name is not None:
                 notes += self._correct(name)
             setting = self._setting()
+            self.jobs.cancel()  # what an older job would still draw is out of date now
             if "memory" in self.panels:
-                self._update_memory(setting)
-            if "convergence" in self.panels or "speed" in self.panels:
-                self._start_run(setting)
+                with self.jobs.drawing:
+                    self._update_memory(setting)
+            self._start_background(setting)
         except Exception as error:  # a control's callback must never raise into the notebook
             notes.append(f"could not update the explorer: {error}")
         self.message.value = "".join(f"<div style='color:#C44E52'>⚠ {html.escape(n)}</div>" for n in notes)
@@ -640,25 +659,61 @@ class BatchSizeExplorer(Explorer):
         return ex.RunSetting(self.model.value, self._batch, float(self.lr.value), self.accumulation_steps.value,
                              self.optimizer)
 
+    def _start_background(self, s: ex.RunSetting) -> None:
+        """Start the slow part of a change in the background: the convergence run (unless cached), then
+        the search for the largest batch that fits (unless cached)."""
+        trains = "convergence" in self.panels or "speed" in self.panels
+        profile = self.profiles[self.profile.value]
+        searches = "memory" in self.panels and self._largest.get((s.model, profile.name, self.optimizer)) is None
+        if not trains and not searches:
+            self.jobs.cancel()  # nothing to do; an older job must not draw over this setting
+            return
+        with self._lock:
+            run = self._runs.get(s.key) if trains else None
+            if run is not None:
+                self._runs.move_to_end(s.key)
+        template = self._template(s.model) if trains and run is None else None
+        self._submitted = s
+        self.jobs.submit(functools.partial(self._background, s, profile, trains, run, template))
+
+    def _background(self, s: ex.RunSetting, profile: ex.Profile, trains: bool, run, template, job: Job) -> None:
+        if trains:
+            run = run if run is not None else self._train(s, template, job)
+            if run is None:
+                return  # cancelled by a newer change
+            job.publish(lambda: self._show_run(run))
+        if "memory" in self.panels and not job.cancelled:
+            largest = self._largest_batch(s.model, profile)
+            point = self._point(s.model, profile, s.batch_size, s.accumulation_steps)
+            if largest:
+                self._point(s.model, profile, largest)  # the bar beside it
+            job.publish(lambda: self._draw_memory(s, profile, point, largest))
+
     # -- memory -----------------------------------------------------------------------------------
     def _meta_model(self, name: str):
-        if name not in self._meta:
-            shape = ex.memory_input_shape(name, self.image_shape, self.sequence_length)
-            self._meta[name] = (ex.meta_model(name, shape), shape)
-        return self._meta[name]
+        with self._lock:
+            if name not in self._meta:
+                shape = ex.memory_input_shape(name, self.image_shape, self.sequence_length)
+                self._meta[name] = (ex.meta_model(name, shape), shape)
+            return self._meta[name]
 
     def _point(self, name: str, profile: ex.Profile, batch_size: int, steps: int = 1) -> ex.MemoryPoint:
         key = (name, profile.name, batch_size, steps, self.optimizer)
-        if key not in self._points:
+        with self._lock:
+            point = self._points.get(key)
+        if point is None:
             model, shape = self._meta_model(name)
-            self._points[key] = ex.memory_point(model, shape, batch_size, profile, optimizer=self.optimizer,
-                                                accumulation_steps=steps)
-            if len(self._points) > 256:
+            point = ex.memory_point(model, shape, batch_size, profile, optimizer=self.optimizer,
+                                    accumulation_steps=steps)
+        with self._lock:
+            self._points[key] = point
+            self._points.move_to_end(key)
+            while len(self._points) > 256:
                 self._points.popitem(last=False)
-        self._points.move_to_end(key)
-        return self._points[key]
+        return point
 
     def _largest_batch(self, name: str, profile: ex.Profile) -> int:
+        """:func:`batchlab.explorer.largest_batch`, once per model, profile and optimizer (about ten estimates)."""
         key = (name, profile.name, self.optimizer)
         if key not in self._largest:
             model, shape = self._meta_model(name)
@@ -666,12 +721,16 @@ class BatchSizeExplorer(Explorer):
         return self._largest[key]
 
     def _update_memory(self, s: ex.RunSetting) -> None:
+        """Draw the memory panel from one estimate, with the largest batch if it is known already."""
         profile = self.profiles[self.profile.value]
         key = (s.model, profile.name, s.batch_size, s.accumulation_steps, self.optimizer)
         if key == self._memory_key:
             return
         point = self._point(s.model, profile, s.batch_size, s.accumulation_steps)
-        largest = self._largest_batch(s.model, profile)
+        self._draw_memory(s, profile, point, self._largest.get((s.model, profile.name, self.optimizer)))
+        self._memory_key = key
+
+    def _draw_memory(self, s, profile, point, largest) -> None:
         micro = _micro(s)
         bars = {f"batch {s.batch_size}{micro}": point}
         if largest and largest != s.batch_size // s.accumulation_steps:
@@ -679,7 +738,7 @@ class BatchSizeExplorer(Explorer):
         title = "out of memory" if not point.fits else "fits"
         self.memory.draw(ex.plot_memory(bars, title=f"{s.model}, batch {s.batch_size}{micro}: {title}"))
         self.memory.say(self._memory_text(s, point, largest, profile))
-        self._memory, self._memory_key = (point, largest), key
+        self._memory = (point, largest)
 
     def _memory_text(self, s, point, largest, profile) -> str:
         shape = "x".join(map(str, ex.memory_input_shape(s.model, self.image_shape, self.sequence_length)))
@@ -696,6 +755,8 @@ class BatchSizeExplorer(Explorer):
         else:
             head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}, but PyTorch can use only "
                     f"{_size(profile.budget)} of {where}.")
+        if largest is None:
+            return f"{head} Searching for the largest batch that fits…"
         if not largest:
             return f"{head} Not even the smallest batch fits this device."
         tail = f" The largest batch that fits in one step: <b>{largest:,}</b> (estimated, with a 5% margin)."
@@ -715,20 +776,6 @@ class BatchSizeExplorer(Explorer):
             data = ex.training_data(name, self.dataset)
             self._templates[name] = (data, ex.training_model(name, data))
         return self._templates[name]
-
-    def _start_run(self, s: ex.RunSetting) -> None:
-        run = self._runs.get(s.key)
-        if run is not None:
-            self._runs.move_to_end(s.key)
-        template = self._template(s.model) if run is None else None
-        self._submitted = s
-        self.jobs.submit(functools.partial(self._converge, s, run, template))
-
-    def _converge(self, s: ex.RunSetting, run, template, job: Job) -> None:
-        if run is None:
-            run = self._train(s, template, job)
-        if run is not None:
-            job.publish(lambda: self._show_run(run))
 
     def _train(self, s: ex.RunSetting, template, job: Job):
         """Train ``s`` step by step, drawing now and then; None if a newer change cancelled it."""
@@ -751,7 +798,7 @@ class BatchSizeExplorer(Explorer):
                 drawn = time.perf_counter()
                 paused += drawn - before  # drawing is not training: samples/s leaves it out
         run.done = True
-        with self.jobs.drawing:
+        with self._lock:
             self._runs[s.key] = run
             while len(self._runs) > 64:
                 self._runs.popitem(last=False)
@@ -760,10 +807,11 @@ class BatchSizeExplorer(Explorer):
     def _show_run(self, run: _Run) -> None:
         """Draw ``run`` (finished or not) beside the last finished runs; called by the newest job only."""
         key = run.setting.key
+        with self._lock:
+            runs = dict(self._runs)
         if run.done:
-            self._kept = [k for k in self._kept if k != key and k in self._runs] + [key]
-        earlier = [self._runs[k] for k in self._kept if k != key and k in self._runs][-(self.keep - 1):] \
-            if self.keep > 1 else []
+            self._kept = [k for k in self._kept if k != key and k in runs] + [key]
+        earlier = [runs[k] for k in self._kept if k != key and k in runs][-(self.keep - 1):] if self.keep > 1 else []
         shown = earlier + [run]
         if "convergence" in self.panels and run.history.loss:
             self.convergence.draw(plot_histories([r.history for r in shown], x=("steps", "samples"),
@@ -784,7 +832,9 @@ class BatchSizeExplorer(Explorer):
 
     def _show_speed(self, run: _Run) -> None:
         s = run.setting
-        points = {r.setting.batch_size: r.history.samples_per_second for r in self._runs.values()
+        with self._lock:
+            runs = list(self._runs.values())
+        points = {r.setting.batch_size: r.history.samples_per_second for r in runs
                   if r.done and r.setting.model == s.model and r.setting.accumulation_steps == s.accumulation_steps}
         self.speed.draw(ex.plot_speed(points, current=s.batch_size, title=f"{s.model}: speed against batch size"))
         per_step = 1000 * run.history.seconds[-1] / run.steps
@@ -839,15 +889,19 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / ex.GiB:.2f} GiB" if nbytes >= ex.GiB else f"{nbytes / MiB:.0f} MiB"
 
 
-class AccumulationWidget:
+class AccumulationWidget(Explorer):
     """Chapter 6: micro-batch size x accumulation steps at a fixed effective batch -> peak memory and loss curve.
 
     Each micro-batch size trains ``model`` (same initial weights, same batches) for ``steps`` optimizer
     steps at ``effective_batch`` samples per step, with ``effective_batch / micro_batch`` accumulation
     steps, and measures the peak memory of one step (:func:`batchlab.accumulation.accumulation_run`). The
     figure shows its loss curve over the full batch's (no accumulation) and the peak memory of every
-    micro-batch size tried so far; a setting already run is reused.
+    micro-batch size tried so far; a setting already run is reused. Runs and measurements happen in the
+    kernel's own thread (the memory tracker watches the thread it runs in), so ``set`` and the slider
+    return when the figure is drawn.
     """
+
+    settable = ("micro_batch",)
 
     def __init__(self, dataset=None, model: str = "mlp", *, effective_batch: int = 64, micro_batch: int = 16,
                  steps: int = 60, lr: float = 0.05):
@@ -862,12 +916,12 @@ class AccumulationWidget:
         self.micro_batch = widgets.SelectionSlider(options=sizes, value=micro_batch, description="micro-batch",
                                                    continuous_update=False)
         self.steps_label = widgets.HTML()
-        self.image = widgets.Image(format="png")
-        self.summary = widgets.HTML()
+        self.panel = Panel()
+        self.image, self.summary = self.panel.image, self.panel.text
         self._runs: dict = {}
-        self.micro_batch.observe(self._update, names="value")
-        self.box = widgets.VBox([widgets.HBox([self.micro_batch, self.steps_label]), self.image, self.summary])
-        self._update()
+        super().__init__({"micro_batch": self.micro_batch},
+                         [widgets.HBox([self.micro_batch, self.steps_label]), self.panel.box], background=False)
+        self._changed()
 
     def _run(self, micro_batch: int) -> dict:
         from .accumulation import accumulation_run
@@ -896,13 +950,19 @@ class AccumulationWidget:
                  title="Measured on this machine")
         return fig
 
-    def _update(self, _change=None):
+    def _changed(self, name=None):
+        self.jobs.submit(self._work)
+
+    def _work(self, job: Job):
         full, run = self._run(self.effective_batch), self._run(self.micro_batch.value)
+        job.publish(lambda: self._show(full, run))
+
+    def _show(self, full: dict, run: dict):
         self.steps_label.value = (f"x <b>{run['accumulation_steps']}</b> accumulation steps = effective batch "
                                   f"<b>{self.effective_batch}</b>")
-        self.image.value = figure_to_png(self._figure(full, run))
+        self.panel.draw(self._figure(full, run))
         difference = max(abs(a - b) for a, b in zip(run["loss"], full["loss"]))
-        self.summary.value = (
+        self.panel.say(
             f"Peak memory of one step: <b>{run['peak_bytes'] / 2**20:.2f} MiB</b> "
             f"({run['peak_bytes'] / full['peak_bytes']:.0%} of the full batch's {full['peak_bytes'] / 2**20:.2f} MiB). "
             f"Loss after {self.steps} steps: {run['loss'][-1]:.4f} (full batch {full['loss'][-1]:.4f}); largest "
@@ -910,18 +970,13 @@ class AccumulationWidget:
             f"(full batch {full['seconds']:.2f} s)."
         )
 
-    def set(self, **values) -> dict:
-        """Move the control (``micro_batch=``) as a learner would; return :attr:`state`."""
-        for name, value in values.items():
-            if name != "micro_batch":
-                raise ValueError(f"set() takes micro_batch, got {name!r}")
-            check_choice("micro_batch", value, self.micro_batch.options)
-            self.micro_batch.value = value
-        return self.state
+    def _check(self, name, value):
+        check_choice("micro_batch", value, self.micro_batch.options)
 
     @property
     def state(self) -> dict:
         """The setting shown, its peak memory and losses beside the full batch's, and every peak measured so far."""
+        self.wait()
         full, run = self._runs[self.effective_batch], self._runs[self.micro_batch.value]
         return {
             "micro_batch": run["micro_batch"], "accumulation_steps": run["accumulation_steps"],
@@ -932,8 +987,9 @@ class AccumulationWidget:
             "measured": {m: r["peak_bytes"] for m, r in sorted(self._runs.items())},
         }
 
-    def _repr_mimebundle_(self, **kwargs):
-        bundle = self.box._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = (f"AccumulationWidget(model={self.model_name!r}, "
-                                f"effective_batch={self.effective_batch}, steps={self.steps})")
-        return bundle
+    def __repr__(self) -> str:
+        return (f"AccumulationWidget(model={self.model_name!r}, effective_batch={self.effective_batch}, "
+                f"steps={self.steps})")
+
+
+AccumulationExplorer = AccumulationWidget  # the name issue 7 gives it; chapter 6 calls it AccumulationWidget

@@ -80,17 +80,16 @@ def test_memory_point_agrees_with_the_estimator_and_the_largest_batch():
         batchlab.estimate_memory(model, ex.meta_batch(2 * largest, shape), capacity=profile.budget)
 
 
-def test_accumulation_keeps_every_gradient_alive_in_the_memory_point():
+def test_an_accumulated_step_is_estimated_as_batchlab_train_runs_it():
     profile = ex.device_profiles()["GPU 80 GiB (simulated)"]
     shape = ex.memory_input_shape("cnn")
     model = ex.meta_model("cnn", shape)
-    gradients = sum(p.numel() * 4 for p in model.parameters())
     whole = ex.memory_point(model, shape, 64, profile)
     split = ex.memory_point(model, shape, 64, profile, accumulation_steps=4)
-    micro = ex.memory_point(model, shape, 16, profile)
-    assert split.breakdown["gradients"] == gradients
-    assert split.breakdown["activations"] == micro.breakdown["activations"] < whole.breakdown["activations"]
-    assert split.peak_bytes == micro.peak_bytes + gradients - micro.breakdown["gradients"]
+    report = batchlab.estimate_memory(model, ex.meta_batch(64, shape), accumulation_steps=4)
+    assert split.peak_bytes == report.peak_bytes and split.breakdown == report.breakdown
+    assert split.breakdown["activations"] < whole.breakdown["activations"] / 3  # a quarter of the samples at once
+    assert split.peak_bytes < whole.peak_bytes
 
 
 def test_training_losses_are_the_losses_of_batchlab_train(small_digits):
@@ -180,6 +179,8 @@ def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does
     widget = BatchSizeExplorer(small_digits, model="cnn", batch_size=32, profile="4 GiB", panels="memory")
     first = (widget.memory.text.value, bytes(widget.memory.image.value))
     widget.batch_size.value = 256  # the slider, as a learner moves it
+    assert not widget.state["fits"]  # known at once, from one estimate
+    widget.wait()  # the search for the largest batch that fits runs in the background
     state = widget.state
     assert not state["fits"] and 0 < state["largest_batch"] < 256
     text = widget.memory.text.value
@@ -216,9 +217,13 @@ def test_bad_input_is_clamped_or_refused_with_a_message(explorer):
 
 
 def test_a_newer_change_cancels_the_older_run_and_only_it_draws(small_digits):
-    widget = BatchSizeExplorer(small_digits, model="resnet18", batch_size=2, panels=("convergence", "speed"))
+    widget = BatchSizeExplorer(small_digits, model="mlp", batch_size=16, panels=("convergence", "speed"))
+    with widget.quietly():
+        widget.model.value = "resnet18"
+    widget.batch_size.value = 2  # a resnet18 run of 40 steps starts in the background
     deadline = time.monotonic() + 60
-    while widget.state["steps"] < 2 and time.monotonic() < deadline:  # the resnet18 run has started drawing
+    while not (widget.state["run"] == "resnet18, batch 2, lr 0.05" and widget.state["steps"] >= 2) \
+            and time.monotonic() < deadline:  # it has drawn its first points
         time.sleep(0.05)
     assert widget.state["running"]
     with widget.jobs.drawing:  # no drawing can slip in between the change and the mark
@@ -296,3 +301,15 @@ def test_chosen_panels_only(small_digits):
     with pytest.raises(ValueError, match="profile must be one of"):
         BatchSizeExplorer(small_digits, profile="5 GiB")
     widget.close()
+
+
+def test_every_explorer_is_built_from_the_shared_machinery():
+    from batchlab import widgets
+
+    for cls in (widgets.ConvergenceWidget, widgets.LoaderWidget, widgets.AccumulationExplorer, BatchSizeExplorer):
+        assert issubclass(cls, widgets.Explorer)
+    assert batchlab.BatchSizeExplorer is BatchSizeExplorer
+    accumulation = widgets.AccumulationExplorer(datasets.digits(train=False), effective_batch=16, micro_batch=4,
+                                                steps=2)
+    assert isinstance(accumulation.jobs, Jobs) and accumulation.panel.image is accumulation.image
+    assert accumulation.set(micro_batch=8)["accumulation_steps"] == 2
