@@ -36,7 +36,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
-    reason="browser test skipped: Debian's Chromium is not installed at /usr/bin/chromium "
+    reason="Debian's Chromium is not installed at /usr/bin/chromium "
            "(apt-get update && apt-get install -y chromium; .ci/run does this in CI)",
 )
 
