@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import batchlab
+from batchlab import leaks
 
 
 class Loop:
@@ -184,3 +185,74 @@ def test_plot_leak_checks():
     assert [line.get_label() for line in fig.axes[0].lines] == ["leak", "fixed"]
     with pytest.raises(TypeError, match="LeakReport"):
         batchlab.plot_leak_checks([])
+
+
+def test_listed_node_types_add_up_to_the_growth():
+    state = Loop()
+    report = batchlab.leak_check(lambda: sum_loss_before_backward(state), iterations=10)
+    listed = report.message.split("autograd graph nodes grow by ")[1].split(": a tensor")[0]
+    total, types = listed.split(" per iteration (")
+    growths = [float(item.split(" +")[1]) for item in types.rstrip(")").split(", ")]
+    assert sum(growths) == float(total) == report.nodes_per_iteration == 11  # every type is listed
+    assert "NllLossBackward0 +1" in report.message
+
+
+def test_describe_sums_the_types_past_the_limit():
+    from batchlab.leaks import _describe
+
+    types = {f"Type{i}": 1.0 for i in range(8)} | {"Big": 3.0}
+    assert _describe(types, limit=3) == "Big +3, Type0 +1, Type1 +1, +6 in 6 other types"
+    assert _describe({"A": 2.0, "B": 1.0}) == "A +2, B +1"
+
+
+# --- exercise 1: a forward hook that keeps a number ------------------------------------------------------
+
+
+def hook_exercise():
+    """The exercise's setting: a training step of a small model, the layer to hook and the list to keep."""
+    state = Loop()
+    return state, state.model[1], lambda: state.update(state.loss()), []
+
+
+def test_check_hook_fix_accepts_a_hook_that_keeps_a_float(capsys):
+    state, layer, step, means = hook_exercise()
+    leaks.check_hook_fix(lambda module, inputs, output: means.append(output.mean().item()), layer, step, means)
+    assert capsys.readouterr().out.startswith("Correct: tensor memory, autograd graph nodes and Python objects")
+    assert not layer._forward_hooks and means == []  # the check removed its hooks and its calls' values
+
+
+@pytest.mark.parametrize(("hook", "message"), [
+    (lambda m, i, output: None, "one value to the list per forward pass: 13 passes, 0 values"),
+    ("keeps the output", "still growing: tensor memory grows"),
+    ("keeps output.mean()", "still growing: .*autograd graph nodes grow"),
+    ("keeps a detached mean", "still growing"),
+    ("keeps the max", "the mean of the layer's output"),
+    (lambda m, i, output: 1 / 0, "the step raised ZeroDivisionError"),
+])
+def test_check_hook_fix_rejects_hooks_that_keep_nothing_or_a_tensor(hook, message):
+    state, layer, step, means = hook_exercise()
+    hooks = {
+        "keeps the output": lambda m, i, output: means.append(output),
+        "keeps output.mean()": lambda m, i, output: means.append(output.mean()),
+        "keeps a detached mean": lambda m, i, output: means.append(output.detach().mean()),
+        "keeps the max": lambda m, i, output: means.append(output.max().item()),
+    }
+    with pytest.raises(AssertionError, match=message):
+        leaks.check_hook_fix(hooks.get(hook, hook), layer, step, means)
+    assert not layer._forward_hooks  # removed even when the check fails
+
+
+def test_check_hook_fix_cannot_be_passed_without_a_hook(capsys):
+    # The trivial answer to the old exercise: a step that runs with no hook at all. The check registers
+    # the learner's hook itself, so a do-nothing hook (or none) cannot pass.
+    state, layer, step, means = hook_exercise()
+    with pytest.raises(AssertionError, match="0 values"):
+        leaks.check_hook_fix(lambda *args: None, layer, step, means)
+    with pytest.raises(AssertionError, match="the step never ran the layer"):
+        leaks.check_hook_fix(lambda m, i, output: means.append(output.mean().item()), layer, lambda: None, means)
+    leaks.check_hook_fix(None, layer, step, means)
+    assert capsys.readouterr().out.startswith("Your turn:")
+    with pytest.raises(TypeError, match="hook must be a function"):
+        leaks.check_hook_fix("keep_mean", layer, step, means)
+    with pytest.raises(TypeError, match="kept must be the list"):
+        leaks.check_hook_fix(lambda *args: None, layer, step, None)
