@@ -16,14 +16,18 @@ and 1 on the second, and the first machine's address::
 ``torchrun`` starts the processes and gives each ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; this script joins the process group and runs
 :func:`batchlab.distributed.train_process`, the same loop that :func:`batchlab.train_ddp` runs in a
-notebook. Rank 0 prints the loss over the global batch.
+notebook. Rank 0 prints the loss over the global batch. :func:`recorded_run` returns a run of this
+script recorded with its output and memory (chapter 7 shows it instead of starting torchrun itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import re
+from importlib import resources
 
 import torch
 import torch.distributed as dist
@@ -92,6 +96,22 @@ def report(args, world_size: int, result: dict) -> None:
     if args.save:
         torch.save(result["state_dict"], args.save)
         print(f"saved the weights to {args.save}", flush=True)
+
+
+def recorded_run() -> dict:
+    """A run of this script under torchrun, recorded by ``benchmarks/torchrun_run.py`` and shipped with batchlab.
+
+    ``command`` (as typed in a shell), ``stdout`` (rank 0's lines), ``env`` (date, machine, Python, torch),
+    ``seconds``, and memory in bytes measured as ``benchmarks/notebooks.py`` measures a notebook:
+    ``launcher_rss`` (the process that ran the command), ``children_uss_peak`` (the unique memory of the
+    processes torchrun started, summed at their joint peak), ``tree_peak`` (the two together), and
+    ``per_process_uss_peak``. ``losses`` is added here: ``{step: loss}`` as rank 0 printed them.
+    """
+    text = resources.files("batchlab").joinpath("data", "torchrun_run.json").read_text(encoding="utf-8")
+    record = json.loads(text)
+    pattern = re.compile(r"step\s+(\d+)\s+loss (\d+\.\d+)")
+    record["losses"] = {int(m.group(1)): float(m.group(2)) for m in map(pattern.match, record["stdout"]) if m}
+    return record
 
 
 if __name__ == "__main__":

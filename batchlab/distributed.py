@@ -12,16 +12,25 @@ Three pieces, each small enough to read in one go:
   gradient accumulation with ``no_sync``. :func:`train_ddp` runs it under :func:`launch`; the script
   ``python -m batchlab.ddp_train`` runs the same function under ``torchrun``.
 
-Why processes start with ``fork`` (on Linux and macOS): a function defined in a notebook lives in the
-kernel's ``__main__``, which a ``spawn``-ed process cannot import, so ``spawn`` would only run functions
-from ``.py`` files. A forked child is a copy of the kernel, so it has the function, the data set and
-PyTorch already loaded (and shares their memory pages until it writes to them). The known danger of
-fork is a child that inherits a thread pool it does not have: PyTorch's OpenMP pool hangs in a forked
-child that asks for more than one thread after the parent used several. Each child therefore switches
-to one thread before anything else (as DataLoader workers do, and as ``torchrun`` does by setting
-``OMP_NUM_THREADS=1``). ``start_method="spawn"`` is there for functions in importable modules, and is
-the only choice on Windows. CUDA cannot be initialised again in a forked child, so with the NCCL
-backend and fork, CUDA must not have been used in the notebook before :func:`launch`.
+Why processes start with ``fork`` on Linux: a function defined in a notebook lives in the kernel's
+``__main__``, which a ``spawn``-ed process cannot import, so ``spawn`` only runs functions from ``.py``
+files. A forked child is a copy of the kernel, so it has the function, the data set and PyTorch already
+loaded, and shares their memory pages until it writes to them. Two precautions keep fork safe and small:
+
+* a child must not inherit a busy thread pool: PyTorch's OpenMP pool hangs in a forked child that asks
+  for more than one thread after the parent used several. Each child therefore switches to one thread
+  before anything else (as DataLoader workers do, and as ``torchrun`` does with ``OMP_NUM_THREADS=1``);
+* the kernel's objects are frozen (:func:`gc.freeze`, as the Python documentation advises before a
+  fork) while the children start: a child's garbage collector then leaves them alone instead of writing
+  to every one of them, which would copy each of their memory pages into the child (benchmarks/ddp.py:
+  a training rank of chapter 7 adds about 25 MiB of its own with it, about 105 MiB without).
+
+Elsewhere ``launch`` spawns by default. On macOS forking a process that has loaded PyTorch is not safe
+(Apple's system libraries are not fork-safe, which is why CPython itself spawns there since 3.8); Windows
+has no fork. With spawn, ``fn`` must be importable from a ``.py`` file; ``start_method="fork"`` can still
+be asked for, at the caller's risk on macOS (batchlab's tests run on Linux). CUDA cannot be initialised
+again in a forked child, so with the NCCL backend and fork, CUDA must not have been used in the notebook
+before :func:`launch`.
 """
 
 from __future__ import annotations
@@ -37,8 +46,8 @@ import socket
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import torch
@@ -95,6 +104,16 @@ def default_backend(nprocs: int) -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nprocs else "gloo"
 
 
+def default_start_method() -> str:
+    """How :func:`launch` starts processes unless told: ``"fork"`` on Linux, ``"spawn"`` elsewhere.
+
+    Fork lets a notebook's own functions run in the processes; on macOS it is unsafe once PyTorch is
+    loaded (CPython spawns there by default too), and Windows has no fork. See the module docstring.
+    """
+    return "fork" if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods() \
+        else "spawn"
+
+
 def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: float | None = 300.0,
            port: int | None = None, start_method: str | None = None):
     """Run ``fn(rank, world_size, *args)`` in ``nprocs`` new processes that form a process group.
@@ -107,8 +126,9 @@ def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: floa
     * ``timeout`` (seconds, or None to wait for ever): if the processes have not all finished by then,
       they are stopped and ``TimeoutError`` is raised.
     * ``port``: the rendezvous port; None picks a free one.
-    * ``start_method``: ``"fork"`` (default where the system has it) or ``"spawn"`` (``fn`` must then
-      be importable from a module; see the module docstring for why).
+    * ``start_method``: ``"fork"`` or ``"spawn"`` (``fn`` must then be importable from a module); the
+      default is :func:`default_start_method`: fork on Linux, spawn on macOS and Windows (see the module
+      docstring for why).
 
     An exception in any process is raised here as :class:`RankError` with the traceback of the
     process that failed first. Whatever happens, no process started here is left running.
@@ -118,11 +138,12 @@ def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: floa
     workdir = tempfile.mkdtemp(prefix="batchlab-launch-")  # tracebacks and rank 0's result go here
     processes = []
     try:
-        for rank in range(nprocs):
-            process = context.Process(target=_rank_main, name=f"batchlab-rank-{rank}",
-                                      args=(rank, nprocs, fn, args, backend, port, workdir))
-            process.start()
-            processes.append(process)
+        with _frozen_objects(start_method == "fork"):
+            for rank in range(nprocs):
+                process = context.Process(target=_rank_main, name=f"batchlab-rank-{rank}",
+                                          args=(rank, nprocs, fn, args, backend, port, workdir))
+                process.start()
+                processes.append(process)
         _wait(processes, timeout, workdir)
         result = os.path.join(workdir, "result.pt")
         if not os.path.exists(result):
@@ -133,6 +154,23 @@ def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: floa
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@contextmanager
+def _frozen_objects(freeze: bool):
+    """While forking: move every object the caller has to the garbage collector's permanent generation.
+
+    A forked child's collector then never visits them; visiting writes to each object, and every write
+    copies a memory page from the parent into the child. The caller's collector gets them back afterwards.
+    """
+    if not freeze or gc.get_freeze_count():  # already frozen by someone else: leave it as it is
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
     """Check :func:`launch`'s arguments before any process starts; return (start method, backend, port)."""
     if not callable(fn):
@@ -141,13 +179,21 @@ def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
     if timeout is not None:
         check_float("timeout", timeout)
     methods = multiprocessing.get_all_start_methods()
-    start_method = start_method or ("fork" if "fork" in methods else "spawn")
+    chosen = start_method is not None
+    start_method = start_method or default_start_method()
     check_choice("start_method", start_method, [m for m in ("fork", "spawn") if m in methods])
     interactive_main = getattr(sys.modules.get("__main__"), "__file__", None) is None  # notebook, REPL
     if start_method == "spawn" and getattr(fn, "__module__", None) == "__main__" and interactive_main:
+        why = "" if chosen else (f" (spawn is the default on {sys.platform}: forking a process that has loaded "
+                                 "PyTorch is unsafe on macOS, and Windows cannot fork)")
+        if sys.platform == "darwin":
+            fork = (" Or pass start_method='fork' to run it as on Linux, at your own risk: fork is not safe on "
+                    "macOS once PyTorch is loaded, and batchlab is tested on Linux only.")
+        else:
+            fork = " Or use start_method='fork'." if "fork" in methods else ""
         raise ValueError(f"with start_method='spawn', fn must be importable, but {fn.__name__} is defined in "
-                         "a notebook (or another interactive session): move it into a .py file and import it, "
-                         "or use start_method='fork'")
+                         f"a notebook (or another interactive session){why}: move it into a .py file next to "
+                         f"the notebook and import it from there.{fork}")
     backend = check_choice("backend", backend or default_backend(nprocs), BACKENDS)
     if backend == "nccl":
         _check_nccl(nprocs, start_method)
@@ -330,20 +376,24 @@ def plot_sampler(n: int, world_size: int, *, epochs=(0, 1), shuffle: bool = True
 
 @dataclass
 class CommStats:
-    """Gradient all-reduces seen by one process: how many calls, how many bytes, and the seconds from
-    starting each one to its result arriving (which includes waiting for the slowest process)."""
+    """Gradient all-reduces seen by one process: how many calls, how many bytes, the seconds from
+    starting each one to its result arriving (which includes waiting for the slowest process), and the
+    bytes of each call in order (``buckets``: one entry per DDP bucket all-reduced)."""
 
     calls: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    buckets: list = field(default_factory=list)
 
 
 def counting_allreduce_hook(stats, bucket):
     """A DDP communication hook: PyTorch's default all-reduce of ``bucket``, counted and timed in ``stats``
     (a :class:`CommStats`). Unannotated on purpose: DDP checks hook annotations, and this module's
     ``from __future__ import annotations`` would turn them into strings."""
+    nbytes = bucket.buffer().numel() * bucket.buffer().element_size()
     stats.calls += 1
-    stats.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
+    stats.bytes += nbytes
+    stats.buckets.append(nbytes)
     start = time.perf_counter()
 
     def done(future):
@@ -467,10 +517,13 @@ def _run_steps(ddp, loader, sampler, opt, steps, accumulation_steps, no_sync, de
                 # no_sync: keep this micro-batch's gradients local; the last backward all-reduces their sum.
                 with ddp.no_sync() if no_sync and not last else nullcontext():
                     loss = loss_fn(ddp(micro_inputs), micro_targets)
-                    # Equal micro-batches: 1/accumulation_steps makes the local sum a local mean, and DDP's
-                    # all-reduce divides by world_size, so the step uses the mean over the global batch.
-                    (loss / accumulation_steps).backward()
-                step_loss += loss.item() / accumulation_steps  # .item(): a number, not the graph
+                    # Weighted by its share of this process's batch, as in chapter 6 (here the shares are
+                    # equal, 1 / accumulation_steps: batch_size divides evenly and the loader drops a short
+                    # last batch). The local sum is the local mean; DDP's all-reduce averages the equal-sized
+                    # processes' means, so the step uses the mean over the global batch.
+                    share = len(micro_targets) / len(targets)
+                    (loss * share).backward()
+                step_loss += loss.item() * share  # .item(): a number, not the graph
             opt.step()  # every process applies the same averaged gradient: weights stay identical
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)

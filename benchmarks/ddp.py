@@ -10,14 +10,20 @@ Prints the median over ``--repeats`` runs of
   and without ``no_sync``: gradient all-reduces and MiB per step, their time per step (from starting
   each to its result, overlapping backward and each other) and the time per step;
 * processes: time per step at global batch 64 with 1 and 2 processes (on a 2-core machine the two
-  processes share the cores that one process would use with 2 threads).
+  processes share the cores that one process would use with 2 threads);
+* memory of forked ranks: the unique memory (USS) of the ranks of a 40-step ``train_ddp`` run with 2
+  and 4 processes, summed at their joint peak and divided by the number of ranks, with ``launch``'s
+  ``gc.freeze`` before forking and without it (so that the ranks' garbage collectors do not copy the
+  parent's pages by visiting its objects).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
+import threading
 import time
 
 import psutil
@@ -50,6 +56,28 @@ def timed_launch(start_method):
     return time.perf_counter() - start
 
 
+def rank_uss_per_process(digits, world_size) -> float:
+    """Peak over a train_ddp run of the summed USS of this process's children, per rank (bytes)."""
+    me, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            total = 0
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_full_info().uss
+            peak[0] = max(peak[0], total)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        batchlab.train_ddp("mlp", digits, world_size=world_size, batch_size=64, steps=STEPS)
+    finally:
+        done.set()
+        sampler.join()
+    return peak[0] / world_size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -70,6 +98,16 @@ def main() -> None:
     for world_size in (1, 2):
         seconds = median_of(repeats, seconds_per_step, digits, world_size)
         print(f"processes: {world_size}: {seconds * 1e3:6.2f} ms per step at global batch 64")
+    freezing = batchlab.distributed._frozen_objects
+    for world_size in (2, 4):
+        with_freeze = median_of(repeats, rank_uss_per_process, digits, world_size)
+        batchlab.distributed._frozen_objects = lambda freeze: contextlib.nullcontext()
+        try:
+            without = median_of(repeats, rank_uss_per_process, digits, world_size)
+        finally:
+            batchlab.distributed._frozen_objects = freezing
+        print(f"memory, {world_size} forked ranks: USS per rank {with_freeze / 2**20:5.0f} MiB with gc.freeze, "
+              f"{without / 2**20:5.0f} MiB without (x {without / with_freeze:.1f})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Chapter 7: launching processes, DistributedSampler order, DDP = single-process training, torchrun."""
 
+import gc
 import os
 import re
 import shlex
@@ -20,8 +21,10 @@ from torch.utils.data import DistributedSampler, Subset, TensorDataset
 
 import batchlab
 from batchlab import datasets
+from batchlab.ddp_train import recorded_run
 from batchlab.distributed import (
     RankError,
+    default_start_method,
     free_port,
     global_batch_order,
     launch,
@@ -63,6 +66,10 @@ def hangs_in_rank_1(rank, world_size):
     t = torch.ones(1)
     dist.all_reduce(t)
     return t
+
+
+def freeze_count(rank, world_size):
+    return gc.get_freeze_count()  # objects the garbage collector of this process never visits
 
 
 def dies_in_rank_1(rank, world_size):
@@ -164,6 +171,37 @@ def test_spawn_refuses_a_function_from_a_notebook(monkeypatch):
         launch(local, start_method="spawn")
 
 
+@pytest.mark.parametrize("platform, method", [("linux", "fork"), ("darwin", "spawn"), ("win32", "spawn")])
+def test_launch_forks_on_linux_only(monkeypatch, platform, method):
+    # macOS: forking a process that has loaded PyTorch is not safe (CPython spawns there too); Windows: no fork.
+    monkeypatch.setattr(sys, "platform", platform)
+    assert default_start_method() == method
+
+
+def test_on_macos_a_notebook_function_is_refused_with_the_two_ways_out(monkeypatch):
+    def local(rank, world_size):
+        return rank
+
+    local.__module__ = "__main__"
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(ValueError) as info:
+        launch(local)
+    message = str(info.value)
+    assert "spawn is the default on darwin" in message and "move it into a .py file" in message
+    assert "start_method='fork'" in message and "at your own risk" in message and "tested on Linux" in message
+    assert children() == []
+
+
+def test_forked_ranks_start_with_the_parents_objects_frozen_and_the_parent_is_unfrozen_after():
+    assert gc.get_freeze_count() == 0
+    assert launch(freeze_count, nprocs=2) > 0  # the ranks' collectors leave the parent's objects alone
+    assert gc.get_freeze_count() == 0  # and the parent collects them as before
+    with pytest.raises(RankError):
+        launch(fails_in_rank_1, nprocs=2, timeout=60)
+    assert gc.get_freeze_count() == 0  # also after a failure
+
+
 def test_spawn_runs_an_importable_function():
     # The start method for Windows, and for importable functions elsewhere: fresh interpreters.
     assert launch(sum_of_ranks, 2.0, start_method="spawn", timeout=240)["sum"] == 6.0
@@ -227,6 +265,13 @@ def test_ddp_on_two_processes_equals_single_process_training_on_the_same_global_
     assert ddp["loss"][-1] < ddp["loss"][0]  # and it did learn
     assert ddp["per_process_batch"] == 32 and ddp["micro_batch"] == 32
     assert ddp["history"].loss == ddp["loss"] and ddp["history"].samples[-1] == batch_size * steps
+    # Buckets: the first step all-reduces all gradients in one; from then on DDP has rebuilt its buckets in
+    # the order gradients arrive, with a small first bucket (1 MiB by default) and 25 MiB for the others.
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buckets = ddp["comm"]["buckets"]
+    assert buckets[0] == gradient_bytes and len(buckets) == 1 + 2 * (steps - 1)
+    first, second = buckets[-2:]
+    assert first + second == gradient_bytes and 2**20 <= first < 25 * 2**20
     assert children() == []
 
 
@@ -299,6 +344,18 @@ def test_the_readme_torchrun_command_runs_and_prints_the_rank_0_loss():
     reference = train_ddp("mlp", datasets.digits(), world_size=2, batch_size=64, steps=3)
     assert float(final.group(1)) == pytest.approx(reference["loss"][-1], abs=1e-4)
     assert done.stdout.count("final loss") == 1  # rank 0 prints, rank 1 does not
+
+
+def test_the_recorded_torchrun_run_has_the_losses_of_train_ddp_and_the_readme_command():
+    record = recorded_run()
+    command = shlex.split(record["command"])
+    assert command[:7] == shlex.split(readme_torchrun_command())[:7]  # the README's command, other arguments
+    steps = int(command[command.index("--steps") + 1])
+    assert sorted(record["losses"]) == list(range(10, steps + 1, 10))
+    reference = train_ddp("mlp", datasets.digits(), world_size=2, batch_size=64, steps=steps)
+    for step, loss in record["losses"].items():
+        assert loss == pytest.approx(reference["loss"][step - 1], abs=1e-4)  # printed with 4 decimals
+    assert record["tree_peak"] == pytest.approx(record["launcher_rss"] + record["children_uss_peak"], rel=0.2)
 
 
 def test_the_script_explains_that_it_needs_torchrun():
