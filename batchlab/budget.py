@@ -26,7 +26,12 @@ from .validation import check_choice, check_int, parse_bytes
 
 
 class _BudgetGuard:
-    """A tracker observer that raises ``torch.OutOfMemoryError`` when live tensors pass the budget."""
+    """A tracker observer that raises ``torch.OutOfMemoryError`` when live tensors pass the budget.
+
+    It hears of an allocation only after the operation made it, so the tracker drops the operation's
+    result before the error travels: once raised, the refused block is no longer held nor counted, as
+    on a GPU, which would never have allocated it.
+    """
 
     def __init__(self, budget: int):
         self.budget, self.live, self.sizes, self.tracker = budget, 0, {}, None
@@ -35,7 +40,7 @@ class _BudgetGuard:
         self.sizes[serial] = nbytes
         self.live += nbytes
         if self.live > self.budget and self.tracker is not None and self.tracker.active:
-            raise torch.OutOfMemoryError(self._message(nbytes))
+            raise torch.OutOfMemoryError(self._message(serial, nbytes))
 
     def freed(self, serial: int) -> None:
         self.live -= self.sizes.pop(serial, 0)
@@ -43,14 +48,16 @@ class _BudgetGuard:
     def after_op(self, func, args, out) -> None:
         pass
 
-    def _message(self, nbytes: int) -> str:
+    def _message(self, serial: int, nbytes: int) -> str:
         in_use = self.live - nbytes
         by_category = self.tracker.current()
+        by_category[self.tracker.category_of(serial)] -= nbytes  # what was in use before this allocation
         parts = ", ".join(f"{c} {by_category[c] / MiB:.2f} MiB" for c in CATEGORIES if by_category.get(c))
-        return (f"Simulated out of memory (batchlab.memory_budget). Tried to allocate {nbytes / MiB:.2f} MiB; "
-                f"{in_use / MiB:.2f} MiB is already in use by tensors, of a {self.budget / MiB:.2f} MiB budget. "
-                f"In use, with this allocation: {parts}. Free memory outside the except block, then try a "
-                f"smaller batch or gradient accumulation (chapter 6).")
+        return (f"Simulated out of memory (batchlab.memory_budget). Tried to allocate {nbytes / MiB:.2f} MiB. "
+                f"Of the {self.budget / MiB:.2f} MiB budget, {in_use / MiB:.2f} MiB is in use by tensors "
+                f"({parts}) and {(self.budget - in_use) / MiB:.2f} MiB is free. The {nbytes / MiB:.2f} MiB were "
+                f"not allocated. Free memory outside the except block, then try a smaller batch or gradient "
+                f"accumulation (chapter 6).")
 
 
 @contextmanager
@@ -59,13 +66,16 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
 
     Counted: every tensor created in the block, plus the existing parameters, buffers, gradients and
     optimizer state of ``model`` and ``optimizer`` when given (pass them: on a GPU they take memory
-    too). The operation that would exceed the budget raises ``torch.OutOfMemoryError``; catch it, let
-    the ``except`` block end, free what you can, and carry on. ``with memory_budget(...) as tracker``
-    gives the :class:`~batchlab.memory.MemoryTracker` that counts.
+    too). The operation that would exceed the budget raises ``torch.OutOfMemoryError``, and the memory
+    it asked for is not kept, as on a GPU; catch it, let the ``except`` block end, free what you can, and
+    carry on. ``with memory_budget(...) as tracker`` gives the :class:`~batchlab.memory.MemoryTracker`
+    that counts: ``tracker.current()`` by category, with what autograd saved for backward as activations.
     """
     budget = parse_bytes("budget", budget)
     guard = _BudgetGuard(budget)
-    with _tracking(model, optimizer, record=False, observer=guard) as tracker:
+    # No timeline (only what is alive now counts), but the saved-tensor hooks, so that what the forward
+    # pass keeps for backward is counted as activations.
+    with _tracking(model, optimizer, record=False, observer=guard, saved_tensors=True) as tracker:
         guard.tracker = tracker
         if guard.live > budget:
             raise ValueError(

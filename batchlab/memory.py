@@ -11,8 +11,9 @@ nothing), and sorts its bytes into the categories of :data:`CATEGORIES`:
 * ``inputs``: the batch given to the model (and, in :func:`profile_step`, its targets),
 * ``temporaries``: everything else, e.g. the output of a layer that backward does not need.
 
-How it sees: a ``TorchDispatchMode`` is called after every tensor operation and notes the storages
-that the operation's outputs did not share with its inputs (new memory); a weak reference to each
+How it sees: a ``TorchDispatchMode`` is called in place of every tensor operation; it runs the
+operation, then notes the storages that the operation's outputs did not share with its inputs (new
+memory); a weak reference to each
 storage reports the moment it is freed. Saved-tensor hooks tell which tensors autograd keeps for
 backward, and model / optimizer hooks mark the phases of a step (forward, loss, backward, optimizer
 step). Each storage is counted once (views share their storage) by its ``nbytes``. Parameters,
@@ -196,7 +197,7 @@ class MemoryTracker:
         self._params = list({id(p): p for p in params}.values())
         self.device = str(self._params[0].device) if self._params else "cpu"
         self.phase = "start"
-        self._record = record  # False: keep only what is alive now (leak_check), no timeline
+        self._record = record  # False: keep only what is alive now (leak_check, memory_budget), no timeline
         # Something that wants every event as it happens (the GPU estimator replays them through a model
         # of CUDA's allocator): its allocated(serial, nbytes), freed(serial) and after_op(func, args, out).
         self._observer = observer
@@ -420,7 +421,8 @@ class MemoryTracker:
     def report(self, label: str = "") -> MemoryReport:
         """The :class:`MemoryReport` of everything seen so far (categories as known now)."""
         if not self._record:
-            raise RuntimeError("this tracker keeps no timeline (it was started by leak_check); use current()")
+            raise RuntimeError("this tracker keeps no timeline (it was started by leak_check or memory_budget); "
+                               "use current()")
         if self.active:
             self._sweep()
         with self._lock:
@@ -470,9 +472,23 @@ def _make_mode(tracker: MemoryTracker):
 
     class _StorageWatcher(base):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            tracker._on_op(func, args, kwargs, out)
-            return out
+            out = func(*args, **(kwargs or {}))  # called in place of the operation, the mode runs it
+            try:
+                tracker._on_op(func, args, kwargs, out)
+            except torch.OutOfMemoryError as error:
+                refused = error
+            else:
+                return out
+            # An observer refused the new memory (memory_budget, or the estimator's simulated GPU). A GPU
+            # would never have made it: drop the result before the error travels, so that it is not held
+            # (the traceback's frames would keep it) and no longer counted.
+            refused = refused.with_traceback(None)
+            del out
+            try:
+                raise refused
+            finally:
+                del refused  # else this frame and the error's traceback would hold each other in a cycle
+
 
     return _StorageWatcher()
 
@@ -498,9 +514,11 @@ def track_memory(model: nn.Module | None = None, optimizer: torch.optim.Optimize
 
 
 @contextmanager
-def _tracking(model, optimizer, *, record: bool, observer=None):
+def _tracking(model, optimizer, *, record: bool, observer=None, saved_tensors: bool | None = None):
     """:func:`track_memory` without its argument checks, for batchlab's own tools: ``record=False`` keeps
-    no timeline (leak_check); ``observer`` is told of every event as it happens (the GPU estimator)."""
+    no timeline (leak_check, memory_budget); ``observer`` is told of every event as it happens (the GPU
+    estimator, memory_budget); ``saved_tensors`` installs the saved-tensor hooks that name activations
+    (default: when recording; memory_budget asks for them without a timeline)."""
     if getattr(_active, "tracker", None) is not None:
         raise RuntimeError("track_memory is already active: trackers cannot be nested. Use the outer tracker, "
                            "or leave its block first (leak_check and profile_step start one of their own).")
@@ -508,9 +526,12 @@ def _tracking(model, optimizer, *, record: bool, observer=None):
     _active.tracker = tracker
     try:
         tracker._install()
-        # Saved-tensor hooks name the activations; a tracker without a timeline (leak_check) does without
-        # them, because the aliases they keep would add Python objects that the check counts.
-        hooks = torch.autograd.graph.saved_tensors_hooks(tracker._pack, tracker._unpack) if record else nullcontext()
+        # Saved-tensor hooks name the activations; leak_check does without them, because the aliases they
+        # keep would add Python objects that the check counts.
+        if saved_tensors is None:
+            saved_tensors = record
+        hooks = torch.autograd.graph.saved_tensors_hooks(tracker._pack, tracker._unpack) if saved_tensors \
+            else nullcontext()
         with _make_mode(tracker), hooks:
             yield tracker
     finally:

@@ -22,15 +22,36 @@ def test_a_step_over_budget_raises_a_real_out_of_memory_error():
         with pytest.raises(torch.OutOfMemoryError) as caught:
             model(torch.randn(512, 3, 32, 32))
         message = str(caught.value)
-        # While the exception (and its traceback) is kept, the failed step's tensors stay alive ...
-        assert tracker.current()["temporaries"] > 0
+        # While the exception (and its traceback) is kept, the failed step's tensors stay alive, but not the
+        # block that was refused: what is held is what the message says was in use before it.
+        held = tracker.current()
+        assert held["inputs"] == 512 * 3 * 32 * 32 * 4
+        assert held["temporaries"] == 0 and held["activations"] == 0  # the refused block was the first output
+        assert f"{tracker.current_bytes / 2**20:.2f} MiB is in use by tensors" in message
         del caught
         # ... and once it is gone, their memory is free again.
         assert tracker.current()["temporaries"] == 0 and tracker.current()["inputs"] == 0
-    assert "Tried to allocate 64.00 MiB" in message and "of a 40.00 MiB budget" in message
+    assert "Tried to allocate 64.00 MiB" in message and "Of the 40.00 MiB budget" in message
+    assert "The 64.00 MiB were not allocated" in message
     assert "parameters 2.08 MiB" in message and "inputs 6.00 MiB" in message
     out = model(torch.randn(512, 3, 32, 32))  # after the block nothing is limited
     assert out.shape == (512, 5)
+
+
+def test_what_the_forward_pass_saves_counts_as_activations_and_the_refused_block_is_not_held():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    inputs = torch.randn(256, 1, 28, 28)
+    first_output = 256 * 32 * 28 * 28 * 4  # the first convolution's output, which BatchNorm saves
+    with memory_budget("48MiB", model) as tracker:
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            model(inputs).sum().backward()
+        held = tracker.current()
+        assert held["activations"] >= first_output and held["temporaries"] == 0
+        assert f"activations {held['activations'] / 2**20:.2f} MiB" in str(caught.value)
+        refused = float(str(caught.value).split("Tried to allocate ")[1].split(" MiB")[0]) * 2**20
+        assert tracker.current_bytes + refused > 48 * 2**20 >= tracker.current_bytes
+        del caught
+        assert tracker.current()["activations"] == 0
 
 
 def test_a_step_within_budget_runs_and_the_tracker_uninstalls():
