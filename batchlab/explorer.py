@@ -206,7 +206,12 @@ def largest_batch_for(model_name: str, profile_name: str, *, optimizer="sgd") ->
 
 
 def plot_memory(points: dict, *, title: str = "") -> Figure:
-    """Horizontal bars stacked by category, one per ``{label: MemoryPoint}``, against the device's size."""
+    """Horizontal bars stacked by category, one per ``{label: MemoryPoint}``, against the device's size.
+
+    On a GPU the CUDA context comes first (it is there before any tensor), then the tensors at the
+    step's peak, then the allocator's cache: where the tensors end, against the dashed line, is the
+    comparison of the tensors with what PyTorch may use (the device's size minus the context).
+    """
     fig = Figure(figsize=(8.4, 0.9 + 0.55 * len(points)), layout="constrained")
     ax = fig.subplots()
     labels = list(points)[::-1]  # the first point on top
@@ -221,7 +226,7 @@ def plot_memory(points: dict, *, title: str = "") -> Figure:
     ax.text(profile.capacity / GiB, 1.0, f" {_short(profile)}", transform=ax.get_xaxis_transform(),
             va="bottom", fontsize="small")
     ax.set_xlim(0, max(left + [profile.capacity / GiB]) * 1.08)
-    ax.set_xlabel("GiB at the step's peak")
+    ax.set_xlabel("GiB at the step's peak" + (": CUDA context, tensors, allocator cache" if profile.reserved else ""))
     fig.legend(loc="outside right upper", fontsize="x-small")
     if title:
         fig.suptitle(title, fontsize="medium", color="#C44E52" if "out of memory" in title else "black")
@@ -236,7 +241,7 @@ def _bar_categories(points) -> list:
     used = {c for p in points for c, b in p.breakdown.items() if b}
     order = [c for c in CATEGORIES if c in used] + sorted(used - set(CATEGORIES))
     order += ["allocator cache"] if any(p.cached_bytes for p in points) else []
-    return order + (["CUDA context"] if any(p.profile.reserved for p in points) else [])
+    return (["CUDA context"] if any(p.profile.reserved for p in points) else []) + order
 
 
 def _category_bytes(point: MemoryPoint, category: str) -> int:

@@ -27,6 +27,7 @@ import weakref
 from contextlib import contextmanager
 
 import ipywidgets as widgets
+from torch import nn
 
 from . import explorer as ex
 from .datasets import digits
@@ -743,18 +744,26 @@ class BatchSizeExplorer(Explorer):
     def _memory_text(self, s, point, largest, profile) -> str:
         shape = "x".join(map(str, ex.memory_input_shape(s.model, self.image_shape, self.sequence_length)))
         what = f"{s.model} on {'sequences of ' + shape + ' tokens' if s.model == 'transformer' else shape + ' images'}"
-        where = (f"the {_size(profile.capacity)} GPU ({_size(profile.reserved)} of it is the CUDA context)"
+        # What is compared with the budget: the tensors at the step's peak (and, on a GPU, the blocks the
+        # caching allocator reserves for them); the CUDA context is taken off the device's size first.
+        where = (f"the {_size(profile.capacity)} GPU, whose other {_size(profile.reserved)} are the CUDA context"
                  if profile.device == "cuda" else "this machine's free RAM")
-        need = f"one training step of {what} at batch {s.batch_size} needs {_size(point.peak_bytes)} at its peak"
+        need = (f"One training step of {what} at batch {s.batch_size} needs {_size(point.peak_bytes)} of tensors "
+                f"at its peak")
         if point.fits:
-            head = f"<b>Fits.</b> {need}; PyTorch can use {_size(profile.budget)} of {where}."
+            cache = f" with the allocator's cache ({_size(point.cached_bytes)})" if profile.device == "cuda" else ""
+            head = f"<b>Fits.</b> {need};{cache} that is within the {_size(profile.budget)} PyTorch can use of {where}."
         elif point.peak_bytes <= profile.budget:
-            head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}, and the caching allocator cannot place "
-                    f"its blocks in the {_size(profile.budget)} that PyTorch can use of {where}: it would reserve "
+            head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}, within the {_size(profile.budget)} PyTorch "
+                    f"can use of {where}, but the caching allocator cannot place its blocks there: it would reserve "
                     f"{_size(point.peak_bytes + point.cached_bytes)}.")
         else:
-            head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}, but PyTorch can use only "
-                    f"{_size(profile.budget)} of {where}.")
+            head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}: {_size(point.peak_bytes - profile.budget)} "
+                    f"more than the {_size(profile.budget)} PyTorch can use of {where}.")
+        if profile.device == "cuda":  # the bar: context, tensors, cache
+            total = _size(point.device_bytes + point.cached_bytes)
+            head += (f" The bar shows the context, the tensors and the cache: {total}." if point.fits else
+                     f" The bar adds the context and the allocator's cache ({_size(point.cached_bytes)}): {total}.")
         if largest is None:
             return f"{head} Searching for the largest batch that fits…"
         if not largest:
@@ -814,21 +823,45 @@ class BatchSizeExplorer(Explorer):
         earlier = [runs[k] for k in self._kept if k != key and k in runs][-(self.keep - 1):] if self.keep > 1 else []
         shown = earlier + [run]
         if "convergence" in self.panels and run.history.loss:
-            self.convergence.draw(plot_histories([r.history for r in shown], x=("steps", "samples"),
-                                                 title="loss on the digits, trained on this machine's CPU"))
-        self.convergence.say(self._run_text(run))
+            self.convergence.draw(_convergence_figure(shown))
+        self.convergence.say(self._run_text(run, shown))
         if "speed" in self.panels and run.done:
             self._show_speed(run)
         self._run_shown, self._shown_runs, self._error = run, shown, None
         self._draws.append(run.setting.label)
 
-    def _run_text(self, run: _Run) -> str:
+    def _run_text(self, run: _Run, shown: list) -> str:
         h = run.history
         if not run.done:
             return f"Training <b>{html.escape(h.label)}</b>: step {len(h.loss)} of {run.steps}…"
         epochs, max_steps = ex.RUNS[run.setting.model]
         return (f"<b>{html.escape(h.label)}</b>: {run.steps} steps, {h.samples[-1]:,} samples, final loss "
-                f"{h.loss[-1]:.3f} (a short run: {epochs} epoch{'s' * (epochs > 1)}, at most {max_steps} steps).")
+                f"{h.loss[-1]:.3f} (a short run: {epochs} epoch{'s' * (epochs > 1)}, at most {max_steps} steps)."
+                + self._twin_text(run, shown))
+
+    def _twin_text(self, run: _Run, shown: list) -> str:
+        """For an accumulated run beside the same batch taken whole: do their curves coincide?"""
+        s = run.setting
+        if s.accumulation_steps == 1:
+            return ""
+        whole = ex.RunSetting(s.model, s.batch_size, s.lr, 1, s.optimizer, s.seed)
+        with self._lock:
+            twin = self._runs.get(whole.key)
+        if twin is None or not twin.done or twin not in shown:
+            return ""
+        gap = max(abs(a - b) for a, b in zip(run.history.loss, twin.history.loss))
+        name = html.escape(twin.history.label)
+        if gap < 1e-4:
+            return (f" Its curve (dashed) lies on the one of <b>{name}</b>: the losses differ by at most {gap:.1e}, "
+                    f"because accumulating {s.accumulation_steps} micro-batches gives the same updates as the whole "
+                    f"batch (chapter 6).")
+        batch_norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        model = self._templates[s.model][1] if s.model in self._templates else None
+        why = (" BatchNorm normalises each micro-batch with its own statistics"
+               if model is not None and any(isinstance(m, batch_norm) for m in model.modules())
+               else " the micro-batches' sums are rounded differently")
+        return (f" Its curve (dashed) differs from the one of <b>{name}</b> by up to {gap:.3f} in loss:{why} "
+                f"(chapter 6).")
 
     def _show_speed(self, run: _Run) -> None:
         s = run.setting
@@ -878,6 +911,27 @@ class BatchSizeExplorer(Explorer):
 
     def __repr__(self) -> str:
         return f"BatchSizeExplorer(panels={self.panels!r})"
+
+
+def _convergence_figure(runs: list):
+    """The convergence panel: loss on a linear axis (the runs span a factor of a few, not decades), and
+    accumulated runs dashed, so that one lying on its full-batch twin stays visible."""
+    fig = plot_histories([r.history for r in runs], x=("steps", "samples"), log_loss=False,
+                         title="loss on the digits, trained on this machine's CPU")
+    _dash(fig, {r.history.label for r in runs if r.setting.accumulation_steps > 1})
+    return fig
+
+
+def _dash(fig, labels: set) -> None:
+    if not labels:
+        return
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_label() in labels:
+                line.set_linestyle((0, (4, 3)))
+                line.set_linewidth(2.0)
+    if fig.axes and fig.axes[0].get_legend() is not None:
+        fig.axes[0].legend(fontsize="small")  # again, so that the legend shows the dashes
 
 
 def _micro(s: ex.RunSetting) -> str:

@@ -187,11 +187,39 @@ def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does
     assert "Out of memory." in text and f"<b>{state['largest_batch']}</b>" in text
     assert (widget.memory.text.value, bytes(widget.memory.image.value)) != first
     assert "accumulate 4 micro-batches of 64" in widget.memory.text.value
+    # The text names what is compared with the budget (the tensors) and what else the bar holds.
+    point = widget._memory[0]
+    over = (point.peak_bytes - state["budget_bytes"]) / 2**30
+    assert f"One training step of cnn on 3x224x224 images at batch 256 needs {point.peak_bytes / 2**30:.2f} GiB " \
+           f"of tensors at its peak: {over:.2f} GiB more than the {state['budget_bytes'] / 2**30:.2f} GiB PyTorch " \
+           f"can use" in text
+    assert f"cache ({point.cached_bytes / 2**30:.2f} GiB): " \
+           f"{(point.device_bytes + point.cached_bytes) / 2**30:.2f} GiB." in text
     state = widget.set(accumulation_steps=4)  # the way out that the panel suggests
     assert state["fits"] and state["micro_batch"] == 64
     state = widget.set(profile=80, accumulation_steps=1)
     assert state["fits"] and state["largest_batch"] > 256
     assert state["loss"] == [] and state["run"] is None and not explorer_threads()  # no convergence panel
+
+
+def test_an_accumulated_run_is_drawn_dashed_and_said_to_lie_on_the_whole_batch(explorer):
+    explorer.set(batch_size=64)
+    explorer.set(accumulation_steps=4)
+    whole, split = (explorer._runs[key].history.loss for key in sorted(explorer._runs)
+                    if key[1] == 64 and key[3] in (1, 4))
+    gap = max(abs(a - b) for a, b in zip(whole, split))
+    assert gap < 1e-4  # the mlp has no BatchNorm: the same updates
+    assert "lies on the one of <b>mlp, batch 64, lr 0.05</b>" in explorer.convergence.text.value
+    assert f"differ by at most {gap:.1e}" in explorer.convergence.text.value
+    from batchlab.widgets import _convergence_figure
+
+    fig = _convergence_figure(explorer._shown_runs)  # what the panel draws
+    styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
+    assert styles["mlp, batch 64 (4x16), lr 0.05"] == "--" and styles["mlp, batch 64, lr 0.05"] == "-"
+    legend = fig.axes[0].get_legend()
+    assert {t.get_text(): h.get_linestyle() for t, h in zip(legend.get_texts(), legend.legend_handles)}[
+        "mlp, batch 64 (4x16), lr 0.05"] == "--"
+    assert all(ax.get_yscale() == "linear" for ax in fig.axes)
 
 
 def test_bad_input_is_clamped_or_refused_with_a_message(explorer):
