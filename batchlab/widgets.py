@@ -27,6 +27,7 @@ import weakref
 from contextlib import contextmanager
 
 import ipywidgets as widgets
+from matplotlib.ticker import FuncFormatter
 from torch import nn
 
 from . import explorer as ex
@@ -840,28 +841,29 @@ class BatchSizeExplorer(Explorer):
                 + self._twin_text(run, shown))
 
     def _twin_text(self, run: _Run, shown: list) -> str:
-        """For an accumulated run beside the same batch taken whole: do their curves coincide?"""
+        """An accumulated run beside the same batch taken whole (either one drawn now): do their curves coincide?"""
         s = run.setting
-        if s.accumulation_steps == 1:
+        twins = [r for r in shown if r is not run and r.done and r.setting.accumulation_steps != s.accumulation_steps
+                 and 1 in (r.setting.accumulation_steps, s.accumulation_steps)
+                 and (r.setting.model, r.setting.batch_size, r.setting.lr, r.setting.optimizer, r.setting.seed)
+                 == (s.model, s.batch_size, s.lr, s.optimizer, s.seed)]
+        if not twins:
             return ""
-        whole = ex.RunSetting(s.model, s.batch_size, s.lr, 1, s.optimizer, s.seed)
-        with self._lock:
-            twin = self._runs.get(whole.key)
-        if twin is None or not twin.done or twin not in shown:
-            return ""
+        twin = twins[-1]  # the most recent
+        split = run if s.accumulation_steps > 1 else twin
         gap = max(abs(a - b) for a, b in zip(run.history.loss, twin.history.loss))
-        name = html.escape(twin.history.label)
+        curves = (f"Its curve (dashed) and the one of <b>{html.escape(twin.history.label)}</b>" if split is run else
+                  f"The dashed curve of <b>{html.escape(twin.history.label)}</b> and this one")
         if gap < 1e-4:
-            return (f" Its curve (dashed) lies on the one of <b>{name}</b>: the losses differ by at most {gap:.1e}, "
-                    f"because accumulating {s.accumulation_steps} micro-batches gives the same updates as the whole "
-                    f"batch (chapter 6).")
+            return (f" {curves} lie on each other: the losses differ by at most {gap:.1e}, because accumulating "
+                    f"{split.setting.accumulation_steps} micro-batches gives the same updates as the whole batch "
+                    f"(chapter 6).")
         batch_norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
         model = self._templates[s.model][1] if s.model in self._templates else None
-        why = (" BatchNorm normalises each micro-batch with its own statistics"
+        why = ("BatchNorm normalises each micro-batch with its own statistics"
                if model is not None and any(isinstance(m, batch_norm) for m in model.modules())
-               else " the micro-batches' sums are rounded differently")
-        return (f" Its curve (dashed) differs from the one of <b>{name}</b> by up to {gap:.3f} in loss:{why} "
-                f"(chapter 6).")
+               else "the micro-batches' sums are rounded differently")
+        return f" {curves} differ by up to {gap:.3f} in loss: {why} (chapter 6)."
 
     def _show_speed(self, run: _Run) -> None:
         s = run.setting
@@ -918,6 +920,7 @@ def _convergence_figure(runs: list):
     accumulated runs dashed, so that one lying on its full-batch twin stays visible."""
     fig = plot_histories([r.history for r in runs], x=("steps", "samples"), log_loss=False,
                          title="loss on the digits, trained on this machine's CPU")
+    fig.axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 10, 100, not 10⁰
     _dash(fig, {r.history.label for r in runs if r.setting.accumulation_steps > 1})
     return fig
 
@@ -930,6 +933,7 @@ def _dash(fig, labels: set) -> None:
             if line.get_label() in labels:
                 line.set_linestyle((0, (4, 3)))
                 line.set_linewidth(2.0)
+                line.set_zorder(3)  # above a solid curve it may lie on
     if fig.axes and fig.axes[0].get_legend() is not None:
         fig.axes[0].legend(fontsize="small")  # again, so that the legend shows the dashes
 

@@ -158,6 +158,18 @@ def test_jobs_show_errors_instead_of_raising():
         inline.submit(lambda job: 1 / 0)
 
 
+def test_the_check_of_chapter_0_does_not_give_the_answer_away(capsys):
+    ex.check_largest_batch(None)
+    assert "Your turn" in capsys.readouterr().out
+    right = ex.largest_batch_for("cnn_bn", "GPU 8 GiB (simulated)")
+    for wrong in (right + 1, right - 1, 0, float(right)):
+        with pytest.raises(AssertionError) as caught:
+            ex.check_largest_batch(wrong)
+        assert str(right) not in str(caught.value).replace(repr(wrong), "")
+    ex.check_largest_batch(right)
+    assert capsys.readouterr().out.startswith(f"Correct: {right} images of 3x224x224")
+
+
 # -- the explorer --------------------------------------------------------------------------------
 
 def test_explorer_shows_memory_convergence_and_speed(explorer):
@@ -209,8 +221,12 @@ def test_an_accumulated_run_is_drawn_dashed_and_said_to_lie_on_the_whole_batch(e
                     if key[1] == 64 and key[3] in (1, 4))
     gap = max(abs(a - b) for a, b in zip(whole, split))
     assert gap < 1e-4  # the mlp has no BatchNorm: the same updates
-    assert "lies on the one of <b>mlp, batch 64, lr 0.05</b>" in explorer.convergence.text.value
+    assert "Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> lie on each other" \
+        in explorer.convergence.text.value
     assert f"differ by at most {gap:.1e}" in explorer.convergence.text.value
+    explorer.set(accumulation_steps=1)  # back to the whole batch: its text names the dashed twin
+    assert "The dashed curve of <b>mlp, batch 64 (4x16), lr 0.05</b> and this one lie on each other" \
+        in explorer.convergence.text.value
     from batchlab.widgets import _convergence_figure
 
     fig = _convergence_figure(explorer._shown_runs)  # what the panel draws
