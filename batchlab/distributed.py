@@ -46,7 +46,7 @@ import socket
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
@@ -59,6 +59,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .batching import frozen_gc
 from .models import MODEL_NAMES, build_model
 from .training import History, _check_dataset, _optimizer_factory
 from .validation import check_choice, check_float, check_int
@@ -138,7 +139,8 @@ def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: floa
     workdir = tempfile.mkdtemp(prefix="batchlab-launch-")  # tracebacks and rank 0's result go here
     processes = []
     try:
-        with _frozen_objects(start_method == "fork"):
+        # Forked ranks share the kernel's memory pages; keep their garbage collectors off them.
+        with frozen_gc() if start_method == "fork" else nullcontext():
             for rank in range(nprocs):
                 process = context.Process(target=_rank_main, name=f"batchlab-rank-{rank}",
                                           args=(rank, nprocs, fn, args, backend, port, workdir))
@@ -152,23 +154,6 @@ def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: floa
     finally:  # also on KeyboardInterrupt: no process outlives this call
         _stop(processes)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-@contextmanager
-def _frozen_objects(freeze: bool):
-    """While forking: move every object the caller has to the garbage collector's permanent generation.
-
-    A forked child's collector then never visits them; visiting writes to each object, and every write
-    copies a memory page from the parent into the child. The caller's collector gets them back afterwards.
-    """
-    if not freeze or gc.get_freeze_count():  # already frozen by someone else: leave it as it is
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):

@@ -98,14 +98,14 @@ def main() -> None:
     for world_size in (1, 2):
         seconds = median_of(repeats, seconds_per_step, digits, world_size)
         print(f"processes: {world_size}: {seconds * 1e3:6.2f} ms per step at global batch 64")
-    freezing = batchlab.distributed._frozen_objects
+    freezing = batchlab.distributed.frozen_gc
     for world_size in (2, 4):
         with_freeze = median_of(repeats, rank_uss_per_process, digits, world_size)
-        batchlab.distributed._frozen_objects = lambda freeze: contextlib.nullcontext()
+        batchlab.distributed.frozen_gc = contextlib.nullcontext
         try:
             without = median_of(repeats, rank_uss_per_process, digits, world_size)
         finally:
-            batchlab.distributed._frozen_objects = freezing
+            batchlab.distributed.frozen_gc = freezing
         print(f"memory, {world_size} forked ranks: USS per rank {with_freeze / 2**20:5.0f} MiB with gc.freeze, "
               f"{without / 2**20:5.0f} MiB without (x {without / with_freeze:.1f})")
 
