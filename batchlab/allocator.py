@@ -41,9 +41,6 @@ class Block:
         self.addr, self.size, self.small, self.free = addr, size, small, True
         self.prev = self.next = None
 
-    def key(self):
-        return (self.size, self.addr)
-
 
 def block_size(nbytes: int) -> int:
     """The size of the block a request of ``nbytes`` asks for: at least 512, a multiple of 512."""
