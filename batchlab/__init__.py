@@ -1,9 +1,14 @@
 """batchlab: the helper package of the course on training PyTorch models in batches under a memory budget.
 
 Each module matches an idea a chapter teaches; the names learners use are re-exported here.
+``import batchlab`` loads PyTorch and the package, not the widget and plotting stack: the explorers
+(:mod:`batchlab.widgets`, ipywidgets) and the figures (matplotlib) load the first time they are used,
+so scripts and ``torchrun`` processes start fast.
 """
 
-from . import datasets, exercises, widgets
+import importlib
+
+from . import datasets
 from .accumulation import (
     GhostBatchNorm,
     GradientComparison,
@@ -12,7 +17,7 @@ from .accumulation import (
     profile_accumulation,
     replace_batchnorm,
 )
-from .batching import LoaderStats, iter_batches, loader_sweep, loader_throughput
+from .batching import iter_batches
 from .batchsize import gradient_noise, step_times
 from .budget import BatchSizeSearch, find_batch_size, memory_budget
 from .course import setup
@@ -20,58 +25,86 @@ from .distributed import RankError, launch, train_ddp
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
 from .leaks import LeakReport, leak_check
 from .memory import MemoryReport, gpu_reference, process_memory, profile_step, track_memory
-from .memory_plots import plot_leak_checks, plot_peak_breakdown, plot_step_timeline
 from .models import MODEL_NAMES, build_model, count_parameters
-from .plots import plot_histories
+from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
-from .widgets import BatchSizeExplorer
 
 __version__ = "0.1.0"
 
+# Names that load their module on first use: {name: (module, attribute or None for the module itself)}.
+_LAZY = {
+    "widgets": ("batchlab.widgets", None),
+    "exercises": ("batchlab.exercises", None),
+    "BatchSizeExplorer": ("batchlab.widgets", "BatchSizeExplorer"),
+    "plot_histories": ("batchlab.plots", "plot_histories"),
+    "plot_leak_checks": ("batchlab.memory_plots", "plot_leak_checks"),
+    "plot_peak_breakdown": ("batchlab.memory_plots", "plot_peak_breakdown"),
+    "plot_step_timeline": ("batchlab.memory_plots", "plot_step_timeline"),
+    "LoaderStats": ("batchlab.batching", "LoaderStats"),
+    "loader_sweep": ("batchlab.batching", "loader_sweep"),
+    "loader_throughput": ("batchlab.batching", "loader_throughput"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'batchlab' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
-    "GhostBatchNorm",
-    "GradientComparison",
-    "accumulate_weighted",
-    "accumulation",
-    "compare_gradients",
-    "profile_accumulation",
-    "replace_batchnorm",
     "BatchSizeExplorer",
     "BatchSizeSearch",
     "CUDA_CONSTANTS",
+    "GhostBatchNorm",
+    "GradientComparison",
+    "History",
+    "LeakReport",
+    "LoaderStats",
+    "MODEL_NAMES",
+    "MemoryReport",
+    "OPTIMIZERS",
+    "RankError",
+    "accumulate_weighted",
+    "build_model",
+    "compare_gradients",
+    "count_parameters",
+    "datasets",
     "estimate_memory",
+    "evaluate",
+    "exercises",
     "find_batch_size",
+    "gpu_reference",
+    "gradient_noise",
+    "iter_batches",
+    "launch",
+    "leak_check",
+    "loader_sweep",
+    "loader_throughput",
+    "make_optimizer",
     "max_batch_size",
     "memory_budget",
-    "RankError",
-    "launch",
-    "train_ddp",
-    "LeakReport",
-    "MemoryReport",
-    "gpu_reference",
-    "leak_check",
+    "plot_histories",
     "plot_leak_checks",
     "plot_peak_breakdown",
     "plot_step_timeline",
     "process_memory",
+    "profile_accumulation",
     "profile_step",
-    "track_memory",
-    "LoaderStats",
-    "batching",
-    "iter_batches",
-    "loader_sweep",
-    "loader_throughput",
-    "MODEL_NAMES",
-    "History",
-    "build_model",
-    "gradient_noise",
-    "step_times",
-    "exercises",
-    "widgets",
-    "count_parameters",
-    "datasets",
-    "evaluate",
-    "plot_histories",
+    "replace_batchnorm",
     "setup",
+    "step_times",
+    "track_memory",
     "train",
+    "train_ddp",
+    "train_step",
+    "widgets",
 ]

@@ -1,7 +1,7 @@
 """Gradient accumulation and virtual batches, proved and measured (chapter 6).
 
-The reference loop is the one inside :func:`batchlab.train` (``accumulation_steps``, in
-``batchlab.training._accumulate``). This module holds what the chapter needs around it:
+The reference loop is :func:`batchlab.train_step`, the step that :func:`batchlab.train` runs
+(``accumulation_steps``). This module holds what the chapter needs around it:
 
 * :func:`split_batch`, :func:`accumulate_weighted` and :func:`accumulate_naive`: one effective batch
   as micro-batches, accumulated with each micro-batch's loss weighted by its share of the samples (or
@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .memory import MemoryReport, _check_batch, track_memory
-from .training import _accumulate, _optimizer_factory, train
-from .validation import check_choice, check_float, check_int
+from .memory import MemoryReport, track_memory
+from .steps import check_optimizer, make_optimizer, train_step
+from .training import train
+from .validation import check_batch, check_choice, check_float, check_int, check_loss_fn, check_model, device_of
 
 # Two float32 gradients count as equal when their difference is at most this fraction of the gradient's
 # norm: float32 keeps about 7 significant digits, and summing the same numbers in another order
@@ -47,7 +48,7 @@ def split_batch(batch, micro_batches) -> list:
     ``accumulation_steps`` must in :func:`batchlab.train`) or a list of sizes that add up to the
     batch, for uneven micro-batches such as the last, partial one: ``[16, 16, 16, 2]``.
     """
-    inputs, targets = _check_batch(batch)
+    inputs, targets = check_batch(batch)
     n = len(targets)
     if isinstance(micro_batches, numbers.Integral) and not isinstance(micro_batches, bool):
         k = check_int("micro_batches", micro_batches, minimum=1)
@@ -417,27 +418,16 @@ def _check_steps(accumulation_steps, batch_size: int) -> int:
 
 def _setup_step(model, batch, accumulation_steps, optimizer, loss_fn):
     """Checked arguments and a private copy of everything one accumulated step touches."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs, targets = _check_batch(batch)
+    check_model(model)
+    inputs, targets = check_batch(batch)
     k = _check_steps(accumulation_steps, len(targets))
-    if isinstance(optimizer, str):
-        check_choice("optimizer", optimizer, ("sgd", "adam"))
-    make_optimizer = _optimizer_factory(optimizer, 0.01 if optimizer == "sgd" else 1e-3)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
+    check_optimizer(optimizer)
+    loss_fn = check_loss_fn(loss_fn)
     work = _fresh_copy(model).train()  # train mode, as batchlab.train runs it
-    device = next(work.parameters()).device
+    device = device_of(work)
     # Own copies of the batch: a slice of a larger tensor would otherwise count the whole tensor.
     inputs, targets = inputs.to(device).clone(), targets.to(device).clone()
-    return work, inputs, targets, k, make_optimizer(work.parameters()), loss_fn or nn.CrossEntropyLoss()
-
-
-def _train_step(model, optimizer, loss_fn, inputs, targets, accumulation_steps: int) -> None:
-    """One effective batch exactly as batchlab.train runs it."""
-    _accumulate(model, loss_fn, inputs, targets, accumulation_steps)  # the reference loop: weighted backward
-    optimizer.step()  # one update per effective batch
-    optimizer.zero_grad(set_to_none=True)  # free the gradients until the next batch's first backward
+    return work, inputs, targets, k, make_optimizer(optimizer, work.parameters()), loss_fn
 
 
 def profile_accumulation(model: nn.Module, batch, accumulation_steps: int, *, optimizer="sgd",
@@ -454,10 +444,10 @@ def profile_accumulation(model: nn.Module, batch, accumulation_steps: int, *, op
     with torch.random.fork_rng(devices=[]):
         work, inputs, targets, k, opt, loss_fn = _setup_step(model, batch, accumulation_steps, optimizer, loss_fn)
         micro = len(targets) // k
-        _train_step(work, opt, loss_fn, inputs[:micro], targets[:micro], 1)  # warm-up: optimizer state
+        train_step(work, opt, inputs[:micro], targets[:micro], loss_fn=loss_fn)  # warm-up: optimizer state
         with track_memory(work, opt) as tracker:
             tracker.adopt([inputs, targets], "inputs")
-            _train_step(work, opt, loss_fn, inputs, targets, k)
+            train_step(work, opt, inputs, targets, loss_fn=loss_fn, accumulation_steps=k)
     name = optimizer if isinstance(optimizer, str) else "custom optimizer"
     return tracker.report(label=f"{type(model).__name__}, batch {len(targets)} = {k} x {micro}, {name}")
 
@@ -472,11 +462,11 @@ def accumulation_step_time(model: nn.Module, batch, accumulation_steps: int, *, 
     check_int("repeats", repeats, minimum=1)
     with torch.random.fork_rng(devices=[]):
         work, inputs, targets, k, opt, loss_fn = _setup_step(model, batch, accumulation_steps, optimizer, loss_fn)
-        _train_step(work, opt, loss_fn, inputs, targets, k)  # warm-up: optimizer state, first-call costs
+        train_step(work, opt, inputs, targets, loss_fn=loss_fn, accumulation_steps=k)  # warm-up: state, first calls
         seconds = []
         for _ in range(repeats):
             start = time.perf_counter()
-            _train_step(work, opt, loss_fn, inputs, targets, k)
+            train_step(work, opt, inputs, targets, loss_fn=loss_fn, accumulation_steps=k)
             seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 

@@ -11,7 +11,7 @@ follow:
 
 :class:`CachingAllocator` replays allocations and frees with the rules of PyTorch's
 ``CUDACachingAllocator.cpp`` (default settings, one stream), so the memory estimator can predict both
-numbers without a GPU. With a ``capacity`` it also behaves as the real allocator does when the device
+numbers without a GPU. With a ``budget`` it also behaves as the real allocator does when the device
 is full: release the cached segments that are entirely free, try again, and raise
 ``torch.OutOfMemoryError`` if that is still not enough.
 """
@@ -63,8 +63,8 @@ class CachingAllocator:
     ``max_memory_reserved``; :meth:`reset_peaks` is ``torch.cuda.reset_peak_memory_stats``.
     """
 
-    def __init__(self, capacity: int | None = None):
-        self.capacity = capacity
+    def __init__(self, budget: int | None = None):
+        self.budget = budget
         self._pools = {True: [], False: []}  # small pool / large pool: free blocks sorted by (size, addr)
         self._segments: list = []  # the first block of every segment
         self._next_addr = 0
@@ -116,13 +116,13 @@ class CachingAllocator:
 
     def _new_segment(self, size: int, small: bool, nbytes: int) -> Block:
         want = segment_size(size)
-        if self.capacity is not None and self.reserved + want > self.capacity:
+        if self.budget is not None and self.reserved + want > self.budget:
             self._release_free_segments()  # what PyTorch does before giving up
-            if self.reserved + want > self.capacity:
+            if self.reserved + want > self.budget:
                 raise torch.OutOfMemoryError(
                     f"Simulated CUDA out of memory. Tried to allocate {nbytes / MiB:.2f} MiB. "
                     f"{self.allocated / MiB:.2f} MiB is allocated by tensors and {self.reserved / MiB:.2f} MiB "
-                    f"reserved, of a {self.capacity / MiB:.2f} MiB budget."
+                    f"reserved, of a {self.budget / MiB:.2f} MiB budget."
                 )
         block = Block(self._next_addr, want, small)
         self._next_addr += want + ROUND_LARGE  # segments never touch, so they never merge

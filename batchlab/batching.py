@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data import default_collate as torch_default_collate
 
 from .datasets import shapes, write_image_folder
+from .torch_internals import has_workers, shutdown_workers
 from .validation import check_int
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,13 +325,11 @@ def stop_workers(iterator) -> None:
 
     ``DataLoader`` stops its workers when its iterator is garbage-collected, but after an exception
     the traceback keeps the iterator alive, so the workers would linger. This calls the iterator's
-    private ``_shutdown_workers``: this function is the only place chapter 3's code touches it, and
-    ``tests/test_batching.py`` fails loudly if torch renames it. Does nothing for ``None`` or a
-    single-process iterator.
+    private ``_shutdown_workers`` (through :mod:`batchlab.torch_internals`, whose tests fail loudly if
+    torch renames it). Does nothing for ``None`` or a single-process iterator.
     """
-    if iterator is None or not hasattr(iterator, "_workers"):
-        return
-    iterator._shutdown_workers()
+    if iterator is not None and has_workers(iterator):
+        shutdown_workers(iterator)
 
 
 def _check_loader_args(dataset, batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from .validation import check_int
+from .steps import train_step
+from .validation import check_int, check_loss_fn
 
 
 @dataclass
@@ -46,7 +47,7 @@ def gradient_noise(model: nn.Module, dataset: Dataset, batch_sizes, *, draws: in
     """
     check_int("draws", draws, minimum=1)
     sizes = [check_int("batch_sizes item", b, minimum=1, maximum=len(dataset)) for b in batch_sizes]
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = check_loss_fn(loss_fn)
     model = copy.deepcopy(model).train()
     inputs, targets = default_collate([dataset[i] for i in range(len(dataset))])
     full = _flat_gradient(model, loss_fn, inputs, targets)
@@ -84,18 +85,16 @@ def step_times(model: nn.Module, dataset: Dataset, batch_sizes, *, repeats: int 
     """
     check_int("repeats", repeats, minimum=1)
     sizes = [check_int("batch_sizes item", b, minimum=1, maximum=len(dataset)) for b in batch_sizes]
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = check_loss_fn(loss_fn)
     model = copy.deepcopy(model).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # plain SGD: no state, the step is forward + backward
     results = []
     for size in sizes:
         inputs, targets = default_collate([dataset[i] for i in range(size)])
         times = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            loss_fn(model(inputs), targets).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, inputs, targets, loss_fn=loss_fn)
             times.append(time.perf_counter() - start)
         results.append(StepTime(size, statistics.median(times[1:])))
     return results

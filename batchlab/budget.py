@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .allocator import MiB
-from .memory import CATEGORIES, _check_batch, _tracking
-from .training import _optimizer_factory
-from .validation import check_choice, check_int, parse_bytes
+from .memory import CATEGORIES, track_storages
+from .steps import check_optimizer, make_optimizer, train_step
+from .validation import MiB, check_batch, check_choice, check_int, check_loss_fn, check_model, device_of, parse_bytes
 
 
 class _BudgetGuard:
@@ -75,7 +74,7 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
     guard = _BudgetGuard(budget)
     # No timeline (only what is alive now counts), but the saved-tensor hooks, so that what the forward
     # pass keeps for backward is counted as activations.
-    with _tracking(model, optimizer, record=False, observer=guard, saved_tensors=True) as tracker:
+    with track_storages(model, optimizer, record=False, observer=guard, saved_tensors=True) as tracker:
         guard.tracker = tracker
         if guard.live > budget:
             raise ValueError(
@@ -120,23 +119,20 @@ def _restore(model: nn.Module, optimizer, snapshot: bytes) -> None:
 
 def _trial(model, make_batch, n, optimizer, loss_fn, device) -> bool:
     """Two training steps at batch size ``n``: True if they fitted, False on out-of-memory."""
-    inputs, targets = _check_batch(make_batch(n))
+    inputs, targets = check_batch(make_batch(n))
     if len(inputs) != n:
         raise ValueError(f"make_batch({n}) must return {n} samples, got inputs of shape {tuple(inputs.shape)}")
-    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else \
-        _optimizer_factory(optimizer, 0.01 if optimizer == "sgd" else 1e-3)(model.parameters())
+    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(optimizer, model.parameters())
     fitted = True
     try:
+        inputs, targets = inputs.to(device), targets.to(device)
         for _ in range(2):  # the second step is the one that counts: the optimizer state exists by then
-            loss = loss_fn(model(inputs.to(device)), targets.to(device))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, inputs, targets, loss_fn=loss_fn)
     except torch.OutOfMemoryError:
         fitted = False
     # Clean up *after* the except block: while it runs, the traceback keeps the failed step's tensors
     # (activations in the frames of forward) alive, and nothing could be freed.
-    loss = inputs = targets = None
+    inputs = targets = None
     opt.zero_grad(set_to_none=True)
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -157,17 +153,16 @@ def find_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start:
     they are saved first (as bytes, outside the budget) and restored afterwards, so ``model`` and an
     optimizer you pass are bitwise as they were, whatever happens.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if not callable(make_batch):
         raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
     check_choice("mode", mode, ("power", "binsearch"))
     check_int("start", start, minimum=1)
     check_int("max_trials", max_trials, minimum=1)
-    if isinstance(optimizer, str):
-        check_choice("optimizer", optimizer, ("sgd", "adam"))
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    device = device or next(iter(model.parameters())).device
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        check_optimizer(optimizer)
+    loss_fn = check_loss_fn(loss_fn)
+    device = device or device_of(model)
     snapshot, was_training = _snapshot(model, optimizer), model.training
     search = BatchSizeSearch(0, mode)
     try:

@@ -52,17 +52,15 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
-from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .batching import frozen_gc
 from .models import MODEL_NAMES, build_model
-from .training import History, _check_dataset, _optimizer_factory
-from .validation import check_choice, check_float, check_int
+from .steps import check_optimizer, make_optimizer, train_step
+from .training import History
+from .validation import check_choice, check_dataset, check_float, check_int, check_seed
 
 BACKENDS = ("gloo", "nccl")
 MASTER_ADDR = "127.0.0.1"  # every process of launch() runs on this machine
@@ -326,12 +324,15 @@ def global_batch_order(n: int, *, world_size: int, batch_size: int, steps: int, 
 
 
 def plot_sampler(n: int, world_size: int, *, epochs=(0, 1), shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False) -> Figure:
+                 drop_last: bool = False):
     """Which sample each rank gets in each of ``epochs``: one row per epoch, one colour per rank.
 
     Hatched boxes are padding: samples that ``DistributedSampler`` repeats so that every rank gets
-    the same number (``drop_last=True`` cuts the data instead).
+    the same number (``drop_last=True`` cuts the data instead). Returns a matplotlib ``Figure``.
     """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
     per_rank = samples_per_process(n, world_size, drop_last)
     fig = Figure(figsize=(0.42 * world_size * (per_rank + 1) + 1, 0.55 * len(epochs) + 0.9), layout="constrained")
     ax = fig.subplots()
@@ -398,7 +399,7 @@ def _num_classes(dataset) -> int:
 def _check_ddp_args(model_name, dataset, world_size, batch_size, steps, accumulation_steps, drop_last):
     """Check everything that can be checked before a process starts; return the per-process batch."""
     check_choice("model_name", model_name, MODEL_NAMES)
-    _check_dataset("dataset", dataset)
+    check_dataset(dataset)
     check_int("world_size", world_size, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
     check_int("steps", steps, minimum=1)
@@ -437,8 +438,9 @@ def train_ddp(model_name: str, dataset, *, world_size: int = 2, batch_size: int,
     all-reduces: ``calls``, ``bytes``, ``seconds``), ``per_process_batch``, ``micro_batch``, ``seconds``.
     """
     _check_ddp_args(model_name, dataset, world_size, batch_size, steps, accumulation_steps, drop_last)
-    _optimizer_factory(optimizer, check_float("lr", lr))  # refuses a bad optimizer before anything starts
-    check_int("seed", seed, minimum=0)
+    check_optimizer(optimizer)  # refuses a bad optimizer before anything starts
+    check_float("lr", lr)
+    check_seed("seed", seed)
     config = dict(batch_size=batch_size, steps=steps, optimizer=optimizer, lr=lr, seed=seed,
                   accumulation_steps=accumulation_steps, drop_last=drop_last, no_sync=no_sync)
     return launch(_train_and_report, model_name, dataset, config, nprocs=world_size, timeout=timeout)
@@ -470,7 +472,7 @@ def train_process(rank: int, world_size: int, model_name: str, dataset, *, batch
                                   gradient_as_bucket_view=True)
     comm = CommStats()
     ddp.register_comm_hook(comm, counting_allreduce_hook)  # the default all-reduce, counted
-    opt = _optimizer_factory(optimizer, lr)(ddp.parameters())
+    opt = make_optimizer(optimizer, ddp.parameters(), lr=lr)
     # Each process sees its own 1/world_size share of a permutation that is the same in every process.
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=drop_last)
@@ -489,29 +491,18 @@ def train_process(rank: int, world_size: int, model_name: str, dataset, *, batch
 
 def _run_steps(ddp, loader, sampler, opt, steps, accumulation_steps, no_sync, device):
     """The loop itself; returns this process's loss per step and the seconds after each step."""
-    loss_fn = nn.CrossEntropyLoss()
     losses, seconds, start, epoch = [], [], time.perf_counter(), 0
     while len(losses) < steps:
         sampler.set_epoch(epoch)  # a new permutation each epoch, the same one in every process
         for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
-            step_loss = 0.0
-            micro_batches = list(zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)))
-            for i, (micro_inputs, micro_targets) in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1
-                # no_sync: keep this micro-batch's gradients local; the last backward all-reduces their sum.
-                with ddp.no_sync() if no_sync and not last else nullcontext():
-                    loss = loss_fn(ddp(micro_inputs), micro_targets)
-                    # Weighted by its share of this process's batch, as in chapter 6 (here the shares are
-                    # equal, 1 / accumulation_steps: batch_size divides evenly and the loader drops a short
-                    # last batch). The local sum is the local mean; DDP's all-reduce averages the equal-sized
-                    # processes' means, so the step uses the mean over the global batch.
-                    share = len(micro_targets) / len(targets)
-                    (loss * share).backward()
-                step_loss += loss.item() * share  # .item(): a number, not the graph
-            opt.step()  # every process applies the same averaged gradient: weights stay identical
-            opt.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            # batchlab's one training step, on this process's share of the global batch. Its micro-batch
+            # weights (their shares of the local batch, here equal) give the local mean loss; DDP's
+            # all-reduce averages the equal-sized processes' gradients, so every process applies the
+            # gradient of the mean over the global batch and the weights stay identical. no_sync keeps
+            # every micro-batch's gradients local but the last's, whose backward all-reduces their sum.
+            losses.append(train_step(ddp, opt, inputs, targets, accumulation_steps=accumulation_steps,
+                                     no_sync=ddp.no_sync if no_sync else None))
             seconds.append(time.perf_counter() - start)
             if len(losses) == steps:
                 break

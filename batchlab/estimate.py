@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -29,10 +28,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .allocator import CachingAllocator, MiB
-from .memory import CATEGORIES, MemoryReport, _check_batch, _tracking, profile_step
-from .training import _optimizer_factory
-from .validation import check_choice, check_int, parse_bytes
+from .allocator import CachingAllocator
+from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
+from .steps import check_optimizer, make_optimizer, train_step
+from .torch_internals import attention_kernels
+from .validation import MiB, check_batch, check_choice, check_int, check_loss_fn, check_model, parse_bytes
 
 # Every constant of the CUDA model, with where it comes from. Measured values come from
 # batchlab/data/gpu_memory_h100.json (NVIDIA H100 80GB, PyTorch 2.11, CUDA 13).
@@ -92,71 +92,6 @@ def _conv_out_positions(inputs, weight, args) -> int:
     return positions
 
 
-_attention_lock = threading.Lock()
-_attention_route = threading.local()  # the kernel choice of the estimate running in this thread
-
-
-@contextmanager
-def _attention_kernels(device: str):
-    """Make ``F.scaled_dot_product_attention`` run the kernel ``device`` would run, in this thread only.
-
-    On the meta device PyTorch falls back to the "math" attention, which stores the full
-    (length x length) attention matrix for backward. An NVIDIA GPU runs fused kernels instead
-    (FlashAttention for half precision, the memory-efficient kernel for float32 or with a mask), which
-    keep only the output and one log-sum-exp per query: that is why long sequences fit on a GPU. A CPU
-    runs its own flash kernel when there is no dropout. ``nn.MultiheadAttention`` calls the function
-    through the ``torch.nn.functional`` module, so the function is swapped there for the duration of the
-    block; other threads keep the original.
-    """
-    functional = torch.nn.functional
-    with _attention_lock:
-        if getattr(functional.scaled_dot_product_attention, "_batchlab_original", None) is None:
-            original = functional.scaled_dot_product_attention
-
-            def routed(*args, **kwargs):
-                route = getattr(_attention_route, "device", None)
-                if route == "cuda":
-                    return _fused_attention(*args, **kwargs)
-                if route == "cpu":
-                    return _cpu_attention(original, *args, **kwargs)
-                return original(*args, **kwargs)
-
-            routed._batchlab_original, routed._batchlab_users = original, 0
-            functional.scaled_dot_product_attention = routed
-        functional.scaled_dot_product_attention._batchlab_users += 1
-    _attention_route.device = device
-    try:
-        yield
-    finally:
-        _attention_route.device = None
-        with _attention_lock:
-            routed = functional.scaled_dot_product_attention
-            routed._batchlab_users -= 1
-            if routed._batchlab_users == 0:
-                functional.scaled_dot_product_attention = routed._batchlab_original
-
-
-def _cpu_attention(original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False):
-    if dropout_p or attn_mask is not None or enable_gqa:
-        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal,
-                                                                      scale=scale)[0]
-
-
-def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                     enable_gqa=False):
-    aten = torch.ops.aten
-    if query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and query.shape[-1] <= 256:
-        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
-                                                        scale=scale)[0]
-    if attn_mask is not None and attn_mask.dtype == torch.bool:  # the kernel takes an additive bias
-        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-            attn_mask.logical_not(), float("-inf"))
-    return aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, query.requires_grad,
-                                                        dropout_p, is_causal, scale=scale)[0]
-
-
 def _meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers live on the meta device (no memory is used).
 
@@ -178,8 +113,8 @@ class _AllocatorReplay:
     library workspaces and remembers which tensors were alive at the highest allocated moment.
     """
 
-    def __init__(self, capacity: int | None = None):
-        self.allocator = CachingAllocator(capacity)
+    def __init__(self, budget: int | None = None):
+        self.allocator = CachingAllocator(budget)
         self.blocks: dict = {}  # tracker serial -> allocator block
         self.sizes: dict = {}  # tracker serial -> bytes the tensor asked for
         self.library_blocks: list = []  # cuBLAS workspaces, allocated at the first matrix product
@@ -228,36 +163,12 @@ class _AllocatorReplay:
 
 
 def _check_estimate_args(model, batch, optimizer, loss_fn, device):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs, targets = _check_batch(batch)
-    if isinstance(optimizer, str):
-        check_choice("optimizer", optimizer, ("sgd", "adam"))
-    elif not callable(optimizer):
-        raise TypeError(f"optimizer must be 'sgd', 'adam' or a function params -> Optimizer, got {optimizer!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
+    check_model(model)
+    inputs, targets = check_batch(batch)
+    check_optimizer(optimizer)
+    check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
     return inputs, targets
-
-
-def _make_optimizer(optimizer, params, device: str):
-    """The optimizer a real run would build; on CUDA PyTorch picks the multi-tensor (foreach) code."""
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=0.01, momentum=0.9, foreach=device == "cuda")
-    if optimizer == "adam":
-        return torch.optim.Adam(params, lr=1e-3, foreach=device == "cuda")
-    return _optimizer_factory(optimizer, 0.01)(params)
-
-
-def _meta_step(model, inputs, targets, opt, loss_fn, accumulation_steps: int = 1) -> None:
-    # The step of batchlab.train: micro-batches weighted by their share, one optimizer step.
-    for micro_inputs, micro_targets in zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)):
-        loss = loss_fn(model(micro_inputs), micro_targets) * (len(micro_targets) / len(targets))
-        loss.backward()
-        del loss
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 @contextmanager
@@ -280,7 +191,7 @@ def _explain_meta_failures():
 
 
 def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device: str = "cuda",
-                    capacity=None, accumulation_steps: int = 1) -> MemoryReport:
+                    budget=None, accumulation_steps: int = 1) -> MemoryReport:
     """The peak memory of one training step of ``model`` on ``batch`` = (inputs, targets) on ``device``.
 
     The step is forward, loss (default cross-entropy), backward, ``optimizer.step()`` and
@@ -292,15 +203,15 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
     ``max_memory_reserved`` (``reserved_bytes``) of a CUDA GPU, with the allocator and library effects
     of :data:`CUDA_CONSTANTS`; ``breakdown`` adds ``workspaces`` and ``allocator rounding`` to the
     tensor categories. ``device="cpu"`` predicts the tensor bytes a CPU step holds at its peak.
-    ``capacity`` (bytes or a string like ``"4GiB"``) makes the simulated GPU that small: a step that
+    ``budget`` (bytes or a string like ``"4GiB"``) makes the simulated GPU that small: a step that
     does not fit raises ``torch.OutOfMemoryError``, as on a real GPU. ``accumulation_steps`` splits the
     batch into that many micro-batches whose gradients are accumulated, as ``batchlab.train`` does.
     """
     inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device)
-    capacity = parse_bytes("capacity", capacity) if capacity is not None else None
+    budget = parse_bytes("budget", budget) if budget is not None else None
     check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=len(inputs))
     try:
-        return _estimate(model, inputs, targets, optimizer, loss_fn, device, capacity, accumulation_steps)
+        return _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps)
     except NotImplementedError as error:
         if device != "cpu" or accumulation_steps != 1 or inputs.device.type == "meta":
             raise
@@ -309,28 +220,30 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
         return profile_step(model, (inputs, targets), optimizer=optimizer, loss_fn=loss_fn, device="cpu")
 
 
-def _estimate(model, inputs, targets, optimizer, loss_fn, device, capacity, accumulation_steps) -> MemoryReport:
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps) -> MemoryReport:
+    loss_fn = check_loss_fn(loss_fn)
     work = _meta_copy(model).train()
     inputs, targets = inputs.to("meta"), targets.to("meta")
-    opt = _make_optimizer(optimizer, list(work.parameters()), device)
-    replay = _AllocatorReplay(capacity) if device == "cuda" else None
-    tracking = _tracking(work, opt, record=True, observer=replay)
-    with _explain_meta_failures(), _attention_kernels(device), tracking as tracker:
+    # The optimizer a real run would build: on CUDA PyTorch picks the multi-tensor (foreach) code.
+    opt = make_optimizer(optimizer, list(work.parameters()), foreach=device == "cuda")
+    replay = _AllocatorReplay(budget) if device == "cuda" else None
+    tracking = track_storages(work, opt, record=True, observer=replay)
+    step = dict(loss_fn=loss_fn, accumulation_steps=accumulation_steps)
+    with _explain_meta_failures(), attention_kernels(device), tracking as tracker:
         tracker.adopt([inputs, targets], "inputs")
-        _meta_step(work, inputs, targets, opt, loss_fn, accumulation_steps)  # warm-up: state, cached blocks
+        train_step(work, opt, inputs, targets, **step)  # warm-up: optimizer state, cached blocks
         tracker.begin_measurement()
         if replay is not None:
             replay.tracker, replay.measuring = tracker, True
             replay.allocator.reset_peaks()
-        _meta_step(work, inputs, targets, opt, loss_fn, accumulation_steps)
+        train_step(work, opt, inputs, targets, **step)
     report = tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
                                   f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}, "
                                   f"estimated for {device}")
     report.device = device
-    if replay is None and capacity is not None and report.peak_bytes > capacity:
+    if replay is None and budget is not None and report.peak_bytes > budget:
         raise torch.OutOfMemoryError(f"Simulated out of memory: the step needs {report.peak_bytes / MiB:.2f} MiB "
-                                     f"of tensors at its peak, more than the {capacity / MiB:.2f} MiB budget.")
+                                     f"of tensors at its peak, more than the {budget / MiB:.2f} MiB budget.")
     if replay is not None:
         report.peak_bytes = replay.allocator.peak_allocated
         report.reserved_bytes = replay.allocator.peak_reserved
@@ -345,11 +258,11 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, capacity, accu
 SAFETY_MARGIN = 0.05
 
 
-def _fits(model, make_batch, n, capacity, optimizer, loss_fn, device) -> bool:
+def _fits(model, make_batch, n, budget, optimizer, loss_fn, device) -> bool:
     padded = math.ceil(n * (1 + SAFETY_MARGIN))
     try:
         estimate_memory(model, _checked_batch(make_batch, padded), optimizer=optimizer, loss_fn=loss_fn,
-                        device=device, capacity=capacity)
+                        device=device, budget=budget)
     except torch.OutOfMemoryError:
         return False
     return True
@@ -357,7 +270,7 @@ def _fits(model, make_batch, n, capacity, optimizer, loss_fn, device) -> bool:
 
 def _checked_batch(make_batch, n: int):
     batch = make_batch(n)
-    inputs, targets = _check_batch(batch)
+    inputs, targets = check_batch(batch)
     if len(inputs) != n:
         raise ValueError(f"make_batch({n}) must return a batch of {n} samples, but its inputs have shape "
                          f"{tuple(inputs.shape)}: build the batch with n as its first dimension")
@@ -383,30 +296,29 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
         raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
     budget = parse_bytes("budget", budget)
     check_int("limit", limit, minimum=1)
-    capacity = budget
     args = (optimizer, loss_fn, device)
     smallest, one = _smallest_batch(model, make_batch, optimizer, loss_fn, device)
-    if not _fits(model, make_batch, smallest, capacity, *args):
+    if not _fits(model, make_batch, smallest, budget, *args):
         raise ValueError(_does_not_fit_message(one, budget, smallest))
     probe = max(smallest + 1, min(limit, 64))
     many = estimate_memory(model, _checked_batch(make_batch, probe), optimizer=optimizer, loss_fn=loss_fn,
                            device=device)
     per_sample = max(1.0, (many.peak_bytes - one.peak_bytes) / (probe - smallest))
-    guess = int(min(limit, max(smallest, smallest + (capacity - one.peak_bytes) / per_sample)))
+    guess = int(min(limit, max(smallest, smallest + (budget - one.peak_bytes) / per_sample)))
     # Bracket the answer around the linear guess, then bisect: lo always fits, hi never does.
-    if _fits(model, make_batch, guess, capacity, *args):
+    if _fits(model, make_batch, guess, budget, *args):
         lo, hi = guess, min(limit + 1, max(guess + 1, int(guess * 1.1)))
-        while hi <= limit and _fits(model, make_batch, hi, capacity, *args):
+        while hi <= limit and _fits(model, make_batch, hi, budget, *args):
             lo, hi = hi, min(limit + 1, hi * 2)
     else:
         lo, hi = smallest, guess
         candidate = int(guess * 0.9)
-        while candidate > lo and not _fits(model, make_batch, candidate, capacity, *args):
+        while candidate > lo and not _fits(model, make_batch, candidate, budget, *args):
             hi, candidate = candidate, int(candidate * 0.8)
         lo = max(lo, candidate)
     while hi - lo > max(1, lo // 100):  # within 1%: closer is not worth more estimates
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(model, make_batch, mid, capacity, *args) else (lo, mid)
+        lo, hi = (mid, hi) if _fits(model, make_batch, mid, budget, *args) else (lo, mid)
     return lo
 
 

@@ -32,7 +32,7 @@ from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
 from .memory import CATEGORIES
 from .memory_plots import COLORS
 from .models import MODEL_NAMES, build_model
-from .training import _accumulate, _optimizer_factory
+from .steps import make_optimizer, train_step
 from .validation import check_choice, check_int
 
 GiB = 2**30
@@ -178,7 +178,7 @@ def _fits(model, batch, profile, optimizer, accumulation_steps, report) -> bool:
     if profile.device == "cpu" or (report.reserved_bytes or 0) <= profile.budget:
         return True
     try:
-        estimate_memory(model, batch, optimizer=optimizer, device="cuda", capacity=profile.budget,
+        estimate_memory(model, batch, optimizer=optimizer, device="cuda", budget=profile.budget,
                         accumulation_steps=accumulation_steps)
     except torch.OutOfMemoryError:
         return False
@@ -359,15 +359,12 @@ def training_losses(model: nn.Module, dataset: Dataset, *, batch_size: int, lr: 
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
-    opt = _optimizer_factory(optimizer, lr)(model.parameters())
-    loss_fn = nn.CrossEntropyLoss()
+    opt = make_optimizer(optimizer, model.parameters(), lr=lr)
     model.train()
     step = 0
     while True:  # one pass of this loop is one epoch
         for inputs, targets in loader:
-            loss = _accumulate(model, loss_fn, inputs, targets, accumulation_steps)
-            opt.step()  # one update per effective batch
-            opt.zero_grad(set_to_none=True)
+            loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps)
             step += 1
             yield loss
             if step == steps:

@@ -22,8 +22,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .memory import MiB, _python_tensors, _tracking
-from .validation import check_int
+from .memory import python_tensors, track_storages
+from .validation import MiB, check_int
 
 
 @dataclass
@@ -81,7 +81,7 @@ def graph_nodes(objects=None) -> Counter:
     ``gc.get_objects()``) is where to look for tensors.
     """
     seen: dict = {}  # id -> node; holding the nodes keeps their ids unique during the walk
-    stack = [t.grad_fn for t in _python_tensors(objects) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in python_tensors(objects) if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -151,7 +151,7 @@ def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "") ->
     gc.collect()
     gc.disable()
     try:
-        with _tracking(None, None, record=False) as tracker:
+        with track_storages(None, None, record=False) as tracker:
             nodes_before = graph_nodes()  # first, so that the Python wrappers of existing nodes are counted
             objects_before = _object_types(exclude=nodes_before)
             node_start, object_start = sum(nodes_before.values()), sum(objects_before.values())

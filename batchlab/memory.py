@@ -41,35 +41,18 @@ import psutil
 import torch
 from torch import nn
 
-from .training import _optimizer_factory
-from .validation import check_choice
+from .steps import check_optimizer, make_optimizer, train_step
+from .torch_internals import LIFT_FRESH, dispatch_mode_base
+from .validation import MiB, check_batch, check_choice, check_device, check_loss_fn, check_model, device_of
 
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")
 # The phases the tracker's hooks mark, in the order of a training step ("start": before the forward pass).
 PHASES = ("start", "forward", "loss", "backward", "optimizer step", "after step")
-MiB = 2**20
 
 # When a storage is seen in several roles, the role that explains it best wins: a parameter saved for
 # backward is still a parameter, an input saved for backward is still an input.
 _PRIORITY = {"temporaries": 0, "activations": 1, "inputs": 2, "gradients": 3, "optimizer_state": 3,
              "buffers": 4, "parameters": 5}
-
-
-def _dispatch_mode_class():
-    """The one private torch API this module relies on: the base class of Python dispatch modes.
-
-    ``TorchDispatchMode`` is documented ("Extending PyTorch") but lives in a private module;
-    ``tests/test_memory.py`` fails loudly if it moves or stops seeing operations.
-    """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    return TorchDispatchMode
-
-
-# torch.tensor(data), torch.as_tensor and torch.from_numpy build their tensor outside the dispatcher and
-# then pass it through this operation, which returns it as it is: its storage is new although it is
-# also the operation's input.
-_LIFT_FRESH = torch.ops.aten.lift_fresh
 
 
 def _tensors_in(obj, found: list) -> list:
@@ -267,7 +250,7 @@ class MemoryTracker:
 
     def _on_op(self, func, args, kwargs, out) -> None:
         outputs = _tensors_in(out, [])
-        inputs = set() if func.overloadpacket is _LIFT_FRESH else None
+        inputs = set() if func.overloadpacket is LIFT_FRESH else None
         new = []
         for tensor in outputs:
             storage = _storage(tensor)
@@ -468,7 +451,7 @@ class MemoryTracker:
 
 
 def _make_mode(tracker: MemoryTracker):
-    base = _dispatch_mode_class()
+    base = dispatch_mode_base()
 
     class _StorageWatcher(base):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -510,11 +493,11 @@ def track_memory(model: nn.Module | None = None, optimizer: torch.optim.Optimize
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-    return _tracking(model, optimizer, record=True)
+    return track_storages(model, optimizer, record=True)
 
 
 @contextmanager
-def _tracking(model, optimizer, *, record: bool, observer=None, saved_tensors: bool | None = None):
+def track_storages(model, optimizer, *, record: bool, observer=None, saved_tensors: bool | None = None):
     """:func:`track_memory` without its argument checks, for batchlab's own tools: ``record=False`` keeps
     no timeline (leak_check, memory_budget); ``observer`` is told of every event as it happens (the GPU
     estimator, memory_budget); ``saved_tensors`` installs the saved-tensor hooks that name activations
@@ -541,39 +524,6 @@ def _tracking(model, optimizer, *, record: bool, observer=None, saved_tensors: b
             _active.tracker = None
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _check_batch(batch):
-    if (
-        not isinstance(batch, (tuple, list))
-        or len(batch) != 2
-        or not all(isinstance(t, torch.Tensor) for t in batch)
-    ):
-        got = f"a {type(batch).__name__}" if not isinstance(batch, (tuple, list)) else \
-            f"a {type(batch).__name__} of ({', '.join(type(t).__name__ for t in batch)})"
-        raise TypeError(f"batch must be a pair (inputs, targets) of tensors, as a DataLoader yields, got {got}")
-    inputs, targets = batch
-    if inputs.shape[:1] != targets.shape[:1]:
-        raise ValueError(f"batch inputs and targets must have the same number of samples, got "
-                         f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
-    if len(inputs) == 0:
-        raise ValueError("batch is empty: it must hold at least one sample")
-    return inputs, targets
-
-
-def _training_step(model, inputs, targets, optimizer, loss_fn) -> None:
-    loss = loss_fn(model(inputs), targets)
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError(f"loss_fn must return a scalar tensor (use a mean or sum reduction), got "
-                         f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device=None) -> MemoryReport:
     """Measure one training step of ``model`` on ``batch`` = (inputs, targets): a :class:`MemoryReport`.
 
@@ -586,26 +536,18 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
     The step runs on a copy of the model, so ``model`` (its weights, buffers, gradients, device) and the
     global random state are left exactly as they were.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs, targets = _check_batch(batch)
-    if isinstance(optimizer, str):
-        check_choice("optimizer", optimizer, ("sgd", "adam"))
-    make_optimizer = _optimizer_factory(optimizer, 0.01 if optimizer == "sgd" else 1e-3)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    check_model(model)
+    inputs, targets = check_batch(batch)
+    check_optimizer(optimizer)
+    loss_fn = check_loss_fn(loss_fn)
     if device is None:
-        device = _device_of(model)
+        device = device_of(model)
         for name, tensor in (("inputs", inputs), ("targets", targets)):
             if tensor.device != device:
                 raise ValueError(f"batch {name} are on {tensor.device} but the model is on {device}: move both "
                                  f"to one device, or pass device='{device.type}' to run the step there")
     else:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+        device = check_device(device)
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         work = copy.deepcopy(model).to(device).train()
@@ -613,11 +555,11 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
             p.grad = None
         # Own copies of the batch: a slice of a larger tensor would otherwise count the whole tensor.
         inputs, targets = inputs.to(device).clone(), targets.to(device).clone()
-        opt = make_optimizer(work.parameters())
-        _training_step(work, inputs, targets, opt, loss_fn)  # warm-up: creates the optimizer state
+        opt = make_optimizer(optimizer, work.parameters())
+        train_step(work, opt, inputs, targets, loss_fn=loss_fn)  # warm-up: creates the optimizer state
         with track_memory(work, opt) as tracker:
             tracker.adopt([inputs, targets], "inputs")
-            _training_step(work, inputs, targets, opt, loss_fn)
+            train_step(work, opt, inputs, targets, loss_fn=loss_fn)
     return tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
                                 f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}")
 
@@ -649,7 +591,7 @@ class ProcessMemory:
 _TENSOR_TYPES: dict = {}  # type -> is it a tensor type? (cached: asked for every object gc knows)
 
 
-def _python_tensors(objects=None) -> list:
+def python_tensors(objects=None) -> list:
     """Every tensor that is a Python object now (parameters included), or among ``objects``.
 
     Types are checked once each with ``issubclass``; ``isinstance`` on every object would ask some
@@ -667,7 +609,7 @@ def _python_tensors(objects=None) -> list:
 
 def process_memory() -> ProcessMemory:
     """Resident memory of this process (psutil) and the bytes of the CPU tensors Python holds."""
-    tensors = [t for t in _python_tensors() if t.device.type == "cpu"]
+    tensors = [t for t in python_tensors() if t.device.type == "cpu"]
     return ProcessMemory(rss_bytes=psutil.Process().memory_info().rss, tensor_bytes=storage_bytes(tensors))
 
 

@@ -16,9 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .validation import check_float, check_int
-
-OPTIMIZERS = ("sgd", "adam")
+from .steps import check_optimizer, make_optimizer, train_step
+from .validation import (
+    check_bool,
+    check_dataset,
+    check_device,
+    check_float,
+    check_int,
+    check_loss_fn,
+    check_model,
+    check_seed,
+    device_of,
+)
 
 
 @dataclass
@@ -97,24 +106,21 @@ def train(
     The model is moved to ``device`` and trained in place. Arguments are checked before anything is
     touched; if training fails or is interrupted, the model's weights, device and mode are restored.
     """
-    total_steps, make_optimizer = _check_train_args(
-        model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps, loss_fn, device, seed,
-        eval_dataset,
-    )
-    if not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
+    total_steps = _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
+                                    loss_fn, device, seed, eval_dataset)
+    check_bool("shuffle", shuffle)
     if on_oom not in (None, "halve"):
         raise ValueError(f"on_oom must be None (let the error through) or 'halve', got {on_oom!r}")
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = check_loss_fn(loss_fn)
     device = torch.device(device)
     history = History(label or f"batch {batch_size}, lr {lr:g}", batch_size)
     saved_state = copy.deepcopy(model.state_dict())
-    saved_device, was_training = _device_of(model), model.training
+    saved_device, was_training = device_of(model), model.training
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model.to(device).train()
-            opt = make_optimizer(model.parameters())
+            opt = make_optimizer(optimizer, model.parameters(), lr=lr)
             _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
                  eval_dataset, progress, history, shuffle, on_oom)
     except BaseException:
@@ -137,12 +143,11 @@ def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_st
         for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
             if on_oom is None:
-                step_loss = _accumulate(model, loss_fn, inputs, targets, accumulation_steps)
+                step_loss = train_step(model, opt, inputs, targets, loss_fn=loss_fn,
+                                       accumulation_steps=accumulation_steps)
             else:
-                step_loss, accumulation_steps = _accumulate_or_halve(model, opt, loss_fn, inputs, targets,
-                                                                     accumulation_steps, history, step + 1)
-            opt.step()  # one update per effective batch
-            opt.zero_grad(set_to_none=True)  # start the next batch's accumulation from zero
+                step_loss, accumulation_steps = _step_or_halve(model, opt, loss_fn, inputs, targets,
+                                                               accumulation_steps, history, step + 1)
             step += 1
             history.loss.append(step_loss)
             history.samples.append(step * batch_size)
@@ -159,27 +164,13 @@ def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_st
     bar.close()
 
 
-def _accumulate(model, loss_fn, inputs, targets, accumulation_steps: int) -> float:
-    """Forward and backward over one effective batch in micro-batches; return its mean loss."""
-    step_loss = 0.0
-    # Split the effective batch into micro-batches; only one micro-batch's activations
-    # are alive at a time, which is what saves memory.
-    for micro_inputs, micro_targets in zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)):
-        loss = loss_fn(model(micro_inputs), micro_targets)
-        # Weight each micro-batch by its share of the batch: the summed gradients are then
-        # exactly the gradient of the mean loss over the whole effective batch.
-        share = len(micro_targets) / len(targets)
-        (loss * share).backward()  # adds to .grad; frees this micro-batch's graph
-        step_loss += loss.item() * share  # .item(): keep a number, not the graph
-    return step_loss
-
-
-def _accumulate_or_halve(model, opt, loss_fn, inputs, targets, accumulation_steps, history, step):
-    """:func:`_accumulate`, retried with micro-batches half as large after each out-of-memory error."""
+def _step_or_halve(model, opt, loss_fn, inputs, targets, accumulation_steps, history, step):
+    """:func:`train_step`, retried with micro-batches half as large after each out-of-memory error."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics to undo
     while True:
         try:
-            return _accumulate(model, loss_fn, inputs, targets, accumulation_steps), accumulation_steps
+            loss = train_step(model, opt, inputs, targets, loss_fn=loss_fn, accumulation_steps=accumulation_steps)
+            return loss, accumulation_steps
         except torch.OutOfMemoryError:
             if accumulation_steps >= len(targets):
                 raise  # micro-batches of one sample: nothing left to halve
@@ -199,11 +190,10 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
 
     Runs under ``torch.no_grad()`` in eval mode and puts the model back in the mode it was in.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_dataset("dataset", dataset)
+    check_model(model)
+    check_dataset(dataset)
     check_int("batch_size", batch_size, minimum=1)
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = check_device(device) if device is not None else device_of(model)
     was_training = model.training
     model.eval()
     correct = 0
@@ -217,40 +207,11 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     return correct / len(dataset)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _check_dataset(name: str, dataset) -> None:
-    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
-        raise TypeError(f"{name} must be a map-style torch Dataset with a length, got {type(dataset).__name__}")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty")
-    item = dataset[0]
-    if (
-        not isinstance(item, (tuple, list))
-        or len(item) != 2
-        or not isinstance(item[0], torch.Tensor)
-        or not isinstance(item[1], (int, torch.Tensor))
-    ):
-        raise TypeError(
-            f"{name} must yield (input tensor, integer label) pairs, but item 0 is {_describe(item)}"
-        )
-
-
-def _describe(item) -> str:
-    if isinstance(item, (tuple, list)):
-        return f"a {type(item).__name__} of ({', '.join(type(x).__name__ for x in item)})"
-    return f"a {type(item).__name__}"
-
-
 def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
                       loss_fn, device, seed, eval_dataset):
-    """Check every argument of :func:`train`; return (number of steps, optimizer factory)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_dataset("dataset", dataset)
+    """Check every argument of :func:`train`; return the number of steps."""
+    check_model(model)
+    check_dataset(dataset)
     check_int("batch_size", batch_size, minimum=1)
     if batch_size > len(dataset):
         raise ValueError(
@@ -269,30 +230,11 @@ def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, 
     total = check_int("steps", steps, minimum=1) if steps is not None else \
         check_int("epochs", epochs, minimum=1) * steps_per_epoch
     check_float("lr", lr)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
-    check_int("seed", seed, minimum=0)
+    check_optimizer(optimizer)
+    check_loss_fn(loss_fn)
+    check_device(device)
+    check_seed("seed", seed)
     if eval_dataset is not None:
-        _check_dataset("eval_dataset", eval_dataset)
-    return total, _optimizer_factory(optimizer, lr)
+        check_dataset(eval_dataset, "eval_dataset")
+    return total
 
-
-def _optimizer_factory(optimizer, lr: float):
-    if callable(optimizer):
-        def make(params):
-            opt = optimizer(params)
-            if not isinstance(opt, torch.optim.Optimizer):
-                raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(opt).__name__}")
-            return opt
-        return make
-    if optimizer == "sgd":
-        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if optimizer == "adam":
-        return lambda params: torch.optim.Adam(params, lr=lr)
-    raise ValueError(
-        f"optimizer must be 'sgd', 'adam' or a function params -> torch.optim.Optimizer, got {optimizer!r}"
-    )

@@ -1,4 +1,4 @@
-"""Argument checks shared by every public function.
+"""Argument checks shared by every public function, and the units of memory sizes.
 
 Each check raises ``ValueError`` or ``TypeError`` with a message that names the argument, shows the
 value that was given and says what would work, so a learner can fix the call without reading code.
@@ -7,6 +7,10 @@ value that was given and says what would work, so a learner can fix the call wit
 from __future__ import annotations
 
 import numbers
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 
 def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -72,3 +76,107 @@ def parse_bytes(name: str, value) -> int:
     if size <= 0:
         raise ValueError(f"{name} must be a positive amount of memory, got {value!r}")
     return size
+
+
+# -- units ----------------------------------------------------------------------------------------
+
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+
+
+def format_bytes(nbytes: float) -> str:
+    """A size for people: ``"1.50 GiB"``, ``"512.0 MiB"``, ``"12.0 KiB"`` or ``"100 B"`` (powers of 1024)."""
+    size = abs(nbytes)
+    if size >= GiB:
+        return f"{nbytes / GiB:.2f} GiB"
+    if size >= MiB:
+        return f"{nbytes / MiB:.1f} MiB"
+    if size >= KiB:
+        return f"{nbytes / KiB:.1f} KiB"
+    return f"{nbytes:g} B"
+
+
+# -- the arguments every chapter passes -----------------------------------------------------------
+
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` if it is True or False (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_seed(name: str, seed) -> int:
+    """A seed that Python, NumPy and torch all accept: an int from 0 to 2**32 - 1."""
+    return check_int(name, seed, minimum=0, maximum=2**32 - 1)
+
+
+def check_model(model, name: str = "model"):
+    """Return ``model`` if it is a ``torch.nn.Module``."""
+    if not isinstance(model, nn.Module):
+        hint = " (build one with batchlab.build_model(name))" if isinstance(model, str) else ""
+        raise TypeError(f"{name} must be a torch.nn.Module{hint}, got {type(model).__name__}")
+    return model
+
+
+def device_of(model):
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
+    tensor = next(iter(model.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def check_device(device, name: str = "device"):
+    """``device`` as a ``torch.device``: a string such as ``"cpu"`` or ``"cuda"``, or a ``torch.device``."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+
+
+def check_loss_fn(loss_fn):
+    """``loss_fn``, or cross-entropy (the mean over the batch) when it is None."""
+    if loss_fn is None:
+        return nn.CrossEntropyLoss()
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
+    return loss_fn
+
+
+def describe(item) -> str:
+    """``a tuple of (Tensor, int)``: what a sample or batch is, for error messages."""
+    if isinstance(item, (tuple, list)):
+        return f"a {type(item).__name__} of ({', '.join(type(x).__name__ for x in item)})"
+    return f"a {type(item).__name__}"
+
+
+def check_dataset(dataset, name: str = "dataset", *, labelled: bool = True):
+    """Return ``dataset`` if it is a non-empty map-style torch ``Dataset`` with a length.
+
+    ``labelled``: its items must also be (input tensor, integer label) pairs, as training needs.
+    """
+    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+        raise TypeError(f"{name} must be a map-style torch Dataset with a length, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: it must hold at least one sample")
+    if labelled:
+        item = dataset[0]
+        if (
+            not isinstance(item, (tuple, list))
+            or len(item) != 2
+            or not isinstance(item[0], torch.Tensor)
+            or not isinstance(item[1], (int, torch.Tensor))
+        ):
+            raise TypeError(f"{name} must yield (input tensor, integer label) pairs, but item 0 is {describe(item)}")
+    return dataset
+
+
+def check_batch(batch, name: str = "batch"):
+    """``(inputs, targets)`` from a batch as a DataLoader yields it: two tensors with the same first dimension."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, torch.Tensor) for t in batch):
+        raise TypeError(f"{name} must be a pair (inputs, targets) of tensors, as a DataLoader yields, "
+                        f"got {describe(batch)}")
+    inputs, targets = batch
+    if inputs.shape[:1] != targets.shape[:1]:
+        raise ValueError(f"{name} inputs and targets must have the same number of samples, got "
+                         f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+    if len(inputs) == 0:
+        raise ValueError(f"{name} is empty: it must hold at least one sample")
+    return inputs, targets

@@ -43,7 +43,7 @@ def test_unsplit_large_blocks_are_charged_in_full():
 
 
 def test_out_of_memory_after_releasing_the_cache():
-    a = CachingAllocator(capacity=40 * MiB)
+    a = CachingAllocator(budget=40 * MiB)
     cached = a.malloc(30 * MiB)
     a.free(cached)  # 30 MiB stay reserved, unused
     a.malloc(32 * MiB)  # too big for the cached block: the cache is released first, so it fits

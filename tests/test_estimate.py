@@ -89,18 +89,18 @@ def test_cudnn_workspace_model():
 
 def test_simulated_capacity_raises_out_of_memory():
     model = batchlab.build_model("resnet18", in_shape=(3, 64, 64))
-    estimate_memory(model, meta_batch(64, (3, 64, 64)), capacity="1GiB")
+    estimate_memory(model, meta_batch(64, (3, 64, 64)), budget="1GiB")
     with pytest.raises(torch.OutOfMemoryError, match="Simulated CUDA out of memory"):
-        estimate_memory(model, meta_batch(1024, (3, 64, 64)), capacity="1GiB")
+        estimate_memory(model, meta_batch(1024, (3, 64, 64)), budget="1GiB")
 
 
 def test_max_batch_size_fits_and_is_near_the_largest_that_fits():
     model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
     make = lambda n: meta_batch(n, (1, 28, 28))  # noqa: E731
     n = max_batch_size(model, make, budget="512MiB")
-    estimate_memory(model, make(n), capacity="512MiB")  # it fits...
+    estimate_memory(model, make(n), budget="512MiB")  # it fits...
     with pytest.raises(torch.OutOfMemoryError):  # ...and 20% more does not (fragmentation makes what
-        estimate_memory(model, make(int(n * 1.2)), capacity="512MiB")  # fits jagged near the limit)
+        estimate_memory(model, make(int(n * 1.2)), budget="512MiB")  # fits jagged near the limit)
 
 
 def test_max_batch_size_handles_batchnorm_models_that_need_two_samples():
@@ -116,7 +116,7 @@ def test_max_batch_size_handles_batchnorm_models_that_need_two_samples():
         (dict(budget="4GiB", make_batch=lambda n: meta_batch(n + 1, (1, 28, 28))), ValueError,
          r"make_batch\(1\) must return a batch of 1 samples"),
         (dict(budget="4GiB", make_batch="not callable"), TypeError, "make_batch must be a function"),
-        (dict(budget="4GiB", optimizer="lbfgs"), ValueError, "optimizer must be one of 'sgd', 'adam'"),
+        (dict(budget="4GiB", optimizer="lbfgs"), ValueError, "optimizer must be 'sgd', 'adam' or a function"),
     ],
 )
 def test_max_batch_size_refuses_bad_input(kwargs, error, match):

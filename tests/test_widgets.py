@@ -77,7 +77,7 @@ def test_memory_point_agrees_with_the_estimator_and_the_largest_batch():
     too_big = ex.memory_point(model, shape, 2 * largest, profile)
     assert not too_big.fits
     with pytest.raises(torch.OutOfMemoryError):  # the simulated GPU agrees
-        batchlab.estimate_memory(model, ex.meta_batch(2 * largest, shape), capacity=profile.budget)
+        batchlab.estimate_memory(model, ex.meta_batch(2 * largest, shape), budget=profile.budget)
 
 
 def test_an_accumulated_step_is_estimated_as_batchlab_train_runs_it():

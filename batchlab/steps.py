@@ -1,0 +1,116 @@
+"""One training step, written once (chapter 1 introduces it, chapter 6 reads it line by line).
+
+A *step* is one optimizer update on one effective batch: the batch is split into micro-batches, each
+micro-batch's loss is weighted by its share of the samples and back-propagated (the gradients add up
+in ``.grad``), then ``optimizer.step()`` and ``zero_grad(set_to_none=True)``. :func:`train_step` is the
+only place batchlab writes it: :func:`batchlab.train`, the explorer's runs, the DDP loop, the
+estimator's step on the meta device, :func:`batchlab.profile_step`, the batch-size finder's trials,
+:func:`batchlab.step_times` and the accumulation tools all call it, so what a chapter measures is the
+step that training runs.
+
+:func:`make_optimizer` builds the optimizers the course names, from one table of defaults
+(:data:`OPTIMIZERS`).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from .validation import check_float, check_loss_fn
+
+# The optimizers the course names, with their default settings. A learner passes the name, or a
+# function ``params -> torch.optim.Optimizer`` for anything else.
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
+    "adam": (torch.optim.Adam, {"lr": 1e-3}),
+}
+
+
+def check_optimizer(optimizer, name: str = "optimizer"):
+    """Return ``optimizer`` if it is a name in :data:`OPTIMIZERS` or a function ``params -> Optimizer``."""
+    if isinstance(optimizer, str) and optimizer in OPTIMIZERS:
+        return optimizer
+    if callable(optimizer) and not isinstance(optimizer, (str, torch.optim.Optimizer)):
+        return optimizer
+    names = ", ".join(repr(n) for n in OPTIMIZERS)
+    raise ValueError(f"{name} must be {names} or a function params -> torch.optim.Optimizer, got {optimizer!r}")
+
+
+def make_optimizer(optimizer, params, *, lr: float | None = None, foreach: bool | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``optimizer`` names (see :data:`OPTIMIZERS`) over ``params``.
+
+    ``lr`` replaces the table's learning rate; ``foreach`` picks PyTorch's multi-tensor implementation
+    (``True``, what PyTorch uses on a GPU), the one-tensor-at-a-time loop (``False``) or PyTorch's
+    default (``None``). A function ``params -> Optimizer`` is called as it is.
+    """
+    check_optimizer(optimizer)
+    if callable(optimizer):
+        built = optimizer(params)
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(built).__name__}")
+        return built
+    cls, defaults = OPTIMIZERS[optimizer]
+    settings = dict(defaults)
+    if lr is not None:
+        settings["lr"] = check_float("lr", lr)
+    if foreach is not None:
+        settings["foreach"] = foreach
+    return cls(params, **settings)
+
+
+def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, accumulation_steps) -> list:
+    """``(inputs, targets)`` cut into micro-batches (views, no copy).
+
+    ``accumulation_steps`` is a number of micro-batches (``tensor.chunk``: equal sizes when it divides
+    the batch) or a list of their sizes, for uneven ones such as ``[16, 16, 16, 2]``.
+    """
+    if isinstance(accumulation_steps, (list, tuple)):
+        return list(zip(inputs.split(list(accumulation_steps)), targets.split(list(accumulation_steps))))
+    return list(zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)))
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor, *,
+               loss_fn=None, accumulation_steps=1, no_sync=None) -> float:
+    """One optimizer step of ``model`` on the effective batch ``(inputs, targets)``; returns its mean loss.
+
+    ``accumulation_steps``: how many micro-batches the batch is split into (or their sizes, see
+    :func:`micro_batches`). Only one micro-batch's activations are alive at a time, so the step needs
+    less memory; because each loss is weighted by its micro-batch's share of the samples, the summed
+    gradients are exactly the gradient of the mean loss over the whole batch (chapter 6).
+    ``loss_fn`` returns the *mean* loss of a micro-batch (default: cross-entropy). ``no_sync``: DDP's
+    ``model.no_sync``, entered for every micro-batch but the last so that gradients are all-reduced
+    once per step (chapter 7). On the meta device (the memory estimator) losses have no value: the
+    result is ``nan``.
+    """
+    loss_fn = check_loss_fn(loss_fn)
+    step_loss = 0.0
+    parts = micro_batches(inputs, targets, accumulation_steps)
+    for i, (micro_inputs, micro_targets) in enumerate(parts):
+        keep_local = no_sync is not None and i < len(parts) - 1
+        with no_sync() if keep_local else nullcontext():  # DDP: all-reduce only after the last micro-batch
+            loss = _scalar(loss_fn(model(micro_inputs), micro_targets))
+            # Weight each micro-batch by its share of the batch: the summed gradients are then
+            # exactly the gradient of the mean loss over the whole effective batch.
+            share = len(micro_targets) / len(targets)
+            (loss * share).backward()  # adds to .grad; frees this micro-batch's graph
+        step_loss += _value(loss) * share  # a number, not the graph
+        del loss  # and not the loss tensor either, while the next micro-batch runs
+    optimizer.step()  # one update per effective batch
+    optimizer.zero_grad(set_to_none=True)  # free the gradients until the next batch's first backward
+    return step_loss
+
+
+def _scalar(loss) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return the mean loss of a batch as a scalar tensor (use a 'mean' or "
+                         f"'sum' reduction), got {got}")
+    return loss
+
+
+def _value(loss: torch.Tensor) -> float:
+    return math.nan if loss.device.type == "meta" else loss.item()
