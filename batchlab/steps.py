@@ -107,7 +107,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
 def _scalar(loss) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return the mean loss of a batch as a scalar tensor (use a 'mean' or "
+        raise ValueError(f"loss_fn must return a scalar tensor, the mean loss of a batch (use a 'mean' or "
                          f"'sum' reduction), got {got}")
     return loss
 
