@@ -411,27 +411,7 @@ class MemoryTracker:
         with self._lock:
             events = list(self._events)
             categories = dict(self._category)
-        live = dict.fromkeys(CATEGORIES, 0)
-        category_peaks = dict.fromkeys(CATEGORIES, 0)
-        timeline, peak, peak_index = [], -1, 0
-        for serial, delta, phase, what in events:
-            if serial:  # serial 0 marks the start of a phase
-                category = categories[serial]
-                live[category] += delta
-                category_peaks[category] = max(category_peaks[category], live[category])
-            # The memory that existed at the start is one point of the timeline, not one per tensor.
-            if what.startswith("existing") and phase == "start" and timeline and timeline[-1].what == "existing":
-                timeline[-1] = TimelineEvent(phase, dict(live), "existing")
-            elif what.startswith("existing") and phase == "start":
-                timeline.append(TimelineEvent(phase, dict(live), "existing"))
-            else:
-                timeline.append(TimelineEvent(phase, dict(live), what))
-            if sum(live.values()) > peak:
-                peak, peak_index = sum(live.values()), len(timeline) - 1
-        if not timeline:
-            timeline = [TimelineEvent(self.phase, dict(live), "nothing tracked")]
-            peak = 0
-        at_peak = timeline[peak_index]
+        timeline, peak, at_peak, category_peaks = replay_events(events, categories, self.phase)
         cuda = self._cuda or (None, None, None, None)
         device = self.device if self._params or not self._device_bytes else \
             max(self._device_bytes, key=self._device_bytes.get)
@@ -448,6 +428,29 @@ class MemoryTracker:
     def __repr__(self) -> str:
         state = "active" if self.active else "finished"
         return f"MemoryTracker({state}, {self.current_bytes / MiB:.1f} MiB live, {len(self._events)} events)"
+
+
+def replay_events(events, categories: dict, phase: str = "start"):
+    """Replay a tracker's events (serial, +/- bytes, phase, what): ``(timeline, peak bytes, event at the
+    peak, each category's peak)``. The memory that existed at the start is one point of the timeline."""
+    live = dict.fromkeys(CATEGORIES, 0)
+    category_peaks = dict.fromkeys(CATEGORIES, 0)
+    timeline, peak, peak_index = [], -1, 0
+    for serial, delta, event_phase, what in events:
+        if serial:  # serial 0 marks the start of a phase
+            category = categories[serial]
+            live[category] += delta
+            category_peaks[category] = max(category_peaks[category], live[category])
+        existing = what.startswith("existing") and event_phase == "start"
+        if existing and timeline and timeline[-1].what == "existing":
+            timeline[-1] = TimelineEvent(event_phase, dict(live), "existing")
+        else:
+            timeline.append(TimelineEvent(event_phase, dict(live), "existing" if existing else what))
+        if sum(live.values()) > peak:
+            peak, peak_index = sum(live.values()), len(timeline) - 1
+    if not timeline:
+        timeline, peak = [TimelineEvent(phase, dict(live), "nothing tracked")], 0
+    return timeline, peak, timeline[peak_index], category_peaks
 
 
 def _make_mode(tracker: MemoryTracker):
