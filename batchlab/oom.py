@@ -171,7 +171,7 @@ def explain_oom(error) -> OOMReport:
         found["reserved"] = found["allocated"] + found["unallocated"]
     cause, reason, skipped = _cause(found, "budget" if simulated else "GPU")
     missing = tuple(name for name in _CORE if found[name] is None)
-    notes = list(skipped) + _inconsistencies(found)
+    notes = list(skipped) + _notes(found)
     return OOMReport(
         requested_bytes=found["requested"], total_bytes=found["total"], free_bytes=found["free"],
         allocated_bytes=found["allocated"], reserved_bytes=found["reserved"], process_bytes=found["process"],
@@ -245,7 +245,9 @@ def _cause(found: dict, device: str):
     if allocated is not None:
         reason = f"this process's tensors ({format_bytes(allocated)}) fill the memory: the step must need less"
     elif found["needed"] is not None:
-        reason = f"the step needs {format_bytes(found['needed'])} at its peak: it must need less"
+        needed = found["needed"]
+        times = f", {needed / total:.2f} times the {format_bytes(total)} {device}" if total else ""
+        reason = f"the step needs {format_bytes(needed)} at its peak{times}: it must need less"
     else:
         reason = ("the message gives too few numbers to tell the causes apart; the usual one is that this "
                   "process's tensors fill the memory")
@@ -257,7 +259,7 @@ def _names_missing(**numbers) -> str:
     return " or ".join(name for name, value in numbers.items() if value is None)
 
 
-def _inconsistencies(found: dict) -> list:
+def _notes(found: dict) -> list:
     """Notes on numbers that do not add up the way the checklist's rules assume."""
     total, reserved, requested, free = found["total"], found["reserved"], found["requested"], found["free"]
     notes = []
@@ -265,6 +267,10 @@ def _inconsistencies(found: dict) -> list:
         notes.append(f"the GPU reported {format_bytes(free)} free, at least the request: the allocator asks the "
                      f"driver for a whole segment (rounded up), the free memory may be in pieces, or a memory "
                      f"fraction (torch.cuda.set_per_process_memory_fraction) limits this process")
+    if found["allowed"] is not None:
+        notes.append(f"this process may use only {format_bytes(found['allowed'])} of the GPU "
+                     f"(torch.cuda.set_per_process_memory_fraction): the rules measure against that; raise the "
+                     f"fraction if the GPU has room")
     held = max((n for n in (found["allocated"], reserved) if n is not None), default=None)
     if total is not None and held is not None and held > total:
         notes.append(f"PyTorch holds {format_bytes(held)}, more than the {format_bytes(total)} total: the driver "
@@ -273,7 +279,7 @@ def _inconsistencies(found: dict) -> list:
 
 
 def _advice(cause: str, found: dict, processes: tuple) -> tuple:
-    requested, total = found["requested"], found["total"]
+    requested = found["requested"]
     if cause == "single_allocation":
         return (
             f"Shrink the one tensor of {format_bytes(requested)}: shorter sequences, a lower resolution, a "
@@ -305,8 +311,4 @@ def _advice(cause: str, found: dict, processes: tuple) -> tuple:
             "and before the next step, then torch.cuda.empty_cache(); chapter 5, batchlab.leak_check(...), finds "
             "what stays alive.",
         ) + _LADDER[1:3]
-    needed = found["needed"]
-    if needed is not None and total:
-        return (f"The step needs {format_bytes(needed)}, {needed / total:.2f} times the "
-                f"{format_bytes(total)} budget: take the steps below until it fits.",) + _LADDER
     return _LADDER
