@@ -387,3 +387,77 @@ def test_what_is_neither_text_nor_an_exception_is_a_type_error(value):
 def test_the_report_is_exported():
     assert batchlab.explain_oom is explain_oom and batchlab.OOMReport is OOMReport
     assert {"explain_oom", "OOMReport"} <= set(batchlab.__all__)
+
+
+# -- generated messages: every wording, sizes in every unit ------------------------------------------
+
+def printed(nbytes):
+    """A size as PyTorch's format_size prints it (c10/cuda/CUDACachingAllocator.cpp)."""
+    if nbytes <= 1024:
+        return f"{nbytes} bytes"
+    if nbytes <= 2**20:
+        return f"{nbytes / KiB:.2f} KiB"
+    if nbytes <= 2**30:
+        return f"{nbytes / MiB:.2f} MiB"
+    return f"{nbytes / GiB:.2f} GiB"
+
+
+def read_back(text):
+    """What a printed size stands for, in bytes."""
+    number, unit = text.split()
+    return round(float(number) * {"bytes": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB}[unit])
+
+
+WORDINGS = {
+    "1.x": "RuntimeError: CUDA out of memory. Tried to allocate {req} (GPU 0; {total} total capacity; {alloc} already "
+           "allocated; {free} free; {reserved} reserved in total by PyTorch)",
+    "2.1": "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate {req}. GPU 0 has a total capacty of "
+           "{total} of which {free} is free. Including non-PyTorch memory, this process has {process} memory in "
+           "use. Of the allocated memory {alloc} is allocated by PyTorch, and {unalloc} is reserved by PyTorch but "
+           "unallocated. If reserved but unallocated memory is large try setting max_split_size_mb to avoid "
+           "fragmentation.  See documentation for Memory Management and PYTORCH_CUDA_ALLOC_CONF",
+    "2.2": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {req}. GPU 0 has a total capacity of "
+           "{total} of which {free} is free. Process 4242 has {other} memory in use. Including non-PyTorch memory, "
+           "this process has {process} memory in use. Of the allocated memory {alloc} is allocated by PyTorch, and "
+           "{unalloc} is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try "
+           "setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.",
+}
+
+
+def expected_cause(req, total, free, alloc, reserved):
+    """The checklist's rules, written out again from issue 13's wording, as the oracle."""
+    if req > total / 2:
+        return "single_allocation"
+    if total - free - reserved > total / 2:
+        return "other_processes"
+    if reserved - alloc >= req and reserved - alloc >= total / 10:
+        return "fragmentation"
+    return "out_of_memory"
+
+
+@pytest.mark.parametrize("wording", sorted(WORDINGS))
+def test_generated_messages_read_back_exactly(wording):
+    import random
+
+    rng = random.Random(13)
+    causes = set()
+    for _ in range(300):
+        total = rng.choice([2 * GiB, 4 * GiB, 8 * GiB, 24 * GiB, 80 * GiB]) - rng.randrange(0, 400 * MiB)
+        alloc = rng.randrange(0, total)
+        unalloc = rng.choice([0, rng.randrange(0, 2048), rng.randrange(0, 2 * MiB), rng.randrange(0, total - alloc)])
+        other = rng.randrange(0, max(total - alloc - unalloc, 1))
+        free = total - alloc - unalloc - other
+        req = rng.choice([512, rng.randrange(1, 2 * MiB), rng.randrange(1, total), rng.randrange(total, 4 * total)])
+        fields = {"req": printed(req), "total": printed(total), "free": printed(free), "alloc": printed(alloc),
+                  "unalloc": printed(unalloc), "reserved": printed(alloc + unalloc),
+                  "process": printed(alloc + unalloc + 300 * MiB), "other": printed(other)}
+        report = explain_oom(WORDINGS[wording].format(**fields))
+        r, t, f, a = (read_back(fields[k]) for k in ("req", "total", "free", "alloc"))
+        reserved = read_back(fields["reserved"]) if wording == "1.x" else a + read_back(fields["unalloc"])
+        assert (report.requested_bytes, report.total_bytes, report.free_bytes, report.allocated_bytes,
+                report.reserved_bytes) == (r, t, f, a, reserved)
+        assert report.cause == expected_cause(r, t, f, a, reserved)
+        if wording == "2.2":
+            assert report.other_processes == ((4242, read_back(fields["other"])),)
+        causes.add(report.cause)
+    assert causes == set(batchlab.oom.CAUSES)  # the draws reach every branch
