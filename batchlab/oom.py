@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from .validation import GiB, KiB, MiB, format_bytes
 
 CAUSES = ("single_allocation", "other_processes", "fragmentation", "out_of_memory")
@@ -159,12 +161,15 @@ def explain_oom(error) -> OOMReport:
     flat = " ".join(text.split())  # forum posts wrap the message over several lines
     found = {name: _find(flat, patterns) for name, patterns in _PATTERNS.items()}
     processes = tuple((int(pid), _bytes(number, unit)) for pid, number, unit in _PROCESS.findall(flat))
-    if "out of memory" not in flat.lower() and not any(found[name] is not None for name in _CORE):
-        shown = flat if len(flat) <= 120 else flat[:117] + "..."
+    recognised = "out of memory" in flat.lower() or any(found[name] is not None for name in _CORE)
+    if not recognised and not isinstance(error, torch.OutOfMemoryError):
+        shown = repr(flat if len(flat) <= 120 else flat[:117] + "...")
+        if isinstance(error, BaseException):
+            shown = f"{type(error).__name__}({shown})"
         raise ValueError(
             f"error must be an out-of-memory error or its message, such as 'CUDA out of memory. Tried to allocate "
             f"20.00 MiB (GPU 0; 4.00 GiB total capacity; ...)' or '... GPU 0 has a total capacity of 4.00 GiB of "
-            f"which 0 bytes is free ...', got {shown!r}")
+            f"which 0 bytes is free ...', got {shown}")
     simulated = "simulated" in flat.lower()
     _fill_simulated(flat, found)
     if found["reserved"] is None and None not in (found["allocated"], found["unallocated"]):

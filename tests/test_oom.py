@@ -372,6 +372,13 @@ def test_text_that_is_not_an_out_of_memory_message_is_refused(text):
         explain_oom(RuntimeError(text))
 
 
+def test_an_out_of_memory_error_without_a_message_is_still_read():
+    report = explain_oom(torch.OutOfMemoryError())
+    assert report.cause == "out_of_memory" and len(report.missing) == 5
+    with pytest.raises(ValueError, match=r"got RuntimeError\('hello'\)"):
+        explain_oom(RuntimeError("hello"))
+
+
 def test_a_long_non_message_is_shown_shortened():
     with pytest.raises(ValueError) as caught:
         explain_oom("x" * 1000)
