@@ -260,6 +260,15 @@ def test_a_memory_fraction_is_the_gpu_the_rules_measure_against():
     assert report.cause == "single_allocation"  # 3 GiB is less than half of 12.2 GiB, but more than half of 4.77
     assert any("set_per_process_memory_fraction" in note for note in report.notes)
     assert "(4.77 GiB allowed)" in str(report)
+    # The same in the 2.2+ wording, pieced together from the strings of torch 2.14's libc10_cuda.so.
+    current = ("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 12.20 GiB of which "
+               "7.20 GiB is free. Including non-PyTorch memory, this process has 5.10 GiB memory in use. 4.77 GiB "
+               "allowed; Of the allocated memory 4.50 GiB is allocated by PyTorch, and 245.76 MiB is reserved by "
+               "PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+               "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+    report = explain_oom(current)
+    assert report.allowed_bytes == size(4.77, GiB) and report.process_bytes == size(5.1, GiB)
+    assert report.reserved_bytes == size(4.5, GiB) + size(245.76, MiB) and report.cause == "single_allocation"
 
 
 def test_numbers_that_exceed_the_gpu_get_a_note():
