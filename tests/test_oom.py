@@ -271,6 +271,17 @@ def test_a_memory_fraction_is_the_gpu_the_rules_measure_against():
     assert report.reserved_bytes == size(4.5, GiB) + size(245.76, MiB) and report.cause == "single_allocation"
 
 
+def test_apple_mps_messages_give_what_they_have():
+    # https://github.com/Comfy-Org/ComfyUI/issues/7440 (newer MPS wording, in GiB; "max allowed" is its limit)
+    report = explain_oom(
+        "MPS backend out of memory (MPS allocated: 9.57 GiB, other allocations: 17.35 GiB, max allowed: 27.20 GiB). "
+        "Tried to allocate 292.50 MiB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper "
+        "limit for memory allocations (may cause system failure).")
+    assert (report.requested_bytes, report.total_bytes, report.allocated_bytes) == (
+        size(292.5, MiB), size(27.2, GiB), size(9.57, GiB))
+    assert report.missing == ("free", "reserved") and report.cause == "out_of_memory"
+
+
 def test_numbers_that_exceed_the_gpu_get_a_note():
     report = explain_oom(PYTORCH_2_2[2].values[0])  # meshgen-7: 14.11 GiB held on an 8 GiB GPU
     assert any("shared GPU memory" in note for note in report.notes)
