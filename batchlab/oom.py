@@ -221,7 +221,7 @@ def _cause(found: dict, device: str):
     skipped = []
     if None in (requested, gpu):
         skipped.append("single_allocation was not checked: the message gives no "
-                       + ("request" if requested is None else "total capacity"))
+                       + _names_missing(request=requested, total=gpu))
     elif requested > gpu / 2:
         return ("single_allocation", f"one request of {format_bytes(requested)} is more than half the "
                 f"{format_bytes(gpu)} {device} ({requested / gpu:.0%} of it): shrink that one tensor; a "
@@ -257,7 +257,6 @@ def _cause(found: dict, device: str):
         reason = ("the message gives too few numbers to tell the causes apart; the usual one is that this "
                   "process's tensors fill the memory")
     return "out_of_memory", reason, skipped
-
 
 
 def _names_missing(**numbers) -> str:
