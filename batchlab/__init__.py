@@ -26,6 +26,7 @@ from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
 from .leaks import LeakReport, leak_check
 from .memory import MemoryReport, gpu_reference, process_memory, profile_step, track_memory
 from .models import MODEL_NAMES, build_model, count_parameters
+from .oom import OOMReport, explain_oom
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
 
@@ -71,6 +72,7 @@ __all__ = [
     "LoaderStats",
     "MODEL_NAMES",
     "MemoryReport",
+    "OOMReport",
     "OPTIMIZERS",
     "RankError",
     "accumulate_weighted",
@@ -80,6 +82,7 @@ __all__ = [
     "datasets",
     "estimate_memory",
     "evaluate",
+    "explain_oom",
     "exercises",
     "find_batch_size",
     "gpu_reference",
