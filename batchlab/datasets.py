@@ -29,6 +29,7 @@ that *spawn* workers (macOS, Windows) as well as where they fork (Linux).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -253,7 +254,9 @@ def shapes_image_folder(n: int = SHAPES_FOLDER_SIZE, image_size: int = 128, *, c
     That is real CPU work per sample, which is what ``DataLoader`` workers share (chapter 3).
 
     The files are written once, to ``root`` (default: ``$BATCHLAB_CACHE`` or the system temporary
-    folder, under ``batchlab-cache/shapes-<n>-<image_size>px-seed<seed>``), and reused afterwards. The
+    folder, under ``batchlab-cache/shapes-<n>-<image_size>px-seed<seed>``), and reused afterwards. A
+    ``root`` must be new, empty, or a folder this function wrote with the same ``n``, ``image_size`` and
+    ``seed``; anything else is refused with a ``ValueError`` rather than mixed with these files. The
     data set's ``mean`` and ``std`` attributes hold the statistics used by ``Normalize``.
     """
     from torchvision.datasets import ImageFolder
@@ -265,8 +268,11 @@ def shapes_image_folder(n: int = SHAPES_FOLDER_SIZE, image_size: int = 128, *, c
                                                                         maximum=image_size)
     check_bool("augment", augment)
     check_int("seed", seed, minimum=0)
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (a str or pathlib.Path) or None, got {type(root).__name__}")
     folder = Path(root) if root is not None else _cache_dir() / f"shapes-{n}-{image_size}px-seed{seed}"
-    mean, std = _write_once(folder, lambda path: write_image_folder(shapes(n, image_size, seed=seed), path))
+    about = {"n": n, "image_size": image_size, "seed": seed}
+    mean, std = _write_once(folder, lambda path: write_image_folder(shapes(n, image_size, seed=seed), path), about)
     # ImageFolder's default loader decodes with Pillow; ToImage turns the picture into a uint8 tensor
     steps = [v2.ToImage()]
     if augment:
@@ -284,29 +290,55 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("BATCHLAB_CACHE") or Path(tempfile.gettempdir()) / "batchlab-cache")
 
 
-def _write_once(folder: Path, write) -> tuple[list, list]:
+def _write_once(folder: Path, write, about: dict) -> tuple[list, list]:
     """Write the folder with ``write(path)`` unless a complete copy exists; return its pixel mean and std.
 
     The files go to a private temporary folder that is renamed into place only when complete (with
     ``stats.json`` written last), so an interrupted run never leaves a half-written data set behind.
+    ``about`` (the arguments that made the files) is kept in ``stats.json``, so that a copy made with
+    other arguments is never taken for this one.
     """
     stats_file = folder / "stats.json"
+    _check_folder(folder, about)
     if not stats_file.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
         try:
             with one_thread():  # small per-image operations: one thread is faster on a busy machine
                 write(partial)
-                (partial / "stats.json").write_text(json.dumps(_pixel_stats(partial)))
+                (partial / "stats.json").write_text(json.dumps({**_pixel_stats(partial), "about": about}))
             try:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # an empty root given by the caller (Windows cannot rename onto it)
                 partial.rename(folder)
             except OSError:  # another process finished first: use its copy
                 if not stats_file.exists():
                     raise
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+    _check_folder(folder, about)  # a copy another process finished first must match too
     stats = json.loads(stats_file.read_text())
     return stats["mean"], stats["std"]
+
+
+def _check_folder(folder: Path, about: dict) -> None:
+    """Refuse a ``root`` that is a file, a folder of other files, or a copy written with other arguments."""
+    wanted = ", ".join(f"{key}={value}" for key, value in about.items())
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"root {str(folder)!r} is a file, not a folder; pass a new or empty folder for the images")
+    stats_file = folder / "stats.json"
+    if stats_file.exists():
+        try:
+            written = json.loads(stats_file.read_text()).get("about", about)  # copies from before "about": by name
+        except (OSError, ValueError, AttributeError):
+            written = None
+        if written != about:
+            made = ", ".join(f"{k}={v}" for k, v in written.items()) if isinstance(written, dict) else "unknown"
+            raise ValueError(f"root {str(folder)!r} holds images written with {made}, not {wanted}; pass another "
+                             "root (a new or empty folder), the same arguments, or root=None for the cache")
+    elif folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"root {str(folder)!r} already holds other files, and shapes_image_folder writes into a "
+                         "folder of its own; pass a new or empty folder, or root=None for the cache")
 
 
 def _pixel_stats(folder: Path) -> dict:

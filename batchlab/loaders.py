@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import statistics
 import time
@@ -55,15 +56,22 @@ class LoaderStats:
 
     @property
     def samples_per_second(self) -> float:
-        return statistics.median(self.runs_samples_per_second)
+        return self._median("runs_samples_per_second")
 
     @property
     def first_batch_seconds(self) -> float:
-        return statistics.median(self.runs_first_batch_seconds)
+        return self._median("runs_first_batch_seconds")
 
     @property
     def busy_fraction(self) -> float:
-        return statistics.median(self.runs_busy_fraction)
+        return self._median("runs_busy_fraction")
+
+    def _median(self, runs: str) -> float:
+        values = getattr(self, runs)
+        if not values:
+            raise ValueError(f"{self.setting} has no runs yet: {runs} is empty, so there is no median; "
+                             "measure it with loader_throughput")
+        return statistics.median(values)
 
     @property
     def setting(self) -> str:
@@ -75,6 +83,8 @@ class LoaderStats:
         return f"DataLoader(batch_size={self.batch_size}, num_workers={self.num_workers}{extra})"
 
     def __str__(self) -> str:
+        if not self.runs_samples_per_second:
+            return f"{self.setting}: not measured (no runs)"
         return (f"{self.setting}: {self.samples_per_second:,.0f} samples/s (median of "
                 f"{len(self.runs_samples_per_second)}), first batch after {self.first_batch_seconds:.2f} s, "
                 f"main process busy {self.busy_fraction:.0%}")
@@ -257,6 +267,11 @@ class LoaderSweep:
         return fig
 
 
+# What loader_sweep passes on to loader_throughput (it sets batch_size, num_workers and repeats itself).
+SWEEP_OPTIONS = frozenset({"pin_memory", "persistent_workers", "prefetch_factor", "batches", "warmup", "seed",
+                           "collate_fn"})
+
+
 def loader_sweep(dataset, *, num_workers=(0, 1, 2), batch_size=(32,), repeats: int = 3, **options) -> LoaderSweep:
     """Run :func:`loader_throughput` for every ``batch_size`` x ``num_workers`` (chapter 3).
 
@@ -264,6 +279,10 @@ def loader_sweep(dataset, *, num_workers=(0, 1, 2), batch_size=(32,), repeats: i
     another program on the machine spreads over every setting instead of spoiling one. ``options``
     go to :func:`loader_throughput` (``batches``, ``warmup``, ``pin_memory``, ...).
     """
+    unknown = sorted(set(options) - SWEEP_OPTIONS)
+    if unknown:
+        raise TypeError(f"loader_sweep got unknown options {', '.join(unknown)}; it passes these to "
+                        f"loader_throughput: {', '.join(sorted(SWEEP_OPTIONS))}")
     workers = _check_grid("num_workers", num_workers, minimum=0)
     sizes = _check_grid("batch_size", batch_size, minimum=1)
     check_int("repeats", repeats, minimum=1)
@@ -282,7 +301,13 @@ def loader_sweep(dataset, *, num_workers=(0, 1, 2), batch_size=(32,), repeats: i
 
 
 def _check_grid(name, values, *, minimum):
-    values = (values,) if isinstance(values, int) else tuple(values)
+    """``values`` as a tuple of ints: one int, or a non-empty list, tuple or range of them."""
+    if isinstance(values, numbers.Integral) and not isinstance(values, bool):
+        values = (values,)
+    elif isinstance(values, (list, tuple, range)):
+        values = tuple(values)
+    else:
+        raise TypeError(f"{name} must be an int or a non-empty list of ints, got {values!r} ({type(values).__name__})")
     if not values:
         raise ValueError(f"{name} must be an int or a non-empty list of ints, got {values!r}")
     return tuple(check_int(name, v, minimum=minimum) for v in values)

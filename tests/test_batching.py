@@ -347,6 +347,45 @@ def test_loader_sweep_checks_every_setting_first(small_images):
         batchlab.loader_sweep(small_images, num_workers=(0,), batch_size=(8, 64), batches=2, warmup=1)
 
 
+def test_loader_sweep_names_a_bad_grid_or_option(small_images):
+    for bad in (None, "32", 32.0, {32}):
+        with pytest.raises(TypeError, match=r"batch_size must be an int or a non-empty list of ints, got"):
+            batchlab.loader_sweep(small_images, batch_size=bad)
+    with pytest.raises(TypeError, match="num_workers must be an int or a non-empty list of ints, got None"):
+        batchlab.loader_sweep(small_images, num_workers=None)
+    with pytest.raises(ValueError, match=r"batch_size must be an int or a non-empty list of ints, got \(\)"):
+        batchlab.loader_sweep(small_images, batch_size=[])
+    with pytest.raises(TypeError, match="batch_size must be an int, got True"):
+        batchlab.loader_sweep(small_images, batch_size=[True])
+    with pytest.raises(TypeError, match="unknown options batchs; it passes these to loader_throughput: batches"):
+        batchlab.loader_sweep(small_images, batchs=2)
+    sweep = batchlab.loader_sweep(small_images, num_workers=range(1), batch_size=16, repeats=1, batches=1, warmup=1)
+    assert [(s.batch_size, s.num_workers) for s in sweep.stats] == [(16, 0)]
+
+
+def test_loader_stats_without_runs_print_and_explain():
+    empty = loaders.LoaderStats("DataLoader", 8, 2)
+    assert str(empty) == "DataLoader(batch_size=8, num_workers=2): not measured (no runs)"
+    assert repr(empty).startswith("LoaderStats(loader='DataLoader', batch_size=8")
+    with pytest.raises(ValueError, match=r"DataLoader\(batch_size=8, num_workers=2\) has no runs yet"):
+        _ = empty.samples_per_second
+    assert str(loaders.LoaderSweep([], 2)).split() == ["batch", "size", "workers", "samples/s", "first", "batch",
+                                                       "main", "busy"]  # the header of a table without rows
+
+
+@pytest.mark.parametrize("call", [
+    lambda data: list(batchlab.iter_batches(data, 64)),
+    lambda data: batchlab.loader_throughput(data, batch_size=64),
+    lambda data: loaders.iter_batches_throughput(data, batch_size=64),
+    lambda data: batchlab.loader_sweep(data, batch_size=64),
+    lambda data: workers.worker_memory(data, batch_size=64),
+])
+def test_every_loader_function_says_an_empty_dataset_is_empty(call):
+    # not "batch_size must be at most 0, got 64": the data set is what is wrong
+    with pytest.raises(ValueError, match="dataset is empty: it must hold at least one sample"):
+        call(TensorDataset(torch.zeros(0, 2)))
+
+
 def test_usable_cores():
     assert 1 <= loaders.usable_cores() <= os.cpu_count()
 
@@ -414,6 +453,32 @@ def test_image_folder_works_with_spawned_workers(tmp_path):
                         worker_init_fn=workers.seed_worker, generator=torch.Generator().manual_seed(0))
     batches = list(loader)
     assert [tuple(images.shape) for images, _ in batches] == [(4, 3, 28, 28)] * 2
+
+
+def test_image_folder_refuses_a_folder_it_did_not_write(tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="root '.*notes' already holds other files"):
+        datasets.shapes_image_folder(8, 16, root=other)
+    assert [p.name for p in other.iterdir()] == ["todo.txt"]  # left as it was
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        datasets.shapes_image_folder(8, 16, root=tmp_path / "file")
+    with pytest.raises(TypeError, match="root must be a folder path"):
+        datasets.shapes_image_folder(8, 16, root=5)
+
+
+def test_image_folder_reuses_its_own_folder_only_for_the_same_arguments(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is taken
+    data = datasets.shapes_image_folder(8, 16, crop_size=16, root=empty)
+    assert len(data) == 8
+    assert len(datasets.shapes_image_folder(8, 16, crop_size=16, augment=False, root=empty)) == 8  # reused
+    with pytest.raises(ValueError, match="holds images written with n=8, image_size=16, seed=0, not n=12"):
+        datasets.shapes_image_folder(12, 16, root=empty)
+    with pytest.raises(ValueError, match="not n=8, image_size=16, seed=1"):
+        datasets.shapes_image_folder(8, 16, seed=1, root=empty)
 
 
 def test_image_folder_arguments_are_checked(tmp_path):
