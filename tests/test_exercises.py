@@ -10,6 +10,29 @@ from batchlab import explorer as ex
 from batchlab.exercises import chapter6
 
 
+def test_every_chapter_check_is_re_exported_and_starts_with_your_turn():
+    import importlib
+    import inspect
+    import pkgutil
+
+    found = {}
+    for info in pkgutil.iter_modules(exercises.__path__):
+        module = importlib.import_module(f"batchlab.exercises.{info.name}")
+        found |= {name: f for name, f in vars(module).items()
+                  if name.startswith("check_") and inspect.isfunction(f) and f.__module__ == module.__name__}
+    assert len(found) == 11
+    for name, function in found.items():
+        assert getattr(exercises, name) is function and name in exercises.__all__
+        assert "your_turn(" in inspect.getsource(function), f"{name} should print its task with your_turn"
+
+
+def test_your_turn_prints_the_task_while_any_answer_is_missing(capsys):
+    assert exercises.your_turn("do it.", 1, None) is True
+    assert capsys.readouterr().out == "Your turn: do it.\n"
+    assert exercises.your_turn("do it.", 0, False, "") is False
+    assert capsys.readouterr().out == ""
+
+
 def test_placeholder_prints_the_task(capsys):
     exercises.check_steps_per_epoch(None)
     exercises.check_scaled_lr(None)
