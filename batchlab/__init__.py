@@ -41,9 +41,9 @@ _LAZY = {
     "plot_leak_checks": ("batchlab.memory_plots", "plot_leak_checks"),
     "plot_peak_breakdown": ("batchlab.memory_plots", "plot_peak_breakdown"),
     "plot_step_timeline": ("batchlab.memory_plots", "plot_step_timeline"),
-    "LoaderStats": ("batchlab.batching", "LoaderStats"),
-    "loader_sweep": ("batchlab.batching", "loader_sweep"),
-    "loader_throughput": ("batchlab.batching", "loader_throughput"),
+    "LoaderStats": ("batchlab.loaders", "LoaderStats"),
+    "loader_sweep": ("batchlab.loaders", "loader_sweep"),
+    "loader_throughput": ("batchlab.loaders", "loader_throughput"),
 }
 
 

@@ -12,11 +12,29 @@ Nothing here downloads anything:
   reads, so a chapter can load real files from disk.
 * :class:`Countdown` - the smallest useful ``IterableDataset`` (a stream), which chapter 2 runs with
   two worker processes to show why each worker must take its own share of a stream.
+
+Chapter 3's data sets:
+
+* :func:`shapes_image_folder` - a CPU-heavy data set for measuring loaders: PNG files on disk, decoded
+  and augmented by a ``torchvision.transforms.v2`` pipeline in every ``__getitem__`` (written once to a
+  cache folder).
+* The pitfalls of workers: :class:`SharedGeneratorDataset` (a generator the data set owns, copied
+  into every worker) and :class:`LookupTable` (Python objects copied on access).
+* :func:`token_sequences` - variable-length token sequences (:class:`TokenSequences`, padded with
+  :data:`PAD`) for the padding ``collate_fn`` exercise.
+
+Every data set lives in an importable module, so ``DataLoader`` workers can find them on platforms
+that *spawn* workers (macOS, Windows) as well as where they fork (Linux).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -24,7 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .validation import check_int
+from .validation import check_bool, check_int
+from .workers import one_thread
 
 DIGITS_TEST_FRACTION = 0.2
 SHAPE_CLASSES = ("circle", "cross", "ring", "square", "triangle")  # sorted, as ImageFolder sorts them
@@ -216,3 +235,211 @@ def write_image_folder(dataset: Dataset, path) -> Path:
         pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
         to_pil_image(pixels).save(folder / f"{index:0{width}d}.png")
     return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# A CPU-heavy data set for chapter 3: PNG files decoded and augmented in every __getitem__
+
+SHAPES_FOLDER_SIZE = 1024
+
+
+def shapes_image_folder(n: int = SHAPES_FOLDER_SIZE, image_size: int = 128, *, crop_size: int | None = None,
+                        augment: bool = True, seed: int = 0, root=None):
+    """Procedural shapes written as PNG files and read back with ``torchvision.datasets.ImageFolder``.
+
+    Every ``__getitem__`` reads a file, decodes it (``ImageFolder``'s loader, with Pillow), turns it
+    into a uint8 tensor and, with ``augment``, takes a random resized crop of ``crop_size`` pixels
+    (default 7/8 of ``image_size``), flips it at random and jitters its colours; then converts to float
+    and normalises with the per-channel mean and std of these files.
+    That is real CPU work per sample, which is what ``DataLoader`` workers share (chapter 3).
+
+    The files are written once, to ``root`` (default: ``$BATCHLAB_CACHE`` or the system temporary
+    folder, under ``batchlab-cache/shapes-<n>-<image_size>px-seed<seed>``), and reused afterwards. A
+    ``root`` must be new, empty, or a folder this function wrote with the same ``n``, ``image_size`` and
+    ``seed``; anything else is refused with a ``ValueError`` rather than mixed with these files. The
+    data set's ``mean`` and ``std`` attributes hold the statistics used by ``Normalize``.
+    """
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    check_int("n", n, minimum=1)
+    check_int("image_size", image_size, minimum=16)
+    crop_size = image_size * 7 // 8 if crop_size is None else check_int("crop_size", crop_size, minimum=8,
+                                                                        maximum=image_size)
+    check_bool("augment", augment)
+    check_int("seed", seed, minimum=0)
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (a str or pathlib.Path) or None, got {type(root).__name__}")
+    folder = Path(root) if root is not None else _cache_dir() / f"shapes-{n}-{image_size}px-seed{seed}"
+    about = {"n": n, "image_size": image_size, "seed": seed}
+    mean, std = _write_once(folder, lambda path: write_image_folder(shapes(n, image_size, seed=seed), path), about)
+    # ImageFolder's default loader decodes with Pillow; ToImage turns the picture into a uint8 tensor
+    steps = [v2.ToImage()]
+    if augment:
+        steps += [v2.RandomResizedCrop(crop_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                  v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)]
+    else:
+        steps += [v2.CenterCrop(crop_size)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    dataset = ImageFolder(str(folder), transform=v2.Compose(steps))
+    dataset.mean, dataset.std = mean, std
+    return dataset
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("BATCHLAB_CACHE") or Path(tempfile.gettempdir()) / "batchlab-cache")
+
+
+def _write_once(folder: Path, write, about: dict) -> tuple[list, list]:
+    """Write the folder with ``write(path)`` unless a complete copy exists; return its pixel mean and std.
+
+    The files go to a private temporary folder that is renamed into place only when complete (with
+    ``stats.json`` written last), so an interrupted run never leaves a half-written data set behind.
+    ``about`` (the arguments that made the files) is kept in ``stats.json``, so that a copy made with
+    other arguments is never taken for this one.
+    """
+    stats_file = folder / "stats.json"
+    _check_folder(folder, about)
+    if not stats_file.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
+        try:
+            with one_thread():  # small per-image operations: one thread is faster on a busy machine
+                write(partial)
+                (partial / "stats.json").write_text(json.dumps({**_pixel_stats(partial), "about": about}))
+            try:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # an empty root given by the caller (Windows cannot rename onto it)
+                partial.rename(folder)
+            except OSError:  # another process finished first: use its copy
+                if not stats_file.exists():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    _check_folder(folder, about)  # a copy another process finished first must match too
+    stats = json.loads(stats_file.read_text())
+    return stats["mean"], stats["std"]
+
+
+def _check_folder(folder: Path, about: dict) -> None:
+    """Refuse a ``root`` that is a file, a folder of other files, or a copy written with other arguments."""
+    wanted = ", ".join(f"{key}={value}" for key, value in about.items())
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"root {str(folder)!r} is a file, not a folder; pass a new or empty folder for the images")
+    stats_file = folder / "stats.json"
+    if stats_file.exists():
+        try:
+            written = json.loads(stats_file.read_text()).get("about", about)  # copies from before "about": by name
+        except (OSError, ValueError, AttributeError):
+            written = None
+        if written != about:
+            made = ", ".join(f"{k}={v}" for k, v in written.items()) if isinstance(written, dict) else "unknown"
+            raise ValueError(f"root {str(folder)!r} holds images written with {made}, not {wanted}; pass another "
+                             "root (a new or empty folder), the same arguments, or root=None for the cache")
+    elif folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"root {str(folder)!r} already holds other files, and shapes_image_folder writes into a "
+                         "folder of its own; pass a new or empty folder, or root=None for the cache")
+
+
+def _pixel_stats(folder: Path) -> dict:
+    """Per-channel mean and std of all pixels of the PNG files in ``folder``, on the [0, 1] scale."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    from torchvision.datasets.folder import pil_loader
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    for path in sorted(folder.glob("*/*.png")):
+        pixels = pil_to_tensor(pil_loader(str(path))).double().div_(255).flatten(1)
+        total += pixels.sum(1)
+        squares += pixels.square().sum(1)
+        count += pixels.shape[1]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    return {"mean": [round(v, 4) for v in mean.tolist()], "std": [round(v, 4) for v in std.tolist()]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 3's pitfalls of workers: random numbers and memory
+
+
+class SharedGeneratorDataset(Dataset):
+    """Item ``i`` is ``(i, r)`` with ``r`` drawn from a NumPy generator the data set creates in ``__init__``.
+
+    The pitfall of chapter 3: every worker process gets a *copy* of that generator in the same state,
+    so the workers draw the same "random" numbers, and (without persistent workers) every epoch
+    repeats the previous one. Pass :func:`seed_worker` as ``worker_init_fn`` to fix it.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n = check_int("n", n, minimum=1)
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return index, float(self.rng.random())
+
+
+
+class LookupTable(Dataset):
+    """Item ``i`` is the number ``i / n``, kept in a Python list (``"list"``) or a NumPy array (``"numpy"``).
+
+    A list holds one Python object per number; reading an object updates its reference count, which
+    writes to its memory page. In a forked worker that write makes the operating system copy the page
+    (copy-on-write), so the worker slowly gets its own copy of everything it reads. A NumPy array is
+    one buffer of raw numbers and reading it writes nothing (chapter 3, memory of workers).
+    """
+
+    def __init__(self, n: int, storage: str = "list"):
+        check_int("n", n, minimum=1)
+        if storage not in ("list", "numpy"):
+            raise ValueError(f"storage must be 'list' or 'numpy', got {storage!r}")
+        self.storage = storage
+        values = np.arange(n, dtype=np.float64) / n
+        self.values = values.tolist() if storage == "list" else values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index: int) -> float:
+        return float(self.values[index])
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Variable-length token sequences (chapter 3's padding exercise)
+
+PAD = 0  # the token id used for padding; real tokens are 1 .. vocab - 1
+
+
+class TokenSequences(Dataset):
+    """Item ``i`` is ``(tokens, label)``: a 1-D int64 tensor of 1..``max_length`` token ids (never 0) and 0 or 1.
+
+    The label says whether the sequence is longer than half of ``max_length``. Lengths differ from
+    item to item, so ``default_collate`` cannot stack them: this is the data set of the exercise.
+    """
+
+    def __init__(self, n: int, max_length: int, vocab: int, seed: int):
+        self.n, self.max_length, self.vocab, self.seed = n, max_length, vocab, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} is out of range for a data set of {self.n} items")
+        rng = np.random.default_rng([self.seed, index])
+        length = int(rng.integers(1, self.max_length + 1))
+        tokens = torch.from_numpy(rng.integers(1, self.vocab, size=length))
+        return tokens, int(2 * length > self.max_length)
+
+
+def token_sequences(n: int = 100, *, max_length: int = 12, vocab: int = 50, seed: int = 0) -> TokenSequences:
+    """A data set of ``n`` variable-length token sequences for the padding exercise (see :class:`TokenSequences`)."""
+    check_int("n", n, minimum=1)
+    check_int("max_length", max_length, minimum=1)
+    check_int("vocab", vocab, minimum=2)
+    check_int("seed", seed, minimum=0)
+    return TokenSequences(n, max_length, vocab, seed)

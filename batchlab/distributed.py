@@ -56,11 +56,11 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .batching import frozen_gc
 from .models import MODEL_NAMES, build_model
 from .steps import check_optimizer, make_optimizer, train_step
 from .training import History
 from .validation import check_choice, check_dataset, check_float, check_int, check_seed
+from .workers import frozen_gc
 
 BACKENDS = ("gloo", "nccl")
 MASTER_ADDR = "127.0.0.1"  # every process of launch() runs on this machine

@@ -205,28 +205,6 @@ def largest_batch_for(model_name: str, profile_name: str, *, optimizer="sgd") ->
     return largest_batch(meta_model(model_name, shape), shape, profiles[profile_name], optimizer=optimizer)
 
 
-def check_largest_batch(answer, *, model: str = "cnn_bn", profile: str = "GPU 8 GiB (simulated)",
-                        optimizer: str = "sgd") -> None:
-    """Chapter 0's exercise: the largest batch of ``model`` that fits ``profile``, as the memory panel names it.
-
-    ``None`` (the placeholder in the notebook) prints what to do; a wrong answer raises ``AssertionError``
-    with a hint that does not give the answer away; a right one prints why it is right.
-    """
-    if answer is None:
-        print(f"Your turn: choose the model {model} and the device '{profile}' in the explorer, and read the "
-              f"largest batch that fits.")
-        return
-    expected = largest_batch_for(model, profile, optimizer=optimizer)
-    assert isinstance(answer, int) and not isinstance(answer, bool), (
-        f"the answer is a number of samples: a whole number (an int), got {answer!r}")
-    assert answer == expected, (
-        f"{answer} is not right. Set the model to {model} and the device to '{profile}', then read the number "
-        f"the memory panel names under the bars ('The largest batch that fits in one step'), once its search "
-        f"has finished.")
-    print(f"Correct: {expected} images of {'x'.join(map(str, memory_input_shape(model)))} per step, the largest "
-          f"batch whose estimated step fits with a 5% margin.")
-
-
 def plot_memory(points: dict, *, title: str = "") -> Figure:
     """Horizontal bars stacked by category, one per ``{label: MemoryPoint}``, against the device's size.
 

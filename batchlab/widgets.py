@@ -354,7 +354,8 @@ class LoaderWidget(Explorer):
 
     def __init__(self, dataset=None, *, num_workers: int = 0, batch_size: int = 32, batches: int = 10,
                  warmup: int = 2, max_workers: int | None = None):
-        from .batching import shapes_image_folder, usable_cores
+        from .datasets import shapes_image_folder
+        from .loaders import usable_cores
 
         self.dataset = dataset if dataset is not None else shapes_image_folder()
         self.batches = check_int("batches", batches, minimum=1)
@@ -379,7 +380,7 @@ class LoaderWidget(Explorer):
         self._changed()
 
     def _measure(self, batch_size: int, num_workers: int):
-        from .batching import loader_throughput
+        from .loaders import loader_throughput
 
         key = (batch_size, num_workers)
         if key not in self._results:
@@ -396,7 +397,7 @@ class LoaderWidget(Explorer):
         job.publish(lambda: self._show(key, stats))
 
     def _show(self, key, stats):
-        from .batching import LoaderSweep
+        from .loaders import LoaderSweep
 
         sweep = LoaderSweep(list(self._results.values()), self.cores)
         self.panel.draw(sweep.figure(highlight=key))

@@ -31,7 +31,8 @@ import time
 import psutil
 import torch
 
-from batchlab.batching import iter_batches_throughput, loader_throughput, shapes_image_folder, usable_cores
+from batchlab.datasets import shapes_image_folder
+from batchlab.loaders import iter_batches_throughput, loader_throughput, usable_cores
 
 WORKERS = (0, 1, 2, 4)
 

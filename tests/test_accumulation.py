@@ -294,37 +294,3 @@ def test_accumulation_widget_follows_its_control():
         widget.set(steps=3)
     text = widget._repr_mimebundle_()["text/plain"]
     assert text == "AccumulationWidget(model='mlp', effective_batch=32, steps=6)"
-
-
-# -- exercise checks --------------------------------------------------------------------------------
-
-def naive_loop(model, optimizer, inputs, targets, accumulation_steps):
-    for x, y in zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)):
-        (nn.functional.cross_entropy(model(x), y) / accumulation_steps).backward()
-    optimizer.step()
-    optimizer.zero_grad()
-
-
-def test_loop_bug_check_tells_the_bugs_apart(capsys):
-    loops = {bug: accumulation._reference_loop(bug) for bug in accumulation.BUGS}
-    accumulation.check_loop_bugs(dict.fromkeys(loops), loops)
-    assert capsys.readouterr().out.startswith("Your turn: name the bug of each loop")
-    accumulation.check_loop_bugs({bug: bug for bug in loops}, loops)
-    assert capsys.readouterr().out.startswith("Correct")
-    swapped = {"missing loss scaling": "steps every micro-batch", "zero_grad in the wrong place":
-               "zero_grad in the wrong place", "steps every micro-batch": "missing loss scaling"}
-    with pytest.raises(AssertionError, match="is not its bug"):
-        accumulation.check_loop_bugs(swapped, loops)
-    with pytest.raises(ValueError, match="one of 'missing loss scaling'"):
-        accumulation.check_loop_bugs({bug: "no idea" for bug in loops}, loops)
-
-
-def test_accumulation_loop_check_wants_weighting_by_share(capsys):
-    accumulation.check_accumulation_loop(None)
-    assert capsys.readouterr().out.startswith("Your turn")
-    accumulation.check_accumulation_loop(accumulation._reference_loop(None))
-    assert capsys.readouterr().out.startswith("Correct")
-    with pytest.raises(AssertionError, match="the last micro-batch here has 11 samples"):
-        accumulation.check_accumulation_loop(naive_loop)  # right for equal micro-batches only
-    with pytest.raises(AssertionError, match="Even with four equal micro-batches"):
-        accumulation.check_accumulation_loop(accumulation._reference_loop("missing loss scaling"))

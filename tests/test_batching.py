@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
 import batchlab
-from batchlab import batching, datasets
+from batchlab import batching, datasets, loaders, memory, workers
+from batchlab.exercises import chapter3
 from batchlab.widgets import LoaderWidget
 
 
@@ -203,7 +204,7 @@ def test_loader_throughput_returns_sane_stats(small_images):
 
 
 def test_iter_batches_throughput_is_measured_the_same_way(small_images):
-    stats = batching.iter_batches_throughput(small_images, batch_size=16, batches=3, warmup=1, repeats=2)
+    stats = loaders.iter_batches_throughput(small_images, batch_size=16, batches=3, warmup=1, repeats=2)
     assert stats.loader == "iter_batches" and stats.setting == "iter_batches(batch_size=16)"
     assert len(stats.runs_samples_per_second) == 2 and stats.samples_per_second > 0
 
@@ -222,7 +223,7 @@ def test_persistent_workers_start_once(small_images):
 
 
 def test_more_workers_than_cores_warning_is_kept(small_images):
-    too_many = batching.usable_cores() + 1
+    too_many = loaders.usable_cores() + 1
     stats = batchlab.loader_throughput(small_images, batch_size=16, num_workers=too_many, batches=1, warmup=1,
                                        repeats=1)
     assert any("worker" in message for message in stats.warnings)
@@ -293,26 +294,26 @@ def test_stop_workers_adapter_still_matches_torch(small_images):
     iterator = iter(DataLoader(small_images, batch_size=8, num_workers=1))
     try:
         assert hasattr(iterator, "_workers") and callable(getattr(iterator, "_shutdown_workers", None)), (
-            "torch changed DataLoader's private _shutdown_workers/_workers: update batching.stop_workers"
+            "torch changed DataLoader's private _shutdown_workers/_workers: update workers.stop_workers"
         )
         next(iterator)
         assert len(children()) >= 1
     finally:
-        batching.stop_workers(iterator)
+        workers.stop_workers(iterator)
     assert not [p for p in children() if p.pid in {w.pid for w in iterator._workers}]
-    batching.stop_workers(None)  # nothing to do
-    batching.stop_workers(iter(DataLoader(small_images, batch_size=8)))  # single process: nothing to do
+    workers.stop_workers(None)  # nothing to do
+    workers.stop_workers(iter(DataLoader(small_images, batch_size=8)))  # single process: nothing to do
 
 
 def test_frozen_gc_freezes_only_inside_the_block():
     assert gc.get_freeze_count() == 0
-    with batching.frozen_gc():
+    with workers.frozen_gc():
         assert gc.get_freeze_count() > 0  # what a worker forked here inherits
     assert gc.get_freeze_count() == 0
     gc.freeze()  # a caller's own freeze is left as it is
     try:
         frozen = gc.get_freeze_count()
-        with batching.frozen_gc():
+        with workers.frozen_gc():
             pass
         assert gc.get_freeze_count() == frozen
     finally:
@@ -324,7 +325,7 @@ def test_loader_sweep_table_and_figure(small_images):
                                   warmup=1)
     assert sorted((s.batch_size, s.num_workers) for s in sweep.stats) == [(8, 0), (8, 1), (16, 0), (16, 1)]
     assert all(len(s.runs_samples_per_second) == 2 for s in sweep.stats)
-    assert sweep.cores == batching.usable_cores()
+    assert sweep.cores == loaders.usable_cores()
     lines = str(sweep).splitlines()
     assert len(lines) == 5 and "samples/s" in lines[0]
     assert sweep.speedup(1, batch_size=8) == pytest.approx(
@@ -346,25 +347,64 @@ def test_loader_sweep_checks_every_setting_first(small_images):
         batchlab.loader_sweep(small_images, num_workers=(0,), batch_size=(8, 64), batches=2, warmup=1)
 
 
+def test_loader_sweep_names_a_bad_grid_or_option(small_images):
+    for bad in (None, "32", 32.0, {32}):
+        with pytest.raises(TypeError, match=r"batch_size must be an int or a non-empty list of ints, got"):
+            batchlab.loader_sweep(small_images, batch_size=bad)
+    with pytest.raises(TypeError, match="num_workers must be an int or a non-empty list of ints, got None"):
+        batchlab.loader_sweep(small_images, num_workers=None)
+    with pytest.raises(ValueError, match=r"batch_size must be an int or a non-empty list of ints, got \(\)"):
+        batchlab.loader_sweep(small_images, batch_size=[])
+    with pytest.raises(TypeError, match="batch_size must be an int, got True"):
+        batchlab.loader_sweep(small_images, batch_size=[True])
+    with pytest.raises(TypeError, match="unknown options batchs; it passes these to loader_throughput: batches"):
+        batchlab.loader_sweep(small_images, batchs=2)
+    sweep = batchlab.loader_sweep(small_images, num_workers=range(1), batch_size=16, repeats=1, batches=1, warmup=1)
+    assert [(s.batch_size, s.num_workers) for s in sweep.stats] == [(16, 0)]
+
+
+def test_loader_stats_without_runs_print_and_explain():
+    empty = loaders.LoaderStats("DataLoader", 8, 2)
+    assert str(empty) == "DataLoader(batch_size=8, num_workers=2): not measured (no runs)"
+    assert repr(empty).startswith("LoaderStats(loader='DataLoader', batch_size=8")
+    with pytest.raises(ValueError, match=r"DataLoader\(batch_size=8, num_workers=2\) has no runs yet"):
+        _ = empty.samples_per_second
+    assert str(loaders.LoaderSweep([], 2)).split() == ["batch", "size", "workers", "samples/s", "first", "batch",
+                                                       "main", "busy"]  # the header of a table without rows
+
+
+@pytest.mark.parametrize("call", [
+    lambda data: list(batchlab.iter_batches(data, 64)),
+    lambda data: batchlab.loader_throughput(data, batch_size=64),
+    lambda data: loaders.iter_batches_throughput(data, batch_size=64),
+    lambda data: batchlab.loader_sweep(data, batch_size=64),
+    lambda data: workers.worker_memory(data, batch_size=64),
+])
+def test_every_loader_function_says_an_empty_dataset_is_empty(call):
+    # not "batch_size must be at most 0, got 64": the data set is what is wrong
+    with pytest.raises(ValueError, match="dataset is empty: it must hold at least one sample"):
+        call(TensorDataset(torch.zeros(0, 2)))
+
+
 def test_usable_cores():
-    assert 1 <= batching.usable_cores() <= os.cpu_count()
+    assert 1 <= loaders.usable_cores() <= os.cpu_count()
 
 
 def test_cgroup_quotas_of_both_versions_are_read(tmp_path):
     v2 = tmp_path / "v2"
     v2.mkdir()
     (v2 / "cpu.max").write_text("150000 100000\n")
-    assert batching._cgroup_cpu_quota(v2) == 1.5
+    assert loaders._cgroup_cpu_quota(v2) == 1.5
     (v2 / "cpu.max").write_text("max 100000\n")
-    assert batching._cgroup_cpu_quota(v2) is None
+    assert loaders._cgroup_cpu_quota(v2) is None
     v1 = tmp_path / "v1"
     (v1 / "cpu").mkdir(parents=True)
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
     (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert batching._cgroup_cpu_quota(v1) == 2.0
+    assert loaders._cgroup_cpu_quota(v1) == 2.0
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert batching._cgroup_cpu_quota(v1) is None
-    assert batching._cgroup_cpu_quota(tmp_path / "missing") is None
+    assert loaders._cgroup_cpu_quota(v1) is None
+    assert loaders._cgroup_cpu_quota(tmp_path / "missing") is None
 
 
 # --- the CPU-heavy image folder ------------------------------------------------------------------------
@@ -372,7 +412,7 @@ def test_cgroup_quotas_of_both_versions_are_read(tmp_path):
 
 def test_shapes_image_folder_is_written_once_and_reads_back(tmp_path):
     root = tmp_path / "folder"
-    data = batching.shapes_image_folder(20, 32, augment=False, root=root)
+    data = datasets.shapes_image_folder(20, 32, augment=False, root=root)
     assert len(data) == 20 and data.classes == list(datasets.SHAPE_CLASSES)
     source = datasets.shapes(20, 32)
     by_index = {int(os.path.basename(path)[:-4]): label for path, label in data.samples}
@@ -381,21 +421,21 @@ def test_shapes_image_folder_is_written_once_and_reads_back(tmp_path):
     assert image.shape == (3, 28, 28) and image.dtype == torch.float32  # centre crop of 7/8
     assert len(data.mean) == len(data.std) == 3 and all(0 < s < 1 for s in data.std)
     stamp = (root / "stats.json").stat().st_mtime_ns
-    again = batching.shapes_image_folder(20, 32, augment=True, crop_size=24, root=root)
+    again = datasets.shapes_image_folder(20, 32, augment=True, crop_size=24, root=root)
     assert (root / "stats.json").stat().st_mtime_ns == stamp  # reused, not rewritten
     assert again.mean == data.mean and again[0][0].shape == (3, 24, 24)
     assert not list(tmp_path.glob("*.partial-*"))  # no half-written copy left
 
 
 def test_normalised_pixels_have_zero_mean_and_unit_std(tmp_path):
-    data = batching.shapes_image_folder(16, 16, crop_size=16, augment=False, root=tmp_path / "f")
+    data = datasets.shapes_image_folder(16, 16, crop_size=16, augment=False, root=tmp_path / "f")
     pixels = torch.stack([data[i][0] for i in range(len(data))]).transpose(0, 1).flatten(1)
     torch.testing.assert_close(pixels.mean(1), torch.zeros(3), atol=2e-3, rtol=0)
     torch.testing.assert_close(pixels.std(1), torch.ones(3), atol=2e-3, rtol=0)
 
 
 def test_augmentation_is_reproducible_with_a_seeded_generator(tmp_path):
-    data = batching.shapes_image_folder(16, 32, root=tmp_path / "f")
+    data = datasets.shapes_image_folder(16, 32, root=tmp_path / "f")
 
     def first_batches(workers):
         loader = DataLoader(data, batch_size=4, num_workers=workers, generator=torch.Generator().manual_seed(5))
@@ -408,18 +448,44 @@ def test_augmentation_is_reproducible_with_a_seeded_generator(tmp_path):
 
 def test_image_folder_works_with_spawned_workers(tmp_path):
     """On macOS and Windows workers are spawned: the data set and helpers must pickle by module name."""
-    data = batching.shapes_image_folder(8, 32, root=tmp_path / "f")
+    data = datasets.shapes_image_folder(8, 32, root=tmp_path / "f")
     loader = DataLoader(data, batch_size=4, num_workers=1, multiprocessing_context="spawn", collate_fn=batching.collate,
-                        worker_init_fn=batching.seed_worker, generator=torch.Generator().manual_seed(0))
+                        worker_init_fn=workers.seed_worker, generator=torch.Generator().manual_seed(0))
     batches = list(loader)
     assert [tuple(images.shape) for images, _ in batches] == [(4, 3, 28, 28)] * 2
 
 
+def test_image_folder_refuses_a_folder_it_did_not_write(tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="root '.*notes' already holds other files"):
+        datasets.shapes_image_folder(8, 16, root=other)
+    assert [p.name for p in other.iterdir()] == ["todo.txt"]  # left as it was
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        datasets.shapes_image_folder(8, 16, root=tmp_path / "file")
+    with pytest.raises(TypeError, match="root must be a folder path"):
+        datasets.shapes_image_folder(8, 16, root=5)
+
+
+def test_image_folder_reuses_its_own_folder_only_for_the_same_arguments(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is taken
+    data = datasets.shapes_image_folder(8, 16, crop_size=16, root=empty)
+    assert len(data) == 8
+    assert len(datasets.shapes_image_folder(8, 16, crop_size=16, augment=False, root=empty)) == 8  # reused
+    with pytest.raises(ValueError, match="holds images written with n=8, image_size=16, seed=0, not n=12"):
+        datasets.shapes_image_folder(12, 16, root=empty)
+    with pytest.raises(ValueError, match="not n=8, image_size=16, seed=1"):
+        datasets.shapes_image_folder(8, 16, seed=1, root=empty)
+
+
 def test_image_folder_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="crop_size must be at most 32"):
-        batching.shapes_image_folder(4, 32, crop_size=40, root=tmp_path)
+        datasets.shapes_image_folder(4, 32, crop_size=40, root=tmp_path)
     with pytest.raises(ValueError, match="n must be a positive int"):
-        batching.shapes_image_folder(0, root=tmp_path)
+        datasets.shapes_image_folder(0, root=tmp_path)
 
 
 # --- pitfalls: random numbers and memory in workers ------------------------------------------------------
@@ -427,7 +493,7 @@ def test_image_folder_arguments_are_checked(tmp_path):
 
 def random_numbers(worker_init_fn, seed, epochs=2):
     """The random numbers of each epoch, from a 2-worker loader over a data set that owns a generator."""
-    data = batching.SharedGeneratorDataset(8)
+    data = datasets.SharedGeneratorDataset(8)
     loader = DataLoader(data, batch_size=2, num_workers=2, worker_init_fn=worker_init_fn,
                         generator=torch.Generator().manual_seed(seed))
     return [[batch[1].tolist() for batch in loader] for _ in range(epochs)]
@@ -440,103 +506,44 @@ def test_copied_generator_repeats_across_workers_and_epochs():
 
 
 def test_seed_worker_gives_distinct_reproducible_numbers():
-    first, second = random_numbers(batching.seed_worker, seed=0)
+    first, second = random_numbers(workers.seed_worker, seed=0)
     assert first[0] != first[1] and first != second
-    assert random_numbers(batching.seed_worker, seed=0) == [first, second]  # the same on every run
-    assert random_numbers(batching.seed_worker, seed=1)[0] != first
+    assert random_numbers(workers.seed_worker, seed=0) == [first, second]  # the same on every run
+    assert random_numbers(workers.seed_worker, seed=1)[0] != first
 
 
 def test_python_list_is_copied_into_workers_and_numpy_array_is_not():
     n = 400_000  # a list of 400k Python floats is ~13 MB of objects; each worker reads half of them
-    as_list = batching.worker_memory(batching.LookupTable(n, "list"), batch_size=20_000, num_workers=2)
-    as_array = batching.worker_memory(batching.LookupTable(n, "numpy"), batch_size=20_000, num_workers=2)
+    as_list = workers.worker_memory(datasets.LookupTable(n, "list"), batch_size=20_000, num_workers=2)
+    as_array = workers.worker_memory(datasets.LookupTable(n, "numpy"), batch_size=20_000, num_workers=2)
     assert len(as_list) == len(as_array) == 2
-    assert all(m["uss"] > 0 and m["rss"] >= m["uss"] for m in as_list + as_array)
-    extra = sorted(a["uss"] - b["uss"] for a, b in zip(as_list, as_array))
+    assert all(isinstance(m, memory.ProcessMemory) for m in as_list + as_array)
+    assert all(m.uss_bytes > 0 and m.rss_bytes >= m.uss_bytes for m in as_list + as_array)
+    assert all(m.tensor_bytes is None and m.other_bytes is None for m in as_list)  # not countable from outside
+    assert "its tensors are not known" in repr(as_list[0])
+    extra = sorted(a.uss_bytes - b.uss_bytes for a, b in zip(as_list, as_array))
     assert extra[0] > 2e6, f"reading a list should copy megabytes into each worker, got {extra} bytes"
-    assert batching.process_memory()["uss"] > 0
 
 
 def test_lookup_table_and_datasets_check_arguments():
-    assert batching.LookupTable(4, "numpy")[2] == batching.LookupTable(4, "list")[2] == 0.5
+    assert datasets.LookupTable(4, "numpy")[2] == datasets.LookupTable(4, "list")[2] == 0.5
     with pytest.raises(ValueError, match="storage must be 'list' or 'numpy'"):
-        batching.LookupTable(4, "dict")
+        datasets.LookupTable(4, "dict")
     with pytest.raises(ValueError, match="num_workers must be a positive int"):
-        batching.worker_memory(batching.LookupTable(4), batch_size=2, num_workers=0)
+        workers.worker_memory(datasets.LookupTable(4), batch_size=2, num_workers=0)
 
 
-# --- the padding exercise ------------------------------------------------------------------------------
-
-
-def pad_collate(samples):
-    tokens, labels = zip(*samples)
-    lengths = torch.tensor([len(t) for t in tokens])
-    padded = torch.nn.utils.rnn.pad_sequence(list(tokens), batch_first=True, padding_value=batching.PAD)
-    mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
-    return padded, mask, torch.tensor(labels)
+# --- the padding exercise's data set --------------------------------------------------------------------
 
 
 def test_token_sequences():
-    data = batching.token_sequences(50, max_length=7, seed=1)
+    data = datasets.token_sequences(50, max_length=7, seed=1)
     lengths = {len(data[i][0]) for i in range(50)}
     assert min(lengths) >= 1 and max(lengths) <= 7 and len(lengths) > 3
-    assert all((data[i][0] != batching.PAD).all() and data[i][0].dtype == torch.int64 for i in range(50))
-    assert torch.equal(data[3][0], batching.token_sequences(50, max_length=7, seed=1)[3][0])
+    assert all((data[i][0] != datasets.PAD).all() and data[i][0].dtype == torch.int64 for i in range(50))
+    assert torch.equal(data[3][0], datasets.token_sequences(50, max_length=7, seed=1)[3][0])
     with pytest.raises(IndexError):
         data[50]
-
-
-def test_check_padding_collate_accepts_a_right_answer(capsys):
-    batching.check_padding_collate(pad_collate)
-    out = capsys.readouterr().out
-    assert out.startswith("Correct:") and out.count("✓") == 4
-
-
-def test_check_padding_collate_placeholder(capsys):
-    batching.check_padding_collate(None)
-    assert capsys.readouterr().out.startswith("Your turn:")
-    with pytest.raises(TypeError, match="collate_fn must be a function"):
-        batching.check_padding_collate("pad")
-
-
-def global_max(samples):
-    padded, mask, labels = pad_collate(samples)
-    width = 9  # pads every batch to the longest sequence of the whole data set
-    return (torch.nn.functional.pad(padded, (0, width - padded.shape[1])),
-            torch.nn.functional.pad(mask, (0, width - mask.shape[1])), labels)
-
-
-def no_mask(samples):
-    padded, _, labels = pad_collate(samples)
-    return padded, labels
-
-
-def inverted_mask(samples):
-    padded, mask, labels = pad_collate(samples)
-    return padded, ~mask, labels
-
-
-def pads_with_minus_one(samples):
-    padded, mask, labels = pad_collate(samples)
-    return padded.masked_fill(~mask, -1), mask, labels
-
-
-def not_written(samples):
-    raise NotImplementedError("write the body")
-
-
-@pytest.mark.parametrize(("wrong", "message"), [
-    (no_mask, r"expected \(padded, mask, labels\), got a tuple of 2"),
-    (lambda s: pad_collate(s)[0], r"expected \(padded, mask, labels\), got a Tensor"),
-    (global_max, "longest in this batch"),
-    (inverted_mask, "mask should be True for its"),
-    (pads_with_minus_one, "should end with padding 0"),
-    (not_written, "raised NotImplementedError: write the body"),
-    (lambda s: (*pad_collate(s)[:2], torch.tensor([0] * len(s))), r"labels\[\d\] should be sample"),
-])
-def test_check_padding_collate_explains_wrong_answers(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        batching.check_padding_collate(wrong)
 
 
 # --- the widget -------------------------------------------------------------------------------------------
@@ -546,11 +553,11 @@ def test_loader_widget_measures_each_setting_and_shows_the_cores(small_images):
     widget = LoaderWidget(small_images, num_workers=0, batch_size=16, batches=2, warmup=1)
     first_png = bytes(widget.image.value)
     assert first_png.startswith(b"\x89PNG")
-    assert f"{batching.usable_cores()} usable CPU cores" in widget.summary.value
-    assert widget.num_workers.max == batching.usable_cores() + 2
+    assert f"{loaders.usable_cores()} usable CPU cores" in widget.summary.value
+    assert widget.num_workers.max == loaders.usable_cores() + 2
     widget.num_workers.value = 1  # as a learner moves the slider
     state = widget.state
-    assert state["cores"] == batching.usable_cores() and (state["batch_size"], state["num_workers"]) == (16, 1)
+    assert state["cores"] == loaders.usable_cores() and (state["batch_size"], state["num_workers"]) == (16, 1)
     assert set(state["measured"]) == {(16, 0), (16, 1)} and state["samples_per_second"] > 0
     assert "the speed of num_workers=0" in widget.summary.value and bytes(widget.image.value) != first_png
     state = widget.set(batch_size=8)
@@ -570,50 +577,12 @@ def test_loader_widget_batch_sizes_fit_the_dataset(small_images):
         LoaderWidget(datasets.shapes(10, image_size=16), batches=2)
 
 
-# --- exercises 2 and 3 ------------------------------------------------------------------------------------
-
-
-def test_check_best_num_workers_reads_the_learners_measurements(capsys, monkeypatch):
-    monkeypatch.setattr(batching, "usable_cores", lambda: 2)
-    measured = {(64, 0): 400.0, (64, 1): 380.0, (64, 2): 700.0, (64, 3): 650.0, (32, 3): 9999.0}
-    batching.check_best_num_workers(None, measured)
-    assert capsys.readouterr().out.startswith("Your turn: measure num_workers from 0 to one more than your usable")
-    batching.check_best_num_workers(2, measured)
-    assert capsys.readouterr().out.startswith("Correct: num_workers=2 delivered 700 samples/s, 1.75x")
-    with pytest.raises(AssertionError, match="num_workers=3 is not the fastest"):
-        batching.check_best_num_workers(3, measured)  # the faster (32, 3) is another batch size
-    with pytest.raises(AssertionError, match="measure num_workers=3 at batch size 64 first"):
-        batching.check_best_num_workers(2, {k: v for k, v in measured.items() if k != (64, 3)})
-    with pytest.raises(AssertionError, match="an int"):
-        batching.check_best_num_workers("2", measured)
-    with pytest.raises(TypeError, match="measured must be a LoaderSweep"):
-        batching.check_best_num_workers(2, [700.0])
-
-
-def test_check_best_num_workers_takes_a_sweep_and_explains_a_surprise(capsys, monkeypatch):
-    monkeypatch.setattr(batching, "usable_cores", lambda: 1)
-    stats = [batching.LoaderStats("DataLoader", 64, n, runs_samples_per_second=(rate,))
-             for n, rate in ((0, 500.0), (1, 450.0), (2, 460.0))]
-    batching.check_best_num_workers(0, batching.LoaderSweep(stats, 1))
-    assert "No workers came out on top" in capsys.readouterr().out
+# --- what persistent workers do to a generator the data set owns (exercise 3's answer) -------------------
 
 
 def test_persistent_workers_keep_moving_but_still_agree():
     before = {p.pid for p in children()}
-    first, second = batching.persistent_worker_numbers(epochs=2)
+    first, second = chapter3.persistent_worker_numbers(epochs=2)
     assert first[0] == first[1] and second[0] == second[1]  # the two workers' copies start alike
     assert first != second  # each copy's generator moves on into epoch 2
     assert started_since(before) == []  # the persistent workers stopped with their loader
-
-
-def test_check_persistent_prediction(capsys):
-    batching.check_persistent_prediction(None, None)
-    assert capsys.readouterr().out.startswith("Your turn:")
-    batching.check_persistent_prediction(False, True)
-    assert capsys.readouterr().out.startswith("Correct.")
-    with pytest.raises(AssertionError, match="epoch 2 against epoch 1"):
-        batching.check_persistent_prediction(True, True)  # the answer without persistent workers
-    with pytest.raises(AssertionError, match="the two workers"):
-        batching.check_persistent_prediction(False, False)
-    with pytest.raises(AssertionError, match="True or False"):
-        batching.check_persistent_prediction("no", True)

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import batchlab
-from batchlab import leaks
+from batchlab import exercises
 
 
 class Loop:
@@ -216,7 +216,7 @@ def hook_exercise():
 
 def test_check_hook_fix_accepts_a_hook_that_keeps_a_float(capsys):
     state, layer, step, means = hook_exercise()
-    leaks.check_hook_fix(lambda module, inputs, output: means.append(output.mean().item()), layer, step, means)
+    exercises.check_hook_fix(lambda module, inputs, output: means.append(output.mean().item()), layer, step, means)
     assert capsys.readouterr().out.startswith("Correct: tensor memory, autograd graph nodes and Python objects")
     assert not layer._forward_hooks and means == []  # the check removed its hooks and its calls' values
 
@@ -238,7 +238,7 @@ def test_check_hook_fix_rejects_hooks_that_keep_nothing_or_a_tensor(hook, messag
         "keeps the max": lambda m, i, output: means.append(output.max().item()),
     }
     with pytest.raises(AssertionError, match=message):
-        leaks.check_hook_fix(hooks.get(hook, hook), layer, step, means)
+        exercises.check_hook_fix(hooks.get(hook, hook), layer, step, means)
     assert not layer._forward_hooks  # removed even when the check fails
 
 
@@ -247,12 +247,12 @@ def test_check_hook_fix_cannot_be_passed_without_a_hook(capsys):
     # the learner's hook itself, so a do-nothing hook (or none) cannot pass.
     state, layer, step, means = hook_exercise()
     with pytest.raises(AssertionError, match="0 values"):
-        leaks.check_hook_fix(lambda *args: None, layer, step, means)
+        exercises.check_hook_fix(lambda *args: None, layer, step, means)
     with pytest.raises(AssertionError, match="the step never ran the layer"):
-        leaks.check_hook_fix(lambda m, i, output: means.append(output.mean().item()), layer, lambda: None, means)
-    leaks.check_hook_fix(None, layer, step, means)
+        exercises.check_hook_fix(lambda m, i, output: means.append(output.mean().item()), layer, lambda: None, means)
+    exercises.check_hook_fix(None, layer, step, means)
     assert capsys.readouterr().out.startswith("Your turn:")
     with pytest.raises(TypeError, match="hook must be a function"):
-        leaks.check_hook_fix("keep_mean", layer, step, means)
+        exercises.check_hook_fix("keep_mean", layer, step, means)
     with pytest.raises(TypeError, match="kept must be the list"):
-        leaks.check_hook_fix(lambda *args: None, layer, step, None)
+        exercises.check_hook_fix(lambda *args: None, layer, step, None)

@@ -2,6 +2,7 @@
 the CPU allocator's own count, and nothing is left installed or changed afterwards."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -322,7 +323,10 @@ def test_process_memory_sees_a_new_tensor():
     after = batchlab.process_memory()
     assert after.tensor_bytes - before.tensor_bytes == big.numel() * 4
     assert after.rss_bytes > after.tensor_bytes > 0
-    assert "resident" in repr(after) and "MiB" in repr(after)
+    assert after.rss_bytes >= after.uss_bytes > 0 and after.other_bytes == after.rss_bytes - after.tensor_bytes
+    if sys.platform.startswith("linux"):  # proportional set size: Linux only, None elsewhere
+        assert after.rss_bytes >= after.pss_bytes >= after.uss_bytes
+    assert "resident" in repr(after) and "USS" in repr(after) and "CPU tensors" in repr(after)
 
 
 def test_gpu_reference_ships_with_the_package():

@@ -158,18 +158,6 @@ def test_jobs_show_errors_instead_of_raising():
         inline.submit(lambda job: 1 / 0)
 
 
-def test_the_check_of_chapter_0_does_not_give_the_answer_away(capsys):
-    ex.check_largest_batch(None)
-    assert "Your turn" in capsys.readouterr().out
-    right = ex.largest_batch_for("cnn_bn", "GPU 8 GiB (simulated)")
-    for wrong in (right + 1, right - 1, 0, float(right)):
-        with pytest.raises(AssertionError) as caught:
-            ex.check_largest_batch(wrong)
-        assert str(right) not in str(caught.value).replace(repr(wrong), "")
-    ex.check_largest_batch(right)
-    assert capsys.readouterr().out.startswith(f"Correct: {right} images of 3x224x224")
-
-
 # -- the explorer --------------------------------------------------------------------------------
 
 def test_explorer_shows_memory_convergence_and_speed(explorer):
