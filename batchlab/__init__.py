@@ -28,6 +28,7 @@ from .memory import MemoryReport, gpu_reference, process_memory, profile_step, t
 from .models import MODEL_NAMES, build_model, count_parameters
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
+from .tuning import PRECISIONS, checkpoint_blocks, checkpointed
 
 __version__ = "0.1.0"
 
@@ -72,9 +73,12 @@ __all__ = [
     "MODEL_NAMES",
     "MemoryReport",
     "OPTIMIZERS",
+    "PRECISIONS",
     "RankError",
     "accumulate_weighted",
     "build_model",
+    "checkpoint_blocks",
+    "checkpointed",
     "compare_gradients",
     "count_parameters",
     "datasets",
