@@ -312,7 +312,9 @@ class Checkpointed(nn.Module):
     It holds ``model`` itself (the same parameters: training the wrapper trains the model) and does not
     change it: during each forward call the first block of every segment is told to run the whole
     segment through ``torch.utils.checkpoint.checkpoint`` and the segment's other blocks to pass their
-    input on; both are undone when the call returns, also when it fails.
+    input on; both are undone when the call returns, also when it fails. During the recomputation in
+    backward, BatchNorm layers do not update their running statistics again (with ``use_reentrant=True``
+    they do: PyTorch's reentrant checkpoint takes no recomputation context).
     """
 
     def __init__(self, model: nn.Module, segments: list, use_reentrant: bool):
@@ -328,7 +330,7 @@ class Checkpointed(nn.Module):
                 blocks = [self.model.get_submodule(name) for name in names]
                 originals = [block.forward for block in blocks]
                 patched += blocks
-                blocks[0].forward = functools.partial(self._run_segment, originals)
+                blocks[0].forward = functools.partial(self._run_segment, blocks, originals)
                 for block in blocks[1:]:
                     block.forward = _pass_on
             return self.model(*args, **kwargs)
@@ -336,7 +338,7 @@ class Checkpointed(nn.Module):
             for block in patched:
                 block.__dict__.pop("forward", None)
 
-    def _run_segment(self, forwards, x, *args, **kwargs):
+    def _run_segment(self, blocks, forwards, x, *args, **kwargs):
         def segment(x, *args, **kwargs):
             for forward in forwards:
                 x = forward(x, *args, **kwargs)
@@ -344,7 +346,9 @@ class Checkpointed(nn.Module):
 
         if self.use_reentrant:
             return checkpoint(segment, x, *args, use_reentrant=True, **kwargs)
-        return checkpoint(segment, x, *args, use_reentrant=False, context_fn=_recompute_context, **kwargs)
+        norms = [m for block in blocks for m in block.modules() if _tracks_running_stats(m)]
+        return checkpoint(segment, x, *args, use_reentrant=False, context_fn=functools.partial(_contexts, norms),
+                          **kwargs)
 
     def extra_repr(self) -> str:
         return f"segments={len(self.segments)}, use_reentrant={self.use_reentrant}"
@@ -354,24 +358,37 @@ def _pass_on(x, *_args, **_kwargs):
     return x  # this block already ran inside the segment's checkpoint
 
 
-def _recompute_context():
-    """Contexts for a checkpointed segment's forward and its recomputation during backward.
+def _tracks_running_stats(module) -> bool:
+    return getattr(module, "track_running_stats", False) and getattr(module, "num_batches_tracked", None) is not None
+
+
+def _contexts(norms):
+    """Contexts for a checkpointed segment's forward and for its recomputation during backward.
 
     The recomputation runs in backward, outside the forward's autocast region: ``checkpoint`` restores a
-    real ``torch.autocast`` itself; a simulated one (meta device) is restored here. A memory tracker is
-    told that what the recomputation makes is activations.
+    real ``torch.autocast`` itself; a simulated one (meta device) is restored here. BatchNorm layers
+    normalise with the batch's statistics again but must not update their running statistics a second
+    time. A memory tracker is told that what the recomputation makes is activations.
     """
     from .memory import recomputation  # memory imports steps, which imports this module
 
     active = getattr(_simulated, "active", None)
     simulated = SimulatedAutocast(active.target, active.dtype) if active is not None else nullcontext()
-    return nullcontext(), _both(simulated, recomputation())
+    return nullcontext(), _recomputing(simulated, norms, recomputation())
 
 
 @contextmanager
-def _both(first, second):
-    with first, second:
-        yield
+def _recomputing(simulated, norms, tracked):
+    saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0  # running statistics times 1, plus the batch's times 0: left exactly as they are
+    try:
+        with simulated, tracked:
+            yield
+    finally:
+        for norm, (momentum, count) in zip(norms, saved):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(count)  # the forward pass counted this batch already
 
 
 def checkpointed(model: nn.Module, segments="blocks", *, use_reentrant: bool = False) -> Checkpointed:
@@ -401,7 +418,7 @@ def checkpointed(model: nn.Module, segments="blocks", *, use_reentrant: bool = F
     elif isinstance(segments, str) or segments is None:
         raise ValueError(f"segments must be 'blocks' or a number of segments from 1 to {len(names)}, got {segments!r}")
     check_int("segments", segments, minimum=1, maximum=len(names))
-    bounds = [round(i * len(names) / segments) for i in range(segments + 1)]
+    bounds = [-(-i * len(names) // segments) for i in range(segments + 1)]  # earlier segments get any extra
     return Checkpointed(model, [names[a:b] for a, b in zip(bounds, bounds[1:])], use_reentrant)
 
 
