@@ -29,6 +29,7 @@ from .models import MODEL_NAMES, build_model, count_parameters
 from .oom import OOMReport, explain_oom
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
+from .tuning import PRECISIONS, checkpoint_blocks, checkpointed
 
 __version__ = "0.1.0"
 
@@ -74,9 +75,12 @@ __all__ = [
     "MemoryReport",
     "OOMReport",
     "OPTIMIZERS",
+    "PRECISIONS",
     "RankError",
     "accumulate_weighted",
     "build_model",
+    "checkpoint_blocks",
+    "checkpointed",
     "compare_gradients",
     "count_parameters",
     "datasets",
