@@ -27,6 +27,7 @@ from .leaks import LeakReport, leak_check
 from .memory import MemoryReport, gpu_reference, process_memory, profile_step, track_memory
 from .models import MODEL_NAMES, build_model, count_parameters
 from .oom import OOMReport, explain_oom
+from .plan import FitPlan, plan_fit
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
 from .tuning import PRECISIONS, checkpoint_blocks, checkpointed
@@ -66,6 +67,7 @@ __all__ = [
     "BatchSizeExplorer",
     "BatchSizeSearch",
     "CUDA_CONSTANTS",
+    "FitPlan",
     "GhostBatchNorm",
     "GradientComparison",
     "History",
@@ -99,6 +101,7 @@ __all__ = [
     "make_optimizer",
     "max_batch_size",
     "memory_budget",
+    "plan_fit",
     "plot_histories",
     "plot_leak_checks",
     "plot_peak_breakdown",
