@@ -98,7 +98,8 @@ def train(
     * ``epochs`` or ``steps`` (exactly one): how long to train.
     * ``optimizer``: ``"sgd"`` (momentum 0.9), ``"adam"``, or a function ``params -> Optimizer``.
     * ``accumulation_steps``: split every batch into this many equal micro-batches and accumulate their
-      gradients before the step: same result, less activation memory (chapter 6).
+      gradients before the step: same result, less activation memory (chapter 6). A list of sizes that add
+      up to ``batch_size`` gives uneven micro-batches, each weighted by its share (``batchlab.plan_fit``).
     * ``loss_fn``: defaults to cross-entropy (mean over the batch).
     * ``seed``: fixes the shuffling and any randomness in the model, so the same seed gives the same
       History; the global random state is left as it was.
@@ -196,7 +197,8 @@ def _step_or_halve(model, opt, step_args, inputs, targets, accumulation_steps, h
         opt.zero_grad(set_to_none=True)
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-        accumulation_steps *= 2
+        parts = len(accumulation_steps) if isinstance(accumulation_steps, (list, tuple)) else accumulation_steps
+        accumulation_steps = 2 * parts  # uneven sizes too: twice as many micro-batches
         note = (f"step {step}: out of memory; now {accumulation_steps} micro-batches of about "
                 f"{-(-len(targets) // accumulation_steps)} samples (the effective batch is still {len(targets)})")
         history.notes.append(note)
@@ -235,8 +237,12 @@ def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, 
         raise ValueError(
             f"batch_size must be at most the data set size ({len(dataset)}), got {batch_size}"
         )
-    check_int("accumulation_steps", accumulation_steps, minimum=1)
-    if batch_size % accumulation_steps:
+    if isinstance(accumulation_steps, (list, tuple)):  # uneven micro-batch sizes, e.g. from batchlab.plan_fit
+        sizes = [check_int("accumulation_steps[i]", size, minimum=1) for size in accumulation_steps]
+        if sum(sizes) != batch_size:
+            raise ValueError(f"accumulation_steps as micro-batch sizes must add up to batch_size ({batch_size}), "
+                             f"got {list(accumulation_steps)} (sum {sum(sizes)})")
+    elif check_int("accumulation_steps", accumulation_steps, minimum=1) and batch_size % accumulation_steps:
         raise ValueError(
             f"accumulation_steps must divide batch_size into equal micro-batches: {batch_size} is not "
             f"divisible by {accumulation_steps}; try accumulation_steps in "
