@@ -177,9 +177,10 @@ class FitPlan:
                  format_bytes(o.reserved_bytes) if o.reserved_bytes is not None else "-", f"{o.cost:.2f}")
                 for i, o in enumerate(self.options)]
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+        count = f"{len(self.options)} option{'s' if len(self.options) != 1 else ''}"
         lines = [f"FitPlan: effective batch {self.effective_batch} in {format_bytes(self.budget)} on {self.device} "
-                 f"({len(self.options)} options, best first; largest fitting = batchlab.max_batch_size; cost = "
-                 f"predicted step time / one fp32 step of the whole batch)"]
+                 f"({count}, best first; largest fitting = batchlab.max_batch_size; cost = predicted step time / "
+                 f"one fp32 step of the whole batch)"]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines += [f"note: {note}" for note in self.notes] + [self.learning_rate_note()]
         return "\n".join(lines)
@@ -218,7 +219,7 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
         if option is not None:
             options.append(option)
     if not options:
-        raise ValueError(_nothing_fits(model, make_batch, budget, effective_batch, smallest, common, cache))
+        raise ValueError(_nothing_fits(model, make_batch, budget, effective_batch, smallest, levers, common, cache))
     options.sort(key=lambda o: (round(o.cost, 6), o.accumulation_steps, PRECISIONS.index(o.precision),
                                 o.checkpointing))
     return FitPlan(effective_batch, budget, device, optimizer, options, notes)
@@ -341,7 +342,7 @@ def _check_make_batch(make_batch, effective_batch: int) -> None:
                          f"make_batch({effective_batch}) gave {shapes[1]} per sample")
 
 
-def _nothing_fits(model, make_batch, budget, effective_batch, smallest, common, cache) -> str:
+def _nothing_fits(model, make_batch, budget, effective_batch, smallest, levers, common, cache) -> str:
     """Why not even a micro-batch of ``smallest`` fits: what it needs by category, and the levers that help."""
     base = _estimate(model, make_batch, smallest, 1, "fp32", False, common, cache)
     parts = ", ".join(f"{c} {format_bytes(b)}" for c, b in sorted(base.breakdown.items(), key=lambda cb: -cb[1])
@@ -358,17 +359,17 @@ def _nothing_fits(model, make_batch, budget, effective_batch, smallest, common, 
     fixed = sum(base.breakdown.get(c, 0) for c in ("parameters", "gradients", "optimizer_state"))
     savings["a smaller model (its weights, gradients and optimizer state: half the parameters, half of "
             f"{format_bytes(fixed)})"] = fixed // 2
-    savings[f"a smaller input (activations and inputs scale with it: half the size saves about "
-            f"{format_bytes(needed - fixed)} / 2)"] = (needed - fixed) // 2
+    scaled = sum(base.breakdown.get(c, 0) for c in ("activations", "inputs"))
+    savings[f"a smaller input (activations and inputs scale with it: half of {format_bytes(scaled)})"] = scaled // 2
     over = needed - budget
     ranked = sorted(savings.items(), key=lambda kv: -kv[1])
-    levers = "; ".join(f"{lever}: saves about {format_bytes(max(s, 0))}{' (enough alone)' if s >= over else ''}"
+    advice = "; ".join(f"{lever}: saves about {format_bytes(max(s, 0))}{' (enough alone)' if s >= over else ''}"
                        for lever, s in ranked)
-    tried = ", ".join(sorted({f"{p}{' checkpointed' if c else ''}" for (_n, _a, p, c) in cache}))
+    tried = ", ".join(f"{p}{' checkpointed' if c else ''}" for p, c in levers)
     return (f"nothing fits: plan_fit found no way to run {effective_batch} samples per step in budget "
             f"{format_bytes(budget)} on {common['device']}, not even micro-batches of {smallest} (tried {tried}). "
             f"A batch of {smallest} in fp32 needs {format_bytes(needed)} ({parts}), {format_bytes(over)} over the "
-            f"budget. The lever that helps most comes first: {levers}. Or a larger budget.")
+            f"budget. The lever that helps most comes first: {advice}. Or a larger budget.")
 
 
 def _needed(report) -> int:
