@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 
+import torch
 from torch import nn
 
 from .estimate import estimate_memory, max_batch_size
@@ -199,11 +200,13 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
 
     For each setting: the largest micro-batch :func:`batchlab.max_batch_size` allows, the fewest
     micro-batches of at most that size (sizes as equal as possible, adding up to ``effective_batch``),
-    and the accumulated step estimated by :func:`batchlab.estimate_memory` (``peak_bytes``,
-    ``reserved_bytes``), which must fit ``budget`` too. Options are ranked by predicted cost (see
-    :mod:`batchlab.plan`), then fewer micro-batches, fp32 before lower precision, no checkpointing
-    first. Nothing fits: a ``ValueError`` with what a batch of one needs, by category, and the levers.
-    Estimates are cached (same micro-batch, precision and checkpointing); ``model`` is only read.
+    and the accumulated step estimated by :func:`batchlab.estimate_memory` in ``budget``, which must
+    fit too (else one micro-batch more). ``peak_bytes``: its allocated peak; ``reserved_bytes``: what
+    the caching allocator holds at most when it frees its cache at the budget, as a GPU that size would.
+    Options are ranked by predicted cost (see :mod:`batchlab.plan`), then fewer micro-batches, fp32
+    before lower precision, no checkpointing first. Nothing fits: a ``ValueError`` with what a batch
+    of one needs, by category, and the levers that would help. Estimates are cached (same micro-batch,
+    precision and checkpointing); ``model`` is only read.
     """
     budget, effective_batch, levers, notes = _check_plan_args(model, make_batch, budget, effective_batch, optimizer,
                                                               loss_fn, device, precisions, checkpointing)
@@ -226,14 +229,19 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
 
 
 def _estimate(model, make_batch, n, accumulation, precision, checkpoint, common, cache, budget=None):
-    """estimate_memory of ``n`` samples in ``accumulation`` micro-batches, cached; None when over ``budget``."""
-    key = (n, accumulation, precision, checkpoint)
+    """estimate_memory of ``n`` samples in ``accumulation`` micro-batches, cached; None if it exceeds ``budget``.
+
+    With a budget the simulated caching allocator works inside it (it frees its cache before giving
+    up), as :func:`batchlab.max_batch_size` counts fitting, so ``reserved_bytes`` is at most the budget.
+    """
+    key = (n, accumulation, precision, checkpoint, budget)
     if key not in cache:
-        cache[key] = estimate_memory(model, make_batch(n), accumulation_steps=accumulation, precision=precision,
-                                     checkpointing="blocks" if checkpoint else None, **common)
-    report = cache[key]
-    needed = report.reserved_bytes if report.reserved_bytes is not None else report.peak_bytes
-    return None if budget is not None and max(needed, report.peak_bytes) > budget else report
+        try:
+            cache[key] = estimate_memory(model, make_batch(n), accumulation_steps=accumulation, precision=precision,
+                                         checkpointing="blocks" if checkpoint else None, budget=budget, **common)
+        except torch.OutOfMemoryError:
+            cache[key] = None
+    return cache[key]
 
 
 def _plan_for(model, make_batch, budget, effective_batch, smallest, precision, checkpoint, common, cache):
