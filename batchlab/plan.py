@@ -30,7 +30,7 @@ from importlib import resources
 import torch
 from torch import nn
 
-from .estimate import estimate_memory, max_batch_size
+from .estimate import SAFETY_MARGIN, estimate_memory, max_batch_size
 from .steps import check_optimizer
 from .tuning import PRECISIONS, check_precision, checkpoint_blocks
 from .validation import (
@@ -329,25 +329,34 @@ def _settings(name, value, kind, check, works) -> tuple:
 
 
 def _check_make_batch(make_batch, effective_batch: int) -> None:
-    """make_batch(1) and make_batch(effective_batch) return that many samples, of the same shape."""
+    """make_batch(n) returns n samples of one shape for n = 1, ``effective_batch`` and that plus the margin.
+
+    :func:`batchlab.max_batch_size` asks for up to ``SAFETY_MARGIN`` (5%) more samples than the batch
+    it checks, so a make_batch that slices a data set must be able to make that many.
+    """
     if not callable(make_batch):
         raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
-    shapes = []
-    for n in dict.fromkeys((1, effective_batch)):
+    padded = math.ceil(effective_batch * (1 + SAFETY_MARGIN))
+    shapes = {}
+    for n in dict.fromkeys((1, effective_batch, padded)):
         try:
             inputs, targets = check_batch(make_batch(n), f"make_batch({n})")
         except (IndexError, RuntimeError) as error:
             raise ValueError(f"effective_batch {effective_batch} is more than make_batch can make: make_batch({n}) "
                              f"failed with {type(error).__name__}: {error}") from error
         if len(inputs) != n:
-            what = ("effective_batch {0} is larger than make_batch can make" if n == effective_batch > len(inputs)
-                    else "make_batch({1}) must return {1} samples").format(effective_batch, n)
+            if n == padded > len(inputs) >= effective_batch:
+                what = (f"make_batch must make {padded} samples (effective_batch {effective_batch} plus "
+                        f"max_batch_size's {SAFETY_MARGIN:.0%} safety margin) to plan it")
+            elif n == effective_batch > len(inputs):
+                what = f"effective_batch {effective_batch} is larger than make_batch can make"
+            else:
+                what = f"make_batch({n}) must return {n} samples"
             raise ValueError(f"{what}: make_batch({n}) returned inputs of shape {tuple(inputs.shape)}; make_batch(n) "
                              f"must build a batch with n as its first dimension")
-        shapes.append(tuple(inputs.shape[1:]))
-    if len(set(shapes)) > 1:
-        raise ValueError(f"make_batch must build samples of one shape, but make_batch(1) gave {shapes[0]} and "
-                         f"make_batch({effective_batch}) gave {shapes[1]} per sample")
+        shapes[n] = tuple(inputs.shape[1:])
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"make_batch must build samples of one shape, but it gave {shapes} (n: shape per sample)")
 
 
 def _nothing_fits(model, make_batch, budget, effective_batch, smallest, levers, common, cache) -> str:

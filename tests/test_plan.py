@@ -199,6 +199,10 @@ def test_model_without_blocks(make_batch):
     (dict(effective_batch=True), TypeError, "effective_batch must be an int, got True"),
     (dict(effective_batch=5000), ValueError, "effective_batch 5000 is larger than make_batch can make: "
                                              r"make_batch\(5000\) returned inputs of shape \(1438, 1, 8, 8\)"),
+    (dict(effective_batch=1400), ValueError, r"make_batch must make 1470 samples \(effective_batch 1400 plus "
+                                             r"max_batch_size's 5% safety margin\)"),
+    (dict(make_batch=lambda n: (torch.zeros(n, 1, 8, 8 if n == 1 else 9), torch.zeros(n, dtype=torch.long))),
+     ValueError, r"make_batch must build samples of one shape, but it gave \{1: \(1, 8, 8\), 64: \(1, 8, 9\)"),
     (dict(budget="lots"), ValueError, "budget 'lots' is not a memory size"),
     (dict(budget=0), ValueError, "budget must be a positive amount of memory, got 0"),
     (dict(budget="100 KiB"), ValueError, r"budget 100.0 KiB is smaller than the model's weights and gradients "
@@ -241,3 +245,23 @@ def test_model_is_only_read(make_batch):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name])
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_each_estimate_runs_once_and_max_batch_size_once_per_setting(make_batch, monkeypatch):
+    estimates, searches = [], []
+    real_estimate, real_search = batchlab.plan.estimate_memory, batchlab.plan.max_batch_size
+
+    def estimate(model, batch, **kwargs):
+        estimates.append((len(batch[0]), kwargs["accumulation_steps"], kwargs["precision"], kwargs["checkpointing"],
+                          kwargs["budget"]))
+        return real_estimate(model, batch, **kwargs)
+
+    def search(*args, **kwargs):
+        searches.append((kwargs["precision"], kwargs["checkpointing"]))
+        return real_search(*args, **kwargs)
+    monkeypatch.setattr(batchlab.plan, "estimate_memory", estimate)
+    monkeypatch.setattr(batchlab.plan, "max_batch_size", search)
+    with pytest.raises(ValueError, match="nothing fits"):  # the error reuses the batch-1 estimates
+        batchlab.plan_fit(cnn(), make_batch, budget="800KiB", effective_batch=64, device="cpu", optimizer="adam")
+    assert len(estimates) == len(set(estimates)) == 3  # fp32, bf16, fp32 checkpointed at batch 1
+    assert searches == [("fp32", None), ("fp32", "blocks"), ("bf16", None), ("bf16", "blocks")]
