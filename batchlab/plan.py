@@ -22,6 +22,7 @@ speed-up that tensor cores may or may not give).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -45,12 +46,16 @@ from .validation import (
     parse_bytes,
 )
 
-RECOMPUTE = 4 / 3  # checkpointing: forward + forward again + backward (about 2 forwards) = 4/3 of a plain step
+RECOMPUTE = 4 / 3  # checkpointing: forward (1) + backward (about 2) + the forward again (1) = 4 / 3 of a step
 PRECISION_FACTOR = dict.fromkeys(PRECISIONS, 1.0)  # assumed: no measured low-precision speed-up (see above)
 
 
-def _reference_step_times() -> tuple:
-    """(fixed, per_sample, floor) seconds fitted to the H100 ResNet-18 rows (see the module docstring)."""
+@functools.cache
+def reference_step_times() -> tuple:
+    """(fixed, per_sample, floor) seconds fitted to the H100 ResNet-18 rows (see the module docstring).
+
+    Read on first use, so that ``import batchlab`` does not open the reference file.
+    """
     with resources.files("batchlab").joinpath("data/gpu_memory_h100.json").open() as f:
         rows = sorted(json.load(f)["throughput_resnet18_224_sgd_fp32"], key=lambda row: row["batch"])
     (n1, t1), (n2, t2) = [(row["batch"], row["step_s"]) for row in rows[-2:]]
@@ -58,13 +63,11 @@ def _reference_step_times() -> tuple:
     return t1 - per_sample * n1, per_sample, rows[0]["step_s"]
 
 
-STEP_FIXED_S, STEP_PER_SAMPLE_S, STEP_FLOOR_S = _reference_step_times()
-
-
 def micro_step_seconds(n: int, *, precision: str = "fp32", checkpointing: bool = False) -> float:
     """Predicted seconds of one micro-step of ``n`` samples, on the reference scale (ResNet-18, H100)."""
-    work = n * STEP_PER_SAMPLE_S * (RECOMPUTE if checkpointing else 1.0) * PRECISION_FACTOR[precision]
-    return max(STEP_FLOOR_S, STEP_FIXED_S + work)
+    fixed, per_sample, floor = reference_step_times()
+    work = n * per_sample * (RECOMPUTE if checkpointing else 1.0) * PRECISION_FACTOR[precision]
+    return max(floor, fixed + work)
 
 
 def split_evenly(total: int, parts: int) -> tuple:
@@ -110,6 +113,7 @@ class PlanOption:
 
     @property
     def even(self) -> bool:
+        """True when every micro-batch has the same size (``train``'s ``accumulation_steps`` is then a number)."""
         return len(set(self.micro_batches)) == 1
 
 
@@ -144,7 +148,8 @@ class FitPlan:
     def train_kwargs(self, option: PlanOption | None = None) -> dict:
         """``batchlab.train``'s arguments for the best plan (or ``option``): the effective batch is kept.
 
-        ``accumulation_steps`` is a number for equal micro-batches and the list of sizes otherwise.
+        ``accumulation_steps`` is a number for equal micro-batches and the list of sizes otherwise. The
+        optimizer is included when it is a name ("sgd", "adam"); pass your own function to ``train`` again.
         """
         option = self.chosen if option is None else option
         kwargs = dict(batch_size=self.effective_batch,

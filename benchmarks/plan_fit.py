@@ -37,7 +37,7 @@ def main() -> None:
           f"{len(os.sched_getaffinity(0))} usable; torch {torch.__version__}")
     print(f"budget: a {GPU_GIB} GiB GPU minus the CUDA context = {budget / GiB:.2f} GiB; effective batch "
           f"{EFFECTIVE_BATCH}\n")
-    times = {}
+    times, cpu_times = {}, {}
     for name in args.models:
         shape = memory_input_shape(name)
         model = meta_model(name, shape)
@@ -51,13 +51,15 @@ def main() -> None:
                 plan = f"no plan: {error}"
             seconds.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
-        times[name] = statistics.median(seconds)
-        print(f"== {name} at {'x'.join(map(str, shape))}: {times[name]:.1f} s wall, {statistics.median(cpu):.1f} s "
+        times[name], cpu_times[name] = statistics.median(seconds), statistics.median(cpu)
+        print(f"== {name} at {'x'.join(map(str, shape))}: {times[name]:.1f} s wall, {cpu_times[name]:.1f} s "
               f"of CPU (medians of {args.repeats}; wall > CPU when other programs share the cores)")
         print(plan, "\n")
-    print("seconds per model:", ", ".join(f"{n} {s:.1f}" for n, s in times.items()),
-          f"(goal <= 30 s each; all {'met' if max(times.values()) <= 30 else 'NOT met'})")
-
+    print("seconds per model (wall / CPU):", ", ".join(f"{n} {times[n]:.1f} / {cpu_times[n]:.1f}" for n in times))
+    # One torch thread: on an idle core wall-clock equals CPU time, so CPU time is what this machine needs.
+    print(f"goal <= 30 s per model: {'met' if max(cpu_times.values()) <= 30 else 'NOT met'} in CPU time, "
+          f"{'met' if max(times.values()) <= 30 else 'NOT met'} in wall-clock time at load "
+          f"{os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores")
 
 if __name__ == "__main__":
     main()

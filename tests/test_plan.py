@@ -11,11 +11,9 @@ import batchlab
 from batchlab import datasets
 from batchlab.plan import (
     RECOMPUTE,
-    STEP_FIXED_S,
-    STEP_FLOOR_S,
-    STEP_PER_SAMPLE_S,
     describe_micro_batches,
     micro_step_seconds,
+    reference_step_times,
     split_evenly,
 )
 
@@ -94,11 +92,12 @@ def test_options_are_ranked_by_the_cost_model(plan):
 
 
 def test_cost_model_numbers():
+    fixed, per_sample, floor = reference_step_times()
     # The line through the reference's batch-64 and batch-256 steps, the floor at batch 1 (H100, ResNet-18).
-    assert STEP_FIXED_S + 64 * STEP_PER_SAMPLE_S == pytest.approx(0.014572668075561523)
-    assert STEP_FIXED_S + 256 * STEP_PER_SAMPLE_S == pytest.approx(0.05246574878692627)
-    assert micro_step_seconds(1) == STEP_FLOOR_S == pytest.approx(0.006504130363464355)
-    assert micro_step_seconds(256, checkpointing=True) == pytest.approx(STEP_FIXED_S + 256 * STEP_PER_SAMPLE_S
+    assert fixed + 64 * per_sample == pytest.approx(0.014572668075561523)
+    assert fixed + 256 * per_sample == pytest.approx(0.05246574878692627)
+    assert micro_step_seconds(1) == floor == pytest.approx(0.006504130363464355)
+    assert micro_step_seconds(256, checkpointing=True) == pytest.approx(fixed + 256 * per_sample
                                                                         * RECOMPUTE)
     assert split_evenly(256, 3) == (86, 85, 85) and split_evenly(256, 2) == (128, 128)
     assert describe_micro_batches((128, 128)) == "128 x 2"
