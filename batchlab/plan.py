@@ -286,6 +286,8 @@ def _smallest_batch(model, make_batch, common, cache) -> int:
         except ValueError as error:
             if "more than 1 value per channel" not in str(error):
                 raise
+        except NotImplementedError:
+            raise  # the meta device cannot run an operation: estimate_memory's own message says where
         except RuntimeError as error:
             inputs, _ = make_batch(n)
             raise ValueError(f"make_batch returned inputs of shape {tuple(inputs.shape)}, which the model cannot "
