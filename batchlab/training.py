@@ -191,13 +191,13 @@ def _step_or_halve(model, opt, step_args, inputs, targets, accumulation_steps, h
             loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps, **step_args)
             return loss, accumulation_steps
         except torch.OutOfMemoryError:
-            if accumulation_steps >= len(targets):
+            parts = len(accumulation_steps) if isinstance(accumulation_steps, (list, tuple)) else accumulation_steps
+            if parts >= len(targets):
                 raise  # micro-batches of one sample: nothing left to halve
         # Outside the except block the failed step's tensors are free. Undo what it did, then retry.
         opt.zero_grad(set_to_none=True)
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-        parts = len(accumulation_steps) if isinstance(accumulation_steps, (list, tuple)) else accumulation_steps
         accumulation_steps = 2 * parts  # uneven sizes too: twice as many micro-batches
         note = (f"step {step}: out of memory; now {accumulation_steps} micro-batches of about "
                 f"{-(-len(targets) // accumulation_steps)} samples (the effective batch is still {len(targets)})")

@@ -264,3 +264,12 @@ def test_each_estimate_runs_once_and_max_batch_size_once_per_setting(make_batch,
         batchlab.plan_fit(cnn(), make_batch, budget="800KiB", effective_batch=64, device="cpu", optimizer="adam")
     assert len(estimates) == len(set(estimates)) == 3  # fp32, bf16, fp32 checkpointed at batch 1
     assert searches == [("fp32", None), ("fp32", "blocks"), ("bf16", None), ("bf16", "blocks")]
+
+
+def test_train_halves_uneven_micro_batches_on_oom(digits):
+    model = cnn()
+    with batchlab.memory_budget(BUDGET, model):
+        history = batchlab.train(model, digits, batch_size=EFFECTIVE, accumulation_steps=[200, 50], steps=1,
+                                 progress=False, on_oom="halve")
+    assert history.notes == [f"step 1: out of memory; now 4 micro-batches of about 63 samples (the effective batch "
+                             f"is still {EFFECTIVE})"]
