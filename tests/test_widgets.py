@@ -227,7 +227,7 @@ def test_an_accumulated_run_is_drawn_dashed_and_said_to_lie_on_the_whole_batch(e
     explorer.set(accumulation_steps=1)  # back to the whole batch: its text names the dashed twin
     assert "The dashed curve of <b>mlp, batch 64 (4x16), lr 0.05</b> and this one lie on each other" \
         in explorer.convergence.text.value
-    from batchlab.widgets import _convergence_figure
+    from batchlab.widgets.batch_size import _convergence_figure
 
     fig = _convergence_figure(explorer._shown_runs)  # what the panel draws
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
@@ -350,7 +350,7 @@ def test_chosen_panels_only(small_digits):
 def test_every_explorer_is_built_from_the_shared_machinery():
     from batchlab import widgets
 
-    for cls in (widgets.ConvergenceWidget, widgets.LoaderWidget, widgets.AccumulationExplorer, BatchSizeExplorer):
+    for cls in (widgets.ConvergenceExplorer, widgets.LoaderExplorer, widgets.AccumulationExplorer, BatchSizeExplorer):
         assert issubclass(cls, widgets.Explorer)
     assert batchlab.BatchSizeExplorer is BatchSizeExplorer
     accumulation = widgets.AccumulationExplorer(datasets.digits(train=False), effective_batch=16, micro_batch=4,
