@@ -17,25 +17,25 @@ Sizes are in bytes, speeds in samples per second.
 
 from __future__ import annotations
 
+import collections
+import html
 import math
+import threading
+import time
 from dataclasses import dataclass, field
 
 import psutil
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import digits
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
-from .memory import CATEGORIES
-from .memory_plots import COLORS
 from .models import MODEL_NAMES, build_model
 from .steps import make_optimizer, train_step
-from .validation import check_choice, check_int
+from .training import History
+from .validation import GiB, MiB, check_choice, check_float, check_int, parse_bytes
 
-GiB = 2**30
 MAX_BATCH = 4096  # the batch-size slider's upper end (or the data set's size, if smaller)
 GPU_SIZES_GIB = (4, 8, 16, 24, 80)
 CPU_PROFILE = "this machine's CPU"
@@ -112,6 +112,89 @@ def fit_accumulation(batch_size: int, steps: int) -> tuple:
         return usable, ""
     return usable, (f"accumulation steps {steps} do not split batch {batch_size} into equal micro-batches; "
                     f"using {usable} (micro-batches of {batch_size // usable}).")
+
+
+PANELS = ("memory", "convergence", "speed")
+LR_RANGE = (1e-3, 1.0)  # what the learning-rate slider offers
+
+
+def check_panels(panels) -> tuple:
+    """``panels`` as a tuple of names from :data:`PANELS` (one name may be given alone)."""
+    panels = (panels,) if isinstance(panels, str) else tuple(panels)
+    if not panels or any(p not in PANELS for p in panels):
+        raise ValueError(f"panels must name some of {', '.join(PANELS)}, got {panels!r}")
+    return panels
+
+
+def check_image_shape(image_shape) -> tuple:
+    """``image_shape`` as ``(channels, height, width)`` of positive whole numbers, or a clear ValueError.
+
+    The memory panel feeds the image models batches of this shape; a shape they cannot take would
+    make every update fail, so it is refused when the explorer is built.
+    """
+    try:
+        shape = tuple(image_shape)
+    except TypeError:
+        shape = None
+    if shape is None or len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                  for n in shape):
+        raise ValueError(f"image_shape must be (channels, height, width), three positive whole numbers such as "
+                         f"{IMAGE_SHAPE}, got {image_shape!r}")
+    return shape
+
+
+def profile_name(value, profiles: dict) -> str | None:
+    """The profile of ``profiles`` a learner means: its name, "cpu", or a GPU size (16, "16 GiB", "16GB")."""
+    if isinstance(value, str) and value in profiles:
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("cpu", "this machine", CPU_PROFILE):
+        return CPU_PROFILE
+    try:
+        size = value * GiB if isinstance(value, int) and not isinstance(value, bool) else parse_bytes("profile", value)
+    except (TypeError, ValueError):
+        return None
+    names = [name for name, p in profiles.items() if p.device == "cuda" and abs(p.capacity - size) < 0.1 * size]
+    return names[0] if names else None
+
+
+def read_lr(value, current: float) -> tuple:
+    """``(learning rate, notes)`` for what a learner typed: clamped into :data:`LR_RANGE`, or ``current`` kept."""
+    try:
+        lr = float(value)
+    except (TypeError, ValueError):
+        return current, [f"learning rate: {value!r} is not a number; kept {current:.3g}."]
+    if not math.isfinite(lr):
+        return current, [f"learning rate: {value!r} is not a finite number; kept {current:.3g}."]
+    used = min(max(lr, LR_RANGE[0]), LR_RANGE[1])
+    return used, [] if used == lr else [f"learning rate {lr:g} is outside {LR_RANGE[0]:g} to {LR_RANGE[1]:g}; "
+                                        f"using {used:g}."]
+
+
+def read_model(value) -> tuple:
+    """``(model name or None, notes)`` for what a learner chose: a name of :data:`batchlab.MODEL_NAMES`, or refused."""
+    if isinstance(value, str) and value in MODEL_NAMES:
+        return value, []
+    return None, [f"model {value!r} does not exist; the models are {', '.join(MODEL_NAMES)}."]
+
+
+def read_profile(value, profiles: dict) -> tuple:
+    """``(profile name or None, notes)``: the profile ``value`` means (:func:`profile_name`), or refused."""
+    found = profile_name(value, profiles)
+    return found, [] if found is not None else [f"device {value!r} is not one of the profiles: {', '.join(profiles)}."]
+
+
+def read_steps(value, current: int) -> tuple:
+    """``(accumulation steps or None, notes)``: ``value`` as a whole number, or refused (``current`` kept)."""
+    try:
+        return int(value), []
+    except (TypeError, ValueError):
+        return None, [f"accumulation steps: {value!r} is not a whole number; kept {current}."]
+
+def check_lr(lr) -> float:
+    """``lr`` if it is a number in :data:`LR_RANGE`, else a ValueError naming it."""
+    if not LR_RANGE[0] <= check_float("lr", lr) <= LR_RANGE[1]:
+        raise ValueError(f"lr must be between {LR_RANGE[0]} and {LR_RANGE[1]}, got {lr}")
+    return lr
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -227,55 +310,6 @@ def check_largest_batch(answer, *, model: str = "cnn_bn", profile: str = "GPU 8 
           f"batch whose estimated step fits with a 5% margin.")
 
 
-def plot_memory(points: dict, *, title: str = "") -> Figure:
-    """Horizontal bars stacked by category, one per ``{label: MemoryPoint}``, against the device's size.
-
-    On a GPU the CUDA context comes first (it is there before any tensor), then the tensors at the
-    step's peak, then the allocator's cache: where the tensors end, against the dashed line, is the
-    comparison of the tensors with what PyTorch may use (the device's size minus the context).
-    """
-    fig = Figure(figsize=(8.4, 0.9 + 0.55 * len(points)), layout="constrained")
-    ax = fig.subplots()
-    labels = list(points)[::-1]  # the first point on top
-    profile = next(iter(points.values())).profile
-    left = [0.0] * len(labels)
-    for category in _bar_categories(points.values()):
-        widths = [_category_bytes(points[label], category) / GiB for label in labels]
-        color = COLORS.get(category, EXTRA_COLORS.get(category, "#B0B0B0"))
-        ax.barh(labels, widths, left=left, color=color, label=category.replace("_", " "))
-        left = [a + b for a, b in zip(left, widths)]
-    ax.axvline(profile.capacity / GiB, color="black", linestyle="--", linewidth=1)
-    ax.text(profile.capacity / GiB, 1.0, f" {_short(profile)}", transform=ax.get_xaxis_transform(),
-            va="bottom", fontsize="small")
-    ax.set_xlim(0, max(left + [profile.capacity / GiB]) * 1.08)
-    ax.set_xlabel("GiB at the step's peak" + (": CUDA context, tensors, allocator cache" if profile.reserved else ""))
-    fig.legend(loc="outside right upper", fontsize="x-small")
-    if title:
-        fig.suptitle(title, fontsize="medium", color="#C44E52" if "out of memory" in title else "black")
-    return fig
-
-
-EXTRA_COLORS = {"workspaces": "#B07AA1", "allocator rounding": "#BAB0AC", "allocator cache": "#E5E5E5",
-                "CUDA context": "#7F7F7F"}
-
-
-def _bar_categories(points) -> list:
-    used = {c for p in points for c, b in p.breakdown.items() if b}
-    order = [c for c in CATEGORIES if c in used] + sorted(used - set(CATEGORIES))
-    order += ["allocator cache"] if any(p.cached_bytes for p in points) else []
-    return (["CUDA context"] if any(p.profile.reserved for p in points) else []) + order
-
-
-def _category_bytes(point: MemoryPoint, category: str) -> int:
-    if category == "CUDA context":
-        return point.profile.reserved
-    return point.cached_bytes if category == "allocator cache" else point.breakdown.get(category, 0)
-
-
-def _short(profile: Profile) -> str:
-    return f"{profile.capacity / GiB:.0f} GiB GPU" if profile.device == "cuda" else "free RAM"
-
-
 # -- convergence and speed ------------------------------------------------------------------------
 
 class TokenDigits(Dataset):
@@ -371,24 +405,240 @@ def training_losses(model: nn.Module, dataset: Dataset, *, batch_size: int, lr: 
                 return
 
 
-def plot_speed(points: dict, current=None, *, title: str = "") -> Figure:
-    """Samples per second against batch size: ``{batch size: samples/s}``, ``current`` highlighted."""
-    fig = Figure(figsize=(4.2, 3.0), layout="constrained")
-    ax = fig.subplots()
-    sizes = sorted(points)
-    ax.plot(sizes, [points[b] for b in sizes], "o-", color="#4C72B0")
-    if current in points:
-        ax.plot([current], [points[current]], "o", markersize=11, markerfacecolor="none", color="#C44E52")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_yscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:,.0f}")  # 20,000 rather than 2×10⁴
-    ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("samples per second (this CPU)")
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize="medium")
-    return fig
+class MemoryCache:
+    """The memory panel's estimates, computed once each: meta models, :class:`MemoryPoint` s and largest batches.
+
+    Shared by the explorer's kernel thread and its background thread (hence the lock); at most
+    ``max_points`` points are kept, the oldest dropped first.
+    """
+
+    def __init__(self, *, optimizer="sgd", image_shape=IMAGE_SHAPE, sequence_length: int = SEQUENCE_LENGTH,
+                 max_points: int = 256):
+        self.optimizer, self.image_shape, self.sequence_length = optimizer, image_shape, sequence_length
+        self.max_points = max_points
+        self.meta: dict = {}
+        self.points: collections.OrderedDict = collections.OrderedDict()
+        self.largest: dict = {}
+        self.lock = threading.RLock()
+
+    def input_shape(self, model_name: str) -> tuple:
+        return memory_input_shape(model_name, self.image_shape, self.sequence_length)
+
+    def meta_model(self, model_name: str) -> nn.Module:
+        with self.lock:
+            if model_name not in self.meta:
+                self.meta[model_name] = meta_model(model_name, self.input_shape(model_name))
+            return self.meta[model_name]
+
+    def point(self, model_name: str, profile: Profile, batch_size: int, steps: int = 1) -> MemoryPoint:
+        """:func:`memory_point` of ``model_name`` at ``batch_size`` in ``steps`` micro-batches on ``profile``."""
+        key = (model_name, profile.name, batch_size, steps, self.optimizer)
+        with self.lock:
+            point = self.points.get(key)
+        if point is None:
+            point = memory_point(self.meta_model(model_name), self.input_shape(model_name), batch_size, profile,
+                                 optimizer=self.optimizer, accumulation_steps=steps)
+        with self.lock:
+            self.points[key] = point
+            self.points.move_to_end(key)
+            while len(self.points) > self.max_points:
+                self.points.popitem(last=False)
+        return point
+
+    def known_largest(self, model_name: str, profile: Profile) -> int | None:
+        """The largest batch if it was searched already, else None (without searching)."""
+        return self.largest.get((model_name, profile.name, self.optimizer))
+
+    def largest_batch(self, model_name: str, profile: Profile) -> int:
+        """:func:`largest_batch`, once per model, profile and optimizer (about ten estimates)."""
+        key = (model_name, profile.name, self.optimizer)
+        if key not in self.largest:
+            self.largest[key] = largest_batch(self.meta_model(model_name), self.input_shape(model_name), profile,
+                                              optimizer=self.optimizer)
+        return self.largest[key]
+
+
+# -- what the panels say --------------------------------------------------------------------------
+
+def size_text(nbytes: int) -> str:
+    """``nbytes`` as the panels write it: GiB with two decimals from 1 GiB up, else whole MiB."""
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / MiB:.0f} MiB"
+
+
+def micro_text(s: RunSetting) -> str:
+    """" (4 x 16)" for a batch of 64 in 4 micro-batches, "" without accumulation."""
+    k = s.accumulation_steps
+    return f" ({k} x {s.batch_size // k})" if k > 1 else ""
+
+
+def describe_input(model_name: str, input_shape: tuple) -> str:
+    """"cnn on 3x224x224 images" or "transformer on sequences of 512 tokens"."""
+    shape = "x".join(map(str, input_shape))
+    return f"{model_name} on " + (f"sequences of {shape} tokens" if model_name == "transformer" else f"{shape} images")
+
+
+def memory_text(s: RunSetting, point: MemoryPoint, largest: int | None, input_shape: tuple) -> str:
+    """The memory panel's HTML under the bars: the verdict, the numbers behind it and the largest batch.
+
+    What is compared with the budget is the tensors at the step's peak (and, on a GPU, the blocks the
+    caching allocator reserves for them); the CUDA context is taken off the device's size first.
+    ``largest`` None means the search for the largest batch is still running, 0 that none fits.
+    """
+    profile = point.profile
+    where = (f"the {size_text(profile.capacity)} GPU, whose other {size_text(profile.reserved)} are the CUDA context"
+             if profile.device == "cuda" else "this machine's free RAM")
+    need = (f"One training step of {describe_input(s.model, input_shape)} at batch {s.batch_size} needs "
+            f"{size_text(point.peak_bytes)} of tensors at its peak")
+    budget = size_text(profile.budget)
+    if point.fits:
+        cache = f" with the allocator's cache ({size_text(point.cached_bytes)})" if profile.device == "cuda" else ""
+        head = f"<b>Fits.</b> {need};{cache} that is within the {budget} PyTorch can use of {where}."
+    elif point.peak_bytes <= profile.budget:
+        head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}, within the {budget} PyTorch can use of "
+                f"{where}, but the caching allocator cannot place its blocks there: it would reserve "
+                f"{size_text(point.peak_bytes + point.cached_bytes)}.")
+    else:
+        head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}: {size_text(point.peak_bytes - profile.budget)} "
+                f"more than the {budget} PyTorch can use of {where}.")
+    if profile.device == "cuda":  # the bar: context, tensors, cache
+        total = size_text(point.device_bytes + point.cached_bytes)
+        head += (f" The bar shows the context, the tensors and the cache: {total}." if point.fits else
+                 f" The bar adds the context and the allocator's cache ({size_text(point.cached_bytes)}): {total}.")
+    return head + " " + largest_text(s, point, largest)
+
+
+def largest_text(s: RunSetting, point: MemoryPoint, largest: int | None) -> str:
+    """The sentence about the largest batch that fits, and how to keep a batch that does not by accumulating."""
+    if largest is None:
+        return "Searching for the largest batch that fits…"
+    if not largest:
+        return "Not even the smallest batch fits this device."
+    text = f"The largest batch that fits in one step: <b>{largest:,}</b> (estimated, with a 5% margin)."
+    if not point.fits:
+        k = next((k for k in range(2, s.batch_size + 1) if s.batch_size % k == 0 and s.batch_size // k <= largest),
+                 None)
+        if k is not None:
+            text += (f" To keep the batch of {s.batch_size}, accumulate {k} micro-batches of {s.batch_size // k} "
+                     f"(accumulation steps = {k}).")
+    return text
+
+
+@dataclass
+class Run:
+    """A convergence run as drawn: its setting, its History so far, the steps it will take, whether it ended."""
+
+    setting: RunSetting
+    steps: int
+    history: History = field(init=False)
+    done: bool = False
+
+    def __post_init__(self):
+        self.history = History(self.setting.label, self.setting.batch_size)
+
+
+def record_run(run: Run, losses, *, cancelled, draw, interval: float = 0.5) -> bool:
+    """Append each loss of ``losses`` to ``run.history`` with its samples and seconds; False if cancelled.
+
+    ``draw()`` is called every ``interval`` seconds (the first time after that long too, so a run that
+    ends sooner is drawn once, at the end, by the caller); the time it takes is left out of the run's
+    seconds, so that samples per second measure training only. ``cancelled()`` is asked before each step.
+    """
+    history, batch_size = run.history, run.setting.batch_size
+    start = drawn = time.perf_counter()
+    paused = 0.0
+    for loss in losses:
+        if cancelled():
+            return False
+        history.loss.append(loss)
+        history.samples.append(len(history.loss) * batch_size)
+        history.seconds.append(time.perf_counter() - start - paused)
+        if time.perf_counter() - drawn >= interval:
+            before = time.perf_counter()
+            draw()
+            drawn = time.perf_counter()
+            paused += drawn - before
+    run.done = True
+    return True
+
+
+def run_state(run: Run | None, shown: list) -> dict:
+    """The convergence and speed panels' part of the explorer's ``state``: the run drawn and those beside it."""
+    history = run.history if run is not None else None
+    return {
+        "run": history.label if history else None,
+        "running": bool(run is not None and not run.done),
+        "steps": len(history.loss) if history else 0, "steps_planned": run.steps if run else None,
+        "loss": list(history.loss) if history else [], "samples": list(history.samples) if history else [],
+        "samples_per_second": history.samples_per_second if run is not None and run.done else None,
+        "runs": [r.history.label for r in shown],
+    }
+
+
+def memory_state(point: MemoryPoint | None, largest: int | None, profile: Profile) -> dict:
+    """The memory panel's part of the explorer's ``state``: the estimate shown and the largest batch."""
+    return {
+        "peak_bytes": point.peak_bytes if point else None,
+        "breakdown": dict(point.breakdown) if point else None,
+        "budget_bytes": profile.budget, "device_bytes": profile.capacity,
+        "fits": point.fits if point else None, "largest_batch": largest,
+    }
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises with batch statistics (BatchNorm of any dimension)."""
+    return any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules())
+
+
+def run_text(run: Run, shown: list, *, batch_norm: bool = False) -> str:
+    """The convergence panel's HTML: progress of a run in flight, or its result and how it compares."""
+    h = run.history
+    if not run.done:
+        return f"Training <b>{html.escape(h.label)}</b>: step {len(h.loss)} of {run.steps}…"
+    epochs, max_steps = RUNS[run.setting.model]
+    return (f"<b>{html.escape(h.label)}</b>: {run.steps} steps, {h.samples[-1]:,} samples, final loss "
+            f"{h.loss[-1]:.3f} (a short run: {epochs} epoch{'s' * (epochs > 1)}, at most {max_steps} steps)."
+            + twin_text(run, shown, batch_norm=batch_norm))
+
+
+def twin_text(run: Run, shown: list, *, batch_norm: bool = False) -> str:
+    """An accumulated run beside the same batch taken whole (either one drawn now): do their curves coincide?
+
+    ``batch_norm`` says whether the model has BatchNorm, which explains curves that differ.
+    """
+    s = run.setting
+    twins = [r for r in shown if r is not run and r.done and r.setting.accumulation_steps != s.accumulation_steps
+             and 1 in (r.setting.accumulation_steps, s.accumulation_steps)
+             and (r.setting.model, r.setting.batch_size, r.setting.lr, r.setting.optimizer, r.setting.seed)
+             == (s.model, s.batch_size, s.lr, s.optimizer, s.seed)]
+    if not twins:
+        return ""
+    twin = twins[-1]  # the most recent
+    split = run if s.accumulation_steps > 1 else twin
+    gap = max(abs(a - b) for a, b in zip(run.history.loss, twin.history.loss))
+    curves = (f"Its curve (dashed) and the one of <b>{html.escape(twin.history.label)}</b>" if split is run else
+              f"The dashed curve of <b>{html.escape(twin.history.label)}</b> and this one")
+    if gap < 1e-4:
+        return (f" {curves} lie on each other: the losses differ by at most {gap:.1e}, because accumulating "
+                f"{split.setting.accumulation_steps} micro-batches gives the same updates as the whole batch "
+                f"(chapter 6).")
+    why = ("BatchNorm normalises each micro-batch with its own statistics" if batch_norm
+           else "the micro-batches' sums are rounded differently")
+    return f" {curves} differ by up to {gap:.3f} in loss: {why} (chapter 6)."
+
+
+def speed_text(run: Run) -> str:
+    """The speed panel's HTML: samples per second of a finished run and its time per step."""
+    per_step = 1000 * run.history.seconds[-1] / run.steps
+    return (f"<b>{run.history.samples_per_second:,.0f} samples/s</b> at batch {run.setting.batch_size} "
+            f"({per_step:.1f} ms per step), measured on this machine's CPU.")
+
+
+def speed_points(runs, setting: RunSetting) -> dict:
+    """``{batch size: samples/s}`` of the finished ``runs`` of ``setting``'s model and accumulation."""
+    same = (setting.model, setting.accumulation_steps)
+    return {r.setting.batch_size: r.history.samples_per_second for r in runs
+            if r.done and (r.setting.model, r.setting.accumulation_steps) == same}
+
+
+def notes_html(notes: list) -> str:
+    """The explorer's notes (what it corrected or refused) as the HTML lines under its controls."""
+    return "".join(f"<div style='color:#C44E52'>⚠ {html.escape(n)}</div>" for n in notes)

@@ -123,6 +123,127 @@ def test_run_length_is_short_for_every_model():
     assert ex.run_length("cnn", 1438, 1438) == 2
 
 
+# -- what the panels say and draw (pure functions) ----------------------------------------------
+
+GPU4 = ex.Profile("GPU 4 GiB (simulated)", "cuda", 4 * 2**30, 300 * 2**20)
+
+
+def a_point(peak_gib, *, fits, cached_gib=0.0, batch=64, profile=GPU4):
+    peak = int(peak_gib * 2**30)
+    return ex.MemoryPoint(batch, peak, {"parameters": peak // 4, "activations": peak - peak // 4}, profile, fits,
+                          int(cached_gib * 2**30))
+
+
+def a_run(label_batch, losses, *, steps=1, model="mlp", done=True, seconds=None):
+    run = ex.Run(ex.RunSetting(model, label_batch, 0.05, steps), len(losses))
+    run.history.loss[:] = losses
+    run.history.samples[:] = [label_batch * (i + 1) for i in range(len(losses))]
+    run.history.seconds[:] = seconds or [0.01 * (i + 1) for i in range(len(losses))]
+    run.done = done
+    return run
+
+
+def test_memory_text_says_the_verdict_and_the_numbers_behind_it():
+    s = ex.RunSetting("cnn", 64, 0.05)
+    fits = ex.memory_text(s, a_point(2.0, fits=True, cached_gib=0.5), 98, (3, 224, 224))
+    assert fits.startswith("<b>Fits.</b> One training step of cnn on 3x224x224 images at batch 64 needs 2.00 GiB of "
+                           "tensors at its peak; with the allocator's cache (512 MiB) that is within the 3.71 GiB")
+    assert "whose other 300 MiB are the CUDA context" in fits
+    assert "context, the tensors and the cache: 2.79 GiB." in fits
+    assert fits.endswith("The largest batch that fits in one step: <b>98</b> (estimated, with a 5% margin).")
+    over = ex.memory_text(ex.RunSetting("cnn", 256, 0.05), a_point(5.0, fits=False, batch=256), 98, (3, 224, 224))
+    assert "Out of memory.</b>" in over and "needs 5.00 GiB of tensors at its peak: 1.29 GiB more than the 3.71 GiB" \
+        in over
+    assert "accumulate 3 micro-batches of 85" not in over and "accumulate 4 micro-batches of 64" in over
+    assert ex.memory_text(s, a_point(2.0, fits=True), None, (3, 224, 224)).endswith(
+        "Searching for the largest batch that fits…")
+    assert ex.memory_text(s, a_point(5.0, fits=False), 0, (3, 224, 224)).endswith(
+        "Not even the smallest batch fits this device.")
+    cpu = ex.Profile(ex.CPU_PROFILE, "cpu", 8 * 2**30)
+    text = ex.memory_text(ex.RunSetting("transformer", 8, 0.05), a_point(0.25, fits=True, profile=cpu), 512, (512,))
+    assert "transformer on sequences of 512 tokens at batch 8 needs 256 MiB" in text and "free RAM" in text
+    assert "cache" not in text and "context" not in text
+
+
+def test_run_texts_say_the_progress_the_result_and_whether_twins_coincide():
+    whole, split = a_run(64, [2.0, 1.5, 1.0]), a_run(64, [2.0, 1.5, 1.0 + 1e-6], steps=4)
+    assert ex.run_text(a_run(64, [2.0], done=False), []) == "Training <b>mlp, batch 64, lr 0.05</b>: step 1 of 1…"
+    text = ex.run_text(split, [whole, split])
+    assert text.startswith("<b>mlp, batch 64 (4x16), lr 0.05</b>: 3 steps, 192 samples, final loss 1.000 (a short "
+                           "run: 2 epochs, at most 300 steps).")
+    assert "Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> lie on each other: the losses differ by " \
+           "at most 1.0e-06" in text
+    apart = a_run(64, [2.0, 1.4, 0.9], steps=4)
+    assert ex.twin_text(apart, [whole, apart], batch_norm=True) == (
+        " Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> differ by up to 0.100 in loss: BatchNorm "
+        "normalises each micro-batch with its own statistics (chapter 6).")
+    assert "rounded differently" in ex.twin_text(whole, [apart, whole])
+    assert ex.twin_text(whole, [a_run(32, [1.0, 1.0, 1.0], steps=2), whole]) == ""  # not the same batch
+    assert ex.has_batch_norm(batchlab.build_model("cnn_bn", in_shape=(1, 8, 8)))
+    assert not ex.has_batch_norm(batchlab.build_model("mlp", in_shape=(1, 8, 8)))
+
+
+def test_speed_text_and_points_come_from_the_finished_runs():
+    run = a_run(64, [1.0, 0.9], seconds=[0.01, 0.02])
+    assert ex.speed_text(run) == ("<b>6,400 samples/s</b> at batch 64 (10.0 ms per step), measured on this "
+                                  "machine's CPU.")
+    others = [run, a_run(32, [1.0], done=False), a_run(16, [1.0], steps=2), a_run(8, [1.0], model="cnn")]
+    assert ex.speed_points(others, run.setting) == {64: 6400.0}
+    assert ex.notes_html(["a < b"]) == "<div style='color:#C44E52'>⚠ a &lt; b</div>"
+
+
+def test_plot_memory_draws_context_tensors_and_cache_against_the_device():
+    from batchlab.memory_plots import plot_memory
+
+    fig = plot_memory({"batch 64": a_point(2.0, fits=True, cached_gib=0.5)}, title="cnn: fits")
+    ax = fig.axes[0]
+    widths = [p.get_width() for p in ax.patches]
+    assert widths == pytest.approx([300 / 1024, 0.5, 1.5, 0.5])  # context, parameters, activations, cache
+    assert sum(widths) == pytest.approx((2.0 * 2**30 + 300 * 2**20 + 0.5 * 2**30) / 2**30)
+    assert [line.get_xdata()[0] for line in ax.get_lines()] == [4.0]  # the device's size, dashed
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["CUDA context", "parameters", "activations",
+                                                                  "allocator cache"]
+    assert fig._suptitle.get_text() == "cnn: fits"
+
+
+def test_plot_speed_and_plot_convergence_draw_what_they_are_given():
+    from batchlab.plots import plot_convergence, plot_speed
+
+    fig = plot_speed({64: 5000.0, 8: 1000.0, 16: 2000.0}, current=16, title="mlp")
+    line, ring = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == [8, 16, 64] and list(line.get_ydata()) == [1000.0, 2000.0, 5000.0]
+    assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([16], [2000.0])
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_title() == "mlp"
+    whole, split = a_run(64, [2.0, 1.5, 1.0]), a_run(64, [2.0, 1.5, 1.0], steps=4)
+    fig = plot_convergence([whole.history, split.history], dashed={split.history.label})
+    for ax in fig.axes:
+        styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+        assert styles == {"mlp, batch 64, lr 0.05": "-", "mlp, batch 64 (4x16), lr 0.05": "--"}
+        assert ax.get_yscale() == "linear"
+
+
+def test_the_explorer_model_imports_no_plotting_or_widgets():
+    import subprocess
+    import sys
+
+    code = "import sys, batchlab.explorer; print(sorted(m for m in ('matplotlib', 'ipywidgets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_explorer_inputs_are_read_by_plain_functions():
+    profiles = ex.device_profiles()
+    assert ex.profile_name(16, profiles) == ex.profile_name("16GB", profiles) == "GPU 16 GiB (simulated)"
+    assert ex.profile_name("cpu", profiles) == ex.CPU_PROFILE and ex.profile_name("5 GiB", profiles) is None
+    assert ex.read_profile("tpu", profiles)[0] is None and "'tpu' is not one of the profiles" in \
+        ex.read_profile("tpu", profiles)[1][0]
+    assert ex.read_lr("2", 0.05) == (1.0, ["learning rate 2 is outside 0.001 to 1; using 1."])
+    assert ex.read_lr("nan", 0.05) == (0.05, ["learning rate: 'nan' is not a finite number; kept 0.05."])
+    assert ex.read_model("vgg")[0] is None and ex.read_model("cnn") == ("cnn", [])
+    assert ex.read_steps("x", 2) == (None, ["accumulation steps: 'x' is not a whole number; kept 2."])
+    assert ex.check_panels("memory") == ("memory",)
+
+
 # -- the shared machinery ------------------------------------------------------------------------
 
 def test_jobs_run_the_newest_work_only_and_never_two_at_once():
@@ -214,6 +335,16 @@ def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does
     assert state["loss"] == [] and state["run"] is None and not explorer_threads()  # no convergence panel
 
 
+def test_state_reads_the_notes_not_the_html_it_shows(explorer):
+    state = explorer.set(batch_size="lots", lr=5)
+    assert explorer.notes == ["batch size: 'lots' is not a number; type a whole number from 1 to 359.",
+                              "learning rate 5 is outside 0.001 to 1; using 1."]
+    assert state["message"] == "\n".join(explorer.notes)
+    assert explorer.message.value == ex.notes_html(explorer.notes)
+    explorer.message.value = "<div>something else</div>"  # what is shown is drawn from the notes, never read back
+    assert explorer.state["message"] == "\n".join(explorer.notes)
+
+
 def test_an_accumulated_run_is_drawn_dashed_and_said_to_lie_on_the_whole_batch(explorer):
     explorer.set(batch_size=64)
     explorer.set(accumulation_steps=4)
@@ -227,9 +358,11 @@ def test_an_accumulated_run_is_drawn_dashed_and_said_to_lie_on_the_whole_batch(e
     explorer.set(accumulation_steps=1)  # back to the whole batch: its text names the dashed twin
     assert "The dashed curve of <b>mlp, batch 64 (4x16), lr 0.05</b> and this one lie on each other" \
         in explorer.convergence.text.value
-    from batchlab.widgets.batch_size import _convergence_figure
+    from batchlab.plots import plot_convergence
 
-    fig = _convergence_figure(explorer._shown_runs)  # what the panel draws
+    shown = explorer._shown_runs  # what the panel draws
+    fig = plot_convergence([r.history for r in shown],
+                           dashed={r.history.label for r in shown if r.setting.accumulation_steps > 1})
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
     assert styles["mlp, batch 64 (4x16), lr 0.05"] == "--" and styles["mlp, batch 64, lr 0.05"] == "-"
     legend = fig.axes[0].get_legend()
@@ -331,7 +464,7 @@ def test_two_hundred_changes_leave_memory_and_threads_as_they_were(small_digits)
     grown = psutil.Process().memory_info().rss - before
     assert grown < 50 * 2**20, f"200 changes grew the resident memory by {grown / 2**20:.1f} MiB"
     assert not explorer_threads() and not widget.jobs.running
-    assert len(widget._runs) <= 64 and len(widget._points) <= 256
+    assert len(widget._runs) <= 64 and len(widget.cache.points) <= 256
     widget.close()
 
 
