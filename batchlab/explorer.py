@@ -536,6 +536,16 @@ class Run:
         self.history = History(self.setting.label, self.setting.batch_size)
 
 
+def explain_training_error(error: Exception, s: RunSetting) -> Exception:
+    """The error to show for a run of ``s`` that failed: BatchNorm's raw error on a one-sample batch becomes
+    a sentence that says why and what to do; any other error is returned as it is."""
+    if isinstance(error, ValueError) and "Expected more than 1 value per channel when training" in str(error):
+        micro = s.batch_size // s.accumulation_steps
+        return ValueError(f"{s.model} cannot train on batches of {micro} sample: its BatchNorm layers need 2 or more "
+                          f"samples per (micro-)batch in training, to compute a mean and a variance over the batch. "
+                          f"Choose a batch of 2 or more (or fewer accumulation steps).")
+    return error
+
 def record_run(run: Run, losses, *, cancelled, draw, interval: float = 0.5) -> bool:
     """Append each loss of ``losses`` to ``run.history`` with its samples and seconds; False if cancelled.
 

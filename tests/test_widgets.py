@@ -480,6 +480,49 @@ def test_chosen_panels_only(small_digits):
     widget.close()
 
 
+def test_close_closes_only_the_explorers_own_widgets_and_refuses_work_after(small_digits):
+    import ipywidgets
+
+    mine = ipywidgets.IntSlider()  # a learner's own widget
+    first = BatchSizeExplorer(small_digits, model="mlp", batch_size=32, panels="memory")
+    second = BatchSizeExplorer(small_digits, model="mlp", batch_size=16, panels="memory")
+    owned = [first.box, first.batch_size, first.memory.image, first.convergence.text, first.message]
+    first.close()
+    assert all(w.comm is None for w in owned)  # closed, the panels it did not show too
+    assert mine.comm is not None and second.box.comm is not None and second.batch_size.comm is not None
+    assert second.set(batch_size=64)["batch_size"] == 64  # the other explorer still works
+    latest = first.jobs.latest
+    first.batch_size.value = 64  # a control change after close...
+    assert first.jobs.latest is latest and not first.jobs.running and first.state["batch_size"] == 32  # ...does nothing
+    with pytest.raises(RuntimeError, match="BatchSizeExplorer is closed: .* create a new one"):
+        first.set(batch_size=8)
+    first.close()  # twice: nothing more to do
+    second.close()
+    mine.close()
+
+
+@pytest.mark.parametrize("shape", [None, (3,), (3, 224), (3, 0, 224), "3x224x224", (3.0, 224, 224)])
+def test_a_bad_image_shape_is_refused_when_the_explorer_is_built(small_digits, shape):
+    with pytest.raises(ValueError, match=r"image_shape must be \(channels, height, width\), three positive whole "
+                                         r"numbers such as \(3, 224, 224\), got "):
+        BatchSizeExplorer(small_digits, panels="memory", image_shape=shape)
+
+
+def test_resnet18_at_batch_1_says_why_it_cannot_train_and_the_memory_search_ends(small_digits):
+    widget = BatchSizeExplorer(small_digits, model="resnet18", batch_size=1, profile="4 GiB")
+    state = widget.state
+    assert state["error"] == ("could not train resnet18, batch 1, lr 0.05: resnet18 cannot train on batches of 1 "
+                              "sample: its BatchNorm layers need 2 or more samples per (micro-)batch in training, to "
+                              "compute a mean and a variance over the batch. Choose a batch of 2 or more (or fewer "
+                              "accumulation steps).")
+    assert "BatchNorm layers need 2 or more samples" in widget.convergence.text.value
+    assert state["fits"] and state["largest_batch"] > 1  # the search ended...
+    assert "Searching" not in widget.memory.text.value and "The largest batch that fits" in widget.memory.text.value
+    other = RuntimeError("boom")
+    assert ex.explain_training_error(other, ex.RunSetting("mlp", 1, 0.05)) is other
+    widget.close()
+
+
 def test_every_explorer_is_built_from_the_shared_machinery():
     from batchlab import widgets
 

@@ -48,6 +48,7 @@ class Explorer:
 
     def __init__(self, controls: dict, children: list, *, background: bool, on_error=None):
         self.controls = controls
+        self.closed = False
         self.jobs = Jobs(background=background, on_error=on_error)
         self._quiet = 0
         self.box = widgets.VBox(children)
@@ -55,7 +56,7 @@ class Explorer:
             control.observe(functools.partial(self._on_change, name), names="value")
 
     def _on_change(self, name: str, _change) -> None:
-        if not self._quiet:
+        if not self._quiet and not self.closed:  # a closed explorer starts no work
             self._changed(name)
 
     def _changed(self, name: str | None = None) -> None:
@@ -72,6 +73,9 @@ class Explorer:
 
     def set(self, **values) -> dict:
         """Move controls as a learner would; return :attr:`state` once the panels have updated."""
+        if self.closed:
+            raise RuntimeError(f"{type(self).__name__} is closed: close() stopped its work and removed its widgets; "
+                               f"create a new one to explore again")
         for name, value in values.items():
             if name not in self.settable:
                 raise ValueError(f"set() takes {and_list(self.settable)}, got {name!r}")
@@ -98,10 +102,19 @@ class Explorer:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Stop any work and close the widgets (they disappear from the notebook)."""
+        """Stop any work and close this explorer's own widgets (they disappear from the notebook).
+
+        Only the widgets it built are closed (``Widget.close_all`` would close every widget of the
+        kernel, a learner's own and other explorers' too). Afterwards a control change starts no work
+        and ``set`` raises RuntimeError. Closing twice does nothing.
+        """
+        if self.closed:
+            return
+        self.closed = True
         self.jobs.cancel()
         self.jobs.wait()
-        self.box.close_all() if hasattr(self.box, "close_all") else self.box.close()
+        for widget in own_widgets(self):
+            widget.close()
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.box._repr_mimebundle_(**kwargs)
@@ -119,3 +132,28 @@ def html_table(header, rows) -> str:
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
+
+def own_widgets(explorer: Explorer) -> list:
+    """Every widget ``explorer`` built: its box and the boxes' children, its controls, and the widgets and
+    panels it holds as attributes (a panel that is not shown is not in the box), each once, children first."""
+    found: dict = {}
+
+    def walk(widget) -> None:
+        if id(widget) in found:
+            return
+        for child in getattr(widget, "children", ()):
+            walk(child)
+        for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):  # widgets of their own
+            if isinstance(part, widgets.Widget):
+                walk(part)
+        found[id(widget)] = widget
+
+    roots = [explorer.box, *explorer.controls.values()]
+    for value in vars(explorer).values():
+        if isinstance(value, Panel):
+            roots.append(value.box)
+        elif isinstance(value, widgets.Widget):
+            roots.append(value)
+    for root in roots:
+        walk(root)
+    return list(found.values())

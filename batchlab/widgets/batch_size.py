@@ -61,7 +61,7 @@ class BatchSizeExplorer(Explorer):
         self.panels = ex.check_panels(panels)
         self.optimizer = check_choice("optimizer", optimizer, ("sgd", "adam"))
         self.keep = check_int("keep", keep, minimum=1)
-        self.image_shape = tuple(image_shape)
+        self.image_shape = ex.check_image_shape(image_shape)
         self.sequence_length = check_int("sequence_length", sequence_length, minimum=1)
         self.limit = min(ex.MAX_BATCH, len(self.dataset))
         check_choice("model", model, MODEL_NAMES)
@@ -203,10 +203,14 @@ class BatchSizeExplorer(Explorer):
 
     def _background(self, s: ex.RunSetting, profile: ex.Profile, trains: bool, run, template, job: Job) -> None:
         if trains:
-            run = run if run is not None else self._train(s, template, job)
-            if run is None:
-                return  # cancelled by a newer change
-            job.publish(lambda: self._show_run(run))
+            try:
+                run = run if run is not None else self._train(s, template, job)
+            except Exception as error:  # shown; the memory panel still gets its answer below
+                job.publish(functools.partial(self._run_failed, ex.explain_training_error(error, s)))
+            else:
+                if run is None:
+                    return  # cancelled by a newer change
+                job.publish(lambda: self._show_run(run))
         if "memory" in self.panels and not job.cancelled:
             largest = self.cache.largest_batch(s.model, profile)
             point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps)
