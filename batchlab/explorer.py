@@ -10,15 +10,17 @@ figures, so everything it displays can be computed and tested without a kernel:
   sequences of 512 tokens), because that is where memory runs out;
 * **convergence and speed**: :func:`training_losses` trains the same architecture on the 8x8 digits
   (small enough to train in seconds on a laptop's CPU), step by step, so that a widget can draw the
-  first points early and stop a run that is no longer wanted. :func:`run_length` sizes the short run.
+  first points early and stop a run that is no longer wanted. :func:`run_length` sizes the short run;
+* **the caches** (:class:`MemoryCache`, :class:`RunCache`) keep each estimate and run once, for the
+  explorer's kernel thread and its background thread alike.
 
-Sizes are in bytes, speeds in samples per second.
+What the explorer reads from a learner and says back is in :mod:`batchlab.explorer_text`; what it
+draws in :mod:`batchlab.plots` and :mod:`batchlab.memory_plots`. Sizes are in bytes, speeds in samples per second.
 """
 
 from __future__ import annotations
 
 import collections
-import html
 import math
 import threading
 import time
@@ -30,11 +32,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import digits
-from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
+from .estimate import CUDA_CONSTANTS, SAFETY_MARGIN, estimate_memory, max_batch_size
 from .models import MODEL_NAMES, build_model
 from .steps import make_optimizer, train_step
 from .training import History
-from .validation import GiB, MiB, check_choice, check_float, check_int, parse_bytes
+from .validation import GiB, check_choice, check_int
 
 MAX_BATCH = 4096  # the batch-size slider's upper end (or the data set's size, if smaller)
 GPU_SIZES_GIB = (4, 8, 16, 24, 80)
@@ -77,11 +79,20 @@ def device_profiles() -> dict:
 
 # -- what a learner types -------------------------------------------------------------------------
 
-def batch_size_options(limit: int) -> tuple:
-    """The batch-size slider's stops on a log scale: 1, 2, 4, ... up to ``limit``, and ``limit`` itself."""
+NEAR_STOPS = (0.9, 0.95, 0.98, 1.0, 1.02, 1.04, 1.06, 1.1)  # the slider's stops around the largest batch that fits
+
+
+def batch_size_options(limit: int, near: int | None = None) -> tuple:
+    """The batch-size slider's stops on a log scale: 1, 2, 4, ... up to ``limit``, and ``limit`` itself.
+
+    With ``near`` (the largest batch that fits, once known), finer stops around it as well: ``near``
+    itself, 2, 5 and 10% below it and 2, 4, 6 and 10% above, so that a learner can walk across the limit with
+    the slider (at 4 GiB, the cnn's 98 fits, 100 and 102 are too close, 104 does not fit).
+    """
     check_int("limit", limit, minimum=1)
     powers = [2**i for i in range(limit.bit_length()) if 2**i <= limit]
-    return tuple(sorted(set(powers) | {limit}))
+    stops = {round(near * f) for f in NEAR_STOPS} if near else set()
+    return tuple(sorted(set(powers) | {limit} | {n for n in stops if 1 <= n <= limit}))
 
 
 def read_batch_size(value, limit: int) -> tuple:
@@ -114,89 +125,6 @@ def fit_accumulation(batch_size: int, steps: int) -> tuple:
                     f"using {usable} (micro-batches of {batch_size // usable}).")
 
 
-PANELS = ("memory", "convergence", "speed")
-LR_RANGE = (1e-3, 1.0)  # what the learning-rate slider offers
-
-
-def check_panels(panels) -> tuple:
-    """``panels`` as a tuple of names from :data:`PANELS` (one name may be given alone)."""
-    panels = (panels,) if isinstance(panels, str) else tuple(panels)
-    if not panels or any(p not in PANELS for p in panels):
-        raise ValueError(f"panels must name some of {', '.join(PANELS)}, got {panels!r}")
-    return panels
-
-
-def check_image_shape(image_shape) -> tuple:
-    """``image_shape`` as ``(channels, height, width)`` of positive whole numbers, or a clear ValueError.
-
-    The memory panel feeds the image models batches of this shape; a shape they cannot take would
-    make every update fail, so it is refused when the explorer is built.
-    """
-    try:
-        shape = tuple(image_shape)
-    except TypeError:
-        shape = None
-    if shape is None or len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
-                                                  for n in shape):
-        raise ValueError(f"image_shape must be (channels, height, width), three positive whole numbers such as "
-                         f"{IMAGE_SHAPE}, got {image_shape!r}")
-    return shape
-
-
-def profile_name(value, profiles: dict) -> str | None:
-    """The profile of ``profiles`` a learner means: its name, "cpu", or a GPU size (16, "16 GiB", "16GB")."""
-    if isinstance(value, str) and value in profiles:
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("cpu", "this machine", CPU_PROFILE):
-        return CPU_PROFILE
-    try:
-        size = value * GiB if isinstance(value, int) and not isinstance(value, bool) else parse_bytes("profile", value)
-    except (TypeError, ValueError):
-        return None
-    names = [name for name, p in profiles.items() if p.device == "cuda" and abs(p.capacity - size) < 0.1 * size]
-    return names[0] if names else None
-
-
-def read_lr(value, current: float) -> tuple:
-    """``(learning rate, notes)`` for what a learner typed: clamped into :data:`LR_RANGE`, or ``current`` kept."""
-    try:
-        lr = float(value)
-    except (TypeError, ValueError):
-        return current, [f"learning rate: {value!r} is not a number; kept {current:.3g}."]
-    if not math.isfinite(lr):
-        return current, [f"learning rate: {value!r} is not a finite number; kept {current:.3g}."]
-    used = min(max(lr, LR_RANGE[0]), LR_RANGE[1])
-    return used, [] if used == lr else [f"learning rate {lr:g} is outside {LR_RANGE[0]:g} to {LR_RANGE[1]:g}; "
-                                        f"using {used:g}."]
-
-
-def read_model(value) -> tuple:
-    """``(model name or None, notes)`` for what a learner chose: a name of :data:`batchlab.MODEL_NAMES`, or refused."""
-    if isinstance(value, str) and value in MODEL_NAMES:
-        return value, []
-    return None, [f"model {value!r} does not exist; the models are {', '.join(MODEL_NAMES)}."]
-
-
-def read_profile(value, profiles: dict) -> tuple:
-    """``(profile name or None, notes)``: the profile ``value`` means (:func:`profile_name`), or refused."""
-    found = profile_name(value, profiles)
-    return found, [] if found is not None else [f"device {value!r} is not one of the profiles: {', '.join(profiles)}."]
-
-
-def read_steps(value, current: int) -> tuple:
-    """``(accumulation steps or None, notes)``: ``value`` as a whole number, or refused (``current`` kept)."""
-    try:
-        return int(value), []
-    except (TypeError, ValueError):
-        return None, [f"accumulation steps: {value!r} is not a whole number; kept {current}."]
-
-def check_lr(lr) -> float:
-    """``lr`` if it is a number in :data:`LR_RANGE`, else a ValueError naming it."""
-    if not LR_RANGE[0] <= check_float("lr", lr) <= LR_RANGE[1]:
-        raise ValueError(f"lr must be between {LR_RANGE[0]} and {LR_RANGE[1]}, got {lr}")
-    return lr
-
-
 # -- memory ---------------------------------------------------------------------------------------
 
 def memory_input_shape(model_name: str, image_shape=IMAGE_SHAPE, sequence_length: int = SEQUENCE_LENGTH) -> tuple:
@@ -218,9 +146,18 @@ def meta_batch(n: int, input_shape: tuple):
             torch.empty(n, dtype=torch.long, device="meta"))
 
 
+# Why a step does or does not fit, in the order they are checked (:func:`memory_point`).
+VERDICTS = {
+    "fits": "the step fits, and so does a batch SAFETY_MARGIN larger",
+    "tensors": "the tensors alive at the step's peak alone are more than the budget",
+    "allocator": "the tensors fit, but the caching allocator cannot place their blocks even after releasing its cache",
+    "margin": "the step fits, but a batch SAFETY_MARGIN larger does not: too close to the limit",
+}
+
+
 @dataclass
 class MemoryPoint:
-    """One step's estimated peak on a profile: ``breakdown`` by category, and whether it ``fits``."""
+    """One step's estimated peak on a profile: ``breakdown`` by category, whether it ``fits`` and why (``verdict``)."""
 
     batch_size: int  # samples per optimizer step (split into micro-batches when accumulating)
     peak_bytes: int
@@ -228,6 +165,8 @@ class MemoryPoint:
     profile: Profile
     fits: bool
     cached_bytes: int = 0  # held by the caching allocator beyond the tensors at the peak (GPU only)
+    verdict: str = "fits"  # a key of VERDICTS: the number that decided ``fits``
+    margin_batch: int = 0  # the larger batch that had to fit too (SAFETY_MARGIN more samples per micro-batch)
 
     @property
     def device_bytes(self) -> int:
@@ -235,37 +174,54 @@ class MemoryPoint:
         return self.peak_bytes + self.profile.reserved
 
 
+def margin_batch(batch_size: int, accumulation_steps: int = 1) -> int:
+    """The batch that must fit too for ``batch_size`` to count as fitting: each micro-batch SAFETY_MARGIN
+    (5%) larger, rounded up, as :func:`batchlab.max_batch_size` pads its answers (chapter 4: aim a few per
+    cent below the limit)."""
+    micro = batch_size // accumulation_steps
+    return accumulation_steps * math.ceil(micro * (1 + SAFETY_MARGIN))
+
+
 def memory_point(model: nn.Module, input_shape: tuple, batch_size: int, profile: Profile, *,
                  optimizer="sgd", accumulation_steps: int = 1) -> MemoryPoint:
     """The estimated peak of one training step of ``model`` on ``batch_size`` samples on ``profile``.
 
     With ``accumulation_steps`` > 1 the step runs as that many micro-batches whose gradients are
-    accumulated, as :func:`batchlab.train` does (:func:`batchlab.estimate_memory` models it). It
-    ``fits`` when the simulated device never needs more than its budget.
+    accumulated, as :func:`batchlab.train` does (:func:`batchlab.estimate_memory` models it). The
+    verdict follows chapter 4's rule, the one :func:`batchlab.max_batch_size` applies: short of memory
+    the allocator releases its unused cache before it gives up, so what must fit the budget is the
+    tensors and the blocks it cannot release (the simulated allocator decides); and a step counts as
+    fitting only if one with micro-batches SAFETY_MARGIN larger fits too.
     """
     batch = meta_batch(batch_size, input_shape)
     report = estimate_memory(model, batch, optimizer=optimizer, device=profile.device,
                              accumulation_steps=accumulation_steps)
-    fits = _fits(model, batch, profile, optimizer, accumulation_steps, report)
+    padded = margin_batch(batch_size, accumulation_steps)
+    verdict = _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report)
     reserved = report.reserved_bytes or report.peak_bytes
-    # Short of memory, the allocator releases its unused cache before it gives up, so a step that
-    # fits never holds more than the budget.
-    cached = max(0, (reserved if not fits else min(reserved, profile.budget)) - report.peak_bytes)
-    return MemoryPoint(batch_size, report.peak_bytes, dict(report.breakdown), profile, fits, cached)
+    # Short of memory, the allocator releases its unused cache before it gives up: the device never holds
+    # more than the budget for PyTorch, whether the step then runs or not.
+    cached = max(0, min(reserved, profile.budget) - report.peak_bytes)
+    return MemoryPoint(batch_size, report.peak_bytes, dict(report.breakdown), profile, verdict == "fits", cached,
+                       verdict, padded)
 
 
-def _fits(model, batch, profile, optimizer, accumulation_steps, report) -> bool:
-    """Sure answers from one estimate; in between (cache over the budget), ask the simulated allocator."""
+def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report) -> str:
+    """The key of :data:`VERDICTS` for one step: sure answers from the estimate, the simulated allocator between."""
     if report.peak_bytes > profile.budget:
-        return False
-    if profile.device == "cpu" or (report.reserved_bytes or 0) <= profile.budget:
+        return "tensors"
+
+    def runs(n: int) -> bool:
+        try:
+            estimate_memory(model, meta_batch(n, input_shape), optimizer=optimizer, device=profile.device,
+                            budget=profile.budget, accumulation_steps=accumulation_steps)
+        except torch.OutOfMemoryError:
+            return False
         return True
-    try:
-        estimate_memory(model, batch, optimizer=optimizer, device="cuda", budget=profile.budget,
-                        accumulation_steps=accumulation_steps)
-    except torch.OutOfMemoryError:
-        return False
-    return True
+
+    if profile.device == "cuda" and (report.reserved_bytes or 0) > profile.budget and not runs(batch_size):
+        return "allocator"
+    return "fits" if padded == batch_size or runs(padded) else "margin"
 
 
 def largest_batch(model: nn.Module, input_shape: tuple, profile: Profile, *, optimizer="sgd") -> int:
@@ -458,69 +414,58 @@ class MemoryCache:
         return self.largest[key]
 
 
-# -- what the panels say --------------------------------------------------------------------------
+class RunCache:
+    """The convergence runs finished so far (the newest ``max_runs``) and the initial model each trains from.
 
-def size_text(nbytes: int) -> str:
-    """``nbytes`` as the panels write it: GiB with two decimals from 1 GiB up, else whole MiB."""
-    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / MiB:.0f} MiB"
-
-
-def micro_text(s: RunSetting) -> str:
-    """" (4 x 16)" for a batch of 64 in 4 micro-batches, "" without accumulation."""
-    k = s.accumulation_steps
-    return f" ({k} x {s.batch_size // k})" if k > 1 else ""
-
-
-def describe_input(model_name: str, input_shape: tuple) -> str:
-    """"cnn on 3x224x224 images" or "transformer on sequences of 512 tokens"."""
-    shape = "x".join(map(str, input_shape))
-    return f"{model_name} on " + (f"sequences of {shape} tokens" if model_name == "transformer" else f"{shape} images")
-
-
-def memory_text(s: RunSetting, point: MemoryPoint, largest: int | None, input_shape: tuple) -> str:
-    """The memory panel's HTML under the bars: the verdict, the numbers behind it and the largest batch.
-
-    What is compared with the budget is the tensors at the step's peak (and, on a GPU, the blocks the
-    caching allocator reserves for them); the CUDA context is taken off the device's size first.
-    ``largest`` None means the search for the largest batch is still running, 0 that none fits.
+    ``template(name)`` builds the data and initial model of a course model once, in the caller's thread:
+    building seeds the model from torch's global random generator, which a background thread must not
+    touch. ``shown_with(run)`` is the list the panel draws: the last ``keep`` - 1 finished runs, then ``run``.
     """
-    profile = point.profile
-    where = (f"the {size_text(profile.capacity)} GPU, whose other {size_text(profile.reserved)} are the CUDA context"
-             if profile.device == "cuda" else "this machine's free RAM")
-    need = (f"One training step of {describe_input(s.model, input_shape)} at batch {s.batch_size} needs "
-            f"{size_text(point.peak_bytes)} of tensors at its peak")
-    budget = size_text(profile.budget)
-    if point.fits:
-        cache = f" with the allocator's cache ({size_text(point.cached_bytes)})" if profile.device == "cuda" else ""
-        head = f"<b>Fits.</b> {need};{cache} that is within the {budget} PyTorch can use of {where}."
-    elif point.peak_bytes <= profile.budget:
-        head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}, within the {budget} PyTorch can use of "
-                f"{where}, but the caching allocator cannot place its blocks there: it would reserve "
-                f"{size_text(point.peak_bytes + point.cached_bytes)}.")
-    else:
-        head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}: {size_text(point.peak_bytes - profile.budget)} "
-                f"more than the {budget} PyTorch can use of {where}.")
-    if profile.device == "cuda":  # the bar: context, tensors, cache
-        total = size_text(point.device_bytes + point.cached_bytes)
-        head += (f" The bar shows the context, the tensors and the cache: {total}." if point.fits else
-                 f" The bar adds the context and the allocator's cache ({size_text(point.cached_bytes)}): {total}.")
-    return head + " " + largest_text(s, point, largest)
 
+    def __init__(self, dataset: Dataset, *, keep: int = 4, max_runs: int = 64):
+        self.dataset, self.keep, self.max_runs = dataset, keep, max_runs
+        self.templates: dict = {}
+        self.runs: collections.OrderedDict = collections.OrderedDict()
+        self.kept: list = []  # keys of the finished runs drawn, oldest first
+        self.lock = threading.RLock()
 
-def largest_text(s: RunSetting, point: MemoryPoint, largest: int | None) -> str:
-    """The sentence about the largest batch that fits, and how to keep a batch that does not by accumulating."""
-    if largest is None:
-        return "Searching for the largest batch that fits…"
-    if not largest:
-        return "Not even the smallest batch fits this device."
-    text = f"The largest batch that fits in one step: <b>{largest:,}</b> (estimated, with a 5% margin)."
-    if not point.fits:
-        k = next((k for k in range(2, s.batch_size + 1) if s.batch_size % k == 0 and s.batch_size // k <= largest),
-                 None)
-        if k is not None:
-            text += (f" To keep the batch of {s.batch_size}, accumulate {k} micro-batches of {s.batch_size // k} "
-                     f"(accumulation steps = {k}).")
-    return text
+    def template(self, model_name: str) -> tuple:
+        """``(training data, initial model)`` of ``model_name``, built on first use."""
+        if model_name not in self.templates:
+            data = training_data(model_name, self.dataset)
+            self.templates[model_name] = (data, training_model(model_name, data))
+        return self.templates[model_name]
+
+    def get(self, key: tuple):
+        """The finished run of the setting ``key``, or None; a run asked for counts as the newest."""
+        with self.lock:
+            run = self.runs.get(key)
+            if run is not None:
+                self.runs.move_to_end(key)
+            return run
+
+    def add(self, run: Run) -> None:
+        with self.lock:
+            self.runs[run.setting.key] = run
+            while len(self.runs) > self.max_runs:
+                self.runs.popitem(last=False)
+
+    def finished(self) -> list:
+        with self.lock:
+            return list(self.runs.values())
+
+    def shown_with(self, run: Run) -> list:
+        """The runs to draw with ``run`` (finished or not): the last ``keep`` - 1 finished others, then it."""
+        key = run.setting.key
+        with self.lock:
+            runs = dict(self.runs)
+        if run.done:
+            self.kept = [k for k in self.kept if k != key and k in runs] + [key]
+        earlier = [runs[k] for k in self.kept if k != key and k in runs]
+        return (earlier[-(self.keep - 1):] if self.keep > 1 else []) + [run]
+
+    def has_batch_norm(self, model_name: str) -> bool:
+        return model_name in self.templates and has_batch_norm(self.templates[model_name][1])
 
 
 @dataclass
@@ -535,16 +480,6 @@ class Run:
     def __post_init__(self):
         self.history = History(self.setting.label, self.setting.batch_size)
 
-
-def explain_training_error(error: Exception, s: RunSetting) -> Exception:
-    """The error to show for a run of ``s`` that failed: BatchNorm's raw error on a one-sample batch becomes
-    a sentence that says why and what to do; any other error is returned as it is."""
-    if isinstance(error, ValueError) and "Expected more than 1 value per channel when training" in str(error):
-        micro = s.batch_size // s.accumulation_steps
-        return ValueError(f"{s.model} cannot train on batches of {micro} sample: its BatchNorm layers need 2 or more "
-                          f"samples per (micro-)batch in training, to compute a mean and a variance over the batch. "
-                          f"Choose a batch of 2 or more (or fewer accumulation steps).")
-    return error
 
 def record_run(run: Run, losses, *, cancelled, draw, interval: float = 0.5) -> bool:
     """Append each loss of ``losses`` to ``run.history`` with its samples and seconds; False if cancelled.
@@ -590,7 +525,8 @@ def memory_state(point: MemoryPoint | None, largest: int | None, profile: Profil
         "peak_bytes": point.peak_bytes if point else None,
         "breakdown": dict(point.breakdown) if point else None,
         "budget_bytes": profile.budget, "device_bytes": profile.capacity,
-        "fits": point.fits if point else None, "largest_batch": largest,
+        "fits": point.fits if point else None, "verdict": point.verdict if point else None,
+        "largest_batch": largest,
     }
 
 def has_batch_norm(model: nn.Module) -> bool:
@@ -598,57 +534,8 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules())
 
 
-def run_text(run: Run, shown: list, *, batch_norm: bool = False) -> str:
-    """The convergence panel's HTML: progress of a run in flight, or its result and how it compares."""
-    h = run.history
-    if not run.done:
-        return f"Training <b>{html.escape(h.label)}</b>: step {len(h.loss)} of {run.steps}…"
-    epochs, max_steps = RUNS[run.setting.model]
-    return (f"<b>{html.escape(h.label)}</b>: {run.steps} steps, {h.samples[-1]:,} samples, final loss "
-            f"{h.loss[-1]:.3f} (a short run: {epochs} epoch{'s' * (epochs > 1)}, at most {max_steps} steps)."
-            + twin_text(run, shown, batch_norm=batch_norm))
-
-
-def twin_text(run: Run, shown: list, *, batch_norm: bool = False) -> str:
-    """An accumulated run beside the same batch taken whole (either one drawn now): do their curves coincide?
-
-    ``batch_norm`` says whether the model has BatchNorm, which explains curves that differ.
-    """
-    s = run.setting
-    twins = [r for r in shown if r is not run and r.done and r.setting.accumulation_steps != s.accumulation_steps
-             and 1 in (r.setting.accumulation_steps, s.accumulation_steps)
-             and (r.setting.model, r.setting.batch_size, r.setting.lr, r.setting.optimizer, r.setting.seed)
-             == (s.model, s.batch_size, s.lr, s.optimizer, s.seed)]
-    if not twins:
-        return ""
-    twin = twins[-1]  # the most recent
-    split = run if s.accumulation_steps > 1 else twin
-    gap = max(abs(a - b) for a, b in zip(run.history.loss, twin.history.loss))
-    curves = (f"Its curve (dashed) and the one of <b>{html.escape(twin.history.label)}</b>" if split is run else
-              f"The dashed curve of <b>{html.escape(twin.history.label)}</b> and this one")
-    if gap < 1e-4:
-        return (f" {curves} lie on each other: the losses differ by at most {gap:.1e}, because accumulating "
-                f"{split.setting.accumulation_steps} micro-batches gives the same updates as the whole batch "
-                f"(chapter 6).")
-    why = ("BatchNorm normalises each micro-batch with its own statistics" if batch_norm
-           else "the micro-batches' sums are rounded differently")
-    return f" {curves} differ by up to {gap:.3f} in loss: {why} (chapter 6)."
-
-
-def speed_text(run: Run) -> str:
-    """The speed panel's HTML: samples per second of a finished run and its time per step."""
-    per_step = 1000 * run.history.seconds[-1] / run.steps
-    return (f"<b>{run.history.samples_per_second:,.0f} samples/s</b> at batch {run.setting.batch_size} "
-            f"({per_step:.1f} ms per step), measured on this machine's CPU.")
-
-
 def speed_points(runs, setting: RunSetting) -> dict:
     """``{batch size: samples/s}`` of the finished ``runs`` of ``setting``'s model and accumulation."""
     same = (setting.model, setting.accumulation_steps)
     return {r.setting.batch_size: r.history.samples_per_second for r in runs
             if r.done and (r.setting.model, r.setting.accumulation_steps) == same}
-
-
-def notes_html(notes: list) -> str:
-    """The explorer's notes (what it corrected or refused) as the HTML lines under its controls."""
-    return "".join(f"<div style='color:#C44E52'>⚠ {html.escape(n)}</div>" for n in notes)

@@ -154,7 +154,8 @@ def plot_memory(points: dict, *, title: str = "") -> Figure:
     ax.set_xlabel("GiB at the step's peak" + (": CUDA context, tensors, allocator cache" if profile.reserved else ""))
     fig.legend(loc="outside right upper", fontsize="x-small")
     if title:
-        fig.suptitle(title, fontsize="medium", color="#C44E52" if "out of memory" in title else "black")
+        warns = "out of memory" in title or "too close" in title
+        fig.suptitle(title, fontsize="medium", color="#C44E52" if warns else "black")
     return fig
 
 

@@ -1,7 +1,7 @@
 """The batch-size explorer (chapters 0, 1 and 4): memory of a step, convergence and speed against batch size.
 
-The view only: what it computes and says is in :mod:`batchlab.explorer` (the model), what it draws in
-:mod:`batchlab.plots` and :mod:`batchlab.memory_plots`.
+The view only: what it computes is in :mod:`batchlab.explorer` (the model), what it reads and says in
+:mod:`batchlab.explorer_text`, what it draws in :mod:`batchlab.plots` and :mod:`batchlab.memory_plots`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import collections
 import copy
 import functools
 import html
-import threading
 
 import ipywidgets as widgets
 
 from .. import explorer as ex
+from .. import explorer_text as say
 from ..datasets import digits
 from ..memory_plots import plot_memory
 from ..models import MODEL_NAMES
@@ -55,20 +55,20 @@ class BatchSizeExplorer(Explorer):
 
     def __init__(self, dataset=None, *, model: str = "cnn", batch_size: int = 64, lr: float = 0.05,
                  profile="GPU 8 GiB (simulated)", accumulation_steps: int = 1, optimizer: str = "sgd",
-                 panels=ex.PANELS, keep: int = 4, image_shape=ex.IMAGE_SHAPE,
+                 panels=say.PANELS, keep: int = 4, image_shape=ex.IMAGE_SHAPE,
                  sequence_length: int = ex.SEQUENCE_LENGTH):
         self.dataset = dataset if dataset is not None else digits(train=True)
-        self.panels = ex.check_panels(panels)
+        self.panels = say.check_panels(panels)
         self.optimizer = check_choice("optimizer", optimizer, ("sgd", "adam"))
         self.keep = check_int("keep", keep, minimum=1)
-        self.image_shape = ex.check_image_shape(image_shape)
+        self.image_shape = say.check_image_shape(image_shape)
         self.sequence_length = check_int("sequence_length", sequence_length, minimum=1)
         self.limit = min(ex.MAX_BATCH, len(self.dataset))
         check_choice("model", model, MODEL_NAMES)
         check_int("batch_size", batch_size, minimum=1, maximum=self.limit)
-        ex.check_lr(lr)
+        say.check_lr(lr)
         self.profiles = ex.device_profiles()
-        profile_name = ex.profile_name(profile, self.profiles)
+        profile_name = say.profile_name(profile, self.profiles)
         if profile_name is None:
             raise ValueError(f"profile must be one of {', '.join(map(repr, self.profiles))}, got {profile!r}")
         if ex.fit_accumulation(batch_size, check_int("accumulation_steps", accumulation_steps, minimum=1))[1]:
@@ -78,19 +78,18 @@ class BatchSizeExplorer(Explorer):
         self._batch, self._notes, self.notes = batch_size, [], []  # notes: what the message line says now
         self.cache = ex.MemoryCache(optimizer=self.optimizer, image_shape=self.image_shape,
                                     sequence_length=self.sequence_length)
-        self._templates = {}
-        self._runs: collections.OrderedDict = collections.OrderedDict()
-        self._kept, self._shown_runs = [], []
+        self.runs = ex.RunCache(self.dataset, keep=self.keep)
+        self._shown_runs = []
         self._memory = self._memory_key = self._run_shown = self._error = self._submitted = None
         self._draws = collections.deque(maxlen=100)  # labels of the runs drawn, newest last
-        self._lock = threading.RLock()  # the runs, shared with the background thread
         super().__init__(self._control_dict(), self._layout(), background=True, on_error=self._run_failed)
         self._changed()
         self.wait()  # the first panels are complete when the explorer appears; later changes run in the background
 
     # -- building ---------------------------------------------------------------------------------
     def _build_controls(self, model, batch_size, lr, profile_name, accumulation_steps):
-        controls = _controls(self._batch_options(batch_size), batch_size, lr, model, list(self.profiles), profile_name,
+        options = tuple(sorted(set(ex.batch_size_options(self.limit)) | {batch_size}))
+        controls = _controls(options, batch_size, lr, model, list(self.profiles), profile_name,
                              accumulation_steps)
         for name, control in controls.items():
             setattr(self, name, control)
@@ -115,7 +114,10 @@ class BatchSizeExplorer(Explorer):
         return rows
 
     def _batch_options(self, batch_size: int) -> tuple:
-        return tuple(sorted(set(ex.batch_size_options(self.limit)) | {batch_size}))
+        """The slider's stops: the log scale, the current size, and finer stops near the largest that fits."""
+        near = self.cache.known_largest(self.model.value, self.profiles[self.profile.value]) \
+            if "memory" in self.panels else None
+        return tuple(sorted(set(ex.batch_size_options(self.limit, near)) | {batch_size}))
 
     # -- reacting to a change ---------------------------------------------------------------------
     def _apply(self, name, value):
@@ -127,9 +129,9 @@ class BatchSizeExplorer(Explorer):
         if name == "batch_size":
             self.batch_text.value = str(value)
             return self._correct("batch_text")
-        read = {"lr": lambda: ex.read_lr(value, self.lr.value), "model": lambda: ex.read_model(value),
-                "profile": lambda: ex.read_profile(value, self.profiles),
-                "accumulation_steps": lambda: ex.read_steps(value, self.accumulation_steps.value)}[name]
+        read = {"lr": lambda: say.read_lr(value, self.lr.value), "model": lambda: say.read_model(value),
+                "profile": lambda: say.read_profile(value, self.profiles),
+                "accumulation_steps": lambda: say.read_steps(value, self.accumulation_steps.value)}[name]
         used, notes = read()
         if used is None:
             return notes
@@ -178,7 +180,7 @@ class BatchSizeExplorer(Explorer):
         except Exception as error:  # a control's callback must never raise into the notebook
             notes.append(f"could not update the explorer: {error}")
         self.notes = notes
-        self.message.value = ex.notes_html(notes)
+        self.message.value = say.notes_html(notes)
 
     def _setting(self) -> ex.RunSetting:
         return ex.RunSetting(self.model.value, self._batch, float(self.lr.value), self.accumulation_steps.value,
@@ -193,11 +195,8 @@ class BatchSizeExplorer(Explorer):
         if not trains and not searches:
             self.jobs.cancel()  # nothing to do; an older job must not draw over this setting
             return
-        with self._lock:
-            run = self._runs.get(s.key) if trains else None
-            if run is not None:
-                self._runs.move_to_end(s.key)
-        template = self._template(s.model) if trains and run is None else None
+        run = self.runs.get(s.key) if trains else None
+        template = self.runs.template(s.model) if trains and run is None else None
         self._submitted = s
         self.jobs.submit(functools.partial(self._background, s, profile, trains, run, template))
 
@@ -206,7 +205,7 @@ class BatchSizeExplorer(Explorer):
             try:
                 run = run if run is not None else self._train(s, template, job)
             except Exception as error:  # shown; the memory panel still gets its answer below
-                job.publish(functools.partial(self._run_failed, ex.explain_training_error(error, s)))
+                job.publish(functools.partial(self._run_failed, say.explain_training_error(error, s)))
             else:
                 if run is None:
                     return  # cancelled by a newer change
@@ -230,24 +229,19 @@ class BatchSizeExplorer(Explorer):
         self._memory_key = key
 
     def _draw_memory(self, s, profile, point, largest) -> None:
-        micro = ex.micro_text(s)
+        micro = say.micro_text(s)
         bars = {f"batch {s.batch_size}{micro}": point}
         if largest and largest != s.batch_size // s.accumulation_steps:
             bars[f"batch {largest}\n(largest that fits)"] = self.cache.point(s.model, profile, largest)
-        title = "out of memory" if not point.fits else "fits"
+        title = {"fits": "fits", "margin": "too close to the limit"}.get(point.verdict, "out of memory")
+        if largest and self._batch_options(self._batch) != self.batch_size.options:  # stops near the limit
+            with self.quietly():
+                self._set_batch(self._batch)
         self.memory.draw(plot_memory(bars, title=f"{s.model}, batch {s.batch_size}{micro}: {title}"))
-        self.memory.say(ex.memory_text(s, point, largest, self.cache.input_shape(s.model)))
+        self.memory.say(say.memory_text(s, point, largest, self.cache.input_shape(s.model)))
         self._memory = (point, largest)
 
     # -- convergence and speed --------------------------------------------------------------------
-    def _template(self, name: str):
-        """The training data and initial model of ``name`` (built here, in the kernel's thread: building
-        seeds the model from torch's global random generator, which a background thread must not touch)."""
-        if name not in self._templates:
-            data = ex.training_data(name, self.dataset)
-            self._templates[name] = (data, ex.training_model(name, data))
-        return self._templates[name]
-
     def _train(self, s: ex.RunSetting, template, job: Job):
         """Train ``s`` step by step, drawing now and then; None if a newer change cancelled it."""
         data, initial = template
@@ -257,34 +251,21 @@ class BatchSizeExplorer(Explorer):
         if not ex.record_run(run, losses, cancelled=lambda: job.cancelled, interval=DRAW_INTERVAL,
                              draw=lambda: job.publish(lambda: self._show_run(run))):
             return None
-        with self._lock:
-            self._runs[s.key] = run
-            while len(self._runs) > 64:
-                self._runs.popitem(last=False)
+        self.runs.add(run)
         return run
 
     def _show_run(self, run: ex.Run) -> None:
         """Draw ``run`` (finished or not) beside the last finished runs; called by the newest job only."""
-        key = run.setting.key
-        with self._lock:
-            runs = dict(self._runs)
-        if run.done:
-            self._kept = [k for k in self._kept if k != key and k in runs] + [key]
-        earlier = [runs[k] for k in self._kept if k != key and k in runs][-(self.keep - 1):] if self.keep > 1 else []
-        shown = earlier + [run]
+        shown = self.runs.shown_with(run)
         if "convergence" in self.panels and run.history.loss:
             self.convergence.draw(plot_convergence([r.history for r in shown], dashed={
                 r.history.label for r in shown if r.setting.accumulation_steps > 1}))
-        model = run.setting.model
-        batch_norm = model in self._templates and ex.has_batch_norm(self._templates[model][1])
-        self.convergence.say(ex.run_text(run, shown, batch_norm=batch_norm))
+        self.convergence.say(say.run_text(run, shown, batch_norm=self.runs.has_batch_norm(run.setting.model)))
         if "speed" in self.panels and run.done:
-            with self._lock:
-                runs = list(self._runs.values())
             s = run.setting
-            self.speed.draw(plot_speed(ex.speed_points(runs, s), current=s.batch_size,
+            self.speed.draw(plot_speed(ex.speed_points(self.runs.finished(), s), current=s.batch_size,
                                        title=f"{s.model}: speed against batch size"))
-            self.speed.say(ex.speed_text(run))
+            self.speed.say(say.speed_text(run))
         self._run_shown, self._shown_runs, self._error = run, shown, None
         self._draws.append(run.setting.label)
 
