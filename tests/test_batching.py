@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 import batchlab
 from batchlab import batching, datasets, loaders, memory, workers
 from batchlab.exercises import chapter3
-from batchlab.widgets import LoaderWidget
+from batchlab.widgets import LoaderExplorer
 
 
 def children():
@@ -550,7 +550,7 @@ def test_token_sequences():
 
 
 def test_loader_widget_measures_each_setting_and_shows_the_cores(small_images):
-    widget = LoaderWidget(small_images, num_workers=0, batch_size=16, batches=2, warmup=1)
+    widget = LoaderExplorer(small_images, num_workers=0, batch_size=16, batches=2, warmup=1)
     first_png = bytes(widget.image.value)
     assert first_png.startswith(b"\x89PNG")
     assert f"{loaders.usable_cores()} usable CPU cores" in widget.summary.value
@@ -563,7 +563,7 @@ def test_loader_widget_measures_each_setting_and_shows_the_cores(small_images):
     state = widget.set(batch_size=8)
     assert set(state["measured"]) == {(16, 0), (16, 1), (8, 1)}
     assert "num_workers 1" in widget.summary.value and "batch size 8" in widget.summary.value
-    assert widget._repr_mimebundle_()["text/plain"] == "LoaderWidget(batches=2, warmup=1)"
+    assert widget._repr_mimebundle_()["text/plain"] == "LoaderExplorer(batches=2, warmup=1)"
     with pytest.raises(ValueError, match="batch_size must be one of"):
         widget.set(batch_size=7)
     with pytest.raises(ValueError, match="set\\(\\) takes num_workers and batch_size"):
@@ -571,10 +571,10 @@ def test_loader_widget_measures_each_setting_and_shows_the_cores(small_images):
 
 
 def test_loader_widget_batch_sizes_fit_the_dataset(small_images):
-    widget = LoaderWidget(small_images, batch_size=8, batches=8, warmup=2)  # 10 batches of at most 16
+    widget = LoaderExplorer(small_images, batch_size=8, batches=8, warmup=2)  # 10 batches of at most 16
     assert widget.batch_size.options == (8, 16)
     with pytest.raises(ValueError, match="too few"):
-        LoaderWidget(datasets.shapes(10, image_size=16), batches=2)
+        LoaderExplorer(datasets.shapes(10, image_size=16), batches=2)
 
 
 # --- what persistent workers do to a generator the data set owns (exercise 3's answer) -------------------
