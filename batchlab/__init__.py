@@ -24,9 +24,11 @@ from .course import setup
 from .distributed import RankError, launch, train_ddp
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
 from .leaks import LeakReport, leak_check
-from .memory import MemoryReport, gpu_reference, process_memory, profile_step, track_memory
+from .memory import MemoryReport, profile_step, track_memory
 from .models import MODEL_NAMES, build_model, count_parameters
 from .oom import OOMReport, explain_oom
+from .process import ProcessMemory, process_memory
+from .reference import gpu_reference
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
 
@@ -74,6 +76,7 @@ __all__ = [
     "MemoryReport",
     "OOMReport",
     "OPTIMIZERS",
+    "ProcessMemory",
     "RankError",
     "accumulate_weighted",
     "build_model",

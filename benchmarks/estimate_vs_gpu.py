@@ -21,7 +21,7 @@ import torch
 
 import batchlab
 import batchlab.estimate as estimate
-from batchlab.memory import gpu_reference
+from batchlab.reference import gpu_reference
 
 MiB = 2**20
 MODELS = {"mlp_28": ("mlp", (1, 28, 28)), "cnn_28": ("cnn_bn", (1, 28, 28)), "resnet18_32": ("resnet18", (3, 32, 32))}

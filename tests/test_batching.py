@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
 import batchlab
-from batchlab import batching, datasets, loaders, memory, workers
+from batchlab import batching, datasets, loaders, process, workers
 from batchlab.exercises import chapter3
 from batchlab.widgets import LoaderExplorer
 
@@ -517,7 +517,7 @@ def test_python_list_is_copied_into_workers_and_numpy_array_is_not():
     as_list = workers.worker_memory(datasets.LookupTable(n, "list"), batch_size=20_000, num_workers=2)
     as_array = workers.worker_memory(datasets.LookupTable(n, "numpy"), batch_size=20_000, num_workers=2)
     assert len(as_list) == len(as_array) == 2
-    assert all(isinstance(m, memory.ProcessMemory) for m in as_list + as_array)
+    assert all(isinstance(m, process.ProcessMemory) for m in as_list + as_array)
     assert all(m.uss_bytes > 0 and m.rss_bytes >= m.uss_bytes for m in as_list + as_array)
     assert all(m.tensor_bytes is None and m.other_bytes is None for m in as_list)  # not countable from outside
     assert "its tensors are not known" in repr(as_list[0])
