@@ -34,8 +34,8 @@ from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
 from .tuning import (
     apply_checkpointing,
+    check_checkpointing,
     check_precision,
-    checkpointed,
     enclosing_autocast,
     make_scaler,
     simulate_autocast_for,
@@ -178,8 +178,7 @@ def _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, ch
     check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
     check_precision(precision)
-    if checkpointing is not None:
-        checkpointed(model, checkpointing)  # refuses a model without blocks, or a bad segment count
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     return inputs, targets
 
 

@@ -428,6 +428,21 @@ def checkpointed(model: nn.Module, segments="blocks", *, use_reentrant: bool = F
     return Checkpointed(model, [names[a:b] for a, b in zip(bounds, bounds[1:])], use_reentrant)
 
 
+def check_checkpointing(model: nn.Module, checkpointing):
+    """Return ``checkpointing`` if :func:`apply_checkpointing` can use it on ``model``; else the error, naming it."""
+    if checkpointing is None:
+        return None
+    try:
+        checkpointed(model, checkpointing)
+    except (TypeError, ValueError) as error:
+        if "segments must be" not in str(error):
+            raise  # no blocks, or already checkpointed: the message says what to do
+        count = len(checkpoint_blocks(model))
+        raise ValueError(f"checkpointing must be None, 'blocks' or a number of segments from 1 to {count} "
+                         f"(the blocks of {type(model).__name__}), got {checkpointing!r}") from None
+    return checkpointing
+
+
 def apply_checkpointing(model: nn.Module, checkpointing) -> nn.Module:
     """``model`` itself for ``checkpointing=None``, else :func:`checkpointed` (``"blocks"`` or a segment count)."""
     return model if checkpointing is None else checkpointed(model, checkpointing)

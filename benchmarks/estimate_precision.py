@@ -77,8 +77,8 @@ def checkpointing_table(batch) -> None:
 
 def cpu_table() -> bool:
     print("3. CPU: measured peak (profile_step) vs CPU estimate, MiB")
-    cases = [("cnn_bn", (1, 28, 28), 64), ("resnet18", (3, 32, 32), 16), ("transformer", (64,), 16),
-             ("mlp", (1, 28, 28), 128)]
+    cases = [("cnn_bn", (1, 28, 28), 64), ("resnet18", (3, 64, 64), 32), ("transformer", (64,), 16),
+             ("mlp", (1, 28, 28), 2048)]
     levers = [("fp32", None), ("bf16", None), ("fp32", "blocks"), ("fp32", 2), ("bf16", "blocks")]
     all_ok = True
     print(f"{'model':12} {'batch':>5} {'precision':9} {'checkpointing':>13} | {'measured':>8} {'estimate':>8} "

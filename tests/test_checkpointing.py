@@ -171,3 +171,16 @@ def test_recomputation_context_names_new_memory_activations():
     assert tracker.report().breakdown["temporaries"] == other.nbytes
     with recomputation():  # no tracker: nothing to tell
         pass
+
+
+@pytest.mark.parametrize("bad", [0, 9, "every", 2.5])
+def test_bad_checkpointing_arguments_name_the_argument(bad):
+    model = batchlab.build_model("resnet18")
+    batch = (torch.empty(2, 3, 32, 32, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"))
+    message = r"checkpointing must be None, 'blocks' or a number of segments from 1 to 8 \(the blocks of ResNet\)"
+    with pytest.raises(ValueError, match=message):
+        batchlab.estimate_memory(model, batch, checkpointing=bad)
+    with pytest.raises(ValueError, match=message):
+        batchlab.profile_step(model, (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)),
+                              checkpointing=bad)
+    assert _untouched(model)
