@@ -14,6 +14,14 @@ allocated. :func:`batchlab.track_memory` watches the step as it would on a real 
 * optimizers use their multi-tensor ("foreach") implementation on CUDA, whose temporaries span
   all parameters at once.
 
+With ``precision="bf16"`` / ``"fp16"`` (chapter 8) the forward pass and the loss follow the cast
+policy of ``torch.autocast`` on the estimated device, simulated for meta tensors (which autocast does
+not serve) by :class:`batchlab.tuning.SimulatedAutocast`: products and convolutions get low-precision
+inputs and one cached low-precision copy of each weight (counted where backward saves it, in
+``activations``), softmax, losses and norms run in float32, and everything else runs in the dtype of
+its inputs. With ``checkpointing`` the model runs through :func:`batchlab.checkpointed`; what its
+recomputation makes during backward counts as activations.
+
 :func:`max_batch_size` uses it to find the largest batch that fits a memory budget.
 """
 
