@@ -146,11 +146,14 @@ class SimulatedAutocast(TorchFunctionMode):
 
     def __enter__(self):
         self.outer, _simulated.active = getattr(_simulated, "active", None), self
+        if self.outer is not None:
+            self.cache = self.outer.cache  # one cache for nested regions, as autocast has
         return super().__enter__()
 
     def __exit__(self, *exc):
         _simulated.active = self.outer
-        self.cache.clear()  # autocast's clear_cache(): the copies live on only where backward saved them
+        if self.outer is None:
+            self.cache.clear()  # autocast's clear_cache(): the copies live on only where backward saved them
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):

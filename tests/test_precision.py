@@ -195,3 +195,8 @@ def test_simulated_autocast_caches_one_copy_per_weight_per_region():
         copy = region.cache[id(layer.weight)][1]
         assert copy.dtype == torch.bfloat16 and copy.requires_grad
     assert region.cache == {}  # emptied when the region ends, like autocast's cache
+    with tuning.SimulatedAutocast("cuda", torch.bfloat16) as outer:
+        with tuning.SimulatedAutocast("cuda", torch.bfloat16):
+            layer(x)
+        assert len(outer.cache) == 2  # a nested region shares the outermost one's cache and leaves it
+    assert outer.cache == {}
