@@ -333,19 +333,22 @@ class Checkpointed(nn.Module):
         self.use_reentrant = use_reentrant
 
     def forward(self, *args, **kwargs):
-        patched = []
+        patched = []  # (block, the forward its instance had of its own, if any)
         try:
             for names in self.segments:
                 blocks = [self.model.get_submodule(name) for name in names]
                 originals = [block.forward for block in blocks]
-                patched += blocks
+                patched += [(block, block.__dict__.get("forward")) for block in blocks]
                 blocks[0].forward = functools.partial(self._run_segment, blocks, originals)
                 for block in blocks[1:]:
                     block.forward = _pass_on
             return self.model(*args, **kwargs)
         finally:
-            for block in patched:
-                block.__dict__.pop("forward", None)
+            for block, own in reversed(patched):
+                if own is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.__dict__["forward"] = own
 
     def _run_segment(self, blocks, forwards, x, *args, **kwargs):
         def segment(x, *args, **kwargs):
