@@ -42,6 +42,7 @@ from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
 from .tuning import (
     apply_checkpointing,
+    autocast_depth,
     check_checkpointing,
     check_precision,
     enclosing_autocast,
@@ -195,9 +196,15 @@ def honour_autocast(precision: str) -> str:
 
     The estimator's step runs on the meta device, which autocast does not serve, so a region around
     the call would otherwise change nothing. ``precision="fp32"`` (the default) takes the region's
-    dtype; a different low precision than the region's is refused.
+    dtype; a different low precision than the region's is refused, and so is a region that is switched
+    off (``torch.autocast("cuda")`` on a machine without CUDA), whose precision cannot be known.
     """
     enclosing = enclosing_autocast()
+    if enclosing is None and precision == "fp32" and autocast_depth() > 0:
+        raise ValueError("estimate_memory was called inside a torch.autocast block that is switched off (PyTorch "
+                         "turns torch.autocast('cuda') off, with a warning, where there is no CUDA GPU), so it "
+                         "cannot tell which precision you mean: pass precision='bf16' or 'fp16' instead of the block "
+                         "(the estimate simulates CUDA's autocast on any machine)")
     if enclosing is None or enclosing == precision:
         return precision
     if precision != "fp32" or enclosing not in ("bf16", "fp16"):

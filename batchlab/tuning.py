@@ -238,6 +238,13 @@ def autocast(device_type: str, precision: str):
     return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
 
 
+def autocast_depth() -> int:
+    """How many ``torch.autocast`` blocks the caller is in, active or not (PyTorch counts both)."""
+    depth = torch.autocast_increment_nesting()
+    torch.autocast_decrement_nesting()
+    return depth - 1
+
+
 def enclosing_autocast() -> str | None:
     """The precision of a ``torch.autocast`` region the caller is in ("bf16" / "fp16"), or None."""
     for device_type in ("cuda", "cpu"):

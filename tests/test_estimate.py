@@ -220,3 +220,24 @@ def test_checkpointing_lowers_the_gpu_estimate_and_raises_the_largest_batch():
     assert blocks.breakdown["activations"] > 0  # saved segment inputs and one recomputed segment
     assert max_batch_size(model, make, budget="1GiB", optimizer="adam", checkpointing="blocks") > \
         max_batch_size(model, make, budget="1GiB", optimizer="adam")
+
+
+def test_an_autocast_block_pytorch_switched_off_is_refused_not_ignored():
+    import warnings
+
+    model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
+    batch = meta_batch(8, (1, 8, 8))
+    bf16 = estimate_memory(model, batch, optimizer="adam", precision="bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "CUDA is not available ... Disabling autocast"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if torch.cuda.is_available():
+                assert estimate_memory(model, batch, optimizer="adam").peak_bytes == bf16.peak_bytes
+            else:
+                with pytest.raises(ValueError, match=r"inside a torch.autocast block that is switched off"):
+                    estimate_memory(model, batch, optimizer="adam")
+            assert estimate_memory(model, batch, optimizer="adam", precision="bf16").peak_bytes == bf16.peak_bytes
+        with torch.autocast("cpu", enabled=False):
+            with pytest.raises(ValueError, match="switched off"):
+                max_batch_size(model, lambda n: meta_batch(n, (1, 8, 8)), budget="1GiB")
+    assert "bf16" not in estimate_memory(model, batch, optimizer="adam").label  # outside the blocks: fp32 again
