@@ -1,6 +1,8 @@
 """Mixed precision in the one training step, in train, in profile_step and in the estimator (chapter 8)."""
 
 import math
+import pathlib
+import re
 
 import pytest
 import torch
@@ -184,6 +186,26 @@ def test_cuda_policy_keeps_softmax_and_norms_in_fp32_unlike_cpu():
         assert torch.addcmul(x, x, torch.randn(2, 3, device="meta")).dtype == torch.float32  # promote
     with tuning.SimulatedAutocast("cpu", torch.bfloat16):
         assert x.softmax(-1).dtype == torch.bfloat16
+
+
+def test_cuda_policy_lists_every_public_op_of_the_installed_torch_autocast_header():
+    """Canary: a PyTorch release that moves an operation between autocast's CUDA lists fails here."""
+    header = pathlib.Path(torch.__file__).parent / "include" / "ATen" / "autocast_mode.h"
+    if not header.exists():
+        pytest.skip(f"this PyTorch build ships no {header.name}")
+    text = header.read_text()
+    lists = {"AT_FORALL_LOWER_PRECISION_FP": "low", "AT_FORALL_FP32": "fp32",
+             "AT_FORALL_FP32_SET_OPT_DTYPE": "fp32_dtype", "AT_FORALL_PROMOTE": "promote"}
+    checked = 0
+    for macro, policy in lists.items():
+        body = text.split(f"#define {macro}(_)")[1].split("\n\n")[0]
+        for name in re.findall(r"_\((\w+)", body):
+            public = hasattr(torch.linalg, name[7:]) if name.startswith("linalg_") else \
+                hasattr(torch, name) or hasattr(F, name) or hasattr(torch.Tensor, name)
+            if public:
+                checked += 1
+                assert tuning.AUTOCAST_POLICIES["cuda"].get(name) == policy, (macro, name)
+    assert checked > 60
 
 
 def test_simulated_autocast_caches_one_copy_per_weight_per_region():
