@@ -1,6 +1,6 @@
 """Mixed precision and activation checkpointing in the memory estimate (chapter 8, issue 12).
 
-    python benchmarks/estimate_precision.py [--quick]
+    python benchmarks/estimate_precision.py [--quick] [--write results.json]
 
 1. For the course models at 224 px (the transformer: 224 tokens) and a few batch sizes, the estimated
    peak allocated and peak reserved memory of one Adam step on a CUDA GPU in fp32, bf16 and fp16.
@@ -9,9 +9,12 @@
    and checkpointing (goal: within 3%).
 4. Only where a CUDA GPU is present: real bf16 and fp16 autocast steps (``max_memory_allocated``) next
    to the estimate, with the device and PyTorch version (goal for bf16: within 10% for steps of 256 MiB or
-   more, 25% for all). Without a GPU this part says so and prints nothing else.
+   more, 25% for all). Without a GPU this part says so and prints nothing else. ``--write PATH`` saves
+   the GPU rows as JSON with their provenance (device, PyTorch, CUDA, how they were measured), in the
+   shape of ``batchlab/data/gpu_memory_h100.json``'s rows plus ``precision`` and ``in_shape``.
 """
 
+import json
 import os
 import platform
 import sys
@@ -100,8 +103,8 @@ def cpu_table() -> bool:
     return all_ok
 
 
-def measure_gpu(name, in_shape, n, precision) -> int:
-    """max_memory_allocated of a second Adam step, measured as the H100 reference rows were."""
+def measure_gpu(name, in_shape, n, precision) -> dict:
+    """Memory of a second Adam step (bytes), measured as the H100 reference rows were."""
     model = batchlab.build_model(name, in_shape=in_shape).cuda()
     inputs, targets = real_batch(name, in_shape, n, "cuda")
     opt = batchlab.make_optimizer("adam", model.parameters())
@@ -109,18 +112,22 @@ def measure_gpu(name, in_shape, n, precision) -> int:
     batchlab.train_step(model, opt, inputs, targets, precision=precision, scaler=scaler)  # optimizer state
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     batchlab.train_step(model, opt, inputs, targets, precision=precision, scaler=scaler)
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    row = {"model": name, "in_shape": list(in_shape), "opt": "adam", "batch": n, "precision": precision,
+           "before_step": before, "peak_allocated": torch.cuda.max_memory_allocated(),
+           "peak_reserved": torch.cuda.max_memory_reserved()}
     del model, opt, inputs, targets, scaler
     torch.cuda.empty_cache()
-    return peak
+    return row
 
 
-def gpu_table() -> None:
+def gpu_table() -> list:
     if not torch.cuda.is_available():
         print("4. no CUDA GPU here: no real bf16 / fp16 measurements (run this script on a GPU to get them)")
-        return
+        return []
+    rows = []
     print(f"4. real GPU steps: {torch.cuda.get_device_name()}, PyTorch {torch.__version__}, CUDA "
           f"{torch.version.cuda}; Adam; max_memory_allocated of the second step vs the estimate, MiB")
     cases = [("cnn_bn", (1, 28, 28), [64, 512, 4096]), ("resnet18", (3, 32, 32), [32, 256, 1024]),
@@ -128,7 +135,9 @@ def gpu_table() -> None:
     for name, in_shape, batches in cases:
         for n in batches:
             for precision in ("bf16", "fp16"):
-                real = measure_gpu(name, in_shape, n, precision)
+                row = measure_gpu(name, in_shape, n, precision)
+                rows.append(row)
+                real = row["peak_allocated"]
                 estimated = batchlab.estimate_memory(batchlab.build_model(name, in_shape=in_shape),
                                                      meta_batch(name, in_shape, n), optimizer="adam",
                                                      precision=precision)
@@ -137,6 +146,7 @@ def gpu_table() -> None:
                 print(f"{name:12} {str(in_shape):14} {n:>5} {precision} | {real / MiB:9.1f} "
                       f"{estimated.peak_bytes / MiB:9.1f} {error:+7.1%} bar {bar:.0%} "
                       f"{'yes' if abs(error) <= bar else 'NO'}")
+    return rows
 
 
 def main():
@@ -147,7 +157,18 @@ def main():
     precision_table([16, 64] if quick else [16, 64, 256])
     checkpointing_table(64)
     cpu_table()
-    gpu_table()
+    rows = gpu_table()
+    if "--write" in sys.argv and rows:
+        path = sys.argv[sys.argv.index("--write") + 1]
+        about = (f"Measured on one {torch.cuda.get_device_name()} (PyTorch {torch.__version__}, CUDA "
+                 f"{torch.version.cuda}) by benchmarks/estimate_precision.py: a model built on the GPU, one "
+                 f"batchlab.train_step (Adam, forward and loss under torch.autocast('cuda', dtype); fp16 with "
+                 f"torch.amp.GradScaler) to create the optimizer state, peak counters reset, a second step "
+                 f"measured. Inputs: torch.randn (token ids for the transformer), targets in 0..9.")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"about": about, "rows": rows}, f, indent=1)
+            f.write("\n")
+        print(f"wrote {len(rows)} rows to {path}")
     print(f"\n{time.perf_counter() - start:.0f} s in all")
 
 
