@@ -67,7 +67,8 @@ class History:
     def __repr__(self) -> str:
         last = f", final loss {self.loss[-1]:.4f}" if self.loss else ""
         accuracy = f", accuracy {self.eval_accuracy[-1]:.3f}" if self.eval_accuracy else ""
-        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy})"
+        skipped = f", {len(self.skipped_steps)} skipped by GradScaler" if self.skipped_steps else ""
+        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy}{skipped})"
 
 
 def train(

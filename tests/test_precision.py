@@ -125,6 +125,7 @@ def test_gradscaler_skips_a_step_with_an_inf_gradient():
 def test_train_reports_skipped_steps_in_history():
     _, history = _train("fp16", loss_fn=_inf_on_call(3))
     assert history.skipped_steps == [3]
+    assert repr(history).endswith(", 1 skipped by GradScaler)")
     assert len(history.loss) == 6
     _, bf16 = _train("bf16", loss_fn=_inf_on_call(3))
     assert bf16.skipped_steps == []  # bf16 has no scaler: nothing is skipped (the inf goes into the weights)
