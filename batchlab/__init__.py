@@ -31,6 +31,7 @@ from .process import ProcessMemory, process_memory
 from .reference import gpu_reference
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
+from .tuning import PRECISIONS, checkpoint_blocks, checkpointed
 
 __version__ = "0.1.0"
 
@@ -77,9 +78,12 @@ __all__ = [
     "OOMReport",
     "OPTIMIZERS",
     "ProcessMemory",
+    "PRECISIONS",
     "RankError",
     "accumulate_weighted",
     "build_model",
+    "checkpoint_blocks",
+    "checkpointed",
     "compare_gradients",
     "count_parameters",
     "datasets",

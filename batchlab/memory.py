@@ -38,6 +38,7 @@ from torch import nn
 
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import LIFT_FRESH, dispatch_mode_base
+from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler, tuning_label
 from .validation import MiB, check_batch, check_choice, check_device, check_loss_fn, check_model, device_of
 
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")
@@ -189,6 +190,7 @@ class MemoryTracker:
         self._handles: list = []
         self._cuda = None
         self.active = False
+        self.new_category = "temporaries"  # what new memory is until a hook says otherwise (see recomputation)
 
     # -- what the hooks call -------------------------------------------------------------------
     def _add(self, storage, category: str, what: str) -> int | None:
@@ -256,7 +258,7 @@ class MemoryTracker:
             if id(storage) not in inputs and all(storage is not s for s in new):
                 new.append(storage)
         for storage in new:
-            self._add(storage, "temporaries", str(func.overloadpacket.__name__))
+            self._add(storage, self.new_category, str(func.overloadpacket.__name__))
         if self._observer is not None:
             self._observer.after_op(func, args, out)
 
@@ -522,14 +524,36 @@ def track_storages(model, optimizer, *, record: bool, observer=None, saved_tenso
             _active.tracker = None
 
 
-def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device=None) -> MemoryReport:
+@contextmanager
+def recomputation():
+    """Inside this block the active tracker (if any) counts new memory as ``activations``.
+
+    Activation checkpointing (:func:`batchlab.checkpointed`) recomputes a segment's forward pass during
+    backward under hooks of its own, which the tracker's saved-tensor hooks do not see: what the
+    recomputation makes is the segment's activations, made again.
+    """
+    tracker = getattr(_active, "tracker", None)
+    if tracker is None:
+        yield
+        return
+    outer, tracker.new_category = tracker.new_category, "activations"
+    try:
+        yield
+    finally:
+        tracker.new_category = outer
+
+
+def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device=None, precision="fp32",
+                 checkpointing=None) -> MemoryReport:
     """Measure one training step of ``model`` on ``batch`` = (inputs, targets): a :class:`MemoryReport`.
 
     The step is forward, loss, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, measured
     with :func:`track_memory` after one unmeasured warm-up step that creates the optimizer state (as
     in every step but the first of a real training run). ``optimizer`` is ``"sgd"`` (lr 0.01,
     momentum 0.9), ``"adam"`` (lr 0.001) or a function ``params -> Optimizer``; ``loss_fn`` defaults to
-    cross-entropy. ``device`` (default: where the model is) is where the step runs.
+    cross-entropy. ``device`` (default: where the model is) is where the step runs. ``precision``
+    (``"fp32"``, ``"bf16"``, ``"fp16"``) and ``checkpointing`` (None, ``"blocks"`` or a number of
+    segments) are those of :func:`batchlab.train` (chapter 8).
 
     The step runs on a copy of the model, so ``model`` (its weights, buffers, gradients, device) and the
     global random state are left exactly as they were.
@@ -546,6 +570,8 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
                                  f"to one device, or pass device='{device.type}' to run the step there")
     else:
         device = check_device(device)
+    check_autocast(device.type, check_precision(precision))
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         work = copy.deepcopy(model).to(device).train()
@@ -554,9 +580,12 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
         # Own copies of the batch: a slice of a larger tensor would otherwise count the whole tensor.
         inputs, targets = inputs.to(device).clone(), targets.to(device).clone()
         opt = make_optimizer(optimizer, work.parameters())
-        train_step(work, opt, inputs, targets, loss_fn=loss_fn)  # warm-up: creates the optimizer state
+        work = apply_checkpointing(work, checkpointing)
+        step = dict(loss_fn=loss_fn, precision=precision, scaler=make_scaler(device.type, precision))
+        train_step(work, opt, inputs, targets, **step)  # warm-up: creates the optimizer state
         with track_memory(work, opt) as tracker:
             tracker.adopt([inputs, targets], "inputs")
-            train_step(work, opt, inputs, targets, loss_fn=loss_fn)
+            train_step(work, opt, inputs, targets, **step)
     return tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
-                                f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}")
+                                f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
+                                f"{tuning_label(precision, checkpointing)}")

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .steps import check_optimizer, make_optimizer, train_step
+from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler
 from .validation import (
     check_bool,
     check_dataset,
@@ -37,8 +38,10 @@ class History:
     ``loss`` is the mean loss over the step's effective batch, ``samples`` the number of samples seen
     after the step, ``seconds`` the wall-clock training time since the start (evaluation excluded). ``eval_steps`` and
     ``eval_accuracy`` hold the accuracy on ``eval_dataset`` (0 to 1) after the given steps; ``notes``
-    what training changed on its own (``on_oom="halve"``). Two histories compare equal when
-    everything but the wall-clock times is equal.
+    what training changed on its own (``on_oom="halve"``); ``skipped_steps`` the steps whose update
+    ``torch.amp.GradScaler`` skipped because a gradient was inf or nan (``precision="fp16"``; the
+    loss of such a step is still recorded). Two histories compare equal when everything but the
+    wall-clock times is equal.
     """
 
     label: str
@@ -49,6 +52,7 @@ class History:
     eval_steps: list = field(default_factory=list)
     eval_accuracy: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    skipped_steps: list = field(default_factory=list)
 
     @property
     def steps(self) -> list:
@@ -63,7 +67,8 @@ class History:
     def __repr__(self) -> str:
         last = f", final loss {self.loss[-1]:.4f}" if self.loss else ""
         accuracy = f", accuracy {self.eval_accuracy[-1]:.3f}" if self.eval_accuracy else ""
-        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy})"
+        skipped = f", {len(self.skipped_steps)} skipped by GradScaler" if self.skipped_steps else ""
+        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy}{skipped})"
 
 
 def train(
@@ -84,6 +89,8 @@ def train(
     label: str | None = None,
     shuffle: bool = True,
     on_oom: str | None = None,
+    precision: str = "fp32",
+    checkpointing=None,
 ) -> History:
     """Train ``model`` on ``dataset`` and return its :class:`History`.
 
@@ -102,6 +109,10 @@ def train(
     * ``on_oom="halve"``: when a step runs out of memory, free it, halve the micro-batch (double the
       accumulation steps, so the effective batch stays the same), and redo the step; the change is
       printed and kept in ``History.notes`` (chapter 4).
+    * ``precision`` (chapter 8): ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast with a
+      ``torch.amp.GradScaler``; steps it skips are listed in ``History.skipped_steps``).
+    * ``checkpointing`` (chapter 8): None, ``"blocks"`` (checkpoint every block) or a number of
+      segments: the model runs through :func:`batchlab.checkpointed` (the model itself is not changed).
 
     The model is moved to ``device`` and trained in place. Arguments are checked before anything is
     touched; if training fails or is interrupted, the model's weights, device and mode are restored.
@@ -113,6 +124,8 @@ def train(
         raise ValueError(f"on_oom must be None (let the error through) or 'halve', got {on_oom!r}")
     loss_fn = check_loss_fn(loss_fn)
     device = torch.device(device)
+    check_autocast(device.type, check_precision(precision))
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     history = History(label or f"batch {batch_size}, lr {lr:g}", batch_size)
     saved_state = copy.deepcopy(model.state_dict())
     saved_device, was_training = device_of(model), model.training
@@ -121,8 +134,9 @@ def train(
             torch.manual_seed(seed)
             model.to(device).train()
             opt = make_optimizer(optimizer, model.parameters(), lr=lr)
-            _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
-                 eval_dataset, progress, history, shuffle, on_oom)
+            step = dict(loss_fn=loss_fn, precision=precision, scaler=make_scaler(device.type, precision))
+            _run(apply_checkpointing(model, checkpointing), dataset, opt, step, device, seed, batch_size,
+                 accumulation_steps, total_steps, eval_dataset, progress, history, shuffle, on_oom)
     except BaseException:
         model.load_state_dict(saved_state)
         model.to(saved_device)
@@ -132,7 +146,7 @@ def train(
     return history
 
 
-def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
+def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_steps, total_steps,
          eval_dataset, progress, history, shuffle=True, on_oom=None):
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
@@ -142,13 +156,17 @@ def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_st
     while step < total_steps:  # one pass of this loop is one epoch
         for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
+            scaler = step_args["scaler"]
+            scale = scaler.get_scale() if scaler is not None else None
             if on_oom is None:
-                step_loss = train_step(model, opt, inputs, targets, loss_fn=loss_fn,
-                                       accumulation_steps=accumulation_steps)
+                step_loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps,
+                                       **step_args)
             else:
-                step_loss, accumulation_steps = _step_or_halve(model, opt, loss_fn, inputs, targets,
+                step_loss, accumulation_steps = _step_or_halve(model, opt, step_args, inputs, targets,
                                                                accumulation_steps, history, step + 1)
             step += 1
+            if scaler is not None and scaler.get_scale() < scale:  # GradScaler lowers its scale only on a skip
+                history.skipped_steps.append(step)
             history.loss.append(step_loss)
             history.samples.append(step * batch_size)
             history.seconds.append(time.perf_counter() - start)
@@ -164,12 +182,12 @@ def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_st
     bar.close()
 
 
-def _step_or_halve(model, opt, loss_fn, inputs, targets, accumulation_steps, history, step):
+def _step_or_halve(model, opt, step_args, inputs, targets, accumulation_steps, history, step):
     """:func:`train_step`, retried with micro-batches half as large after each out-of-memory error."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics to undo
     while True:
         try:
-            loss = train_step(model, opt, inputs, targets, loss_fn=loss_fn, accumulation_steps=accumulation_steps)
+            loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps, **step_args)
             return loss, accumulation_steps
         except torch.OutOfMemoryError:
             if accumulation_steps >= len(targets):
