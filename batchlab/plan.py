@@ -23,15 +23,14 @@ speed-up that tensor cores may or may not give).
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 
 import torch
 from torch import nn
 
 from .estimate import SAFETY_MARGIN, estimate_memory, max_batch_size
+from .reference import gpu_reference
 from .steps import check_optimizer
 from .tuning import PRECISIONS, check_precision, checkpoint_blocks
 from .validation import (
@@ -56,8 +55,7 @@ def reference_step_times() -> tuple:
 
     Read on first use, so that ``import batchlab`` does not open the reference file.
     """
-    with resources.files("batchlab").joinpath("data/gpu_memory_h100.json").open() as f:
-        rows = sorted(json.load(f)["throughput_resnet18_224_sgd_fp32"], key=lambda row: row["batch"])
+    rows = sorted(gpu_reference()["throughput_resnet18_224_sgd_fp32"], key=lambda row: row["batch"])
     (n1, t1), (n2, t2) = [(row["batch"], row["step_s"]) for row in rows[-2:]]
     per_sample = (t2 - t1) / (n2 - n1)
     return t1 - per_sample * n1, per_sample, rows[0]["step_s"]

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .steps import check_optimizer, make_optimizer, train_step
-from .tuning import apply_checkpointing, check_autocast, check_precision, checkpointed, make_scaler
+from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler
 from .validation import (
     check_bool,
     check_dataset,
@@ -67,7 +67,8 @@ class History:
     def __repr__(self) -> str:
         last = f", final loss {self.loss[-1]:.4f}" if self.loss else ""
         accuracy = f", accuracy {self.eval_accuracy[-1]:.3f}" if self.eval_accuracy else ""
-        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy})"
+        skipped = f", {len(self.skipped_steps)} skipped by GradScaler" if self.skipped_steps else ""
+        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy}{skipped})"
 
 
 def train(
@@ -125,8 +126,7 @@ def train(
     loss_fn = check_loss_fn(loss_fn)
     device = torch.device(device)
     check_autocast(device.type, check_precision(precision))
-    if checkpointing is not None:
-        checkpointed(model, checkpointing)  # refuses a model without blocks before anything is touched
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     history = History(label or f"batch {batch_size}, lr {lr:g}", batch_size)
     saved_state = copy.deepcopy(model.state_dict())
     saved_device, was_training = device_of(model), model.training
