@@ -75,7 +75,7 @@ def train(
     model: nn.Module,
     dataset: Dataset,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     epochs: int | None = None,
     steps: int | None = None,
     optimizer="sgd",
@@ -91,6 +91,7 @@ def train(
     on_oom: str | None = None,
     precision: str = "fp32",
     checkpointing=None,
+    plan=None,
 ) -> History:
     """Train ``model`` on ``dataset`` and return its :class:`History`.
 
@@ -114,10 +115,17 @@ def train(
       ``torch.amp.GradScaler``; steps it skips are listed in ``History.skipped_steps``).
     * ``checkpointing`` (chapter 8): None, ``"blocks"`` (checkpoint every block) or a number of
       segments: the model runs through :func:`batchlab.checkpointed` (the model itself is not changed).
+    * ``plan``: a :class:`batchlab.FitPlan` from :func:`batchlab.plan_fit` (chapter 9), which gives
+      ``batch_size``, ``accumulation_steps``, ``precision``, ``checkpointing`` and a named optimizer;
+      ``train(model, data, plan=plan, steps=...)`` is ``train(model, data, **plan.train_kwargs(), steps=...)``.
 
     The model is moved to ``device`` and trained in place. Arguments are checked before anything is
     touched; if training fails or is interrupted, the model's weights, device and mode are restored.
     """
+    if plan is not None:
+        given = dict(batch_size=batch_size, accumulation_steps=accumulation_steps, precision=precision,
+                     checkpointing=checkpointing, optimizer=optimizer)
+        batch_size, accumulation_steps, precision, checkpointing, optimizer = _from_plan(plan, given).values()
     total_steps = _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
                                     loss_fn, device, seed, eval_dataset)
     check_bool("shuffle", shuffle)
@@ -227,11 +235,30 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     return correct / len(dataset)
 
 
+_TRAIN_DEFAULTS = dict(batch_size=None, accumulation_steps=1, precision="fp32", checkpointing=None, optimizer="sgd")
+
+
+def _from_plan(plan, given: dict) -> dict:
+    """``given`` (train's arguments) with what ``plan`` says; an argument given as well must agree with it."""
+    from .plan import FitPlan
+
+    if not isinstance(plan, FitPlan):
+        raise TypeError(f"plan must be a batchlab.FitPlan (from batchlab.plan_fit), got {type(plan).__name__}")
+    wanted = plan.train_kwargs()
+    for name, value in wanted.items():
+        if given[name] != _TRAIN_DEFAULTS[name] and given[name] != value:
+            raise ValueError(f"train got plan= and {name}={given[name]!r}, but the plan says {name}={value!r}: "
+                             f"pass one of them")
+    return {name: wanted.get(name, given[name]) for name in given}
+
+
 def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
                       loss_fn, device, seed, eval_dataset):
     """Check every argument of :func:`train`; return the number of steps."""
     check_model(model)
     check_dataset(dataset)
+    if batch_size is None:
+        raise TypeError("train needs batch_size= (samples per optimizer step) or plan= (from batchlab.plan_fit)")
     check_int("batch_size", batch_size, minimum=1)
     if batch_size > len(dataset):
         raise ValueError(
