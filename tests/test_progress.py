@@ -150,9 +150,9 @@ def test_progress_must_be_a_bool(call, bars):
     assert bars == []  # refused before any bar (or any work) started
 
 
-def test_the_explorer_and_the_exercise_checks_draw_no_bars_of_their_own(bars, small_digits=None):
+def test_the_explorer_and_the_exercise_checks_draw_no_bars_of_their_own(bars):
     from batchlab.widgets import BatchSizeExplorer
 
-    explorer = BatchSizeExplorer(datasets.digits(), model="mlp", panels="memory", background=False)
+    explorer = BatchSizeExplorer(datasets.digits(), model="mlp", panels="memory")
     explorer.close()
     assert bars and all(bar.options.get("disable") is True for bar in bars)  # its own texts say what it does

@@ -121,10 +121,13 @@ class Explorer:
         """The live widget first (JupyterLab shows it), then a still PNG of the figures shown now, for a
         reader on GitHub or nbviewer where widgets cannot run, then a short, stable ``text/plain`` (the
         one output nbval compares: it skips the widget view and images)."""
-        bundle = dict(self.box._repr_mimebundle_(**kwargs))
+        view = "application/vnd.jupyter.widget-view+json"
+        live = self.box._repr_mimebundle_(**kwargs)
+        bundle = {view: live[view]} if view in live else {}
         still = still_png(self.box)
         if still is not None:
             bundle["image/png"] = still
+        bundle.update({key: value for key, value in live.items() if key not in (view, "text/plain")})
         bundle["text/plain"] = repr(self)
         return bundle
 
