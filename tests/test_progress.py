@@ -156,3 +156,22 @@ def test_the_explorer_and_the_exercise_checks_draw_no_bars_of_their_own(bars):
     explorer = BatchSizeExplorer(datasets.digits(), model="mlp", panels="memory")
     explorer.close()
     assert bars and all(bar.options.get("disable") is True for bar in bars)  # its own texts say what it does
+
+
+def test_the_nbval_rule_blanks_a_bars_meter_and_nothing_else():
+    import configparser
+    import re
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    rules = configparser.ConfigParser()
+    rules.read(Path(__file__).parent / "nbval_sanitize.cfg")
+    rule = rules["progress bars"]
+    meters = [tqdm.format_meter(0, 40, 0, prefix="batch 64, lr 0.05", unit="step", ascii=False),  # as a widget shows
+              tqdm.format_meter(0, None, 0, prefix="find_batch_size (power)", unit="trial"),  # no total known
+              tqdm.format_meter(7, 40, 3725.0, prefix="train", unit="step", postfix="loss=0.123")]
+    for meter in meters:
+        assert re.sub(rule["regex"], rule["replace"], meter) == "(progress bar)", meter
+    lesson = "epoch [1/2]: loss 0.512 [after 32 steps]\nbatch 94 after 13 trials: 2, 4, 8 (OOM)"
+    assert re.sub(rule["regex"], rule["replace"], lesson) == lesson
