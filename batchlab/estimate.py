@@ -38,6 +38,7 @@ from torch import nn
 
 from .allocator import CachingAllocator
 from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
+from .progress import progress_bar
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
 from .tuning import (
@@ -353,7 +354,7 @@ def _checked_batch(make_batch, n: int):
 
 
 def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", loss_fn=None, device="cuda",
-                   limit: int = 1 << 20, precision: str = "fp32", checkpointing=None) -> int:
+                   limit: int = 1 << 20, precision: str = "fp32", checkpointing=None, progress: bool = True) -> int:
     """The largest batch size whose training step fits in ``budget`` on ``device``, from estimates only.
 
     ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors are fine and
@@ -365,7 +366,8 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     just the allocated peak. A batch counts as fitting only if one ``SAFETY_MARGIN`` (5%) larger
     fits, so the answer errs on the safe side. Activation memory grows almost linearly with the batch,
     so two estimates give a first guess, and a short bisection near it gives the answer: about ten
-    estimates in all. ``precision`` and ``checkpointing`` are those of :func:`estimate_memory`.
+    estimates in all. ``precision`` and ``checkpointing`` are those of :func:`estimate_memory`;
+    ``progress`` draws a bar over the estimates.
     """
     if not callable(make_batch):
         raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
@@ -374,8 +376,22 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     check_precision(precision)
     levers = dict(precision=honour_autocast(precision), checkpointing=checkpointing)
     args = (optimizer, loss_fn, device, levers)
+    with progress_bar(progress, desc="max_batch_size", unit="estimate") as bar:
+        return _largest_fitting(model, make_batch, budget, limit, args, bar)
+
+
+def _largest_fitting(model, make_batch, budget, limit, args, bar) -> int:
+    """:func:`max_batch_size`'s search, ``bar`` advanced by one after each estimate."""
+    optimizer, loss_fn, device, levers = args
+
+    def fits(n: int) -> bool:
+        bar.set_postfix(batch=n, refresh=False)
+        ok = _fits(model, make_batch, n, budget, *args)
+        bar.update()
+        return ok
+
     smallest, one = _smallest_batch(model, make_batch, optimizer, loss_fn, device, levers)
-    if not _fits(model, make_batch, smallest, budget, *args):
+    if not fits(smallest):
         raise ValueError(_does_not_fit_message(one, budget, smallest))
     probe = max(smallest + 1, min(limit, 64))
     many = estimate_memory(model, _checked_batch(make_batch, probe), optimizer=optimizer, loss_fn=loss_fn,
@@ -383,19 +399,19 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     per_sample = max(1.0, (many.peak_bytes - one.peak_bytes) / (probe - smallest))
     guess = int(min(limit, max(smallest, smallest + (budget - one.peak_bytes) / per_sample)))
     # Bracket the answer around the linear guess, then bisect: lo always fits, hi never does.
-    if _fits(model, make_batch, guess, budget, *args):
+    if fits(guess):
         lo, hi = guess, min(limit + 1, max(guess + 1, int(guess * 1.1)))
-        while hi <= limit and _fits(model, make_batch, hi, budget, *args):
+        while hi <= limit and fits(hi):
             lo, hi = hi, min(limit + 1, hi * 2)
     else:
         lo, hi = smallest, guess
         candidate = int(guess * 0.9)
-        while candidate > lo and not _fits(model, make_batch, candidate, budget, *args):
+        while candidate > lo and not fits(candidate):
             hi, candidate = candidate, int(candidate * 0.8)
         lo = max(lo, candidate)
     while hi - lo > max(1, lo // 100):  # within 1%: closer is not worth more estimates
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(model, make_batch, mid, budget, *args) else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 

@@ -228,7 +228,7 @@ def largest_batch(model: nn.Module, input_shape: tuple, profile: Profile, *, opt
     """The largest batch whose step fits ``profile`` (:func:`batchlab.max_batch_size`); 0 if none does."""
     try:
         return max_batch_size(model, lambda n: meta_batch(n, input_shape), budget=profile.budget,
-                              optimizer=optimizer, device=profile.device)
+                              optimizer=optimizer, device=profile.device, progress=False)
     except ValueError as error:
         if "does not fit" not in str(error):
             raise

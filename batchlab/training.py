@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .progress import progress_bar
 from .steps import check_optimizer, make_optimizer, train_step
 from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler
 from .validation import (
@@ -106,6 +107,7 @@ def train(
     * ``seed``: fixes the shuffling and any randomness in the model, so the same seed gives the same
       History; the global random state is left as it was.
     * ``eval_dataset``: if given, accuracy is measured after each epoch and after the last step.
+    * ``progress``: a ``tqdm.auto`` bar over the steps, with the last loss (:mod:`batchlab.progress`).
     * ``shuffle=False`` takes the samples in the data set's order (chapter 7 uses it to replay the
       exact global batches that distributed training saw).
     * ``on_oom="halve"``: when a step runs out of memory, free it, halve the micro-batch (double the
@@ -129,6 +131,7 @@ def train(
     total_steps = _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
                                     loss_fn, device, seed, eval_dataset)
     check_bool("shuffle", shuffle)
+    check_bool("progress", progress)
     if on_oom not in (None, "halve"):
         raise ValueError(f"on_oom must be None (let the error through) or 'halve', got {on_oom!r}")
     loss_fn = check_loss_fn(loss_fn)
@@ -160,7 +163,7 @@ def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=history.label, disable=not progress, leave=False)
+    bar = progress_bar(progress, total=total_steps, desc=history.label, unit="step")
     step = 0
     while step < total_steps:  # one pass of this loop is one epoch
         for inputs, targets in loader:

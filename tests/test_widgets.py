@@ -6,6 +6,7 @@ as plain functions (batchlab.explorer).
 """
 
 import gc
+import io
 import threading
 import time
 
@@ -342,6 +343,29 @@ def test_explorer_shows_memory_convergence_and_speed(explorer):
         assert bytes(panel.image.value).startswith(b"\x89PNG")
     assert "Fits." in explorer.memory.text.value and "samples/s" in explorer.speed.text.value
     assert explorer._repr_mimebundle_()["text/plain"] == "BatchSizeExplorer(panels=('memory', 'convergence', 'speed'))"
+
+
+def test_explorer_output_carries_a_still_png_of_its_panels_after_the_live_widget(explorer):
+    from PIL import Image
+
+    bundle = explorer._repr_mimebundle_()
+    # JupyterLab renders the widget view; GitHub and nbviewer, which cannot, show the PNG; nbval compares text.
+    assert list(bundle) == ["application/vnd.jupyter.widget-view+json", "image/png", "text/plain"]
+    still = Image.open(io.BytesIO(bundle["image/png"]))
+    panels = [Image.open(io.BytesIO(bytes(p.image.value))) for p in (explorer.memory, explorer.convergence,
+                                                                      explorer.speed)]
+    assert still.format == "PNG"
+    assert still.size == (max(p.width for p in panels), sum(p.height for p in panels))  # the three, stacked
+    top = panels[0].convert("RGB")
+    assert still.convert("RGB").crop((0, 0, top.width, top.height)).tobytes() == top.tobytes()
+
+
+def test_a_box_without_pictures_has_no_still_png():
+    import ipywidgets as widgets
+
+    from batchlab.widgets.base import Panel, still_png
+
+    assert still_png(widgets.VBox([Panel("nothing drawn yet").box, widgets.IntSlider()])) is None
 
 
 def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does(small_digits):
