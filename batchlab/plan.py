@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .estimate import SAFETY_MARGIN, estimate_memory, max_batch_size
+from .progress import progress_bar
 from .reference import gpu_reference
 from .steps import check_optimizer
 from .tuning import PRECISIONS, check_precision, checkpoint_blocks
@@ -191,7 +192,8 @@ class FitPlan:
 
 
 def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, optimizer="sgd", loss_fn=None,
-             device: str = "cuda", precisions=("fp32", "bf16"), checkpointing=(False, True)) -> FitPlan:
+             device: str = "cuda", precisions=("fp32", "bf16"), checkpointing=(False, True),
+             progress: bool = True) -> FitPlan:
     """The ways to train ``model`` with exactly ``effective_batch`` samples per optimizer step in ``budget``.
 
     ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors cost nothing);
@@ -209,8 +211,9 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
     Options are ranked by predicted cost (see :mod:`batchlab.plan`), then fewer micro-batches, fp32
     before lower precision, no checkpointing first. Nothing fits: a ``ValueError`` with what a batch
     of one needs, by category, and the levers that would help. Estimates are cached (same micro-batch,
-    precision and checkpointing); ``model`` is only read.
+    precision and checkpointing); ``model`` is only read. ``progress`` draws a bar over the settings.
     """
+    check_bool("progress", progress)
     budget, effective_batch, levers, notes = _check_plan_args(model, make_batch, budget, effective_batch, optimizer,
                                                               loss_fn, device, precisions, checkpointing)
     common = dict(optimizer=optimizer, loss_fn=loss_fn, device=device)
@@ -220,10 +223,14 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
         raise ValueError(f"effective_batch must be at least {smallest} for this model (BatchNorm needs two samples "
                          f"per micro-batch in training), got {effective_batch}")
     options = []
-    for precision, checkpoint in levers:
-        option = _plan_for(model, make_batch, budget, effective_batch, smallest, precision, checkpoint, common, cache)
-        if option is not None:
-            options.append(option)
+    with progress_bar(progress, total=len(levers), desc="plan_fit", unit="setting") as bar:
+        for precision, checkpoint in levers:
+            bar.set_postfix(precision=precision, checkpointing=checkpoint, refresh=False)
+            option = _plan_for(model, make_batch, budget, effective_batch, smallest, precision, checkpoint, common,
+                               cache)
+            if option is not None:
+                options.append(option)
+            bar.update()
     if not options:
         raise ValueError(_nothing_fits(model, make_batch, budget, effective_batch, smallest, levers, common, cache))
     options.sort(key=lambda o: (round(o.cost, 6), o.accumulation_steps, PRECISIONS.index(o.precision),
@@ -251,7 +258,7 @@ def _plan_for(model, make_batch, budget, effective_batch, smallest, precision, c
     """The option for one precision and checkpointing setting, or None if not even ``smallest`` fits."""
     try:
         largest = max_batch_size(model, make_batch, budget=budget, limit=effective_batch, precision=precision,
-                                 checkpointing="blocks" if checkpoint else None, **common)
+                                 checkpointing="blocks" if checkpoint else None, progress=False, **common)
     except ValueError as error:
         if "does not fit" not in str(error):
             raise

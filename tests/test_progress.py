@@ -99,6 +99,18 @@ def test_max_batch_size_bar_counts_its_estimates(bars, monkeypatch):
     assert bar.n == len(calls) >= 3 and n in calls
 
 
+def meta_batch(n):
+    return torch.empty(n, 1, 8, 8, device="meta"), torch.empty(n, dtype=torch.long, device="meta")
+
+
+def test_plan_fit_bar_counts_its_settings_and_its_searches_draw_none(bars):
+    plan = batchlab.plan_fit(mlp(), meta_batch, budget="512MiB", effective_batch=256, precisions=("fp32", "bf16"),
+                             checkpointing=False)
+    shown = [b for b in bars if "disable" not in b.options]  # max_batch_size inside draws no bar of its own
+    bar = only_bar(shown)
+    assert bar.n == bar.options["total"] == 2 and plan.micro_batches == [256]
+
+
 def test_loader_sweep_bar_counts_its_runs(bars):
     batchlab.loader_sweep(datasets.shapes(64, image_size=8), num_workers=(0,), batch_size=(8, 16), repeats=2,
                           batches=2, warmup=1)
@@ -143,7 +155,9 @@ def test_launch_bar_counts_the_finished_processes(bars):
     lambda: batchlab.leak_check(lambda: None, progress=0),
     lambda: batchlab.launch(rank_plus_one, progress="on"),
     lambda: batchlab.train_ddp("mlp", datasets.digits(), batch_size=32, steps=1, progress=2),
-], ids=["train", "find_batch_size", "max_batch_size", "loader_sweep", "leak_check", "launch", "train_ddp"])
+    lambda: batchlab.plan_fit(mlp(), meta_batch, budget="1GiB", effective_batch=64, progress="yes"),
+], ids=["train", "find_batch_size", "max_batch_size", "loader_sweep", "leak_check", "launch", "train_ddp",
+        "plan_fit"])
 def test_progress_must_be_a_bool(call, bars):
     with pytest.raises(TypeError, match="progress must be True or False, got"):
         call()
