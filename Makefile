@@ -1,6 +1,7 @@
 # The README's two commands: `make lab` (set up, then open JupyterLab on the notebooks) and
 # `make test` (set up, then run every test). The set-up is shared and redone only when
-# pyproject.toml changes.
+# pyproject.toml changes. `make test-oldest` runs the unit tests against the oldest PyTorch that
+# pyproject.toml allows, in a venv of its own (a manual check, not part of `make test`).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,9 +15,15 @@ ROOT_OK := $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True)
 #   make lab TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 TORCH       ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
+# The lower bounds of pyproject.toml's torch and torchvision: `make test-oldest` tests them.
+OLDEST_TORCH ?= torch==2.9.1 torchvision==0.24.1
+VENV_OLDEST  ?= .venv-oldest
+# The unit tests: not the notebooks (their committed outputs come from the tested versions), not the
+# browser tests, and not `make lab` (which would build the main venv).
+UNIT_TESTS := tests --ignore=tests/e2e --ignore=tests/test_make_lab.py
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: lab test notebooks setup clean
+.PHONY: lab test test-oldest notebooks setup clean
 
 setup: $(STAMP)
 
@@ -24,7 +31,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INDEX) $(TORCH)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[course,test,peers]"
 	touch $(STAMP)
 
 lab: $(STAMP)
@@ -34,10 +41,17 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(NBVAL) $(PYTEST_ARGS)
 
+# The same PyTorch pins again on the second install, so that no extra can pull a newer torch.
+test-oldest:
+	test -x $(VENV_OLDEST)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/python -m pip install --quiet $(TORCH_INDEX) $(OLDEST_TORCH)
+	$(VENV_OLDEST)/bin/python -m pip install --quiet -e ".[course,test,peers]" $(OLDEST_TORCH)
+	$(VENV_OLDEST)/bin/python -m pytest $(UNIT_TESTS) $(PYTEST_ARGS)
+
 # Re-execute every chapter in place (outputs and execution counts are committed), then drop saved
 # widget state, which would only make the files large and the diffs noisy.
 notebooks: $(STAMP)
 	$(PY) benchmarks/notebooks.py --write $(or $(NB),notebooks/*.ipynb)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_OLDEST) build *.egg-info

@@ -24,10 +24,12 @@ from .course import setup
 from .distributed import RankError, launch, train_ddp
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
 from .leaks import LeakReport, leak_check
-from .memory import MemoryReport, gpu_reference, process_memory, profile_step, track_memory
+from .memory import MemoryReport, profile_step, track_memory
 from .models import MODEL_NAMES, build_model, count_parameters
 from .oom import OOMReport, explain_oom
 from .plan import FitPlan, plan_fit
+from .process import ProcessMemory, process_memory
+from .reference import gpu_reference
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
 from .tuning import PRECISIONS, checkpoint_blocks, checkpointed
@@ -78,6 +80,7 @@ __all__ = [
     "OOMReport",
     "OPTIMIZERS",
     "PRECISIONS",
+    "ProcessMemory",
     "RankError",
     "accumulate_weighted",
     "build_model",

@@ -52,7 +52,11 @@ class _BudgetGuard:
         by_category = self.tracker.current()
         by_category[self.tracker.category_of(serial)] -= nbytes  # what was in use before this allocation
         parts = ", ".join(f"{c} {by_category[c] / MiB:.2f} MiB" for c in CATEGORIES if by_category.get(c))
-        return (f"Simulated out of memory (batchlab.memory_budget). Tried to allocate {nbytes / MiB:.2f} MiB. "
+        # It opens with CUDA's own words, so that the tools that recognise an out-of-memory error by its text
+        # (Accelerate's find_executable_batch_size, Lightning's is_oom_error) treat it as one; the next
+        # sentence says that no GPU ran out.
+        return (f"CUDA out of memory. Tried to allocate {nbytes / MiB:.2f} MiB. (Simulated by "
+                f"batchlab.memory_budget: the tensors would pass its budget; no GPU ran out of memory.) "
                 f"Of the {self.budget / MiB:.2f} MiB budget, {in_use / MiB:.2f} MiB is in use by tensors "
                 f"({parts}) and {(self.budget - in_use) / MiB:.2f} MiB is free. The {nbytes / MiB:.2f} MiB were "
                 f"not allocated. Free memory outside the except block, then try a smaller batch or gradient "

@@ -300,8 +300,11 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
                                   f"{tuning_label(precision, checkpointing)}, estimated for {device}")
     report.device = device
     if replay is None and budget is not None and report.peak_bytes > budget:
-        raise torch.OutOfMemoryError(f"Simulated out of memory: the step needs {report.peak_bytes / MiB:.2f} MiB "
-                                     f"of tensors at its peak, more than the {budget / MiB:.2f} MiB budget.")
+        # CUDA's opening words, so that tools that match CUDA's text (Accelerate, Lightning) recognise it.
+        raise torch.OutOfMemoryError(f"CUDA out of memory. (Simulated by batchlab.estimate_memory for device "
+                                     f"{device!r}: the step needs {report.peak_bytes / MiB:.2f} MiB of tensors at "
+                                     f"its peak, more than the {budget / MiB:.2f} MiB budget; no GPU ran out of "
+                                     f"memory.)")
     if replay is not None:
         report.peak_bytes = replay.allocator.peak_allocated
         report.reserved_bytes = replay.allocator.peak_reserved

@@ -31,6 +31,9 @@ def test_a_step_over_budget_raises_a_real_out_of_memory_error():
         del caught
         # ... and once it is gone, their memory is free again.
         assert tracker.current()["temporaries"] == 0 and tracker.current()["inputs"] == 0
+    # CUDA's opening words (the tools that match CUDA's text recognise it), then who simulated it.
+    assert message.startswith("CUDA out of memory. Tried to allocate 64.00 MiB. (Simulated by batchlab.memory_budget")
+    assert "no GPU ran out of memory" in message
     assert "Tried to allocate 64.00 MiB" in message and "Of the 40.00 MiB budget" in message
     assert "The 64.00 MiB were not allocated" in message
     assert "parameters 2.08 MiB" in message and "inputs 6.00 MiB" in message
@@ -56,10 +59,18 @@ def test_what_the_forward_pass_saves_counts_as_activations_and_the_refused_block
 
 def test_a_step_within_budget_runs_and_the_tracker_uninstalls():
     model = cnn()
-    with memory_budget("512 MiB", model):
+    with memory_budget("40 MiB", model) as tracker:
         model(torch.randn(8, 3, 32, 32)).sum().backward()
-    with batchlab.track_memory():  # a new tracker may start: the budget's is gone
-        pass
+        assert 0 < tracker.current_bytes <= 40 * 2**20
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)  # the backward ran
+    assert not tracker.active
+    # The budget's tracker is gone: a new one may start, and a batch whose first output alone (64 MiB)
+    # passes the old budget goes through.
+    with batchlab.track_memory() as fresh:
+        big = torch.randn(512, 3, 32, 32) * 1
+        assert fresh.current_bytes >= big.numel() * 4
+    assert model(big).shape == (512, 5)
 
 
 def test_a_budget_below_the_parameters_is_refused():

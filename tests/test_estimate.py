@@ -6,7 +6,7 @@ from torch import nn
 
 import batchlab
 from batchlab.estimate import CUDA_CONSTANTS, cudnn_workspace, estimate_memory, max_batch_size
-from batchlab.memory import gpu_reference
+from batchlab.reference import gpu_reference
 
 REFERENCE_MODELS = {"mlp_28": ("mlp", (1, 28, 28)), "cnn_28": ("cnn_bn", (1, 28, 28)),
                     "resnet18_32": ("resnet18", (3, 32, 32))}

@@ -309,7 +309,7 @@ def test_an_observer_sees_every_event_and_measurement_can_restart():
         start = tracker.current()
         step(model, optimizer, inputs, targets)
         assert sum(observer.live.values()) == tracker.current_bytes
-    assert "addmm" in observer.ops and "_foreach_sqrt" in observer.ops or "sqrt" in observer.ops
+    assert "addmm" in observer.ops and ("_foreach_sqrt" in observer.ops or "sqrt" in observer.ops)
     report = tracker.report()
     assert report.timeline[0].bytes == start  # the timeline restarts at begin_measurement
     assert start["optimizer_state"] == nbytes(state_tensors(optimizer))
