@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .losses import DefaultLoss
+
 
 def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return ``value`` if it is an int within ``[minimum, maximum]``; raise a readable error otherwise."""
@@ -132,9 +134,9 @@ def check_device(device, name: str = "device"):
 
 
 def check_loss_fn(loss_fn):
-    """``loss_fn``, or cross-entropy (the mean over the batch) when it is None."""
+    """``loss_fn``, or cross-entropy (the mean over the batch, :class:`batchlab.losses.DefaultLoss`) when None."""
     if loss_fn is None:
-        return nn.CrossEntropyLoss()
+        return DefaultLoss()
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
     return loss_fn
