@@ -33,6 +33,7 @@ from .estimate import estimate_memory, max_batch_size
 from .steps import check_optimizer
 from .tuning import PRECISIONS, check_precision, checkpoint_blocks
 from .validation import (
+    batch_length,
     check_batch,
     check_bool,
     check_choice,
@@ -42,6 +43,7 @@ from .validation import (
     check_model,
     format_bytes,
     parse_bytes,
+    shape_of,
 )
 
 RECOMPUTE = 4 / 3  # checkpointing: forward + forward again + backward (about 2 forwards) = 4/3 of a plain step
@@ -275,7 +277,7 @@ def _smallest_batch(model, make_batch, common, cache) -> int:
                 raise
         except RuntimeError as error:
             inputs, _ = make_batch(n)
-            raise ValueError(f"make_batch returned inputs of shape {tuple(inputs.shape)}, which the model cannot "
+            raise ValueError(f"make_batch returned inputs of shape {shape_of(inputs)}, which the model cannot "
                              f"take: {str(error).splitlines()[0]}. make_batch(n) must build n samples of the "
                              f"shape the model expects") from error
     raise AssertionError("unreachable: a batch of two has two values per channel")
@@ -331,12 +333,13 @@ def _check_make_batch(make_batch, effective_batch: int) -> None:
         except (IndexError, RuntimeError) as error:
             raise ValueError(f"effective_batch {effective_batch} is more than make_batch can make: make_batch({n}) "
                              f"failed with {type(error).__name__}: {error}") from error
-        if len(inputs) != n:
-            what = ("effective_batch {0} is larger than make_batch can make" if n == effective_batch > len(inputs)
+        if batch_length(inputs) != n:
+            made = batch_length(inputs)
+            what = ("effective_batch {0} is larger than make_batch can make" if n == effective_batch > made
                     else "make_batch({1}) must return {1} samples").format(effective_batch, n)
-            raise ValueError(f"{what}: make_batch({n}) returned inputs of shape {tuple(inputs.shape)}; make_batch(n) "
+            raise ValueError(f"{what}: make_batch({n}) returned inputs of shape {shape_of(inputs)}; make_batch(n) "
                              f"must build a batch with n as its first dimension")
-        shapes.append(tuple(inputs.shape[1:]))
+        shapes.append(str(shape_of(inputs, per_sample=True)))
     if len(set(shapes)) > 1:
         raise ValueError(f"make_batch must build samples of one shape, but make_batch(1) gave {shapes[0]} and "
                          f"make_batch({effective_batch}) gave {shapes[1]} per sample")
