@@ -88,7 +88,7 @@ def load_model(spec: str) -> nn.Module:
     """``--model``: a class or a function returning an ``nn.Module``, called with no arguments."""
     factory = load_callable(spec, "--model")
     try:
-        model = factory()
+        model = _build(factory)
     except TypeError as error:
         raise UsageError("--model", f"{spec}() cannot be called without arguments ({error}); give a class or function "
                                     f"that builds the model with no arguments (write one in a file.py)") from error
@@ -96,6 +96,18 @@ def load_model(spec: str) -> nn.Module:
         raise UsageError("--model", f"{spec}() returned {type(model).__name__}, not a torch.nn.Module; give a class "
                                     f"or function that returns the model")
     return model
+
+
+def _build(factory):
+    """``factory()`` on PyTorch's meta device where it can be (no weights are initialised: the estimator only
+    reads shapes, and a 160M-parameter model builds in a fraction of a second); as it is otherwise."""
+    try:
+        with torch.device("meta"):
+            return factory()
+    except TypeError:
+        raise  # it needs arguments: the caller says so
+    except Exception:  # noqa: BLE001 (a constructor that computes with values, or loads weights)
+        return factory()
 
 
 def load_loss(spec: str):
