@@ -312,7 +312,8 @@ def format_estimate(result: dict, args) -> str:
         return "\n".join(lines)
     lines.append(_budget_line(budget))
     if result["fits"]:
-        lines.append("Fits. Next: a larger --batch-size, or `batchlab plan` for the largest micro-batch.")
+        lines.append("Fits. Next: try a larger --batch-size, or `batchlab plan --effective-batch N` for the "
+                     "micro-batches that keep a larger batch per step.")
     else:
         flag = f"--gpu {budget['gpu']}" if budget["gpu"] else f"--budget {args.budget}"
         lines.append("Does not fit. Next: keep the batch with accumulation, precision or checkpointing:")

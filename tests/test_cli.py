@@ -194,3 +194,42 @@ def test_gpu_memory_names_and_sizes():
         gpu_memory("A100")
     with pytest.raises(ValueError, match="smaller than the CUDA context"):
         gpu_memory("512MiB")
+
+
+LM_FILE = '''
+from torch import nn
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(100, 16), nn.Linear(16, 100)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+'''
+
+
+def test_tokens_use_the_token_level_loss(tmp_path, capsys):
+    from batchlab.cli import main, token_loss
+
+    path = tmp_path / "lm.py"
+    path.write_text(LM_FILE)
+    assert main(["estimate", "--model", f"{path}:TinyLM", "--tokens", "16", "--vocab", "100", "--batch-size", "4",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ids, targets = (torch.empty(4, 16, dtype=torch.long, device="meta") for _ in range(2))
+    model = batchlab.cli.load_model(f"{path}:TinyLM")
+    assert next(model.parameters()).device.type == "meta"  # built without initialising weights
+    assert result["peak_bytes"] == batchlab.estimate_memory(model, (ids, targets), loss_fn=token_loss).peak_bytes
+    assert main(["estimate", "--model", f"{path}:TinyLM", "--tokens", "16", "--batch-size", "4"]) == 2
+    assert capsys.readouterr().err == ("batchlab estimate: error: --vocab: --tokens needs --vocab V, the number of "
+                                       "token ids (e.g. 50257 for GPT-2)\n")
+
+
+def test_the_console_script_is_the_command_line():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"batchlab": "batchlab.cli:main"}
+    assert (ROOT / "batchlab" / "__main__.py").read_text().count("main()") == 1
