@@ -184,7 +184,7 @@ class _AllocatorReplay:
 
 def _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing):
     check_model(model)
-    inputs, targets = check_batch(batch)
+    inputs, targets = check_batch(batch, keyword_inputs=True)
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
@@ -342,7 +342,7 @@ def _fits(model, make_batch, n, budget, optimizer, loss_fn, device, levers) -> b
 
 def _checked_batch(make_batch, n: int):
     batch = make_batch(n)
-    inputs, targets = check_batch(batch)
+    inputs, targets = check_batch(batch, keyword_inputs=True)
     if batch_length(inputs) != n:
         raise ValueError(f"make_batch({n}) must return a batch of {n} samples, but its inputs have shape "
                          f"{shape_of(inputs)}: build the batch with n as its first dimension")

@@ -329,7 +329,7 @@ def _check_make_batch(make_batch, effective_batch: int) -> None:
     shapes = []
     for n in dict.fromkeys((1, effective_batch)):
         try:
-            inputs, targets = check_batch(make_batch(n), f"make_batch({n})")
+            inputs, targets = check_batch(make_batch(n), f"make_batch({n})", keyword_inputs=True)
         except (IndexError, RuntimeError) as error:
             raise ValueError(f"effective_batch {effective_batch} is more than make_batch can make: make_batch({n}) "
                              f"failed with {type(error).__name__}: {error}") from error

@@ -170,18 +170,20 @@ def check_dataset(dataset, name: str = "dataset", *, labelled: bool = True):
     return dataset
 
 
-def check_batch(batch, name: str = "batch"):
+def check_batch(batch, name: str = "batch", *, keyword_inputs: bool = False):
     """``(inputs, targets)`` from a batch as a DataLoader yields it: two tensors with the same first dimension.
 
-    ``inputs`` may also be a dict of tensors, the keyword inputs of ``model(**inputs)`` (a tokenizer's
-    ``input_ids`` and ``attention_mask``), each with the batch as its first dimension.
+    With ``keyword_inputs`` (the estimator and the planner), ``inputs`` may also be a dict of tensors, the
+    keyword inputs of ``model(**inputs)`` (a tokenizer's ``input_ids`` and ``attention_mask``), each with
+    the batch as its first dimension.
     """
-    keyword = (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], dict) and batch[0]
-               and all(isinstance(t, torch.Tensor) for t in batch[0].values()))
+    keyword = (keyword_inputs and isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], dict)
+               and batch[0] and all(isinstance(t, torch.Tensor) for t in batch[0].values()))
     if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[1], torch.Tensor) or not (
             keyword or isinstance(batch[0], torch.Tensor)):
-        raise TypeError(f"{name} must be a pair (inputs, targets) of tensors, as a DataLoader yields (inputs may be a "
-                        f"dict of tensors, the keyword inputs of model(**inputs)), got {describe(batch)}")
+        also = " (inputs may be a dict of tensors, the keyword inputs of model(**inputs))" if keyword_inputs else ""
+        raise TypeError(f"{name} must be a pair (inputs, targets) of tensors, as a DataLoader yields{also}, "
+                        f"got {describe(batch)}")
     inputs, targets = batch
     for shape in [t.shape for t in inputs.values()] if keyword else [inputs.shape]:
         if shape[:1] != targets.shape[:1]:

@@ -127,3 +127,10 @@ def test_keyword_inputs_in_the_estimator_and_the_planner():
     assert sum(plan.micro_batches) == 8
     with pytest.raises(ValueError, match="same number of samples"):
         batchlab.estimate_memory(TinyLM(), ({"ids": torch.zeros(4, 6, dtype=torch.long)}, torch.zeros(3, 6)))
+
+
+def test_keyword_inputs_are_refused_where_a_step_runs_for_real():
+    """profile_step and the other measuring tools take tensors only: the refusal names the batch."""
+    refused = r"batch must be a pair \(inputs, targets\) of tensors, as a DataLoader yields, got"
+    with pytest.raises(TypeError, match=refused):
+        batchlab.profile_step(TinyLM(), keyword_batch(2))
