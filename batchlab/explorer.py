@@ -4,7 +4,8 @@
 figures, so everything it displays can be computed and tested without a kernel:
 
 * **memory**: :func:`memory_point` estimates one training step of a course model on a device profile
-  (:func:`device_profiles`: this machine's CPU, or a simulated GPU of 4 to 80 GiB) with
+  (:func:`device_profiles`: this machine's CPU, or a simulated GPU of 4 to 80 GiB; :func:`gpu_profile` adds
+  any size or card) with
   :func:`batchlab.estimate_memory`, and :func:`largest_batch` asks :func:`batchlab.max_batch_size`
   for the largest batch that fits. The memory panel looks at realistic inputs (3x224x224 images,
   sequences of 512 tokens), because that is where memory runs out;

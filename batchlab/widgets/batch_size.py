@@ -32,8 +32,8 @@ class BatchSizeExplorer(Explorer):
     """Move the batch size; watch the memory of a step, the convergence and the speed respond.
 
     Controls: batch size (a log-scale slider from 1 to 4096 or the data set's size, and a box to type
-    any size), learning rate, model (:data:`batchlab.MODEL_NAMES`), device profile (this machine's
-    CPU, or a simulated GPU of 4 to 80 GiB) and accumulation steps. ``panels`` picks among:
+    any size), learning rate, model (:data:`batchlab.MODEL_NAMES`), device profile (this machine's CPU,
+    a simulated GPU of 4 to 80 GiB, or any size or card typed in) and accumulation steps. ``panels``:
 
     * ``"memory"``: the estimated peak of one training step by category, as a stacked bar against the
       device's size, with an out-of-memory state and the largest batch that fits
