@@ -51,7 +51,18 @@ from .tuning import (
     simulate_autocast_for,
     tuning_label,
 )
-from .validation import MiB, check_batch, check_choice, check_int, check_loss_fn, check_model, parse_bytes
+from .validation import (
+    MiB,
+    batch_length,
+    check_batch,
+    check_choice,
+    check_int,
+    check_loss_fn,
+    check_model,
+    inputs_to,
+    parse_bytes,
+    shape_of,
+)
 
 # Every constant of the CUDA model, with where it comes from. Measured values come from
 # batchlab/data/gpu_memory_h100.json (NVIDIA H100 80GB, PyTorch 2.11, CUDA 13).
@@ -183,7 +194,7 @@ class _AllocatorReplay:
 
 def _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing):
     check_model(model)
-    inputs, targets = check_batch(batch)
+    inputs, targets = check_batch(batch, keyword_inputs=True)
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
@@ -275,14 +286,14 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
     """
     inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing)
     budget = parse_bytes("budget", budget) if budget is not None else None
-    check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=len(inputs))
+    check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=batch_length(inputs))
     precision = honour_autocast(precision)
     levers = dict(precision=precision, checkpointing=checkpointing)
     try:
         with _outside_autocast():
             return _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, **levers)
     except NotImplementedError as error:
-        if device != "cpu" or accumulation_steps != 1 or inputs.device.type == "meta":
+        if device != "cpu" or accumulation_steps != 1 or targets.device.type == "meta":
             raise
         # A CPU estimate can fall back on measuring: the batch is real, so run the real step.
         warnings.warn(f"{error} Measuring the step on the CPU instead.", stacklevel=2)
@@ -294,7 +305,7 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
               checkpointing) -> MemoryReport:
     loss_fn = check_loss_fn(loss_fn)
     work = _meta_copy(model).train()
-    inputs, targets = inputs.to("meta"), targets.to("meta")
+    inputs, targets = inputs_to(inputs, "meta"), targets.to("meta")
     # The optimizer a real run would build: on CUDA PyTorch picks the multi-tensor (foreach) code.
     opt = make_optimizer(optimizer, list(work.parameters()), foreach=device == "cuda")
     replay = _AllocatorReplay(budget) if device == "cuda" else None
@@ -310,7 +321,7 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
             replay.tracker, replay.measuring = tracker, True
             replay.allocator.reset_peaks()
         train_step(work, opt, inputs, targets, **step)
-    report = tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
+    report = tracker.report(label=f"{type(model).__name__}, batch {batch_length(inputs)}, "
                                   f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
                                   f"{tuning_label(precision, checkpointing)}, estimated for {device}")
     report.device = device
@@ -346,10 +357,10 @@ def _fits(model, make_batch, n, budget, optimizer, loss_fn, device, levers) -> b
 
 def _checked_batch(make_batch, n: int):
     batch = make_batch(n)
-    inputs, targets = check_batch(batch)
-    if len(inputs) != n:
+    inputs, targets = check_batch(batch, keyword_inputs=True)
+    if batch_length(inputs) != n:
         raise ValueError(f"make_batch({n}) must return a batch of {n} samples, but its inputs have shape "
-                         f"{tuple(inputs.shape)}: build the batch with n as its first dimension")
+                         f"{shape_of(inputs)}: build the batch with n as its first dimension")
     return batch
 
 

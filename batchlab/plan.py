@@ -35,6 +35,7 @@ from .reference import gpu_reference
 from .steps import check_optimizer
 from .tuning import PRECISIONS, check_precision, checkpoint_blocks
 from .validation import (
+    batch_length,
     check_batch,
     check_bool,
     check_choice,
@@ -44,6 +45,7 @@ from .validation import (
     check_model,
     format_bytes,
     parse_bytes,
+    shape_of,
 )
 
 RECOMPUTE = 4 / 3  # checkpointing: forward (1) + backward (about 2) + the forward again (1) = 4 / 3 of a step
@@ -295,7 +297,7 @@ def _smallest_batch(model, make_batch, common, cache) -> int:
             raise  # the meta device cannot run an operation: estimate_memory's own message says where
         except RuntimeError as error:
             inputs, _ = make_batch(n)
-            raise ValueError(f"make_batch returned inputs of shape {tuple(inputs.shape)}, which the model cannot "
+            raise ValueError(f"make_batch returned inputs of shape {shape_of(inputs)}, which the model cannot "
                              f"take: {str(error).splitlines()[0]}. make_batch(n) must build n samples of the "
                              f"shape the model expects") from error
     raise AssertionError("unreachable: a batch of two has two values per channel")
@@ -352,22 +354,23 @@ def _check_make_batch(make_batch, effective_batch: int) -> None:
     shapes = {}
     for n in dict.fromkeys((1, effective_batch, padded)):
         try:
-            inputs, targets = check_batch(make_batch(n), f"make_batch({n})")
+            inputs, targets = check_batch(make_batch(n), f"make_batch({n})", keyword_inputs=True)
         except (IndexError, RuntimeError) as error:
             raise ValueError(f"effective_batch {effective_batch} is more than make_batch can make: make_batch({n}) "
                              f"failed with {type(error).__name__}: {error}") from error
-        if len(inputs) != n:
-            if n == padded > len(inputs) >= effective_batch:
+        made = batch_length(inputs)
+        if made != n:
+            if n == padded > made >= effective_batch:
                 what = (f"make_batch must make {padded} samples (effective_batch {effective_batch} plus "
                         f"max_batch_size's {SAFETY_MARGIN:.0%} safety margin) to plan it")
-            elif n == effective_batch > len(inputs):
+            elif n == effective_batch > made:
                 what = f"effective_batch {effective_batch} is larger than make_batch can make"
             else:
                 what = f"make_batch({n}) must return {n} samples"
-            raise ValueError(f"{what}: make_batch({n}) returned inputs of shape {tuple(inputs.shape)}; make_batch(n) "
+            raise ValueError(f"{what}: make_batch({n}) returned inputs of shape {shape_of(inputs)}; make_batch(n) "
                              f"must build a batch with n as its first dimension")
-        shapes[n] = tuple(inputs.shape[1:])
-    if len(set(shapes.values())) > 1:
+        shapes[n] = shape_of(inputs, per_sample=True)
+    if len({str(shape) for shape in shapes.values()}) > 1:
         raise ValueError(f"make_batch must build samples of one shape, but it gave {shapes} (n: shape per sample)")
 
 
