@@ -227,6 +227,18 @@ class MemoryPoint:
         return self.peak_bytes + self.profile.reserved
 
 
+# Chapter 8's levers as the memory panel offers them: (precision, checkpointing), checkpointing None or
+# "blocks" (every block of the model, batchlab.checkpointed).
+NO_LEVERS = ("fp32", None)
+CHECKPOINTING = {"off": None, "every block": "blocks"}
+
+
+def lever_kwargs(levers) -> dict:
+    """``(precision, checkpointing)`` as the keyword arguments of :func:`batchlab.estimate_memory`."""
+    precision, checkpointing = levers
+    return {"precision": precision, "checkpointing": checkpointing}
+
+
 def margin_batch(batch_size: int, accumulation_steps: int = 1) -> int:
     """The batch that must fit too for ``batch_size`` to count as fitting: each micro-batch SAFETY_MARGIN
     (5%) larger, rounded up, as :func:`batchlab.max_batch_size` pads its answers (chapter 4: aim a few per
@@ -236,7 +248,7 @@ def margin_batch(batch_size: int, accumulation_steps: int = 1) -> int:
 
 
 def memory_point(model: nn.Module, input_shape, batch_size: int, profile: Profile, *,
-                 optimizer="sgd", accumulation_steps: int = 1, loss_fn=None) -> MemoryPoint:
+                 optimizer="sgd", accumulation_steps: int = 1, loss_fn=None, levers=NO_LEVERS) -> MemoryPoint:
     """The estimated peak of one training step of ``model`` on ``batch_size`` samples on ``profile``.
 
     With ``accumulation_steps`` > 1 the step runs as that many micro-batches whose gradients are
@@ -245,14 +257,15 @@ def memory_point(model: nn.Module, input_shape, batch_size: int, profile: Profil
     the allocator releases its unused cache before it gives up, so what must fit the budget is the
     tensors and the blocks it cannot release (the simulated allocator decides); and a step counts as
     fitting only if one with micro-batches SAFETY_MARGIN larger fits too. ``input_shape`` is one sample's
-    shape, or a learner's ``make_batch`` (:func:`batch_from`), with its ``loss_fn``.
+    shape, or a learner's ``make_batch`` (:func:`batch_from`), with its ``loss_fn``. ``levers``: the
+    ``(precision, checkpointing)`` of chapter 8 (:data:`NO_LEVERS`: float32, no checkpointing).
     """
     batch = batch_from(input_shape, batch_size)
     report = estimate_memory(model, batch, optimizer=optimizer, device=profile.device,
-                             accumulation_steps=accumulation_steps, loss_fn=loss_fn)
+                             accumulation_steps=accumulation_steps, loss_fn=loss_fn, **lever_kwargs(levers))
     padded = margin_batch(batch_size, accumulation_steps)
     verdict = _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report,
-                       loss_fn)
+                       loss_fn, levers)
     reserved = report.reserved_bytes or report.peak_bytes
     # Short of memory, the allocator releases its unused cache before it gives up: the device never holds
     # more than the budget for PyTorch, whether the step then runs or not.
@@ -262,7 +275,7 @@ def memory_point(model: nn.Module, input_shape, batch_size: int, profile: Profil
 
 
 def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report,
-             loss_fn=None) -> str:
+             loss_fn=None, levers=NO_LEVERS) -> str:
     """The key of :data:`VERDICTS` for one step: sure answers from the estimate, the simulated allocator between."""
     if report.peak_bytes > profile.budget:
         return "tensors"
@@ -270,7 +283,8 @@ def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumul
     def runs(n: int) -> bool:
         try:
             estimate_memory(model, batch_from(input_shape, n), optimizer=optimizer, device=profile.device,
-                            budget=profile.budget, accumulation_steps=accumulation_steps, loss_fn=loss_fn)
+                            budget=profile.budget, accumulation_steps=accumulation_steps, loss_fn=loss_fn,
+                            **lever_kwargs(levers))
         except torch.OutOfMemoryError:
             return False
         return True
@@ -280,11 +294,13 @@ def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumul
     return "fits" if padded == batch_size or runs(padded) else "margin"
 
 
-def largest_batch(model: nn.Module, input_shape, profile: Profile, *, optimizer="sgd", loss_fn=None) -> int:
+def largest_batch(model: nn.Module, input_shape, profile: Profile, *, optimizer="sgd", loss_fn=None,
+                  levers=NO_LEVERS) -> int:
     """The largest batch whose step fits ``profile`` (:func:`batchlab.max_batch_size`); 0 if none does."""
     try:
         return max_batch_size(model, lambda n: batch_from(input_shape, n), budget=profile.budget,
-                              optimizer=optimizer, device=profile.device, loss_fn=loss_fn, progress=False)
+                              optimizer=optimizer, device=profile.device, loss_fn=loss_fn, progress=False,
+                              **lever_kwargs(levers))
     except ValueError as error:
         if "does not fit" not in str(error):
             raise
@@ -434,14 +450,16 @@ class MemoryCache:
                 self.meta[model_name] = meta_model(model_name, self.input_shape(model_name))
             return self.meta[model_name]
 
-    def point(self, model_name: str, profile: Profile, batch_size: int, steps: int = 1) -> MemoryPoint:
+    def point(self, model_name: str, profile: Profile, batch_size: int, steps: int = 1,
+              levers=NO_LEVERS) -> MemoryPoint:
         """:func:`memory_point` of ``model_name`` at ``batch_size`` in ``steps`` micro-batches on ``profile``."""
-        key = (model_name, profile.name, batch_size, steps, self.optimizer)
+        key = (model_name, profile.name, batch_size, steps, self.optimizer, levers)
         with self.lock:
             point = self.points.get(key)
         if point is None:
             point = memory_point(self.meta_model(model_name), self.input_shape(model_name), batch_size, profile,
-                                 optimizer=self.optimizer, accumulation_steps=steps, loss_fn=self.loss_fn(model_name))
+                                 optimizer=self.optimizer, accumulation_steps=steps, loss_fn=self.loss_fn(model_name),
+                                 levers=levers)
         with self.lock:
             self.points[key] = point
             self.points.move_to_end(key)
@@ -449,16 +467,17 @@ class MemoryCache:
                 self.points.popitem(last=False)
         return point
 
-    def known_largest(self, model_name: str, profile: Profile) -> int | None:
+    def known_largest(self, model_name: str, profile: Profile, levers=NO_LEVERS) -> int | None:
         """The largest batch if it was searched already, else None (without searching)."""
-        return self.largest.get((model_name, profile.name, self.optimizer))
+        return self.largest.get((model_name, profile.name, self.optimizer, levers))
 
-    def largest_batch(self, model_name: str, profile: Profile) -> int:
-        """:func:`largest_batch`, once per model, profile and optimizer (about ten estimates)."""
-        key = (model_name, profile.name, self.optimizer)
+    def largest_batch(self, model_name: str, profile: Profile, levers=NO_LEVERS) -> int:
+        """:func:`largest_batch`, once per model, profile, optimizer and levers (about ten estimates)."""
+        key = (model_name, profile.name, self.optimizer, levers)
         if key not in self.largest:
             self.largest[key] = largest_batch(self.meta_model(model_name), self.input_shape(model_name), profile,
-                                              optimizer=self.optimizer, loss_fn=self.loss_fn(model_name))
+                                              optimizer=self.optimizer, loss_fn=self.loss_fn(model_name),
+                                              levers=levers)
         return self.largest[key]
 
 

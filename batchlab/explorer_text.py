@@ -15,9 +15,20 @@ from __future__ import annotations
 import html
 import math
 
-from .explorer import CPU_PROFILE, IMAGE_SHAPE, RUNS, MemoryPoint, Run, RunSetting, profile_for
+from .explorer import (
+    CHECKPOINTING,
+    CPU_PROFILE,
+    IMAGE_SHAPE,
+    RUNS,
+    MemoryPoint,
+    Run,
+    RunSetting,
+    fit_accumulation,
+    profile_for,
+)
 from .models import MODEL_NAMES
-from .validation import GiB, MiB, check_float, parse_bytes
+from .tuning import PRECISIONS
+from .validation import GiB, MiB, check_choice, check_float, check_int, parse_bytes
 
 PANELS = ("memory", "convergence", "speed")
 LR_RANGE = (1e-3, 1.0)  # what the learning-rate slider offers
@@ -98,6 +109,36 @@ def read_steps(value, current: int) -> tuple:
         return int(value), []
     except (TypeError, ValueError):
         return None, [f"accumulation steps: {value!r} is not a whole number; kept {current}."]
+
+def read_choice(name: str, value, choices) -> tuple:
+    """``(value or None, notes)``: ``value`` if it is one of ``choices``, else refused with the choices."""
+    if isinstance(value, str) and value in choices:
+        return value, []
+    return None, [f"{name} {value!r} is not one of {', '.join(map(repr, choices))}; kept as it was."]
+
+
+def levers_text(levers) -> str:
+    """", bf16, checkpointed" for chapter 8's levers (precision, checkpointing); "" for float32 without."""
+    precision, checkpointing = levers
+    return (f", {precision}" if precision != "fp32" else "") + (", checkpointed" if checkpointing else "")
+
+
+def check_start(batch_size, limit, lr, profile, gpu, accumulation_steps, precision, checkpointing,
+                profiles: dict) -> str:
+    """Check the batch-size explorer's starting values (a ValueError or TypeError naming the bad one);
+    return the name of the profile that ``profile`` (or ``gpu``, a card or size) means."""
+    check_int("batch_size", batch_size, minimum=1, maximum=limit)
+    check_lr(lr)
+    profile_name, refused = read_profile(profile if gpu is None else gpu, profiles)
+    if profile_name is None:
+        raise ValueError(f"{'profile' if gpu is None else 'gpu'}: {refused[0]}")
+    if fit_accumulation(batch_size, check_int("accumulation_steps", accumulation_steps, minimum=1))[1]:
+        raise ValueError(f"accumulation_steps must divide batch_size into equal micro-batches, got "
+                         f"{accumulation_steps} for batch {batch_size}")
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("checkpointing", checkpointing, tuple(CHECKPOINTING))
+    return profile_name
+
 
 def check_lr(lr) -> float:
     """``lr`` if it is a number in :data:`LR_RANGE`, else a ValueError naming it."""

@@ -106,11 +106,11 @@ def cancellation(explorer) -> tuple:
     with explorer.jobs.drawing:  # no drawing slips in between the change and the mark
         start = time.perf_counter()
         explorer.model.value = "mlp"
-        mark = len(explorer._draws)
+        mark = len(explorer.training.draws)
     label = explorer._setting().label
     first, complete = watch_run(explorer, label, start)
     explorer.wait()
-    stray = [d for d in list(explorer._draws)[mark:] if d != label]
+    stray = [d for d in list(explorer.training.draws)[mark:] if d != label]
     return first, complete, stray
 
 

@@ -421,7 +421,7 @@ def test_an_accumulated_run_is_drawn_dashed_and_said_to_lie_on_the_whole_batch(e
         in explorer.convergence.text.value
     from batchlab.plots import plot_convergence
 
-    shown = explorer._shown_runs  # what the panel draws
+    shown = explorer.training.shown_runs  # what the panel draws
     fig = plot_convergence([r.history for r in shown],
                            dashed={r.history.label for r in shown if r.setting.accumulation_steps > 1})
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
@@ -466,13 +466,13 @@ def test_a_newer_change_cancels_the_older_run_and_only_it_draws(small_digits):
     assert widget.state["running"]
     with widget.jobs.drawing:  # no drawing can slip in between the change and the mark
         widget.model.value = "mlp"  # changing the model while a run is in flight
-        mark = len(widget._draws)
+        mark = len(widget.training.draws)
     for batch_size in (4, 8, 16):  # rapid slider changes
         widget.batch_size.value = batch_size
     assert widget.wait(60)
     state = widget.state
     assert state["run"] == "mlp, batch 16, lr 0.05" and not state["running"]
-    assert set(list(widget._draws)[mark:]) <= {"mlp, batch 4, lr 0.05", "mlp, batch 8, lr 0.05",
+    assert set(list(widget.training.draws)[mark:]) <= {"mlp, batch 4, lr 0.05", "mlp, batch 8, lr 0.05",
                                                "mlp, batch 16, lr 0.05"}
     assert {key[0] for key in widget.runs.runs} == {"mlp"}  # the cancelled resnet18 run was dropped
     assert not explorer_threads()
@@ -480,11 +480,11 @@ def test_a_newer_change_cancels_the_older_run_and_only_it_draws(small_digits):
 
 
 def test_results_already_computed_are_reused(explorer):
-    first = explorer._run_shown
+    first = explorer.training.run_shown
     explorer.set(batch_size=64)
-    assert explorer._run_shown is not first
+    assert explorer.training.run_shown is not first
     state = explorer.set(batch_size=32)
-    assert explorer._run_shown is first  # not trained again
+    assert explorer.training.run_shown is first  # not trained again
     assert state["runs"] == ["mlp, batch 64, lr 0.05", "mlp, batch 32, lr 0.05"]
     point = explorer._memory[0]
     explorer.set(batch_size=64)
@@ -594,3 +594,27 @@ def test_every_explorer_is_built_from_the_shared_machinery():
                                                 steps=2)
     assert isinstance(accumulation.jobs, Jobs) and accumulation.panel.image is accumulation.image
     assert accumulation.set(micro_batch=8)["accumulation_steps"] == 2
+
+
+def test_precision_and_checkpointing_change_the_memory_panel_as_the_estimator_says(small_digits):
+    widget = BatchSizeExplorer(small_digits, model="resnet18", batch_size=32, profile="4 GiB", panels="memory")
+    try:
+        fp32 = widget.state
+        bf16 = widget.set(precision="bf16")
+        both = widget.set(checkpointing="every block")
+        shape = (32, 3, 224, 224)
+        model = batchlab.explorer.meta_model("resnet18", shape[1:])
+        batch = ex.meta_batch(32, shape[1:])
+        for state, kwargs in ((fp32, {}), (bf16, dict(precision="bf16")),
+                              (both, dict(precision="bf16", checkpointing="blocks"))):
+            assert state["peak_bytes"] == batchlab.estimate_memory(model, batch, **kwargs).peak_bytes
+        assert both["peak_bytes"] < bf16["peak_bytes"] < fp32["peak_bytes"]
+        assert (both["precision"], both["checkpointing"]) == ("bf16", "every block")
+        assert both["largest_batch"] > fp32["largest_batch"]  # the levers let a larger batch fit
+        refused = widget.set(precision="fp8")
+        assert refused["precision"] == "bf16" and "precision 'fp8' is not one of 'fp32', 'bf16', 'fp16'" in \
+            refused["message"]
+    finally:
+        widget.close()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        BatchSizeExplorer(small_digits, panels="memory", precision="half")

@@ -20,6 +20,7 @@ from ..datasets import digits
 from ..memory_plots import plot_memory
 from ..models import MODEL_NAMES
 from ..plots import plot_convergence, plot_speed
+from ..tuning import PRECISIONS
 from ..validation import check_choice, check_int
 from .base import Explorer, Panel
 from .jobs import Job
@@ -33,36 +34,33 @@ class BatchSizeExplorer(Explorer):
 
     Controls: batch size (a log-scale slider from 1 to 4096 or the data set's size, and a box to type
     any size), learning rate, model (:data:`batchlab.MODEL_NAMES`), device profile (this machine's CPU,
-    a simulated GPU of 4 to 80 GiB, or any size or card typed in) and accumulation steps. ``panels``:
+    a simulated GPU of 4 to 80 GiB, or any size or card typed in), accumulation steps, and chapter 8's
+    precision and checkpointing (they change the memory panel; the short runs train in float32). Panels:
 
     * ``"memory"``: the estimated peak of one training step by category, as a stacked bar against the
-      device's size, with an out-of-memory state and the largest batch that fits
-      (:func:`batchlab.explorer.memory_point`, :func:`batchlab.explorer.largest_batch`). It models
-      3x224x224 images (``image_shape``) or 512-token sequences (``sequence_length``): a GPU's memory
-      runs out on real input sizes. It updates before a change returns (a fraction of a second);
+      device's size, the verdict and the largest batch that fits (:func:`batchlab.explorer.memory_point`,
+      :func:`batchlab.explorer.largest_batch`), for 3x224x224 images (``image_shape``) or 512-token
+      sequences (``sequence_length``): a GPU's memory runs out on real input sizes;
     * ``"convergence"``: loss against steps and samples for the current setting and the ``keep`` - 1
-      settings before it. The same architecture trains on ``dataset`` (default: the 8x8 digits) in a
-      background thread, so the controls stay responsive; a newer change cancels an older run;
+      before it, trained on ``dataset`` (default: the 8x8 digits) in a background thread; a newer change
+      cancels an older run;
     * ``"speed"``: samples per second of the runs measured so far, against the batch size.
 
-    Results are cached: a setting seen before is shown again without computing. Bad input (a value out
-    of range, text that is not a number, a model that does not exist) is clamped or refused with a
-    message under the controls, never raised. ``set(**values)`` applies values as a learner would and
-    returns when every panel shows them; ``state`` is what the panels show. The explorer itself is
-    returned once its first panels are drawn.
-
-    Your own model: ``model=<nn.Module>`` with ``make_batch`` (``n -> (inputs, targets)``, meta tensors are
-    free) and ``loss_fn`` if cross-entropy does not suit its output; it joins the course models in the
-    model list and shows the memory panel only (there is no data to train it on). ``gpu``: a card of
+    Results are cached. Bad input is clamped or refused with a message under the controls, never
+    raised. ``set(**values)`` applies values as a learner would and returns when every panel shows them;
+    ``state`` is what the panels show. Your own model: ``model=<nn.Module>`` with ``make_batch`` (``n ->
+    (inputs, targets)``, meta tensors are free) and ``loss_fn`` if cross-entropy does not suit its output
+    (memory panel only: there is no data to train it on). ``gpu``: a card of
     :data:`batchlab.reference.GPUS` or a size ("12GiB"); ``set(profile=12)`` adds a 12 GiB GPU too.
     """
 
-    settable = ("batch_size", "lr", "model", "profile", "accumulation_steps")
+    settable = ("batch_size", "lr", "model", "profile", "accumulation_steps", "precision", "checkpointing")
 
     def __init__(self, dataset=None, *, model="cnn", batch_size: int = 64, lr: float = 0.05,
                  profile="GPU 8 GiB (simulated)", accumulation_steps: int = 1, optimizer: str = "sgd",
                  panels=say.PANELS, keep: int = 4, image_shape=ex.IMAGE_SHAPE,
-                 sequence_length: int = ex.SEQUENCE_LENGTH, make_batch=None, loss_fn=None, gpu=None):
+                 sequence_length: int = ex.SEQUENCE_LENGTH, make_batch=None, loss_fn=None, gpu=None,
+                 precision: str = "fp32", checkpointing: str = "off"):
         own = ex.own_model(model, make_batch, loss_fn) if isinstance(model, nn.Module) else None
         if own is None and (make_batch is not None or loss_fn is not None):
             raise ValueError("make_batch and loss_fn are for your own model: pass model=<your nn.Module> with them")
@@ -75,26 +73,20 @@ class BatchSizeExplorer(Explorer):
         self.sequence_length = check_int("sequence_length", sequence_length, minimum=1)
         self.limit = min(ex.MAX_BATCH, len(self.dataset))
         model = own.name if own is not None else check_choice("model", model, MODEL_NAMES)
-        check_int("batch_size", batch_size, minimum=1, maximum=self.limit)
-        say.check_lr(lr)
         self.profiles = ex.device_profiles()
-        profile_name, refused = say.read_profile(profile if gpu is None else gpu, self.profiles)
-        if profile_name is None:
-            raise ValueError(f"{'profile' if gpu is None else 'gpu'}: {refused[0]}")
-        if ex.fit_accumulation(batch_size, check_int("accumulation_steps", accumulation_steps, minimum=1))[1]:
-            raise ValueError(f"accumulation_steps must divide batch_size into equal micro-batches, got "
-                             f"{accumulation_steps} for batch {batch_size}")
+        profile_name = say.check_start(batch_size, self.limit, lr, profile, gpu, accumulation_steps, precision,
+                                       checkpointing, self.profiles)
         self.models = ((own.name,) if own is not None else ()) + MODEL_NAMES
         self._build_controls(model, batch_size, lr, profile_name, accumulation_steps)
+        self.precision.value, self.checkpointing.value = precision, checkpointing
         self._batch, self._notes, self.notes = batch_size, [], []  # notes: what the message line says now
         self.cache = ex.MemoryCache(optimizer=self.optimizer, image_shape=self.image_shape,
                                     sequence_length=self.sequence_length)
         if own is not None:
             self.cache.add_own(own)
-        self.runs = ex.RunCache(self.dataset, keep=self.keep)
-        self._shown_runs = []
-        self._memory = self._memory_key = self._run_shown = self._error = self._submitted = None
-        self._draws = collections.deque(maxlen=100)  # labels of the runs drawn, newest last
+        self.training = TrainingView(self.dataset, self.keep, self.panels)
+        self.runs, self.convergence, self.speed = self.training.runs, self.training.convergence, self.training.speed
+        self._memory = self._memory_key = self._submitted = None
         super().__init__(self._control_dict(), self._layout(), background=True, on_error=self._run_failed)
         self._changed()
         self.wait()  # the first panels are complete when the explorer appears; later changes run in the background
@@ -107,16 +99,17 @@ class BatchSizeExplorer(Explorer):
         for name, control in controls.items():
             setattr(self, name, control)
         self.message = widgets.HTML()
-        self.memory, self.convergence, self.speed = Panel(), Panel(), Panel()
+        self.memory = Panel()
 
     def _control_dict(self) -> dict:
         return {"batch_size": self.batch_size, "batch_text": self.batch_text, "lr": self.lr, "model": self.model,
-                "profile": self.profile, "accumulation_steps": self.accumulation_steps}
+                "profile": self.profile, "accumulation_steps": self.accumulation_steps, "precision": self.precision,
+                "checkpointing": self.checkpointing}
 
     def _layout(self) -> list:
         trains = "convergence" in self.panels or "speed" in self.panels
-        second = [self.model] + ([self.profile] if "memory" in self.panels else []) + \
-            ([self.lr] if trains else []) + [self.accumulation_steps]
+        memory = [self.profile, self.precision, self.checkpointing] if "memory" in self.panels else []
+        second = [self.model] + memory + ([self.lr] if trains else []) + [self.accumulation_steps]
         rows = [widgets.HBox([self.batch_size, self.batch_text]),
                 widgets.HBox(second, layout=widgets.Layout(flex_flow="row wrap")), self.message]
         if "memory" in self.panels:
@@ -128,7 +121,7 @@ class BatchSizeExplorer(Explorer):
 
     def _batch_options(self, batch_size: int) -> tuple:
         """The slider's stops: the log scale, the current size, and finer stops near the largest that fits."""
-        near = self.cache.known_largest(self.model.value, self.profiles[self.profile.value]) \
+        near = self.cache.known_largest(self.model.value, self.profiles[self.profile.value], self._levers()) \
             if "memory" in self.panels else None
         return tuple(sorted(set(ex.batch_size_options(self.limit, near)) | {batch_size}))
 
@@ -144,7 +137,9 @@ class BatchSizeExplorer(Explorer):
             return self._correct("batch_text")
         read = {"lr": lambda: say.read_lr(value, self.lr.value), "model": lambda: say.read_model(value, self.models),
                 "profile": lambda: say.read_profile(value, self.profiles),
-                "accumulation_steps": lambda: say.read_steps(value, self.accumulation_steps.value)}[name]
+                "accumulation_steps": lambda: say.read_steps(value, self.accumulation_steps.value),
+                "precision": lambda: say.read_choice("precision", value, PRECISIONS),
+                "checkpointing": lambda: say.read_choice("checkpointing", value, tuple(ex.CHECKPOINTING))}[name]
         used, notes = read()
         if used is None:
             return notes
@@ -186,12 +181,12 @@ class BatchSizeExplorer(Explorer):
         try:
             if name is not None:
                 notes += self._correct(name)
-            setting = self._setting()
+            setting, levers = self._setting(), self._levers()
             self.jobs.cancel()  # what an older job would still draw is out of date now
             if "memory" in self.panels:
                 with self.jobs.drawing:
-                    self._update_memory(setting)
-            self._start_background(setting)
+                    self._update_memory(setting, levers)
+            self._start_background(setting, levers)
         except Exception as error:  # a control's callback must never raise into the notebook
             notes.append(f"could not update the explorer: {error}")
         self.notes = notes
@@ -201,53 +196,57 @@ class BatchSizeExplorer(Explorer):
         return ex.RunSetting(self.model.value, self._batch, float(self.lr.value), self.accumulation_steps.value,
                              self.optimizer)
 
-    def _start_background(self, s: ex.RunSetting) -> None:
+    def _levers(self) -> tuple:
+        """Chapter 8's levers for the memory panel: (precision, checkpointing) as estimate_memory takes them."""
+        return self.precision.value, ex.CHECKPOINTING[self.checkpointing.value]
+
+    def _start_background(self, s: ex.RunSetting, levers: tuple) -> None:
         """Start the slow part of a change in the background: the convergence run (unless cached), then
         the search for the largest batch that fits (unless cached)."""
         trains = "convergence" in self.panels or "speed" in self.panels
         profile = self.profiles[self.profile.value]
-        searches = "memory" in self.panels and self.cache.known_largest(s.model, profile) is None
+        searches = "memory" in self.panels and self.cache.known_largest(s.model, profile, levers) is None
         if not trains and not searches:
             self.jobs.cancel()  # nothing to do; an older job must not draw over this setting
             return
         run = self.runs.get(s.key) if trains else None
         template = self.runs.template(s.model) if trains and run is None else None
         self._submitted = s
-        self.jobs.submit(functools.partial(self._background, s, profile, trains, run, template))
+        self.jobs.submit(functools.partial(self._background, s, profile, levers, trains, run, template))
 
-    def _background(self, s: ex.RunSetting, profile: ex.Profile, trains: bool, run, template, job: Job) -> None:
+    def _background(self, s: ex.RunSetting, profile: ex.Profile, levers, trains: bool, run, template, job: Job):
         if trains:
             try:
-                run = run if run is not None else self._train(s, template, job)
+                run = run if run is not None else self.training.train(s, template, job)
             except Exception as error:  # shown; the memory panel still gets its answer below
                 job.publish(functools.partial(self._run_failed, say.explain_training_error(error, s)))
             else:
                 if run is None:
                     return  # cancelled by a newer change
-                job.publish(lambda: self._show_run(run))
+                job.publish(lambda: self.training.show(run))
         if "memory" in self.panels and not job.cancelled:
-            largest = self.cache.largest_batch(s.model, profile)
-            point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps)
+            largest = self.cache.largest_batch(s.model, profile, levers)
+            point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps, levers)
             if largest:
-                self.cache.point(s.model, profile, largest)  # the bar beside it
-            job.publish(lambda: self._draw_memory(s, profile, point, largest))
+                self.cache.point(s.model, profile, largest, levers=levers)  # the bar beside it
+            job.publish(lambda: self._draw_memory(s, profile, point, largest, levers))
 
     # -- memory -----------------------------------------------------------------------------------
-    def _update_memory(self, s: ex.RunSetting) -> None:
+    def _update_memory(self, s: ex.RunSetting, levers: tuple) -> None:
         """Draw the memory panel from one estimate, with the largest batch if it is known already."""
         profile = self.profiles[self.profile.value]
-        key = (s.model, profile.name, s.batch_size, s.accumulation_steps, self.optimizer)
+        key = (s.model, profile.name, s.batch_size, s.accumulation_steps, self.optimizer, levers)
         if key == self._memory_key:
             return
-        point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps)
-        self._draw_memory(s, profile, point, self.cache.known_largest(s.model, profile))
+        point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps, levers)
+        self._draw_memory(s, profile, point, self.cache.known_largest(s.model, profile, levers), levers)
         self._memory_key = key
 
-    def _draw_memory(self, s, profile, point, largest) -> None:
-        micro = say.micro_text(s)
+    def _draw_memory(self, s, profile, point, largest, levers) -> None:
+        micro = say.micro_text(s) + say.levers_text(levers)
         bars = {f"batch {s.batch_size}{micro}": point}
         if largest and largest != s.batch_size // s.accumulation_steps:
-            bars[f"batch {largest}\n(largest that fits)"] = self.cache.point(s.model, profile, largest)
+            bars[f"batch {largest}\n(largest that fits)"] = self.cache.point(s.model, profile, largest, levers=levers)
         title = {"fits": "fits", "margin": "too close to the limit"}.get(point.verdict, "out of memory")
         if largest and self._batch_options(self._batch) != self.batch_size.options:  # stops near the limit
             with self.quietly():
@@ -256,20 +255,58 @@ class BatchSizeExplorer(Explorer):
         self.memory.say(say.memory_text(s, point, largest, self.cache.input_shape(s.model)))
         self._memory = (point, largest)
 
-    # -- convergence and speed --------------------------------------------------------------------
-    def _train(self, s: ex.RunSetting, template, job: Job):
+    # -- what is shown ----------------------------------------------------------------------------
+    @property
+    def state(self) -> dict:
+        """What the panels show now: the setting, the memory estimate, the run drawn and its speed, the notes."""
+        with self.jobs.drawing:
+            memory, run, error, notes = self._memory, self.training.run_shown, self.training.error, list(self.notes)
+            shown = list(self.training.shown_runs)
+        point, largest = memory if memory is not None else (None, None)
+        profile = self.profiles[self.profile.value]
+        return {
+            "batch_size": self._batch, "lr": self.lr.value, "model": self.model.value,
+            "profile": profile.name, "accumulation_steps": self.accumulation_steps.value,
+            "precision": self.precision.value, "checkpointing": self.checkpointing.value,
+            "micro_batch": self._batch // self.accumulation_steps.value,
+            **ex.memory_state(point, largest, profile), **ex.run_state(run, shown),
+            "error": error, "message": "\n".join(notes),
+        }
+
+    def _run_failed(self, error: Exception) -> None:
+        self.training.failed(self._submitted.label if self._submitted else "this setting", error)
+
+    def __repr__(self) -> str:
+        return f"BatchSizeExplorer(panels={self.panels!r})"
+
+
+class TrainingView:
+    """The explorer's convergence and speed panels: short runs trained in its background job, drawn as they go.
+
+    ``runs`` caches the finished runs; ``run_shown`` / ``shown_runs`` are what the panels draw now,
+    ``draws`` the labels of the runs drawn (newest last), ``error`` what the last failed run said.
+    """
+
+    def __init__(self, dataset, keep: int, panels: tuple):
+        self.panels = panels
+        self.runs = ex.RunCache(dataset, keep=keep)
+        self.convergence, self.speed = Panel(), Panel()
+        self.run_shown, self.shown_runs, self.error = None, [], None
+        self.draws = collections.deque(maxlen=100)
+
+    def train(self, s: ex.RunSetting, template, job: Job):
         """Train ``s`` step by step, drawing now and then; None if a newer change cancelled it."""
         data, initial = template
         run = ex.Run(s, ex.run_length(s.model, s.batch_size, len(data)))
         losses = ex.training_losses(copy.deepcopy(initial), data, batch_size=s.batch_size, lr=s.lr, steps=run.steps,
                                     accumulation_steps=s.accumulation_steps, optimizer=s.optimizer, seed=s.seed)
         if not ex.record_run(run, losses, cancelled=lambda: job.cancelled, interval=DRAW_INTERVAL,
-                             draw=lambda: job.publish(lambda: self._show_run(run))):
+                             draw=lambda: job.publish(lambda: self.show(run))):
             return None
         self.runs.add(run)
         return run
 
-    def _show_run(self, run: ex.Run) -> None:
+    def show(self, run: ex.Run) -> None:
         """Draw ``run`` (finished or not) beside the last finished runs; called by the newest job only."""
         shown = self.runs.shown_with(run)
         if "convergence" in self.panels and run.history.loss:
@@ -281,34 +318,13 @@ class BatchSizeExplorer(Explorer):
             self.speed.draw(plot_speed(ex.speed_points(self.runs.finished(), s), current=s.batch_size,
                                        title=f"{s.model}: speed against batch size"))
             self.speed.say(say.speed_text(run))
-        self._run_shown, self._shown_runs, self._error = run, shown, None
-        self._draws.append(run.setting.label)
+        self.run_shown, self.shown_runs, self.error = run, shown, None
+        self.draws.append(run.setting.label)
 
-    def _run_failed(self, error: Exception) -> None:
-        label = self._submitted.label if self._submitted else "this setting"
-        self._error = f"could not train {label}: {error}"
+    def failed(self, label: str, error: Exception) -> None:
+        self.error = f"could not train {label}: {error}"
         self.convergence.say(f"<b style='color:#C44E52'>Could not train {html.escape(label)}:</b> "
                              f"{html.escape(str(error))}")
-
-    # -- what is shown ----------------------------------------------------------------------------
-    @property
-    def state(self) -> dict:
-        """What the panels show now: the setting, the memory estimate, the run drawn and its speed, the notes."""
-        with self.jobs.drawing:
-            memory, run, error, shown, notes = self._memory, self._run_shown, self._error, list(self._shown_runs), \
-                list(self.notes)
-        point, largest = memory if memory is not None else (None, None)
-        profile = self.profiles[self.profile.value]
-        return {
-            "batch_size": self._batch, "lr": self.lr.value, "model": self.model.value,
-            "profile": profile.name, "accumulation_steps": self.accumulation_steps.value,
-            "micro_batch": self._batch // self.accumulation_steps.value,
-            **ex.memory_state(point, largest, profile), **ex.run_state(run, shown),
-            "error": error, "message": "\n".join(notes),
-        }
-
-    def __repr__(self) -> str:
-        return f"BatchSizeExplorer(panels={self.panels!r})"
 
 
 def _controls(batch_options, batch_size, lr, model, profiles, profile, accumulation_steps) -> dict:
@@ -328,4 +344,8 @@ def _controls(batch_options, batch_size, lr, model, profiles, profile, accumulat
                                     layout=widgets.Layout(width="300px")),
         "accumulation_steps": widgets.IntText(value=accumulation_steps, description="accumulation steps", style=wide,
                                               layout=widgets.Layout(width="190px")),
+        "precision": widgets.Dropdown(options=PRECISIONS, value="fp32", description="precision", style=wide,
+                                      layout=widgets.Layout(width="160px")),
+        "checkpointing": widgets.Dropdown(options=list(ex.CHECKPOINTING), value="off", description="checkpointing",
+                                          style=wide, layout=widgets.Layout(width="220px")),
     }
