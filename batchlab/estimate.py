@@ -38,6 +38,7 @@ from torch import nn
 
 from .allocator import CachingAllocator
 from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
+from .rnn_kernels import use_cpu_layers, use_cudnn_kernels
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
 from .tuning import (
@@ -87,7 +88,7 @@ UNMODELLED_CUDA_OPS = {
     **dict.fromkeys(("_cudnn_rnn", "_cudnn_rnn_backward", "_ctc_loss", "grid_sampler_2d"), "cuDNN"),
 }
 # torch's own autograd functions, whose memory the estimate sees like any other operation's.
-KNOWN_AUTOGRAD_FUNCTIONS = ("CheckpointFunctionBackward",)
+KNOWN_AUTOGRAD_FUNCTIONS = ("CheckpointFunctionBackward", "CudnnRNNBackward")
 
 
 def _constant(name: str) -> int:
@@ -357,6 +358,10 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
               checkpointing) -> MemoryReport:
     loss_fn = check_loss_fn(loss_fn)
     work = _meta_copy(model).train()
+    # A recurrent layer runs as it would on the device (batchlab.rnn_kernels): one cuDNN call on CUDA (low
+    # precision keeps the replay), the CPU's own layer loop on the CPU.
+    kernels = use_cudnn_kernels(work) if device == "cuda" and precision == "fp32" else []
+    cpu_lstms = use_cpu_layers(work) if device == "cpu" else []
     inputs, targets = inputs.to("meta"), targets.to("meta")
     # The optimizer a real run would build: on CUDA PyTorch picks the multi-tensor (foreach) code.
     opt = make_optimizer(optimizer, list(work.parameters()), foreach=device == "cuda")
@@ -379,7 +384,11 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
                                   f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
                                   f"{tuning_label(precision, checkpointing)}, estimated for {device}")
     report.device = device
-    report.warnings = _warnings(functions, replay)
+    report.warnings = _warnings(functions, replay) + [
+        f"{name} is modelled as one cuDNN call whose reserve space and workspace sizes are batchlab's model "
+        f"(batchlab.rnn_kernels), not numbers measured from cuDNN" for name in kernels] + [
+        f"{name} (nn.LSTM) runs on the CPU through oneDNN (mkldnn_rnn_layer), whose workspace this estimate does "
+        f"not model: measure it with batchlab.profile_step" for name in cpu_lstms]
     if replay is None and budget is not None and report.peak_bytes > budget:
         # CUDA's opening words, so that tools that match CUDA's text (Accelerate, Lightning) recognise it.
         raise torch.OutOfMemoryError(f"CUDA out of memory. (Simulated by batchlab.estimate_memory for device "
