@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import batchlab
-from batchlab.rnn_kernels import RNNShape, reserve_bytes, use_cudnn_kernels
+from batchlab.rnn_kernels import RNNShape, reserve_bytes, use_cpu_layers, use_cudnn_kernels
 
 
 def meta_copy(module):
@@ -106,3 +106,16 @@ def test_a_cuda_rnn_estimate_runs_the_kernel_and_says_so():
     assert not any("custom autograd function" in w for w in report.warnings)
     longer = batchlab.estimate_memory(model, token_batch(steps=24, device="meta"), loss_fn=per_token_loss)
     assert longer.peak_bytes > report.peak_bytes
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.RNN])
+def test_the_cpu_layer_loop_computes_what_the_module_computes(cell):
+    torch.manual_seed(0)
+    real = cell(6, 5, num_layers=2, bidirectional=True, batch_first=True)
+    loop = copy.deepcopy(real)
+    use_cpu_layers(loop)
+    x, h = torch.randn(3, 7, 6), torch.randn(4, 3, 5)
+    for args in ((x,), (x, h)):
+        (out, last), (want_out, want_last) = loop(*args), real(*args)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(last, want_last)
