@@ -17,8 +17,8 @@ allocates on the GPU, through :class:`CudnnRNN`, an autograd function with no ar
   for every layer, direction and time step, the gate values (``G`` values per hidden unit: LSTM 4, GRU 4
   = its 3 gates and the candidate's hidden part, plain RNN 1), the LSTM cell state, and the output of
   every layer but the last (the last layer's output is the returned sequence, saved as it is).
-* **workspace**: scratch memory for one call, freed when it returns (the same function's first
-  result). Our model: one layer's input projection for all time steps at once, ``T*N*D*gates*H``
+* **workspace**: scratch memory for one call, freed when the call returns. Our model: one layer's
+  input projection for all time steps at once, ``T*N*D*gates*H``
   values (gates: LSTM 4, GRU 3, RNN 1), in forward, in backward-data and in backward-weights.
 
 The two sizes are a model of the kernels' needs, not numbers measured from cuDNN:
