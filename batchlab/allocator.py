@@ -73,6 +73,16 @@ class CachingAllocator:
     def reset_peaks(self) -> None:
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
 
+    def segments(self) -> list:
+        """The size in bytes of every segment reserved now, in the order they were created."""
+        sizes = []
+        for first in self._segments:
+            size, block = 0, first
+            while block is not None:
+                size, block = size + block.size, block.next
+            sizes.append(size)
+        return sizes
+
     def malloc(self, nbytes: int) -> Block:
         size = block_size(nbytes)
         small = size <= SMALL_SIZE

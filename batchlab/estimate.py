@@ -39,6 +39,7 @@ from torch import nn
 from .allocator import CachingAllocator
 from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
 from .progress import progress_bar
+from .rnn_kernels import use_cpu_layers, use_cudnn_kernels
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
 from .tuning import (
@@ -84,6 +85,22 @@ CUDA_CONSTANTS = {
                                   "kernels): reference context.mem_get_info_used - context.reserved"),
 }
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation")
+
+# Operations that take scratch memory on CUDA from a library this model does not simulate (the tensors
+# they return are counted; their temporary buffers are not). An estimate that meets one says so in
+# MemoryReport.warnings. Operator names as the dispatcher sees them (aten.<name>).
+UNMODELLED_CUDA_OPS = {
+    **dict.fromkeys(("_fft_r2c", "_fft_c2r", "_fft_c2c"), "cuFFT (plan workspace)"),
+    **dict.fromkeys(("_linalg_svd", "_linalg_eigh", "linalg_eig", "linalg_qr", "_linalg_solve_ex",
+                     "linalg_lu_factor_ex", "linalg_cholesky_ex", "_linalg_det", "_linalg_slogdet",
+                     "linalg_inv_ex", "linalg_solve_triangular", "triangular_solve"), "cuSOLVER / MAGMA"),
+    **dict.fromkeys(("sort", "topk", "kthvalue", "median", "cumsum", "cumprod", "_unique2", "unique_dim",
+                     "unique_consecutive", "nonzero", "embedding_dense_backward", "_embedding_bag",
+                     "_embedding_bag_backward", "bincount", "histc", "randperm"), "CUB (sort / scan temporaries)"),
+    **dict.fromkeys(("_cudnn_rnn", "_cudnn_rnn_backward", "_ctc_loss", "grid_sampler_2d"), "cuDNN"),
+}
+# torch's own autograd functions, whose memory the estimate sees like any other operation's.
+KNOWN_AUTOGRAD_FUNCTIONS = ("CheckpointFunctionBackward", "CudnnRNNBackward")
 
 
 def _constant(name: str) -> int:
@@ -152,6 +169,7 @@ class _AllocatorReplay:
         self.peak = -1
         self.at_peak: tuple = ({}, 0, "")  # (serial -> block size, workspace bytes, phase)
         self.tracker = None
+        self.unmodelled: dict = {}  # operator name -> the library whose scratch memory is not modelled
 
     def allocated(self, serial: int, nbytes: int) -> None:
         self.blocks[serial], self.sizes[serial] = self.allocator.malloc(nbytes), nbytes
@@ -164,6 +182,8 @@ class _AllocatorReplay:
 
     def after_op(self, func, args, out) -> None:
         name = func.overloadpacket.__name__
+        if name in UNMODELLED_CUDA_OPS:
+            self.unmodelled[name] = UNMODELLED_CUDA_OPS[name]
         if name in GEMM_OPS and not self.library_blocks:
             sizes = [_constant("cublas_workspace")] * _constant("cublas_handles") + [_constant("other_workspace")]
             self.library_blocks = [self.allocator.malloc(size) for size in sizes]
@@ -298,24 +318,75 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
         # A CPU estimate can fall back on measuring: the batch is real, so run the real step.
         warnings.warn(f"{error} Measuring the step on the CPU instead.", stacklevel=2)
         with _outside_autocast():
-            return profile_step(model, (inputs, targets), optimizer=optimizer, loss_fn=loss_fn, device="cpu", **levers)
+            report = profile_step(model, (inputs, targets), optimizer=optimizer, loss_fn=loss_fn, device="cpu",
+                                  **levers)
+        report.warnings.append(f"not an estimate: the meta device could not run this model, so the step was "
+                               f"measured on the CPU with the real batch ({str(error).splitlines()[0][:200]})")
+        return report
+
+
+def custom_functions(loss: torch.Tensor) -> set:
+    """The names of the custom ``torch.autograd.Function`` nodes in the graph that produced ``loss``.
+
+    Their forward runs on the meta device like any code, but a custom backward (or a forward that calls
+    a compiled kernel) may keep or make memory the estimate cannot see, so a report lists them.
+    """
+    found, seen = set(), set()
+    todo = [loss.grad_fn] if loss.grad_fn is not None else []
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        name = type(node).__name__
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and name not in KNOWN_AUTOGRAD_FUNCTIONS:
+            found.add(name.removesuffix("Backward"))
+        todo.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return found
+
+
+def _watching_custom_functions(loss_fn, found: set):
+    """``loss_fn``, noting the custom autograd functions behind each loss it returns in ``found``."""
+    def watched(outputs, targets):
+        loss = loss_fn(outputs, targets)
+        if isinstance(loss, torch.Tensor):
+            found.update(custom_functions(loss))
+        return loss
+    return watched
+
+
+def _warnings(functions: set, replay) -> list:
+    """What this estimate did not model, in words a learner can act on (MemoryReport.warnings)."""
+    notes = [f"custom autograd function {name}: its forward is counted as it ran on the meta device, but memory "
+             f"its backward or a compiled kernel keeps outside PyTorch's operators is not"
+             for name in sorted(functions)]
+    if replay is not None:
+        notes += [f"aten.{op} uses scratch memory from {library} on CUDA, which this estimate does not model: the "
+                  f"real peak may be higher" for op, library in sorted(replay.unmodelled.items())]
+    return notes
 
 
 def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, *, precision,
               checkpointing) -> MemoryReport:
     loss_fn = check_loss_fn(loss_fn)
     work = _meta_copy(model).train()
+    # A recurrent layer runs as it would on the device (batchlab.rnn_kernels): one cuDNN call on CUDA (low
+    # precision keeps the replay), the CPU's own layer loop on the CPU.
+    kernels = use_cudnn_kernels(work) if device == "cuda" and precision == "fp32" else []
+    cpu_lstms = use_cpu_layers(work) if device == "cpu" else []
     inputs, targets = inputs_to(inputs, "meta"), targets.to("meta")
     # The optimizer a real run would build: on CUDA PyTorch picks the multi-tensor (foreach) code.
     opt = make_optimizer(optimizer, list(work.parameters()), foreach=device == "cuda")
     replay = _AllocatorReplay(budget) if device == "cuda" else None
     work = apply_checkpointing(work, checkpointing)
     tracking = track_storages(work, opt, record=True, observer=replay)
+    functions = set()
     step = dict(loss_fn=loss_fn, accumulation_steps=accumulation_steps, precision=precision,
                 scaler=make_scaler("meta", precision))
     with _explain_meta_failures(), attention_kernels(device), simulate_autocast_for(device), tracking as tracker:
         tracker.adopt([inputs, targets], "inputs")
-        train_step(work, opt, inputs, targets, **step)  # warm-up: optimizer state, cached blocks
+        # warm-up: optimizer state, cached blocks; its graph is searched for custom autograd functions
+        train_step(work, opt, inputs, targets, **{**step, "loss_fn": _watching_custom_functions(loss_fn, functions)})
         tracker.begin_measurement()
         if replay is not None:
             replay.tracker, replay.measuring = tracker, True
@@ -325,6 +396,11 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
                                   f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
                                   f"{tuning_label(precision, checkpointing)}, estimated for {device}")
     report.device = device
+    report.warnings = _warnings(functions, replay) + [
+        f"{name} is modelled as one cuDNN call whose reserve space and workspace sizes are batchlab's model "
+        f"(batchlab.rnn_kernels), not numbers measured from cuDNN" for name in kernels] + [
+        f"{name} (nn.LSTM) runs on the CPU through oneDNN (mkldnn_rnn_layer), whose workspace this estimate does "
+        f"not model: measure it with batchlab.profile_step" for name in cpu_lstms]
     if replay is None and budget is not None and report.peak_bytes > budget:
         # CUDA's opening words, so that tools that match CUDA's text (Accelerate, Lightning) recognise it.
         raise torch.OutOfMemoryError(f"CUDA out of memory. (Simulated by batchlab.estimate_memory for device "

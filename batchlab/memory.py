@@ -118,6 +118,8 @@ class MemoryReport:
       ``cuda_reserved``: ``torch.cuda``'s counters after the step (None off CUDA).
     * ``reserved_bytes``: the most bytes a CUDA caching allocator reserved during the step
       (``torch.cuda.max_memory_reserved`` when measured; an estimator's prediction otherwise; None on CPU).
+    * ``warnings``: what an estimate did not model and so may have missed (an operation whose GPU library
+      scratch memory is unknown, a custom autograd function, a fallback to measuring); empty when measured.
     """
 
     peak_bytes: int
@@ -131,6 +133,7 @@ class MemoryReport:
     cuda_reserved: int | None = None
     label: str = ""
     reserved_bytes: int | None = None
+    warnings: list = field(default_factory=list)
 
     def __repr__(self) -> str:
         title = f"{self.label}: " if self.label else ""
@@ -144,6 +147,7 @@ class MemoryReport:
         if self.cuda_max_allocated is not None:
             lines.append(f"  torch.cuda: allocated {self.cuda_allocated / MiB:.1f} MiB, max allocated "
                          f"{self.cuda_max_allocated / MiB:.1f} MiB, reserved {self.cuda_reserved / MiB:.1f} MiB")
+        lines.extend(f"  warning: {text}" for text in self.warnings)
         return "\n".join(lines) + ")"
 
 

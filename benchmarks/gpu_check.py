@@ -7,8 +7,13 @@ was measured (a warm-up step, reset the peak counters, a measured step) and prin
 ``max_memory_allocated`` / ``max_memory_reserved`` next to ``batchlab.estimate_memory``. Then it limits
 the process to a 2 GiB budget (``torch.cuda.set_per_process_memory_fraction``), asks
 ``max_batch_size`` for the largest resnet18 batch at 3x224x224, checks that this batch trains and that
-a much larger one raises ``torch.OutOfMemoryError``, and that training goes on after recovering.
-Exits with status 2 when no GPU is present (nothing to check).
+a much larger one raises ``torch.OutOfMemoryError``, and that training goes on after recovering, and
+finds the true largest batch under that budget by real out-of-memory trials (a bisection), next to
+``max_batch_size``'s answer (issue 15: never above it, at least 95% of it). Every measured row also
+records the sizes of the allocator's segments after the step (``torch.cuda.memory_snapshot``), to compare
+with the segments of ``batchlab.CachingAllocator``, and recurrent language models (nn.GRU, nn.LSTM, one
+cuDNN call each on the GPU; ``batchlab.rnn_kernels`` models their reserve space and workspaces) are
+measured like the course models. Exits with status 2 when no GPU is present (nothing to check).
 """
 
 import argparse
@@ -18,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from estimate_vs_gpu import LanguageModel, token_loss
 from torch import nn
 
 import batchlab
@@ -32,13 +38,25 @@ def make_batch(in_shape, n, device):
     return torch.randn(n, *in_shape, device=device), torch.randint(0, 10, (n,), device=device)
 
 
-def measure(name, in_shape, n, optimizer="sgd"):
-    model = batchlab.build_model(name, in_shape=in_shape).cuda().train()
+RNN_CASES = [(nn.GRU, [16, 64]), (nn.LSTM, [16, 64])]  # LanguageModel(cell), 128 tokens per sample
+TOKENS = 128
+
+
+def token_batch(n, device):
+    tokens = torch.randint(0, 5000, (n, TOKENS), device=device)
+    return tokens, torch.randint(0, 5000, (n, TOKENS), device=device)
+
+
+def measure(name, in_shape, n, optimizer="sgd", cell=None):
+    build = (lambda: LanguageModel(cell)) if cell else (lambda: batchlab.build_model(name, in_shape=in_shape))
+    batch = (lambda device: token_batch(n, device)) if cell else (lambda device: make_batch(in_shape, n, device))
+    loss_fn = token_loss if cell else nn.functional.cross_entropy
+    model = build().cuda().train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    inputs, targets = make_batch(in_shape, n, "cuda")
+    inputs, targets = batch("cuda")
 
     def step():
-        nn.functional.cross_entropy(model(inputs), targets).backward()
+        loss_fn(model(inputs), targets).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -48,14 +66,41 @@ def measure(name, in_shape, n, optimizer="sgd"):
     step()
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    meta = make_batch(in_shape, n, "meta")
-    estimated = batchlab.estimate_memory(batchlab.build_model(name, in_shape=in_shape), meta, optimizer=optimizer)
+    segments = sorted((seg["total_size"] for seg in torch.cuda.memory_snapshot()), reverse=True)
+    estimated = batchlab.estimate_memory(build(), batch("meta"), optimizer=optimizer, loss_fn=loss_fn)
     model = opt = inputs = targets = None  # free the GPU memory before the next case
     gc.collect()
     torch.cuda.empty_cache()
     return {"model": name, "in_shape": list(in_shape), "batch": n, "optimizer": optimizer,
-            "peak_allocated": measured[0], "peak_reserved": measured[1],
-            "estimated_allocated": estimated.peak_bytes, "estimated_reserved": estimated.reserved_bytes}
+            "peak_allocated": measured[0], "peak_reserved": measured[1], "segments": segments,
+            "estimated_allocated": estimated.peak_bytes, "estimated_reserved": estimated.reserved_bytes,
+            "warnings": estimated.warnings}
+
+
+def real_step_fits(model, opt, in_shape, size) -> bool:
+    """Whether two real training steps of ``size`` samples fit (the GPU memory is cleaned up either way)."""
+    fitted = True
+    try:
+        for _ in range(2):
+            inputs, targets = make_batch(in_shape, size, "cuda")
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    except torch.OutOfMemoryError:
+        fitted = False
+    inputs = targets = None  # recover outside the except block
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return fitted
+
+
+def true_maximum(model, opt, in_shape, lo, hi) -> int:
+    """The largest batch in [lo, hi) whose real steps fit, by bisection (lo fits, hi does not)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if real_step_fits(model, opt, in_shape, mid) else (lo, mid)
+    return lo
 
 
 def out_of_memory_check(budget_gib=2.0):
@@ -68,21 +113,12 @@ def out_of_memory_check(budget_gib=2.0):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     result = {"budget_gib": budget_gib, "max_batch_size": n}
     for label, size in (("predicted", n), ("four_times", 4 * n), ("after_recovery", n)):
-        fitted = True
-        try:
-            for _ in range(2):
-                inputs, targets = make_batch(in_shape, size, "cuda")
-                nn.functional.cross_entropy(model(inputs), targets).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        except torch.OutOfMemoryError:
-            fitted = False
-        inputs = targets = None  # recover outside the except block
-        opt.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+        fitted = real_step_fits(model, opt, in_shape, size)
         result[label] = {"batch": size, "fitted": fitted, "peak_reserved": torch.cuda.max_memory_reserved()}
         torch.cuda.reset_peak_memory_stats()
+    if result["predicted"]["fitted"] and not result["four_times"]["fitted"]:
+        best = true_maximum(model, opt, in_shape, n, 4 * n)
+        result["true_maximum"] = {"batch": best, "max_batch_size_share": n / best}
     torch.cuda.set_per_process_memory_fraction(1.0)
     return result
 
@@ -102,6 +138,13 @@ def main() -> int:
             error = row["estimated_allocated"] / row["peak_allocated"] - 1
             print(f"{name:12} {str(in_shape):14} batch {n:>5}: measured {row['peak_allocated'] / 2**20:9.1f} MiB, "
                   f"estimated {row['estimated_allocated'] / 2**20:9.1f} MiB ({error:+.1%}); reserved "
+                  f"{row['peak_reserved'] / 2**20:9.1f} vs {row['estimated_reserved'] / 2**20:9.1f} MiB", flush=True)
+    for cell, batches in RNN_CASES:
+        for n in batches:
+            row = measure(cell.__name__, (TOKENS,), n, cell=cell)
+            rows.append(row)
+            print(f"{cell.__name__:12} LM {TOKENS} tokens  batch {n:>5}: measured {row['peak_allocated'] / 2**20:9.1f} "
+                  f"MiB, estimated {row['estimated_allocated'] / 2**20:9.1f} MiB; reserved "
                   f"{row['peak_reserved'] / 2**20:9.1f} vs {row['estimated_reserved'] / 2**20:9.1f} MiB", flush=True)
     oom = out_of_memory_check()
     print(json.dumps(oom, indent=1))

@@ -144,6 +144,54 @@ def test_a_cpu_estimate_falls_back_to_measuring():
     with pytest.warns(UserWarning, match="Measuring the step on the CPU instead"):
         report = estimate_memory(model, batch, device="cpu")
     assert report.peak_bytes == batchlab.profile_step(model, batch).peak_bytes
+    assert len(report.warnings) == 1 and report.warnings[0].startswith("not an estimate: the meta device could not")
+    assert "warning: not an estimate" in repr(report)
+
+
+class Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class Unusual(nn.Module):
+    """A linear layer followed by a custom autograd function and a cumulative sum (CUB scratch on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return Square.apply(self.linear(x)).cumsum(dim=1)
+
+
+def test_an_estimate_warns_of_what_it_does_not_model():
+    batch = meta_batch(8, (4,))
+    report = estimate_memory(Unusual(), batch, device="cuda")
+    assert report.warnings == [
+        "custom autograd function Square: its forward is counted as it ran on the meta device, but memory its "
+        "backward or a compiled kernel keeps outside PyTorch's operators is not",
+        "aten.cumsum uses scratch memory from CUB (sort / scan temporaries) on CUDA, which this estimate does not "
+        "model: the real peak may be higher",
+    ]
+    assert "warning: custom autograd function Square" in repr(report)
+    # On the CPU the estimate counts tensors only, so the CUDA library note does not apply.
+    assert [w.split(":")[0] for w in estimate_memory(Unusual(), batch, device="cpu").warnings] == \
+        ["custom autograd function Square"]
+
+
+def test_an_ordinary_model_gets_no_warnings():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    report = estimate_memory(model, meta_batch(4, (1, 28, 28)), device="cuda")
+    assert report.warnings == [] and "warning" not in repr(report)
+    checkpointed = estimate_memory(model, meta_batch(4, (1, 28, 28)), checkpointing="blocks")
+    assert checkpointed.warnings == []
 
 
 def test_accumulation_lowers_the_estimated_peak_as_measured_on_the_cpu():
