@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from .steps import train_step
-from .validation import check_int, check_loss_fn
+from .validation import check_dataset, check_int, check_loss_fn, check_model
 
 
 @dataclass
@@ -147,9 +147,12 @@ def noise_scale(model: nn.Module, dataset: Dataset, *, batch_sizes=(8, 256), dra
 
     Both are unbiased; their ratio is not, and is noisy when |G|^2 is small (near convergence), so use
     enough draws and read B_simple as an order of magnitude. Sigma is the covariance of one sample's
-    gradient over the data set. The caller's model is not changed (a copy is used); the global random
-    state is not touched.
+    gradient over the data set. The data set is stacked into one tensor once (the course's data sets
+    are small). The caller's model is not changed (a copy is used); the global random state is not
+    touched.
     """
+    check_model(model)
+    check_dataset(dataset)
     small, big = _two_batch_sizes(batch_sizes)
     check_int("draws", draws, minimum=1)
     check_int("seed", seed, minimum=0)

@@ -14,6 +14,14 @@ allocated. :func:`batchlab.track_memory` watches the step as it would on a real 
 * optimizers use their multi-tensor ("foreach") implementation on CUDA, whose temporaries span
   all parameters at once.
 
+With ``precision="bf16"`` / ``"fp16"`` (chapter 8) the forward pass and the loss follow the cast
+policy of ``torch.autocast`` on the estimated device, simulated for meta tensors (which autocast does
+not serve) by :class:`batchlab.tuning.SimulatedAutocast`: products and convolutions get low-precision
+inputs and one cached low-precision copy of each weight (counted where backward saves it, in
+``activations``), softmax, losses and norms run in float32, and everything else runs in the dtype of
+its inputs. With ``checkpointing`` the model runs through :func:`batchlab.checkpointed`; what its
+recomputation makes during backward counts as activations.
+
 :func:`max_batch_size` uses it to find the largest batch that fits a memory budget.
 """
 
@@ -34,8 +42,9 @@ from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
 from .tuning import (
     apply_checkpointing,
+    autocast_depth,
+    check_checkpointing,
     check_precision,
-    checkpointed,
     enclosing_autocast,
     make_scaler,
     simulate_autocast_for,
@@ -178,8 +187,7 @@ def _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, ch
     check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
     check_precision(precision)
-    if checkpointing is not None:
-        checkpointed(model, checkpointing)  # refuses a model without blocks, or a bad segment count
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     return inputs, targets
 
 
@@ -188,9 +196,15 @@ def honour_autocast(precision: str) -> str:
 
     The estimator's step runs on the meta device, which autocast does not serve, so a region around
     the call would otherwise change nothing. ``precision="fp32"`` (the default) takes the region's
-    dtype; a different low precision than the region's is refused.
+    dtype; a different low precision than the region's is refused, and so is a region that is switched
+    off (``torch.autocast("cuda")`` on a machine without CUDA), whose precision cannot be known.
     """
     enclosing = enclosing_autocast()
+    if enclosing is None and precision == "fp32" and autocast_depth() > 0:
+        raise ValueError("estimate_memory was called inside a torch.autocast block that is switched off (PyTorch "
+                         "turns torch.autocast('cuda') off, with a warning, where there is no CUDA GPU), so it "
+                         "cannot tell which precision you mean: pass precision='bf16' or 'fp16' instead of the block "
+                         "(the estimate simulates CUDA's autocast on any machine)")
     if enclosing is None or enclosing == precision:
         return precision
     if precision != "fp32" or enclosing not in ("bf16", "fp16"):

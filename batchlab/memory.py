@@ -38,7 +38,7 @@ from torch import nn
 
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import LIFT_FRESH, dispatch_mode_base
-from .tuning import apply_checkpointing, check_autocast, check_precision, checkpointed, make_scaler, tuning_label
+from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler, tuning_label
 from .validation import MiB, check_batch, check_choice, check_device, check_loss_fn, check_model, device_of
 
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")
@@ -571,8 +571,7 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
     else:
         device = check_device(device)
     check_autocast(device.type, check_precision(precision))
-    if checkpointing is not None:
-        checkpointed(model, checkpointing)  # refuses a model without blocks before anything runs
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         work = copy.deepcopy(model).to(device).train()

@@ -22,14 +22,15 @@ speed-up that tensor cores may or may not give).
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 
+import torch
 from torch import nn
 
-from .estimate import estimate_memory, max_batch_size
+from .estimate import SAFETY_MARGIN, estimate_memory, max_batch_size
+from .reference import gpu_reference
 from .steps import check_optimizer
 from .tuning import PRECISIONS, check_precision, checkpoint_blocks
 from .validation import (
@@ -44,26 +45,27 @@ from .validation import (
     parse_bytes,
 )
 
-RECOMPUTE = 4 / 3  # checkpointing: forward + forward again + backward (about 2 forwards) = 4/3 of a plain step
+RECOMPUTE = 4 / 3  # checkpointing: forward (1) + backward (about 2) + the forward again (1) = 4 / 3 of a step
 PRECISION_FACTOR = dict.fromkeys(PRECISIONS, 1.0)  # assumed: no measured low-precision speed-up (see above)
 
 
-def _reference_step_times() -> tuple:
-    """(fixed, per_sample, floor) seconds fitted to the H100 ResNet-18 rows (see the module docstring)."""
-    with resources.files("batchlab").joinpath("data/gpu_memory_h100.json").open() as f:
-        rows = sorted(json.load(f)["throughput_resnet18_224_sgd_fp32"], key=lambda row: row["batch"])
+@functools.cache
+def reference_step_times() -> tuple:
+    """(fixed, per_sample, floor) seconds fitted to the H100 ResNet-18 rows (see the module docstring).
+
+    Read on first use, so that ``import batchlab`` does not open the reference file.
+    """
+    rows = sorted(gpu_reference()["throughput_resnet18_224_sgd_fp32"], key=lambda row: row["batch"])
     (n1, t1), (n2, t2) = [(row["batch"], row["step_s"]) for row in rows[-2:]]
     per_sample = (t2 - t1) / (n2 - n1)
     return t1 - per_sample * n1, per_sample, rows[0]["step_s"]
 
 
-STEP_FIXED_S, STEP_PER_SAMPLE_S, STEP_FLOOR_S = _reference_step_times()
-
-
 def micro_step_seconds(n: int, *, precision: str = "fp32", checkpointing: bool = False) -> float:
     """Predicted seconds of one micro-step of ``n`` samples, on the reference scale (ResNet-18, H100)."""
-    work = n * STEP_PER_SAMPLE_S * (RECOMPUTE if checkpointing else 1.0) * PRECISION_FACTOR[precision]
-    return max(STEP_FLOOR_S, STEP_FIXED_S + work)
+    fixed, per_sample, floor = reference_step_times()
+    work = n * per_sample * (RECOMPUTE if checkpointing else 1.0) * PRECISION_FACTOR[precision]
+    return max(floor, fixed + work)
 
 
 def split_evenly(total: int, parts: int) -> tuple:
@@ -109,6 +111,7 @@ class PlanOption:
 
     @property
     def even(self) -> bool:
+        """True when every micro-batch has the same size (``train``'s ``accumulation_steps`` is then a number)."""
         return len(set(self.micro_batches)) == 1
 
 
@@ -143,7 +146,8 @@ class FitPlan:
     def train_kwargs(self, option: PlanOption | None = None) -> dict:
         """``batchlab.train``'s arguments for the best plan (or ``option``): the effective batch is kept.
 
-        ``accumulation_steps`` is a number for equal micro-batches and the list of sizes otherwise.
+        ``accumulation_steps`` is a number for equal micro-batches and the list of sizes otherwise. The
+        optimizer is included when it is a name ("sgd", "adam"); pass your own function to ``train`` again.
         """
         option = self.chosen if option is None else option
         kwargs = dict(batch_size=self.effective_batch,
@@ -199,11 +203,13 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
 
     For each setting: the largest micro-batch :func:`batchlab.max_batch_size` allows, the fewest
     micro-batches of at most that size (sizes as equal as possible, adding up to ``effective_batch``),
-    and the accumulated step estimated by :func:`batchlab.estimate_memory` (``peak_bytes``,
-    ``reserved_bytes``), which must fit ``budget`` too. Options are ranked by predicted cost (see
-    :mod:`batchlab.plan`), then fewer micro-batches, fp32 before lower precision, no checkpointing
-    first. Nothing fits: a ``ValueError`` with what a batch of one needs, by category, and the levers.
-    Estimates are cached (same micro-batch, precision and checkpointing); ``model`` is only read.
+    and the accumulated step estimated by :func:`batchlab.estimate_memory` in ``budget``, which must
+    fit too (else one micro-batch more). ``peak_bytes``: its allocated peak; ``reserved_bytes``: what
+    the caching allocator holds at most when it frees its cache at the budget, as a GPU that size would.
+    Options are ranked by predicted cost (see :mod:`batchlab.plan`), then fewer micro-batches, fp32
+    before lower precision, no checkpointing first. Nothing fits: a ``ValueError`` with what a batch
+    of one needs, by category, and the levers that would help. Estimates are cached (same micro-batch,
+    precision and checkpointing); ``model`` is only read.
     """
     budget, effective_batch, levers, notes = _check_plan_args(model, make_batch, budget, effective_batch, optimizer,
                                                               loss_fn, device, precisions, checkpointing)
@@ -226,14 +232,19 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
 
 
 def _estimate(model, make_batch, n, accumulation, precision, checkpoint, common, cache, budget=None):
-    """estimate_memory of ``n`` samples in ``accumulation`` micro-batches, cached; None when over ``budget``."""
-    key = (n, accumulation, precision, checkpoint)
+    """estimate_memory of ``n`` samples in ``accumulation`` micro-batches, cached; None if it exceeds ``budget``.
+
+    With a budget the simulated caching allocator works inside it (it frees its cache before giving
+    up), as :func:`batchlab.max_batch_size` counts fitting, so ``reserved_bytes`` is at most the budget.
+    """
+    key = (n, accumulation, precision, checkpoint, budget)
     if key not in cache:
-        cache[key] = estimate_memory(model, make_batch(n), accumulation_steps=accumulation, precision=precision,
-                                     checkpointing="blocks" if checkpoint else None, **common)
-    report = cache[key]
-    needed = report.reserved_bytes if report.reserved_bytes is not None else report.peak_bytes
-    return None if budget is not None and max(needed, report.peak_bytes) > budget else report
+        try:
+            cache[key] = estimate_memory(model, make_batch(n), accumulation_steps=accumulation, precision=precision,
+                                         checkpointing="blocks" if checkpoint else None, budget=budget, **common)
+        except torch.OutOfMemoryError:
+            cache[key] = None
+    return cache[key]
 
 
 def _plan_for(model, make_batch, budget, effective_batch, smallest, precision, checkpoint, common, cache):
@@ -273,6 +284,8 @@ def _smallest_batch(model, make_batch, common, cache) -> int:
         except ValueError as error:
             if "more than 1 value per channel" not in str(error):
                 raise
+        except NotImplementedError:
+            raise  # the meta device cannot run an operation: estimate_memory's own message says where
         except RuntimeError as error:
             inputs, _ = make_batch(n)
             raise ValueError(f"make_batch returned inputs of shape {tuple(inputs.shape)}, which the model cannot "
@@ -321,25 +334,34 @@ def _settings(name, value, kind, check, works) -> tuple:
 
 
 def _check_make_batch(make_batch, effective_batch: int) -> None:
-    """make_batch(1) and make_batch(effective_batch) return that many samples, of the same shape."""
+    """make_batch(n) returns n samples of one shape for n = 1, ``effective_batch`` and that plus the margin.
+
+    :func:`batchlab.max_batch_size` asks for up to ``SAFETY_MARGIN`` (5%) more samples than the batch
+    it checks, so a make_batch that slices a data set must be able to make that many.
+    """
     if not callable(make_batch):
         raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
-    shapes = []
-    for n in dict.fromkeys((1, effective_batch)):
+    padded = math.ceil(effective_batch * (1 + SAFETY_MARGIN))
+    shapes = {}
+    for n in dict.fromkeys((1, effective_batch, padded)):
         try:
             inputs, targets = check_batch(make_batch(n), f"make_batch({n})")
         except (IndexError, RuntimeError) as error:
             raise ValueError(f"effective_batch {effective_batch} is more than make_batch can make: make_batch({n}) "
                              f"failed with {type(error).__name__}: {error}") from error
         if len(inputs) != n:
-            what = ("effective_batch {0} is larger than make_batch can make" if n == effective_batch > len(inputs)
-                    else "make_batch({1}) must return {1} samples").format(effective_batch, n)
+            if n == padded > len(inputs) >= effective_batch:
+                what = (f"make_batch must make {padded} samples (effective_batch {effective_batch} plus "
+                        f"max_batch_size's {SAFETY_MARGIN:.0%} safety margin) to plan it")
+            elif n == effective_batch > len(inputs):
+                what = f"effective_batch {effective_batch} is larger than make_batch can make"
+            else:
+                what = f"make_batch({n}) must return {n} samples"
             raise ValueError(f"{what}: make_batch({n}) returned inputs of shape {tuple(inputs.shape)}; make_batch(n) "
                              f"must build a batch with n as its first dimension")
-        shapes.append(tuple(inputs.shape[1:]))
-    if len(set(shapes)) > 1:
-        raise ValueError(f"make_batch must build samples of one shape, but make_batch(1) gave {shapes[0]} and "
-                         f"make_batch({effective_batch}) gave {shapes[1]} per sample")
+        shapes[n] = tuple(inputs.shape[1:])
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"make_batch must build samples of one shape, but it gave {shapes} (n: shape per sample)")
 
 
 def _nothing_fits(model, make_batch, budget, effective_batch, smallest, levers, common, cache) -> str:

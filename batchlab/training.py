@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .steps import check_optimizer, make_optimizer, train_step
-from .tuning import apply_checkpointing, check_autocast, check_precision, checkpointed, make_scaler
+from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler
 from .validation import (
     check_bool,
     check_dataset,
@@ -67,7 +67,8 @@ class History:
     def __repr__(self) -> str:
         last = f", final loss {self.loss[-1]:.4f}" if self.loss else ""
         accuracy = f", accuracy {self.eval_accuracy[-1]:.3f}" if self.eval_accuracy else ""
-        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy})"
+        skipped = f", {len(self.skipped_steps)} skipped by GradScaler" if self.skipped_steps else ""
+        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy}{skipped})"
 
 
 def train(
@@ -125,8 +126,7 @@ def train(
     loss_fn = check_loss_fn(loss_fn)
     device = torch.device(device)
     check_autocast(device.type, check_precision(precision))
-    if checkpointing is not None:
-        checkpointed(model, checkpointing)  # refuses a model without blocks before anything is touched
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     history = History(label or f"batch {batch_size}, lr {lr:g}", batch_size)
     saved_state = copy.deepcopy(model.state_dict())
     saved_device, was_training = device_of(model), model.training
@@ -191,13 +191,13 @@ def _step_or_halve(model, opt, step_args, inputs, targets, accumulation_steps, h
             loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps, **step_args)
             return loss, accumulation_steps
         except torch.OutOfMemoryError:
-            if accumulation_steps >= len(targets):
+            parts = len(accumulation_steps) if isinstance(accumulation_steps, (list, tuple)) else accumulation_steps
+            if parts >= len(targets):
                 raise  # micro-batches of one sample: nothing left to halve
         # Outside the except block the failed step's tensors are free. Undo what it did, then retry.
         opt.zero_grad(set_to_none=True)
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-        parts = len(accumulation_steps) if isinstance(accumulation_steps, (list, tuple)) else accumulation_steps
         accumulation_steps = 2 * parts  # uneven sizes too: twice as many micro-batches
         note = (f"step {step}: out of memory; now {accumulation_steps} micro-batches of about "
                 f"{-(-len(targets) // accumulation_steps)} samples (the effective batch is still {len(targets)})")

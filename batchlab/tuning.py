@@ -87,9 +87,10 @@ _LOW_CUDA = ("conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d", "conv
              "convolution", "_convolution", "prelu", "addmm", "addmv", "addr", "matmul", "__matmul__", "__rmatmul__",
              "einsum", "mm", "mv", "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul",
              "linalg_multi_dot", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
-             "scaled_dot_product_attention", "multi_head_attention_forward")
+             "scaled_dot_product_attention", "_scaled_dot_product_flash_attention", "multi_head_attention_forward")
 _FP32_CUDA = ("acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
-              "rsqrt", "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "rms_norm",
+              "rsqrt", "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "native_layer_norm",
+              "rms_norm", "frobenius_norm",
               "group_norm", "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss",
               "nll_loss", "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
               "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
@@ -146,11 +147,14 @@ class SimulatedAutocast(TorchFunctionMode):
 
     def __enter__(self):
         self.outer, _simulated.active = getattr(_simulated, "active", None), self
+        if self.outer is not None:
+            self.cache = self.outer.cache  # one cache for nested regions, as autocast has
         return super().__enter__()
 
     def __exit__(self, *exc):
         _simulated.active = self.outer
-        self.cache.clear()  # autocast's clear_cache(): the copies live on only where backward saved them
+        if self.outer is None:
+            self.cache.clear()  # autocast's clear_cache(): the copies live on only where backward saved them
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
@@ -167,7 +171,13 @@ class SimulatedAutocast(TorchFunctionMode):
             to = functools.reduce(torch.promote_types, floats) if floats else None
         else:
             to = self.dtype if rule == "low" else torch.float32
-        cast = functools.partial(self._cast, to=to, cache=rule == "low")
+        done = {}  # one cast per tensor per call: F.multi_head_attention_forward tests `query is key`
+
+        def cast(tensor):
+            if id(tensor) not in done:
+                done[id(tensor)] = self._cast(tensor, to, cache=rule == "low")
+            return done[id(tensor)]
+
         return func(*_map(cast, args), **_map(cast, kwargs))
 
     def _cast(self, tensor, to, cache):
@@ -227,6 +237,13 @@ def autocast(device_type: str, precision: str):
         return SimulatedAutocast(getattr(_simulated, "target", None) or "cuda", DTYPES[precision])
     check_autocast(device_type, precision)
     return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
+
+
+def autocast_depth() -> int:
+    """How many ``torch.autocast`` blocks the caller is in, active or not (PyTorch counts both)."""
+    depth = torch.autocast_increment_nesting()
+    torch.autocast_decrement_nesting()
+    return depth - 1
 
 
 def enclosing_autocast() -> str | None:
@@ -324,19 +341,22 @@ class Checkpointed(nn.Module):
         self.use_reentrant = use_reentrant
 
     def forward(self, *args, **kwargs):
-        patched = []
+        patched = []  # (block, the forward its instance had of its own, if any)
         try:
             for names in self.segments:
                 blocks = [self.model.get_submodule(name) for name in names]
                 originals = [block.forward for block in blocks]
-                patched += blocks
+                patched += [(block, block.__dict__.get("forward")) for block in blocks]
                 blocks[0].forward = functools.partial(self._run_segment, blocks, originals)
                 for block in blocks[1:]:
                     block.forward = _pass_on
             return self.model(*args, **kwargs)
         finally:
-            for block in patched:
-                block.__dict__.pop("forward", None)
+            for block, own in reversed(patched):
+                if own is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.__dict__["forward"] = own
 
     def _run_segment(self, blocks, forwards, x, *args, **kwargs):
         def segment(x, *args, **kwargs):
@@ -420,6 +440,21 @@ def checkpointed(model: nn.Module, segments="blocks", *, use_reentrant: bool = F
     check_int("segments", segments, minimum=1, maximum=len(names))
     bounds = [-(-i * len(names) // segments) for i in range(segments + 1)]  # earlier segments get any extra
     return Checkpointed(model, [names[a:b] for a, b in zip(bounds, bounds[1:])], use_reentrant)
+
+
+def check_checkpointing(model: nn.Module, checkpointing):
+    """Return ``checkpointing`` if :func:`apply_checkpointing` can use it on ``model``; else the error, naming it."""
+    if checkpointing is None:
+        return None
+    try:
+        checkpointed(model, checkpointing)
+    except (TypeError, ValueError) as error:
+        if "segments must be" not in str(error):
+            raise  # no blocks, or already checkpointed: the message says what to do
+        count = len(checkpoint_blocks(model))
+        raise ValueError(f"checkpointing must be None, 'blocks' or a number of segments from 1 to {count} "
+                         f"(the blocks of {type(model).__name__}), got {checkpointing!r}") from None
+    return checkpointing
 
 
 def apply_checkpointing(model: nn.Module, checkpointing) -> nn.Module:

@@ -68,6 +68,20 @@ def test_the_model_is_never_changed_even_when_a_forward_fails():
     assert all(p.grad is not None for p in model.parameters())  # the wrapper trains the model's own weights
 
 
+def test_a_forward_of_a_block_own_is_kept():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    calls = []
+    original = model[0].forward
+
+    def counted(x):
+        calls.append(1)
+        return original(x)
+
+    model[0].forward = counted
+    batchlab.checkpointed(model)(torch.randn(2, 3, requires_grad=True)).sum().backward()
+    assert model[0].__dict__["forward"] is counted and calls  # used inside the checkpoint, then put back
+
+
 def test_a_model_without_blocks_is_refused_with_how_to_wrap_its_layers():
     class Tiny(nn.Module):
         def __init__(self):
@@ -171,3 +185,16 @@ def test_recomputation_context_names_new_memory_activations():
     assert tracker.report().breakdown["temporaries"] == other.nbytes
     with recomputation():  # no tracker: nothing to tell
         pass
+
+
+@pytest.mark.parametrize("bad", [0, 9, "every", 2.5])
+def test_bad_checkpointing_arguments_name_the_argument(bad):
+    model = batchlab.build_model("resnet18")
+    batch = (torch.empty(2, 3, 32, 32, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"))
+    message = r"checkpointing must be None, 'blocks' or a number of segments from 1 to 8 \(the blocks of ResNet\)"
+    with pytest.raises(ValueError, match=message):
+        batchlab.estimate_memory(model, batch, checkpointing=bad)
+    with pytest.raises(ValueError, match=message):
+        batchlab.profile_step(model, (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)),
+                              checkpointing=bad)
+    assert _untouched(model)

@@ -11,11 +11,9 @@ import batchlab
 from batchlab import datasets
 from batchlab.plan import (
     RECOMPUTE,
-    STEP_FIXED_S,
-    STEP_FLOOR_S,
-    STEP_PER_SAMPLE_S,
     describe_micro_batches,
     micro_step_seconds,
+    reference_step_times,
     split_evenly,
 )
 
@@ -67,7 +65,7 @@ def test_every_option_fits_its_estimate_and_uses_the_fewest_micro_batches(plan, 
     model = cnn()
     for option in plan.options:
         assert option.micro_batch <= option.max_micro_batch
-        assert option.peak_bytes <= BUDGET
+        assert option.peak_bytes <= BUDGET and option.reserved_bytes is None  # the CPU has no caching allocator
         # the fewest micro-batches: one fewer would need a micro-batch above what fits
         if option.accumulation_steps > 1:
             assert math.ceil(EFFECTIVE / (option.accumulation_steps - 1)) > option.max_micro_batch
@@ -94,11 +92,12 @@ def test_options_are_ranked_by_the_cost_model(plan):
 
 
 def test_cost_model_numbers():
+    fixed, per_sample, floor = reference_step_times()
     # The line through the reference's batch-64 and batch-256 steps, the floor at batch 1 (H100, ResNet-18).
-    assert STEP_FIXED_S + 64 * STEP_PER_SAMPLE_S == pytest.approx(0.014572668075561523)
-    assert STEP_FIXED_S + 256 * STEP_PER_SAMPLE_S == pytest.approx(0.05246574878692627)
-    assert micro_step_seconds(1) == STEP_FLOOR_S == pytest.approx(0.006504130363464355)
-    assert micro_step_seconds(256, checkpointing=True) == pytest.approx(STEP_FIXED_S + 256 * STEP_PER_SAMPLE_S
+    assert fixed + 64 * per_sample == pytest.approx(0.014572668075561523)
+    assert fixed + 256 * per_sample == pytest.approx(0.05246574878692627)
+    assert micro_step_seconds(1) == floor == pytest.approx(0.006504130363464355)
+    assert micro_step_seconds(256, checkpointing=True) == pytest.approx(fixed + 256 * per_sample
                                                                         * RECOMPUTE)
     assert split_evenly(256, 3) == (86, 85, 85) and split_evenly(256, 2) == (128, 128)
     assert describe_micro_batches((128, 128)) == "128 x 2"
@@ -199,6 +198,10 @@ def test_model_without_blocks(make_batch):
     (dict(effective_batch=True), TypeError, "effective_batch must be an int, got True"),
     (dict(effective_batch=5000), ValueError, "effective_batch 5000 is larger than make_batch can make: "
                                              r"make_batch\(5000\) returned inputs of shape \(1438, 1, 8, 8\)"),
+    (dict(effective_batch=1400), ValueError, r"make_batch must make 1470 samples \(effective_batch 1400 plus "
+                                             r"max_batch_size's 5% safety margin\)"),
+    (dict(make_batch=lambda n: (torch.zeros(n, 1, 8, 8 if n == 1 else 9), torch.zeros(n, dtype=torch.long))),
+     ValueError, r"make_batch must build samples of one shape, but it gave \{1: \(1, 8, 8\), 64: \(1, 8, 9\)"),
     (dict(budget="lots"), ValueError, "budget 'lots' is not a memory size"),
     (dict(budget=0), ValueError, "budget must be a positive amount of memory, got 0"),
     (dict(budget="100 KiB"), ValueError, r"budget 100.0 KiB is smaller than the model's weights and gradients "
@@ -241,3 +244,32 @@ def test_model_is_only_read(make_batch):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name])
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_each_estimate_runs_once_and_max_batch_size_once_per_setting(make_batch, monkeypatch):
+    estimates, searches = [], []
+    real_estimate, real_search = batchlab.plan.estimate_memory, batchlab.plan.max_batch_size
+
+    def estimate(model, batch, **kwargs):
+        estimates.append((len(batch[0]), kwargs["accumulation_steps"], kwargs["precision"], kwargs["checkpointing"],
+                          kwargs["budget"]))
+        return real_estimate(model, batch, **kwargs)
+
+    def search(*args, **kwargs):
+        searches.append((kwargs["precision"], kwargs["checkpointing"]))
+        return real_search(*args, **kwargs)
+    monkeypatch.setattr(batchlab.plan, "estimate_memory", estimate)
+    monkeypatch.setattr(batchlab.plan, "max_batch_size", search)
+    with pytest.raises(ValueError, match="nothing fits"):  # the error reuses the batch-1 estimates
+        batchlab.plan_fit(cnn(), make_batch, budget="800KiB", effective_batch=64, device="cpu", optimizer="adam")
+    assert len(estimates) == len(set(estimates)) == 3  # fp32, bf16, fp32 checkpointed at batch 1
+    assert searches == [("fp32", None), ("fp32", "blocks"), ("bf16", None), ("bf16", "blocks")]
+
+
+def test_train_halves_uneven_micro_batches_on_oom(digits):
+    model = cnn()
+    with batchlab.memory_budget(BUDGET, model):
+        history = batchlab.train(model, digits, batch_size=EFFECTIVE, accumulation_steps=[200, 50], steps=1,
+                                 progress=False, on_oom="halve")
+    assert history.notes == [f"step 1: out of memory; now 4 micro-batches of about 63 samples (the effective batch "
+                             f"is still {EFFECTIVE})"]

@@ -82,10 +82,14 @@ def test_noise_scale_refuses_bad_batch_sizes(batch_sizes, message):
         noise_scale(model, datasets.digits(train=False), batch_sizes=batch_sizes)
 
 
-def test_noise_scale_refuses_bad_draws():
+def test_noise_scale_refuses_bad_draws_model_and_dataset():
     model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="draws must be a positive int, got 0"):
         noise_scale(model, datasets.digits(train=False), draws=0)
+    with pytest.raises(TypeError, match="model"):
+        noise_scale("mlp", datasets.digits(train=False))
+    with pytest.raises(TypeError, match="dataset"):
+        noise_scale(model, [1, 2, 3])
 
 
 def test_chapter_8_placeholders_print_the_task(capsys):
