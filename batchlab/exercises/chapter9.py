@@ -45,10 +45,12 @@ def check_oom_causes(answers, *, messages=OOM_MESSAGES):
     if your_turn(f"name the cause of each of the messages {', '.join(labels)}: a list of {len(messages)} of "
                  f"{', '.join(repr(c) for c in CAUSES)}.", answers):
         return
-    assert isinstance(answers, (list, tuple)) and len(answers) == len(messages), (
-        f"give a list of {len(messages)} causes, one per message ({', '.join(labels)}), got {answers!r}")
+    if not isinstance(answers, (list, tuple)) or len(answers) != len(messages):
+        raise ValueError(f"answers must be a list of {len(messages)} causes, one per message ({', '.join(labels)}), "
+                         f"got {answers!r}")
     unknown = [a for a in answers if a not in CAUSES]
-    assert not unknown, f"{unknown!r}: each cause must be one of {', '.join(repr(c) for c in CAUSES)}"
+    if unknown:
+        raise ValueError(f"each cause must be one of {', '.join(repr(c) for c in CAUSES)}, got {unknown!r}")
     expected = [explain_oom(message).cause for message in messages]
     wrong = [label for label, a, e in zip(labels, answers, expected) if a != e]
     assert not wrong, (
@@ -86,8 +88,13 @@ def check_plan(plan, *, model_name: str = "cnn_bn", in_shape=(3, 128, 128), effe
     model = build_model(model_name, in_shape=tuple(in_shape))
     n, steps = (effective_batch, 1) if plan.accumulation_steps == 1 else (min(effective_batch, 2 * plan.micro_batch), 2)
     batch = torch.empty(n, *in_shape, device="meta"), torch.zeros(n, dtype=torch.long, device="meta")
-    report = estimate_memory(model, batch, optimizer=optimizer, device="cuda", accumulation_steps=steps,
-                             precision=plan.precision, checkpointing="blocks" if plan.checkpointing else None)
+    try:  # inside the budget, as plan_fit estimates (the simulated allocator frees its cache before giving up)
+        report = estimate_memory(model, batch, optimizer=optimizer, device="cuda", accumulation_steps=steps,
+                                 budget=plan.budget, precision=plan.precision,
+                                 checkpointing="blocks" if plan.checkpointing else None)
+    except torch.OutOfMemoryError:
+        raise AssertionError("this plan's step does not fit the task's model in the budget: check the model and "
+                             "its input shape") from None
     assert report.peak_bytes == plan.peak_bytes, (
         f"the plan's peak ({format_bytes(plan.peak_bytes)}) is not the task model's "
         f"({format_bytes(report.peak_bytes)} for this micro-batch): check the model and its input shape")
