@@ -68,7 +68,7 @@ def check_plan(plan, *, model_name: str = "cnn_bn", in_shape=(3, 128, 128), effe
     """Chapter 9: a :class:`~batchlab.plan.FitPlan` for ``model_name`` on ``in_shape`` inputs, ``effective_batch``
     samples per step with ``optimizer``, on a ``gpu_gib`` GiB GPU."""
     task = (f"plan build_model({model_name!r}, in_shape={tuple(in_shape)}) with {optimizer!r}, {effective_batch} "
-            f"samples per optimizer step, on a {gpu_gib} GiB GPU: my_plan = batchlab.plan_fit(...).")
+            f"samples per optimizer step, on a {gpu_gib} GiB GPU, with batchlab.plan_fit, and give its FitPlan.")
     if your_turn(task, plan):
         return
     assert isinstance(plan, FitPlan), f"give the FitPlan that batchlab.plan_fit returns, got {type(plan).__name__}"
