@@ -20,8 +20,19 @@ import torch
 from torch import nn
 
 from .memory import CATEGORIES, track_storages
+from .progress import progress_bar
 from .steps import check_optimizer, make_optimizer, train_step
-from .validation import MiB, check_batch, check_choice, check_int, check_loss_fn, check_model, device_of, parse_bytes
+from .validation import (
+    MiB,
+    check_batch,
+    check_bool,
+    check_choice,
+    check_int,
+    check_loss_fn,
+    check_model,
+    device_of,
+    parse_bytes,
+)
 
 
 class _BudgetGuard:
@@ -145,7 +156,7 @@ def _trial(model, make_batch, n, optimizer, loss_fn, device) -> bool:
 
 
 def find_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start: int = 2, max_trials: int = 25,
-                    optimizer="sgd", loss_fn=None, device=None) -> BatchSizeSearch:
+                    optimizer="sgd", loss_fn=None, device=None, progress: bool = True) -> BatchSizeSearch:
     """Search for the largest batch that trains without running out of memory, by trying it.
 
     ``mode="power"`` doubles the batch from ``start`` until a step runs out of memory and keeps the last
@@ -155,7 +166,7 @@ def find_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start:
 
     Each trial is two real steps (forward, backward, optimizer step), so the search changes the weights;
     they are saved first (as bytes, outside the budget) and restored afterwards, so ``model`` and an
-    optimizer you pass are bitwise as they were, whatever happens.
+    optimizer you pass are bitwise as they were, whatever happens. ``progress`` draws a bar over the trials.
     """
     check_model(model)
     if not callable(make_batch):
@@ -166,13 +177,23 @@ def find_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start:
     if not isinstance(optimizer, torch.optim.Optimizer):
         check_optimizer(optimizer)
     loss_fn = check_loss_fn(loss_fn)
+    check_bool("progress", progress)
     device = device or device_of(model)
     snapshot, was_training = _snapshot(model, optimizer), model.training
     search = BatchSizeSearch(0, mode)
+    bar = progress_bar(progress, desc=f"find_batch_size ({mode})", unit="trial")
+
+    def fits(n: int) -> bool:
+        bar.set_postfix(batch=n, refresh=False)
+        ok = _trial(model, make_batch, n, optimizer, loss_fn, device)
+        bar.update()
+        return ok
+
     try:
         model.train()
-        _search(search, lambda n: _trial(model, make_batch, n, optimizer, loss_fn, device), start, max_trials)
+        _search(search, fits, start, max_trials)
     finally:
+        bar.close()
         _restore(model, optimizer, snapshot)
         model.train(was_training)
     if search.batch_size == 0:

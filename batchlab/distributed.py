@@ -57,9 +57,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .models import MODEL_NAMES, build_model
+from .progress import progress_bar
 from .steps import check_optimizer, make_optimizer, train_step
 from .training import History
-from .validation import check_choice, check_dataset, check_float, check_int, check_seed
+from .validation import check_bool, check_choice, check_dataset, check_float, check_int, check_seed
 from .workers import frozen_gc
 
 BACKENDS = ("gloo", "nccl")
@@ -114,7 +115,7 @@ def default_start_method() -> str:
 
 
 def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: float | None = 300.0,
-           port: int | None = None, start_method: str | None = None):
+           port: int | None = None, start_method: str | None = None, progress: bool = True):
     """Run ``fn(rank, world_size, *args)`` in ``nprocs`` new processes that form a process group.
 
     Each process gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
@@ -128,11 +129,14 @@ def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: floa
     * ``start_method``: ``"fork"`` or ``"spawn"`` (``fn`` must then be importable from a module); the
       default is :func:`default_start_method`: fork on Linux, spawn on macOS and Windows (see the module
       docstring for why).
+    * ``progress``: a bar over the wait (processes finished, seconds so far); the processes' own output
+      goes to the terminal that started Jupyter, not to the notebook, so the bar lives here.
 
     An exception in any process is raised here as :class:`RankError` with the traceback of the
     process that failed first. Whatever happens, no process started here is left running.
     """
     start_method, backend, port = _check_launch_args(fn, nprocs, backend, timeout, port, start_method)
+    check_bool("progress", progress)
     context = multiprocessing.get_context(start_method)
     workdir = tempfile.mkdtemp(prefix="batchlab-launch-")  # tracebacks and rank 0's result go here
     processes = []
@@ -144,7 +148,8 @@ def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: floa
                                           args=(rank, nprocs, fn, args, backend, port, workdir))
                 process.start()
                 processes.append(process)
-        _wait(processes, timeout, workdir)
+        with progress_bar(progress, total=nprocs, desc=f"launch: {nprocs} processes", unit="finished") as bar:
+            _wait(processes, timeout, workdir, bar)
         result = os.path.join(workdir, "result.pt")
         if not os.path.exists(result):
             raise RuntimeError("rank 0 finished without a result: did fn call sys.exit()?")
@@ -230,13 +235,19 @@ def _rank_main(rank, world_size, fn, args, backend, port, workdir):
             dist.destroy_process_group()
 
 
-def _wait(processes, timeout, workdir) -> None:
-    """Wait until every process has finished; raise as soon as one fails or the time is up."""
+def _wait(processes, timeout, workdir, bar=None) -> None:
+    """Wait until every process has finished; raise as soon as one fails or the time is up.
+
+    ``bar`` (a progress bar) counts the finished processes and is redrawn every second meanwhile."""
     deadline = None if timeout is None else time.monotonic() + timeout
     running = {p.sentinel: p for p in processes}
     while running:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        finished = multiprocessing.connection.wait(list(running), timeout=left)
+        finished = multiprocessing.connection.wait(list(running), timeout=1.0 if left is None else min(left, 1.0))
+        if bar is not None:
+            bar.update(len(finished))  # also redraws the seconds so far
+        if not finished and (left is None or left > 1.0):
+            continue  # still running, and time is left
         if not finished:
             ranks = sorted(processes.index(p) for p in running.values())
             raise TimeoutError(f"launch timed out after {timeout:g} s: rank(s) {ranks} of {len(processes)} were "
@@ -424,7 +435,7 @@ def _check_ddp_args(model_name, dataset, world_size, batch_size, steps, accumula
 
 def train_ddp(model_name: str, dataset, *, world_size: int = 2, batch_size: int, steps: int, optimizer="sgd",
               lr: float = 0.05, accumulation_steps: int = 1, seed: int = 0, drop_last: bool = False,
-              no_sync: bool = True, timeout: float | None = 300.0) -> dict:
+              no_sync: bool = True, timeout: float | None = 300.0, progress: bool = True) -> dict:
     """Train ``build_model(model_name)`` with DistributedDataParallel in ``world_size`` processes.
 
     ``batch_size`` is the global effective batch: each process takes ``batch_size / world_size``
@@ -436,6 +447,7 @@ def train_ddp(model_name: str, dataset, *, world_size: int = 2, batch_size: int,
     ``state_dict`` (final weights, CPU tensors), ``loss`` (the mean loss over each global batch),
     ``history`` (a :class:`History` of it, for ``plot_histories``), ``comm`` (rank 0's gradient
     all-reduces: ``calls``, ``bytes``, ``seconds``), ``per_process_batch``, ``micro_batch``, ``seconds``.
+    ``progress`` draws :func:`launch`'s bar over the wait.
     """
     _check_ddp_args(model_name, dataset, world_size, batch_size, steps, accumulation_steps, drop_last)
     check_optimizer(optimizer)  # refuses a bad optimizer before anything starts
@@ -443,7 +455,9 @@ def train_ddp(model_name: str, dataset, *, world_size: int = 2, batch_size: int,
     check_seed("seed", seed)
     config = dict(batch_size=batch_size, steps=steps, optimizer=optimizer, lr=lr, seed=seed,
                   accumulation_steps=accumulation_steps, drop_last=drop_last, no_sync=no_sync)
-    return launch(_train_and_report, model_name, dataset, config, nprocs=world_size, timeout=timeout)
+    check_bool("progress", progress)
+    return launch(_train_and_report, model_name, dataset, config, nprocs=world_size, timeout=timeout,
+                  progress=progress)
 
 
 def _train_and_report(rank, world_size, model_name, dataset, config):

@@ -38,6 +38,7 @@ from torch import nn
 
 from .allocator import CachingAllocator
 from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
+from .progress import progress_bar
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
 from .tuning import (
@@ -50,7 +51,18 @@ from .tuning import (
     simulate_autocast_for,
     tuning_label,
 )
-from .validation import MiB, check_batch, check_choice, check_int, check_loss_fn, check_model, parse_bytes
+from .validation import (
+    MiB,
+    batch_length,
+    check_batch,
+    check_choice,
+    check_int,
+    check_loss_fn,
+    check_model,
+    inputs_to,
+    parse_bytes,
+    shape_of,
+)
 
 # Every constant of the CUDA model, with where it comes from. Measured values come from
 # batchlab/data/gpu_memory_h100.json (NVIDIA H100 80GB, PyTorch 2.11, CUDA 13).
@@ -182,7 +194,7 @@ class _AllocatorReplay:
 
 def _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing):
     check_model(model)
-    inputs, targets = check_batch(batch)
+    inputs, targets = check_batch(batch, keyword_inputs=True)
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
@@ -274,14 +286,14 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
     """
     inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing)
     budget = parse_bytes("budget", budget) if budget is not None else None
-    check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=len(inputs))
+    check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=batch_length(inputs))
     precision = honour_autocast(precision)
     levers = dict(precision=precision, checkpointing=checkpointing)
     try:
         with _outside_autocast():
             return _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, **levers)
     except NotImplementedError as error:
-        if device != "cpu" or accumulation_steps != 1 or inputs.device.type == "meta":
+        if device != "cpu" or accumulation_steps != 1 or targets.device.type == "meta":
             raise
         # A CPU estimate can fall back on measuring: the batch is real, so run the real step.
         warnings.warn(f"{error} Measuring the step on the CPU instead.", stacklevel=2)
@@ -293,7 +305,7 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
               checkpointing) -> MemoryReport:
     loss_fn = check_loss_fn(loss_fn)
     work = _meta_copy(model).train()
-    inputs, targets = inputs.to("meta"), targets.to("meta")
+    inputs, targets = inputs_to(inputs, "meta"), targets.to("meta")
     # The optimizer a real run would build: on CUDA PyTorch picks the multi-tensor (foreach) code.
     opt = make_optimizer(optimizer, list(work.parameters()), foreach=device == "cuda")
     replay = _AllocatorReplay(budget) if device == "cuda" else None
@@ -309,7 +321,7 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
             replay.tracker, replay.measuring = tracker, True
             replay.allocator.reset_peaks()
         train_step(work, opt, inputs, targets, **step)
-    report = tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
+    report = tracker.report(label=f"{type(model).__name__}, batch {batch_length(inputs)}, "
                                   f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
                                   f"{tuning_label(precision, checkpointing)}, estimated for {device}")
     report.device = device
@@ -345,15 +357,15 @@ def _fits(model, make_batch, n, budget, optimizer, loss_fn, device, levers) -> b
 
 def _checked_batch(make_batch, n: int):
     batch = make_batch(n)
-    inputs, targets = check_batch(batch)
-    if len(inputs) != n:
+    inputs, targets = check_batch(batch, keyword_inputs=True)
+    if batch_length(inputs) != n:
         raise ValueError(f"make_batch({n}) must return a batch of {n} samples, but its inputs have shape "
-                         f"{tuple(inputs.shape)}: build the batch with n as its first dimension")
+                         f"{shape_of(inputs)}: build the batch with n as its first dimension")
     return batch
 
 
 def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", loss_fn=None, device="cuda",
-                   limit: int = 1 << 20, precision: str = "fp32", checkpointing=None) -> int:
+                   limit: int = 1 << 20, precision: str = "fp32", checkpointing=None, progress: bool = True) -> int:
     """The largest batch size whose training step fits in ``budget`` on ``device``, from estimates only.
 
     ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors are fine and
@@ -365,7 +377,8 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     just the allocated peak. A batch counts as fitting only if one ``SAFETY_MARGIN`` (5%) larger
     fits, so the answer errs on the safe side. Activation memory grows almost linearly with the batch,
     so two estimates give a first guess, and a short bisection near it gives the answer: about ten
-    estimates in all. ``precision`` and ``checkpointing`` are those of :func:`estimate_memory`.
+    estimates in all. ``precision`` and ``checkpointing`` are those of :func:`estimate_memory`;
+    ``progress`` draws a bar over the estimates.
     """
     if not callable(make_batch):
         raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
@@ -374,8 +387,22 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     check_precision(precision)
     levers = dict(precision=honour_autocast(precision), checkpointing=checkpointing)
     args = (optimizer, loss_fn, device, levers)
+    with progress_bar(progress, desc="max_batch_size", unit="estimate") as bar:
+        return _largest_fitting(model, make_batch, budget, limit, args, bar)
+
+
+def _largest_fitting(model, make_batch, budget, limit, args, bar) -> int:
+    """:func:`max_batch_size`'s search, ``bar`` advanced by one after each estimate."""
+    optimizer, loss_fn, device, levers = args
+
+    def fits(n: int) -> bool:
+        bar.set_postfix(batch=n, refresh=False)
+        ok = _fits(model, make_batch, n, budget, *args)
+        bar.update()
+        return ok
+
     smallest, one = _smallest_batch(model, make_batch, optimizer, loss_fn, device, levers)
-    if not _fits(model, make_batch, smallest, budget, *args):
+    if not fits(smallest):
         raise ValueError(_does_not_fit_message(one, budget, smallest))
     probe = max(smallest + 1, min(limit, 64))
     many = estimate_memory(model, _checked_batch(make_batch, probe), optimizer=optimizer, loss_fn=loss_fn,
@@ -383,19 +410,19 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     per_sample = max(1.0, (many.peak_bytes - one.peak_bytes) / (probe - smallest))
     guess = int(min(limit, max(smallest, smallest + (budget - one.peak_bytes) / per_sample)))
     # Bracket the answer around the linear guess, then bisect: lo always fits, hi never does.
-    if _fits(model, make_batch, guess, budget, *args):
+    if fits(guess):
         lo, hi = guess, min(limit + 1, max(guess + 1, int(guess * 1.1)))
-        while hi <= limit and _fits(model, make_batch, hi, budget, *args):
+        while hi <= limit and fits(hi):
             lo, hi = hi, min(limit + 1, hi * 2)
     else:
         lo, hi = smallest, guess
         candidate = int(guess * 0.9)
-        while candidate > lo and not _fits(model, make_batch, candidate, budget, *args):
+        while candidate > lo and not fits(candidate):
             hi, candidate = candidate, int(candidate * 0.8)
         lo = max(lo, candidate)
     while hi - lo > max(1, lo // 100):  # within 1%: closer is not worth more estimates
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(model, make_batch, mid, budget, *args) else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 

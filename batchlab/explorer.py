@@ -4,7 +4,8 @@
 figures, so everything it displays can be computed and tested without a kernel:
 
 * **memory**: :func:`memory_point` estimates one training step of a course model on a device profile
-  (:func:`device_profiles`: this machine's CPU, or a simulated GPU of 4 to 80 GiB) with
+  (:func:`device_profiles`: this machine's CPU, or a simulated GPU of 4 to 80 GiB; :func:`gpu_profile` adds
+  any size or card) with
   :func:`batchlab.estimate_memory`, and :func:`largest_batch` asks :func:`batchlab.max_batch_size`
   for the largest batch that fits. The memory panel looks at realistic inputs (3x224x224 images,
   sequences of 512 tokens), because that is where memory runs out;
@@ -34,9 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from .datasets import digits
 from .estimate import CUDA_CONSTANTS, SAFETY_MARGIN, estimate_memory, max_batch_size
 from .models import MODEL_NAMES, build_model
+from .reference import GPUS, gpu_memory
 from .steps import make_optimizer, train_step
 from .training import History
-from .validation import GiB, check_choice, check_int
+from .validation import GiB, check_choice, check_int, check_loss_fn, check_model
 
 MAX_BATCH = 4096  # the batch-size slider's upper end (or the data set's size, if smaller)
 GPU_SIZES_GIB = (4, 8, 16, 24, 80)
@@ -75,6 +77,57 @@ def device_profiles() -> dict:
         name = f"GPU {size} GiB (simulated)"
         profiles[name] = Profile(name, "cuda", size * GiB, context)
     return profiles
+
+
+def gpu_profile(gpu) -> Profile:
+    """A simulated GPU for a card of :data:`batchlab.reference.GPUS` or a size ("12GiB", or 12 for 12 GiB),
+    less the CUDA context (:func:`batchlab.reference.gpu_memory`)."""
+    value = f"{gpu}GiB" if isinstance(gpu, (int, float)) and not isinstance(gpu, bool) else gpu
+    found = gpu_memory(value, "gpu")
+    label = found["gpu"] if found["gpu"] in GPUS else f"{found['total_bytes'] / GiB:.3g} GiB"
+    return Profile(f"GPU {label} (simulated)", "cuda", found["total_bytes"], found["context_bytes"])
+
+
+def profile_for(value, profiles: dict) -> str:
+    """The name of the profile ``value`` means: one of ``profiles`` (a name, "cpu", a GPU of the same size
+    within 1%) or a new :func:`gpu_profile`, added to ``profiles``. A ValueError or TypeError otherwise."""
+    if isinstance(value, str) and value in profiles:
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("cpu", "this machine", CPU_PROFILE):
+        return CPU_PROFILE
+    wanted = gpu_profile(value)
+    for name, profile in profiles.items():
+        if profile.device == "cuda" and abs(profile.capacity - wanted.capacity) <= 0.01 * wanted.capacity:
+            return name
+    profiles[wanted.name] = wanted
+    return wanted.name
+
+
+# -- your own model (issue 14) --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OwnModel:
+    """A learner's model for the memory panel: ``make_batch(n)`` -> (inputs, targets), and its loss."""
+
+    name: str
+    model: nn.Module
+    make_batch: object
+    loss_fn: object = None
+
+
+def own_model(model: nn.Module, make_batch, loss_fn=None) -> OwnModel:
+    """Check a learner's model, batch function and loss once (a batch of two through the estimator)."""
+    check_model(model)
+    if not callable(make_batch):
+        raise TypeError(f"make_batch must be a function n -> (inputs, targets) for your model, got {make_batch!r}")
+    check_loss_fn(loss_fn)
+    estimate_memory(model, make_batch(2), loss_fn=loss_fn)  # refuses a batch or loss that does not suit the model
+    return OwnModel(f"your {type(model).__name__}", model, make_batch, loss_fn)
+
+
+def batch_from(source, n: int):
+    """A batch of ``n`` samples: ``source(n)`` for a learner's ``make_batch``, else :func:`meta_batch` of a shape."""
+    return source(n) if callable(source) else meta_batch(n, source)
 
 
 # -- what a learner types -------------------------------------------------------------------------
@@ -182,8 +235,8 @@ def margin_batch(batch_size: int, accumulation_steps: int = 1) -> int:
     return accumulation_steps * math.ceil(micro * (1 + SAFETY_MARGIN))
 
 
-def memory_point(model: nn.Module, input_shape: tuple, batch_size: int, profile: Profile, *,
-                 optimizer="sgd", accumulation_steps: int = 1) -> MemoryPoint:
+def memory_point(model: nn.Module, input_shape, batch_size: int, profile: Profile, *,
+                 optimizer="sgd", accumulation_steps: int = 1, loss_fn=None) -> MemoryPoint:
     """The estimated peak of one training step of ``model`` on ``batch_size`` samples on ``profile``.
 
     With ``accumulation_steps`` > 1 the step runs as that many micro-batches whose gradients are
@@ -191,13 +244,15 @@ def memory_point(model: nn.Module, input_shape: tuple, batch_size: int, profile:
     verdict follows chapter 4's rule, the one :func:`batchlab.max_batch_size` applies: short of memory
     the allocator releases its unused cache before it gives up, so what must fit the budget is the
     tensors and the blocks it cannot release (the simulated allocator decides); and a step counts as
-    fitting only if one with micro-batches SAFETY_MARGIN larger fits too.
+    fitting only if one with micro-batches SAFETY_MARGIN larger fits too. ``input_shape`` is one sample's
+    shape, or a learner's ``make_batch`` (:func:`batch_from`), with its ``loss_fn``.
     """
-    batch = meta_batch(batch_size, input_shape)
+    batch = batch_from(input_shape, batch_size)
     report = estimate_memory(model, batch, optimizer=optimizer, device=profile.device,
-                             accumulation_steps=accumulation_steps)
+                             accumulation_steps=accumulation_steps, loss_fn=loss_fn)
     padded = margin_batch(batch_size, accumulation_steps)
-    verdict = _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report)
+    verdict = _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report,
+                       loss_fn)
     reserved = report.reserved_bytes or report.peak_bytes
     # Short of memory, the allocator releases its unused cache before it gives up: the device never holds
     # more than the budget for PyTorch, whether the step then runs or not.
@@ -206,15 +261,16 @@ def memory_point(model: nn.Module, input_shape: tuple, batch_size: int, profile:
                        verdict, padded)
 
 
-def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report) -> str:
+def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report,
+             loss_fn=None) -> str:
     """The key of :data:`VERDICTS` for one step: sure answers from the estimate, the simulated allocator between."""
     if report.peak_bytes > profile.budget:
         return "tensors"
 
     def runs(n: int) -> bool:
         try:
-            estimate_memory(model, meta_batch(n, input_shape), optimizer=optimizer, device=profile.device,
-                            budget=profile.budget, accumulation_steps=accumulation_steps)
+            estimate_memory(model, batch_from(input_shape, n), optimizer=optimizer, device=profile.device,
+                            budget=profile.budget, accumulation_steps=accumulation_steps, loss_fn=loss_fn)
         except torch.OutOfMemoryError:
             return False
         return True
@@ -224,11 +280,11 @@ def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumul
     return "fits" if padded == batch_size or runs(padded) else "margin"
 
 
-def largest_batch(model: nn.Module, input_shape: tuple, profile: Profile, *, optimizer="sgd") -> int:
+def largest_batch(model: nn.Module, input_shape, profile: Profile, *, optimizer="sgd", loss_fn=None) -> int:
     """The largest batch whose step fits ``profile`` (:func:`batchlab.max_batch_size`); 0 if none does."""
     try:
-        return max_batch_size(model, lambda n: meta_batch(n, input_shape), budget=profile.budget,
-                              optimizer=optimizer, device=profile.device)
+        return max_batch_size(model, lambda n: batch_from(input_shape, n), budget=profile.budget,
+                              optimizer=optimizer, device=profile.device, loss_fn=loss_fn, progress=False)
     except ValueError as error:
         if "does not fit" not in str(error):
             raise
@@ -355,12 +411,24 @@ class MemoryCache:
         self.meta: dict = {}
         self.points: collections.OrderedDict = collections.OrderedDict()
         self.largest: dict = {}
+        self.own: dict = {}  # name -> OwnModel: a learner's models, beside the course's
         self.lock = threading.RLock()
 
-    def input_shape(self, model_name: str) -> tuple:
+    def add_own(self, own: OwnModel) -> None:
+        self.own[own.name] = own
+
+    def input_shape(self, model_name: str):
+        """One sample's shape for a course model; a learner's ``make_batch`` for their own."""
+        if model_name in self.own:
+            return self.own[model_name].make_batch
         return memory_input_shape(model_name, self.image_shape, self.sequence_length)
 
+    def loss_fn(self, model_name: str):
+        return self.own[model_name].loss_fn if model_name in self.own else None
+
     def meta_model(self, model_name: str) -> nn.Module:
+        if model_name in self.own:
+            return self.own[model_name].model  # the estimator runs a meta copy; the model is only read
         with self.lock:
             if model_name not in self.meta:
                 self.meta[model_name] = meta_model(model_name, self.input_shape(model_name))
@@ -373,7 +441,7 @@ class MemoryCache:
             point = self.points.get(key)
         if point is None:
             point = memory_point(self.meta_model(model_name), self.input_shape(model_name), batch_size, profile,
-                                 optimizer=self.optimizer, accumulation_steps=steps)
+                                 optimizer=self.optimizer, accumulation_steps=steps, loss_fn=self.loss_fn(model_name))
         with self.lock:
             self.points[key] = point
             self.points.move_to_end(key)
@@ -390,7 +458,7 @@ class MemoryCache:
         key = (model_name, profile.name, self.optimizer)
         if key not in self.largest:
             self.largest[key] = largest_batch(self.meta_model(model_name), self.input_shape(model_name), profile,
-                                              optimizer=self.optimizer)
+                                              optimizer=self.optimizer, loss_fn=self.loss_fn(model_name))
         return self.largest[key]
 
 

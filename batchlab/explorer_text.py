@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import math
 
-from .explorer import CPU_PROFILE, IMAGE_SHAPE, RUNS, MemoryPoint, Run, RunSetting
+from .explorer import CPU_PROFILE, IMAGE_SHAPE, RUNS, MemoryPoint, Run, RunSetting, profile_for
 from .models import MODEL_NAMES
 from .validation import GiB, MiB, check_float, parse_bytes
 
@@ -75,17 +75,21 @@ def read_lr(value, current: float) -> tuple:
                                         f"using {used:g}."]
 
 
-def read_model(value) -> tuple:
-    """``(model name or None, notes)`` for what a learner chose: a name of :data:`batchlab.MODEL_NAMES`, or refused."""
-    if isinstance(value, str) and value in MODEL_NAMES:
+def read_model(value, models=MODEL_NAMES) -> tuple:
+    """``(model name or None, notes)`` for what a learner chose: a name of ``models``, or refused."""
+    if isinstance(value, str) and value in models:
         return value, []
-    return None, [f"model {value!r} does not exist; the models are {', '.join(MODEL_NAMES)}."]
+    return None, [f"model {value!r} does not exist; the models are {', '.join(models)}."]
 
 
 def read_profile(value, profiles: dict) -> tuple:
-    """``(profile name or None, notes)``: the profile ``value`` means (:func:`profile_name`), or refused."""
-    found = profile_name(value, profiles)
-    return found, [] if found is not None else [f"device {value!r} is not one of the profiles: {', '.join(profiles)}."]
+    """``(profile name or None, notes)``: the profile ``value`` means, a new simulated GPU added to ``profiles``
+    for a card or a size typed in (:func:`batchlab.explorer.profile_for`), or refused."""
+    try:
+        return profile_for(value, profiles), []
+    except (TypeError, ValueError) as error:
+        return None, [f"device {value!r} is not one of the profiles ({', '.join(profiles)}), a card or a GPU "
+                      f"size such as '12GiB': {error}"]
 
 
 def read_steps(value, current: int) -> tuple:
@@ -115,8 +119,10 @@ def micro_text(s: RunSetting) -> str:
     return f" ({k} x {s.batch_size // k})" if k > 1 else ""
 
 
-def describe_input(model_name: str, input_shape: tuple) -> str:
-    """"cnn on 3x224x224 images" or "transformer on sequences of 512 tokens"."""
+def describe_input(model_name: str, input_shape) -> str:
+    """"cnn on 3x224x224 images" or "transformer on sequences of 512 tokens" (a learner's model: its batches)."""
+    if callable(input_shape):
+        return f"{model_name} on the batches of {getattr(input_shape, '__name__', 'make_batch')}"
     shape = "x".join(map(str, input_shape))
     return f"{model_name} on " + (f"sequences of {shape} tokens" if model_name == "transformer" else f"{shape} images")
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from .memory import track_storages
 from .process import python_tensors
-from .validation import MiB, check_int
+from .progress import progress_bar
+from .validation import MiB, check_bool, check_int
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _describe(types: dict, limit: int = 6) -> str:
     return text
 
 
-def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "") -> LeakReport:
+def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "", progress: bool = True) -> LeakReport:
     """Call ``fn()`` ``warmup`` times, then ``iterations`` times while measuring what stays alive.
 
     ``fn`` is one iteration of a loop (a training or evaluation step) taking no arguments. A function
@@ -136,7 +137,8 @@ def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "") ->
     (optimizer state, caches) happen before measuring. Returns a :class:`LeakReport`.
 
     Garbage collection is paused while measuring and restored afterwards. Tensors that ``fn`` keeps
-    stay alive (they are the caller's); clear them before calling again.
+    stay alive (they are the caller's); clear them before calling again. ``progress`` draws a bar over
+    the calls; it is made before the first count, so its own objects are not counted as growth.
     """
     if not callable(fn):
         raise TypeError(f"fn must be a function taking no arguments (one loop iteration), got {fn!r}")
@@ -145,8 +147,16 @@ def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "") ->
                          f"got {iterations}; 20 is a good default")
     check_int("iterations", iterations, minimum=2)
     check_int("warmup", warmup, minimum=0)
+    check_bool("progress", progress)
+    with progress_bar(progress, total=warmup + iterations, desc=f"leak_check {label}".strip(), unit="call") as bar:
+        return _leak_check(fn, iterations, warmup, label, bar)
+
+
+def _leak_check(fn, iterations, warmup, label, bar) -> LeakReport:
+    """:func:`leak_check` after its arguments are checked; ``bar`` advances once per call of ``fn``."""
     for _ in range(warmup):
         fn()
+        bar.update()
     was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -158,6 +168,7 @@ def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "") ->
             byte_series, node_series, object_series = [], [], []
             for i in range(iterations):
                 fn()
+                bar.update()
                 # Each series counts from the start of the check: what this check's calls left behind.
                 byte_series.append(tracker.current_bytes)
                 objects = gc.get_objects()

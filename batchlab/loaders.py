@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .batching import collate, iter_batches
+from .progress import progress_bar
 from .validation import check_bool, check_dataset, check_int
 from .workers import frozen_gc, one_thread, stop_workers
 
@@ -272,12 +273,14 @@ SWEEP_OPTIONS = frozenset({"pin_memory", "persistent_workers", "prefetch_factor"
                            "collate_fn"})
 
 
-def loader_sweep(dataset, *, num_workers=(0, 1, 2), batch_size=(32,), repeats: int = 3, **options) -> LoaderSweep:
+def loader_sweep(dataset, *, num_workers=(0, 1, 2), batch_size=(32,), repeats: int = 3, progress: bool = True,
+                 **options) -> LoaderSweep:
     """Run :func:`loader_throughput` for every ``batch_size`` x ``num_workers`` (chapter 3).
 
     The repeats are interleaved (all settings once, then all again, ...) so that a burst of load from
     another program on the machine spreads over every setting instead of spoiling one. ``options``
-    go to :func:`loader_throughput` (``batches``, ``warmup``, ``pin_memory``, ...).
+    go to :func:`loader_throughput` (``batches``, ``warmup``, ``pin_memory``, ...); ``progress`` draws a
+    bar over the runs.
     """
     unknown = sorted(set(options) - SWEEP_OPTIONS)
     if unknown:
@@ -286,17 +289,21 @@ def loader_sweep(dataset, *, num_workers=(0, 1, 2), batch_size=(32,), repeats: i
     workers = _check_grid("num_workers", num_workers, minimum=0)
     sizes = _check_grid("batch_size", batch_size, minimum=1)
     check_int("repeats", repeats, minimum=1)
+    check_bool("progress", progress)
     for size in sizes:  # every argument is checked before the first worker starts
         _check_loader_args(dataset, size, max(workers), options.get("pin_memory", False),
                            options.get("persistent_workers", False), options.get("prefetch_factor"),
                            options.get("batches", 50), options.get("warmup", 5), 1, options.get("seed", 0),
                            options.get("collate_fn"))
     results = {}
-    for _ in range(repeats):
-        for size in sizes:
-            for n in workers:
-                run = loader_throughput(dataset, batch_size=size, num_workers=n, repeats=1, **options)
-                results[size, n] = results[size, n].merged(run) if (size, n) in results else run
+    with progress_bar(progress, total=repeats * len(sizes) * len(workers), desc="loader_sweep", unit="run") as bar:
+        for _ in range(repeats):
+            for size in sizes:
+                for n in workers:
+                    bar.set_postfix(batch_size=size, num_workers=n, refresh=False)
+                    run = loader_throughput(dataset, batch_size=size, num_workers=n, repeats=1, **options)
+                    results[size, n] = results[size, n].merged(run) if (size, n) in results else run
+                    bar.update()
     return LoaderSweep(list(results.values()), usable_cores())
 
 

@@ -30,10 +30,12 @@ import torch
 from torch import nn
 
 from .estimate import SAFETY_MARGIN, estimate_memory, max_batch_size
+from .progress import progress_bar
 from .reference import gpu_reference
 from .steps import check_optimizer
 from .tuning import PRECISIONS, check_precision, checkpoint_blocks
 from .validation import (
+    batch_length,
     check_batch,
     check_bool,
     check_choice,
@@ -43,6 +45,7 @@ from .validation import (
     check_model,
     format_bytes,
     parse_bytes,
+    shape_of,
 )
 
 RECOMPUTE = 4 / 3  # checkpointing: forward (1) + backward (about 2) + the forward again (1) = 4 / 3 of a step
@@ -191,7 +194,8 @@ class FitPlan:
 
 
 def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, optimizer="sgd", loss_fn=None,
-             device: str = "cuda", precisions=("fp32", "bf16"), checkpointing=(False, True)) -> FitPlan:
+             device: str = "cuda", precisions=("fp32", "bf16"), checkpointing=(False, True),
+             progress: bool = True) -> FitPlan:
     """The ways to train ``model`` with exactly ``effective_batch`` samples per optimizer step in ``budget``.
 
     ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors cost nothing);
@@ -209,8 +213,9 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
     Options are ranked by predicted cost (see :mod:`batchlab.plan`), then fewer micro-batches, fp32
     before lower precision, no checkpointing first. Nothing fits: a ``ValueError`` with what a batch
     of one needs, by category, and the levers that would help. Estimates are cached (same micro-batch,
-    precision and checkpointing); ``model`` is only read.
+    precision and checkpointing); ``model`` is only read. ``progress`` draws a bar over the settings.
     """
+    check_bool("progress", progress)
     budget, effective_batch, levers, notes = _check_plan_args(model, make_batch, budget, effective_batch, optimizer,
                                                               loss_fn, device, precisions, checkpointing)
     common = dict(optimizer=optimizer, loss_fn=loss_fn, device=device)
@@ -220,10 +225,14 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
         raise ValueError(f"effective_batch must be at least {smallest} for this model (BatchNorm needs two samples "
                          f"per micro-batch in training), got {effective_batch}")
     options = []
-    for precision, checkpoint in levers:
-        option = _plan_for(model, make_batch, budget, effective_batch, smallest, precision, checkpoint, common, cache)
-        if option is not None:
-            options.append(option)
+    with progress_bar(progress, total=len(levers), desc="plan_fit", unit="setting") as bar:
+        for precision, checkpoint in levers:
+            bar.set_postfix(precision=precision, checkpointing=checkpoint, refresh=False)
+            option = _plan_for(model, make_batch, budget, effective_batch, smallest, precision, checkpoint, common,
+                               cache)
+            if option is not None:
+                options.append(option)
+            bar.update()
     if not options:
         raise ValueError(_nothing_fits(model, make_batch, budget, effective_batch, smallest, levers, common, cache))
     options.sort(key=lambda o: (round(o.cost, 6), o.accumulation_steps, PRECISIONS.index(o.precision),
@@ -251,7 +260,7 @@ def _plan_for(model, make_batch, budget, effective_batch, smallest, precision, c
     """The option for one precision and checkpointing setting, or None if not even ``smallest`` fits."""
     try:
         largest = max_batch_size(model, make_batch, budget=budget, limit=effective_batch, precision=precision,
-                                 checkpointing="blocks" if checkpoint else None, **common)
+                                 checkpointing="blocks" if checkpoint else None, progress=False, **common)
     except ValueError as error:
         if "does not fit" not in str(error):
             raise
@@ -288,7 +297,7 @@ def _smallest_batch(model, make_batch, common, cache) -> int:
             raise  # the meta device cannot run an operation: estimate_memory's own message says where
         except RuntimeError as error:
             inputs, _ = make_batch(n)
-            raise ValueError(f"make_batch returned inputs of shape {tuple(inputs.shape)}, which the model cannot "
+            raise ValueError(f"make_batch returned inputs of shape {shape_of(inputs)}, which the model cannot "
                              f"take: {str(error).splitlines()[0]}. make_batch(n) must build n samples of the "
                              f"shape the model expects") from error
     raise AssertionError("unreachable: a batch of two has two values per channel")
@@ -345,22 +354,23 @@ def _check_make_batch(make_batch, effective_batch: int) -> None:
     shapes = {}
     for n in dict.fromkeys((1, effective_batch, padded)):
         try:
-            inputs, targets = check_batch(make_batch(n), f"make_batch({n})")
+            inputs, targets = check_batch(make_batch(n), f"make_batch({n})", keyword_inputs=True)
         except (IndexError, RuntimeError) as error:
             raise ValueError(f"effective_batch {effective_batch} is more than make_batch can make: make_batch({n}) "
                              f"failed with {type(error).__name__}: {error}") from error
-        if len(inputs) != n:
-            if n == padded > len(inputs) >= effective_batch:
+        made = batch_length(inputs)
+        if made != n:
+            if n == padded > made >= effective_batch:
                 what = (f"make_batch must make {padded} samples (effective_batch {effective_batch} plus "
                         f"max_batch_size's {SAFETY_MARGIN:.0%} safety margin) to plan it")
-            elif n == effective_batch > len(inputs):
+            elif n == effective_batch > made:
                 what = f"effective_batch {effective_batch} is larger than make_batch can make"
             else:
                 what = f"make_batch({n}) must return {n} samples"
-            raise ValueError(f"{what}: make_batch({n}) returned inputs of shape {tuple(inputs.shape)}; make_batch(n) "
+            raise ValueError(f"{what}: make_batch({n}) returned inputs of shape {shape_of(inputs)}; make_batch(n) "
                              f"must build a batch with n as its first dimension")
-        shapes[n] = tuple(inputs.shape[1:])
-    if len(set(shapes.values())) > 1:
+        shapes[n] = shape_of(inputs, per_sample=True)
+    if len({str(shape) for shape in shapes.values()}) > 1:
         raise ValueError(f"make_batch must build samples of one shape, but it gave {shapes} (n: shape per sample)")
 
 

@@ -67,11 +67,18 @@ def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, accumulation_step
     """``(inputs, targets)`` cut into micro-batches (views, no copy).
 
     ``accumulation_steps`` is a number of micro-batches (``tensor.chunk``: equal sizes when it divides
-    the batch) or a list of their sizes, for uneven ones such as ``[16, 16, 16, 2]``.
+    the batch) or a list of their sizes, for uneven ones such as ``[16, 16, 16, 2]``. ``inputs`` may be a
+    dict of keyword inputs: each micro-batch is then a dict of the same keys.
     """
     if isinstance(accumulation_steps, (list, tuple)):
-        return list(zip(inputs.split(list(accumulation_steps)), targets.split(list(accumulation_steps))))
-    return list(zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)))
+        cut = lambda tensor: tensor.split(list(accumulation_steps))
+    else:
+        cut = lambda tensor: tensor.chunk(accumulation_steps)
+    if isinstance(inputs, dict):  # keyword inputs: every tensor cut the same way
+        pieces = {key: cut(value) for key, value in inputs.items()}
+        parts = [dict(zip(pieces, values)) for values in zip(*pieces.values())]
+        return list(zip(parts, cut(targets)))
+    return list(zip(cut(inputs), cut(targets)))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor, *,
@@ -82,8 +89,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     :func:`micro_batches`). Only one micro-batch's activations are alive at a time, so the step needs
     less memory; because each loss is weighted by its micro-batch's share of the samples, the summed
     gradients are exactly the gradient of the mean loss over the whole batch (chapter 6).
-    ``loss_fn`` returns the *mean* loss of a micro-batch (default: cross-entropy). ``no_sync``: DDP's
-    ``model.no_sync``, entered for every micro-batch but the last so that gradients are all-reduced
+    ``loss_fn(output, targets)`` returns the *mean* loss of a micro-batch (default: cross-entropy on the
+    output's logits, :class:`batchlab.losses.DefaultLoss`); ``inputs`` may be a dict, ``model(**inputs)``.
+    ``no_sync``: DDP's ``model.no_sync``, entered for every micro-batch but the last so that gradients are all-reduced
     once per step (chapter 7). On the meta device (the memory estimator) losses have no value: the
     result is ``nan``.
 
@@ -103,8 +111,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     for i, (micro_inputs, micro_targets) in enumerate(parts):
         keep_local = no_sync is not None and i < len(parts) - 1
         with no_sync() if keep_local else nullcontext():  # DDP: all-reduce only after the last micro-batch
-            with autocast(micro_inputs.device.type, precision):  # low precision for forward and loss only
-                loss = _scalar(loss_fn(model(micro_inputs), micro_targets))
+            with autocast(micro_targets.device.type, precision):  # low precision for forward and loss only
+                # The output reaches loss_fn as the model returns it (a tensor, tuple, dict or .logits object).
+                outputs = model(**micro_inputs) if isinstance(micro_inputs, dict) else model(micro_inputs)
+                loss = _scalar(loss_fn(outputs, micro_targets))
+                del outputs  # the graph keeps what backward needs
             # Weight each micro-batch by its share of the batch: the summed gradients are then
             # exactly the gradient of the mean loss over the whole effective batch.
             share = len(micro_targets) / len(targets)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .progress import progress_bar
 from .steps import check_optimizer, make_optimizer, train_step
 from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler
 from .validation import (
@@ -75,7 +76,7 @@ def train(
     model: nn.Module,
     dataset: Dataset,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     epochs: int | None = None,
     steps: int | None = None,
     optimizer="sgd",
@@ -91,6 +92,7 @@ def train(
     on_oom: str | None = None,
     precision: str = "fp32",
     checkpointing=None,
+    plan=None,
 ) -> History:
     """Train ``model`` on ``dataset`` and return its :class:`History`.
 
@@ -105,6 +107,7 @@ def train(
     * ``seed``: fixes the shuffling and any randomness in the model, so the same seed gives the same
       History; the global random state is left as it was.
     * ``eval_dataset``: if given, accuracy is measured after each epoch and after the last step.
+    * ``progress``: a ``tqdm.auto`` bar over the steps, with the last loss (:mod:`batchlab.progress`).
     * ``shuffle=False`` takes the samples in the data set's order (chapter 7 uses it to replay the
       exact global batches that distributed training saw).
     * ``on_oom="halve"``: when a step runs out of memory, free it, halve the micro-batch (double the
@@ -114,13 +117,21 @@ def train(
       ``torch.amp.GradScaler``; steps it skips are listed in ``History.skipped_steps``).
     * ``checkpointing`` (chapter 8): None, ``"blocks"`` (checkpoint every block) or a number of
       segments: the model runs through :func:`batchlab.checkpointed` (the model itself is not changed).
+    * ``plan``: a :class:`batchlab.FitPlan` from :func:`batchlab.plan_fit` (chapter 9), which gives
+      ``batch_size``, ``accumulation_steps``, ``precision``, ``checkpointing`` and a named optimizer;
+      ``train(model, data, plan=plan, steps=...)`` is ``train(model, data, **plan.train_kwargs(), steps=...)``.
 
     The model is moved to ``device`` and trained in place. Arguments are checked before anything is
     touched; if training fails or is interrupted, the model's weights, device and mode are restored.
     """
+    if plan is not None:
+        given = dict(batch_size=batch_size, accumulation_steps=accumulation_steps, precision=precision,
+                     checkpointing=checkpointing, optimizer=optimizer)
+        batch_size, accumulation_steps, precision, checkpointing, optimizer = _from_plan(plan, given).values()
     total_steps = _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
                                     loss_fn, device, seed, eval_dataset)
     check_bool("shuffle", shuffle)
+    check_bool("progress", progress)
     if on_oom not in (None, "halve"):
         raise ValueError(f"on_oom must be None (let the error through) or 'halve', got {on_oom!r}")
     loss_fn = check_loss_fn(loss_fn)
@@ -152,7 +163,7 @@ def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=history.label, disable=not progress, leave=False)
+    bar = progress_bar(progress, total=total_steps, desc=history.label, unit="step")
     step = 0
     while step < total_steps:  # one pass of this loop is one epoch
         for inputs, targets in loader:
@@ -227,11 +238,30 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     return correct / len(dataset)
 
 
+_TRAIN_DEFAULTS = dict(batch_size=None, accumulation_steps=1, precision="fp32", checkpointing=None, optimizer="sgd")
+
+
+def _from_plan(plan, given: dict) -> dict:
+    """``given`` (train's arguments) with what ``plan`` says; an argument given as well must agree with it."""
+    from .plan import FitPlan
+
+    if not isinstance(plan, FitPlan):
+        raise TypeError(f"plan must be a batchlab.FitPlan (from batchlab.plan_fit), got {type(plan).__name__}")
+    wanted = plan.train_kwargs()
+    for name, value in wanted.items():
+        if given[name] != _TRAIN_DEFAULTS[name] and given[name] != value:
+            raise ValueError(f"train got plan= and {name}={given[name]!r}, but the plan says {name}={value!r}: "
+                             f"pass one of them")
+    return {name: wanted.get(name, given[name]) for name in given}
+
+
 def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
                       loss_fn, device, seed, eval_dataset):
     """Check every argument of :func:`train`; return the number of steps."""
     check_model(model)
     check_dataset(dataset)
+    if batch_size is None:
+        raise TypeError("train needs batch_size= (samples per optimizer step) or plan= (from batchlab.plan_fit)")
     check_int("batch_size", batch_size, minimum=1)
     if batch_size > len(dataset):
         raise ValueError(

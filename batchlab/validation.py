@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .losses import DefaultLoss
+
 
 def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return ``value`` if it is an int within ``[minimum, maximum]``; raise a readable error otherwise."""
@@ -132,9 +134,9 @@ def check_device(device, name: str = "device"):
 
 
 def check_loss_fn(loss_fn):
-    """``loss_fn``, or cross-entropy (the mean over the batch) when it is None."""
+    """``loss_fn``, or cross-entropy (the mean over the batch, :class:`batchlab.losses.DefaultLoss`) when None."""
     if loss_fn is None:
-        return nn.CrossEntropyLoss()
+        return DefaultLoss()
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (like torch.nn.CrossEntropyLoss()), got {loss_fn!r}")
     return loss_fn
@@ -168,15 +170,48 @@ def check_dataset(dataset, name: str = "dataset", *, labelled: bool = True):
     return dataset
 
 
-def check_batch(batch, name: str = "batch"):
-    """``(inputs, targets)`` from a batch as a DataLoader yields it: two tensors with the same first dimension."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, torch.Tensor) for t in batch):
-        raise TypeError(f"{name} must be a pair (inputs, targets) of tensors, as a DataLoader yields, "
+def check_batch(batch, name: str = "batch", *, keyword_inputs: bool = False):
+    """``(inputs, targets)`` from a batch as a DataLoader yields it: two tensors with the same first dimension.
+
+    With ``keyword_inputs`` (the estimator and the planner), ``inputs`` may also be a dict of tensors, the
+    keyword inputs of ``model(**inputs)`` (a tokenizer's ``input_ids`` and ``attention_mask``), each with
+    the batch as its first dimension.
+    """
+    keyword = (keyword_inputs and isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], dict)
+               and batch[0] and all(isinstance(t, torch.Tensor) for t in batch[0].values()))
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[1], torch.Tensor) or not (
+            keyword or isinstance(batch[0], torch.Tensor)):
+        also = " (inputs may be a dict of tensors, the keyword inputs of model(**inputs))" if keyword_inputs else ""
+        raise TypeError(f"{name} must be a pair (inputs, targets) of tensors, as a DataLoader yields{also}, "
                         f"got {describe(batch)}")
     inputs, targets = batch
-    if inputs.shape[:1] != targets.shape[:1]:
-        raise ValueError(f"{name} inputs and targets must have the same number of samples, got "
-                         f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
-    if len(inputs) == 0:
+    for shape in [t.shape for t in inputs.values()] if keyword else [inputs.shape]:
+        if shape[:1] != targets.shape[:1]:
+            raise ValueError(f"{name} inputs and targets must have the same number of samples, got "
+                             f"{shape_of(inputs)} and {tuple(targets.shape)}")
+    if len(targets) == 0:
         raise ValueError(f"{name} is empty: it must hold at least one sample")
     return inputs, targets
+
+
+def batch_length(inputs) -> int:
+    """Samples in ``inputs``: a tensor's first dimension, or that of the tensors of a dict of keyword inputs."""
+    return len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+
+
+def shape_of(inputs, *, per_sample: bool = False):
+    """The shape of ``inputs`` for messages: a tuple, or ``{name: shape}`` for keyword inputs.
+
+    ``per_sample``: without the batch dimension.
+    """
+    start = 1 if per_sample else 0
+    if isinstance(inputs, dict):
+        return {key: tuple(value.shape[start:]) for key, value in inputs.items()}
+    return tuple(inputs.shape[start:])
+
+
+def inputs_to(inputs, device):
+    """``inputs`` (a tensor, or a dict of keyword inputs) moved to ``device``."""
+    if isinstance(inputs, dict):
+        return {key: value.to(device) for key, value in inputs.items()}
+    return inputs.to(device)

@@ -1,7 +1,18 @@
 """Shared test set-up: keep torch on the machine's two cores and tests independent of each other."""
 
-import pytest
-import torch
+import os
+
+# Quiet progress bars in the unit tests: tqdm (>= 4.66) reads TQDM_* variables once, when it is imported,
+# so a function called with progress=True draws nothing here (tests/test_progress.py checks the bars with a
+# stand-in). The variable is removed again at once: the notebook kernels that nbval starts in the same
+# pytest run inherit this process's environment, and they must draw the bars the committed outputs show.
+os.environ["TQDM_DISABLE"] = "1"
+import tqdm.auto  # noqa: E402, F401
+
+del os.environ["TQDM_DISABLE"]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One CPU thread, as batchlab.setup() gives the notebooks: on a shared machine, torch's threads
 # waiting for each other make small operations many times slower.

@@ -119,6 +119,20 @@ def test_the_plan_trains_without_oom_and_equals_the_large_batch(make_batch, digi
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_train_takes_the_plan_itself(plan, digits):
+    run = dict(steps=1, progress=False, lr=0.05)
+    a, b = cnn(), cnn()
+    by_plan = batchlab.train(a, digits, plan=plan, **run)
+    by_kwargs = batchlab.train(b, digits, **plan.train_kwargs(), **run)
+    assert by_plan == by_kwargs
+    with pytest.raises(ValueError, match="train got plan= and batch_size=3, but the plan says batch_size="):
+        batchlab.train(cnn(), digits, plan=plan, batch_size=3, **run)
+    with pytest.raises(TypeError, match="plan must be a batchlab.FitPlan"):
+        batchlab.train(cnn(), digits, plan={"batch_size": 8}, **run)
+    with pytest.raises(TypeError, match=r"train needs batch_size= \(samples per optimizer step\) or plan="):
+        batchlab.train(cnn(), digits, **run)
+
+
 def test_train_kwargs_and_learning_rate(plan):
     kwargs = plan.train_kwargs()
     assert kwargs["batch_size"] == EFFECTIVE and kwargs["optimizer"] == "sgd"

@@ -6,6 +6,7 @@ as plain functions (batchlab.explorer).
 """
 
 import gc
+import io
 import threading
 import time
 
@@ -344,6 +345,29 @@ def test_explorer_shows_memory_convergence_and_speed(explorer):
     assert explorer._repr_mimebundle_()["text/plain"] == "BatchSizeExplorer(panels=('memory', 'convergence', 'speed'))"
 
 
+def test_explorer_output_carries_a_still_png_of_its_panels_after_the_live_widget(explorer):
+    from PIL import Image
+
+    bundle = explorer._repr_mimebundle_()
+    # JupyterLab renders the widget view; GitHub and nbviewer, which cannot, show the PNG; nbval compares text.
+    assert list(bundle) == ["application/vnd.jupyter.widget-view+json", "image/png", "text/plain"]
+    still = Image.open(io.BytesIO(bundle["image/png"]))
+    panels = [Image.open(io.BytesIO(bytes(p.image.value))) for p in (explorer.memory, explorer.convergence,
+                                                                      explorer.speed)]
+    assert still.format == "PNG"
+    assert still.size == (max(p.width for p in panels), sum(p.height for p in panels))  # the three, stacked
+    top = panels[0].convert("RGB")
+    assert still.convert("RGB").crop((0, 0, top.width, top.height)).tobytes() == top.tobytes()
+
+
+def test_a_box_without_pictures_has_no_still_png():
+    import ipywidgets as widgets
+
+    from batchlab.widgets.base import Panel, still_png
+
+    assert still_png(widgets.VBox([Panel("nothing drawn yet").box, widgets.IntSlider()])) is None
+
+
 def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does(small_digits):
     widget = BatchSizeExplorer(small_digits, model="cnn", batch_size=32, profile="4 GiB", panels="memory")
     first = (widget.memory.text.value, bytes(widget.memory.image.value))
@@ -417,10 +441,10 @@ def test_bad_input_is_clamped_or_refused_with_a_message(explorer):
     assert state["batch_size"] == 359 and "using 359" in state["message"] and explorer.batch_size.value == 359
     explorer.batch_text.value = "100"  # a size between two stops of the slider
     assert explorer.batch_size.value == 100 and explorer.state["message"] == ""
-    state = explorer.set(lr="fast", model="vgg", profile="3 GiB", accumulation_steps="two")
+    state = explorer.set(lr="fast", model="vgg", profile="0.5 GiB", accumulation_steps="two")
     assert (state["lr"], state["model"], state["profile"], state["accumulation_steps"]) == \
         (0.05, "mlp", "GPU 4 GiB (simulated)", 1)
-    for words in ("'fast' is not a number", "'vgg' does not exist", "'3 GiB' is not one of", "'two'"):
+    for words in ("'fast' is not a number", "'vgg' does not exist", "'0.5 GiB' is not one of", "'two'"):
         assert words in state["message"]
     state = explorer.set(lr=50, accumulation_steps=-3)
     assert state["lr"] == 1.0 and state["accumulation_steps"] == 1 and "using 1." in state["message"]
@@ -512,8 +536,8 @@ def test_chosen_panels_only(small_digits):
     assert widget.memory.box not in widget.box.children and widget.profile not in widget.box.children[1].children
     with pytest.raises(ValueError, match="panels must name some of memory, convergence, speed"):
         BatchSizeExplorer(small_digits, panels=("loss",))
-    with pytest.raises(ValueError, match="profile must be one of"):
-        BatchSizeExplorer(small_digits, profile="5 GiB")
+    with pytest.raises(ValueError, match="profile: device '0.5 GiB' is not one of the profiles"):
+        BatchSizeExplorer(small_digits, profile="0.5 GiB")  # less than the CUDA context
     widget.close()
 
 

@@ -29,7 +29,7 @@ def check_hook_fix(hook, module, step, kept: list) -> None:
                module.register_forward_hook(lambda _module, _inputs, output: expected.append(
                    output.detach().mean().item()))]  # what the learner's hook should keep, for comparison
     try:
-        report = leak_check(step, iterations=10, label="your hook")
+        report = leak_check(step, iterations=10, label="your hook", progress=False)
     except Exception as error:  # the learner's hook: say what happened, as an AssertionError
         raise AssertionError(f"the step raised {type(error).__name__}: {error}") from error
     finally:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import io
 from contextlib import contextmanager
 
 import ipywidgets as widgets
@@ -117,9 +118,46 @@ class Explorer:
             widget.close()
 
     def _repr_mimebundle_(self, **kwargs):
-        bundle = self.box._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = repr(self)  # short and stable: nbval compares it
+        """The live widget first (JupyterLab shows it), then a still PNG of the figures shown now, for a
+        reader on GitHub or nbviewer where widgets cannot run, then a short, stable ``text/plain`` (the
+        one output nbval compares: it skips the widget view and images)."""
+        view = "application/vnd.jupyter.widget-view+json"
+        live = self.box._repr_mimebundle_(**kwargs)
+        bundle = {view: live[view]} if view in live else {}
+        still = still_png(self.box)
+        if still is not None:
+            bundle["image/png"] = still
+        bundle.update({key: value for key, value in live.items() if key not in (view, "text/plain")})
+        bundle["text/plain"] = repr(self)
         return bundle
+
+
+def shown_images(widget) -> list:
+    """The PNG bytes of every ``widgets.Image`` inside ``widget`` that has a picture, in display order."""
+    if isinstance(widget, widgets.Image):
+        return [bytes(widget.value)] if widget.value and widget.format == "png" else []
+    return [png for child in getattr(widget, "children", ()) for png in shown_images(child)]
+
+
+def still_png(widget) -> bytes | None:
+    """One PNG of the figures in ``widget`` stacked top to bottom on white (None if it shows none yet).
+
+    An explorer's figures are already PNGs (:class:`Panel`); a still picture of them is what a notebook
+    viewer without a kernel can show in place of the widget.
+    """
+    from PIL import Image  # Pillow comes with matplotlib, which the widgets draw with
+
+    pictures = [Image.open(io.BytesIO(png)).convert("RGB") for png in shown_images(widget)]
+    if not pictures:
+        return None
+    still = Image.new("RGB", (max(p.width for p in pictures), sum(p.height for p in pictures)), "white")
+    top = 0
+    for picture in pictures:
+        still.paste(picture, (0, top))
+        top += picture.height
+    out = io.BytesIO()
+    still.save(out, format="png", optimize=True)
+    return out.getvalue()
 
 
 def and_list(names) -> str:

@@ -12,6 +12,7 @@ import functools
 import html
 
 import ipywidgets as widgets
+from torch import nn
 
 from .. import explorer as ex
 from .. import explorer_text as say
@@ -31,8 +32,8 @@ class BatchSizeExplorer(Explorer):
     """Move the batch size; watch the memory of a step, the convergence and the speed respond.
 
     Controls: batch size (a log-scale slider from 1 to 4096 or the data set's size, and a box to type
-    any size), learning rate, model (:data:`batchlab.MODEL_NAMES`), device profile (this machine's
-    CPU, or a simulated GPU of 4 to 80 GiB) and accumulation steps. ``panels`` picks among:
+    any size), learning rate, model (:data:`batchlab.MODEL_NAMES`), device profile (this machine's CPU,
+    a simulated GPU of 4 to 80 GiB, or any size or card typed in) and accumulation steps. ``panels``:
 
     * ``"memory"``: the estimated peak of one training step by category, as a stacked bar against the
       device's size, with an out-of-memory state and the largest batch that fits
@@ -49,14 +50,23 @@ class BatchSizeExplorer(Explorer):
     message under the controls, never raised. ``set(**values)`` applies values as a learner would and
     returns when every panel shows them; ``state`` is what the panels show. The explorer itself is
     returned once its first panels are drawn.
+
+    Your own model: ``model=<nn.Module>`` with ``make_batch`` (``n -> (inputs, targets)``, meta tensors are
+    free) and ``loss_fn`` if cross-entropy does not suit its output; it joins the course models in the
+    model list and shows the memory panel only (there is no data to train it on). ``gpu``: a card of
+    :data:`batchlab.reference.GPUS` or a size ("12GiB"); ``set(profile=12)`` adds a 12 GiB GPU too.
     """
 
     settable = ("batch_size", "lr", "model", "profile", "accumulation_steps")
 
-    def __init__(self, dataset=None, *, model: str = "cnn", batch_size: int = 64, lr: float = 0.05,
+    def __init__(self, dataset=None, *, model="cnn", batch_size: int = 64, lr: float = 0.05,
                  profile="GPU 8 GiB (simulated)", accumulation_steps: int = 1, optimizer: str = "sgd",
                  panels=say.PANELS, keep: int = 4, image_shape=ex.IMAGE_SHAPE,
-                 sequence_length: int = ex.SEQUENCE_LENGTH):
+                 sequence_length: int = ex.SEQUENCE_LENGTH, make_batch=None, loss_fn=None, gpu=None):
+        own = ex.own_model(model, make_batch, loss_fn) if isinstance(model, nn.Module) else None
+        if own is None and (make_batch is not None or loss_fn is not None):
+            raise ValueError("make_batch and loss_fn are for your own model: pass model=<your nn.Module> with them")
+        panels = ("memory",) if own is not None else panels  # a learner's model has no data here to train on
         self.dataset = dataset if dataset is not None else digits(train=True)
         self.panels = say.check_panels(panels)
         self.optimizer = check_choice("optimizer", optimizer, ("sgd", "adam"))
@@ -64,20 +74,23 @@ class BatchSizeExplorer(Explorer):
         self.image_shape = say.check_image_shape(image_shape)
         self.sequence_length = check_int("sequence_length", sequence_length, minimum=1)
         self.limit = min(ex.MAX_BATCH, len(self.dataset))
-        check_choice("model", model, MODEL_NAMES)
+        model = own.name if own is not None else check_choice("model", model, MODEL_NAMES)
         check_int("batch_size", batch_size, minimum=1, maximum=self.limit)
         say.check_lr(lr)
         self.profiles = ex.device_profiles()
-        profile_name = say.profile_name(profile, self.profiles)
+        profile_name, refused = say.read_profile(profile if gpu is None else gpu, self.profiles)
         if profile_name is None:
-            raise ValueError(f"profile must be one of {', '.join(map(repr, self.profiles))}, got {profile!r}")
+            raise ValueError(f"{'profile' if gpu is None else 'gpu'}: {refused[0]}")
         if ex.fit_accumulation(batch_size, check_int("accumulation_steps", accumulation_steps, minimum=1))[1]:
             raise ValueError(f"accumulation_steps must divide batch_size into equal micro-batches, got "
                              f"{accumulation_steps} for batch {batch_size}")
+        self.models = ((own.name,) if own is not None else ()) + MODEL_NAMES
         self._build_controls(model, batch_size, lr, profile_name, accumulation_steps)
         self._batch, self._notes, self.notes = batch_size, [], []  # notes: what the message line says now
         self.cache = ex.MemoryCache(optimizer=self.optimizer, image_shape=self.image_shape,
                                     sequence_length=self.sequence_length)
+        if own is not None:
+            self.cache.add_own(own)
         self.runs = ex.RunCache(self.dataset, keep=self.keep)
         self._shown_runs = []
         self._memory = self._memory_key = self._run_shown = self._error = self._submitted = None
@@ -89,7 +102,7 @@ class BatchSizeExplorer(Explorer):
     # -- building ---------------------------------------------------------------------------------
     def _build_controls(self, model, batch_size, lr, profile_name, accumulation_steps):
         options = tuple(sorted(set(ex.batch_size_options(self.limit)) | {batch_size}))
-        controls = _controls(options, batch_size, lr, model, list(self.profiles), profile_name,
+        controls = _controls(options, batch_size, lr, (self.models, model), list(self.profiles), profile_name,
                              accumulation_steps)
         for name, control in controls.items():
             setattr(self, name, control)
@@ -129,12 +142,14 @@ class BatchSizeExplorer(Explorer):
         if name == "batch_size":
             self.batch_text.value = str(value)
             return self._correct("batch_text")
-        read = {"lr": lambda: say.read_lr(value, self.lr.value), "model": lambda: say.read_model(value),
+        read = {"lr": lambda: say.read_lr(value, self.lr.value), "model": lambda: say.read_model(value, self.models),
                 "profile": lambda: say.read_profile(value, self.profiles),
                 "accumulation_steps": lambda: say.read_steps(value, self.accumulation_steps.value)}[name]
         used, notes = read()
         if used is None:
             return notes
+        if name == "profile" and used not in self.profile.options:  # a GPU typed in: offer it from now on
+            self.profile.options = list(self.profiles)
         self.controls[name].value = used
         return notes + (self._correct(name) if name == "accumulation_steps" else [])
 
@@ -297,7 +312,7 @@ class BatchSizeExplorer(Explorer):
 
 
 def _controls(batch_options, batch_size, lr, model, profiles, profile, accumulation_steps) -> dict:
-    """The explorer's controls, ``{attribute: widget}``, set to the given values."""
+    """The explorer's controls, ``{attribute: widget}``, set to the given values (``model``: (names, chosen))."""
     wide = {"description_width": "initial"}
     return {
         "batch_size": widgets.SelectionSlider(options=batch_options, value=batch_size, description="batch size",
@@ -307,7 +322,7 @@ def _controls(batch_options, batch_size, lr, model, profiles, profile, accumulat
                                    layout=widgets.Layout(width="150px")),
         "lr": widgets.FloatLogSlider(value=lr, base=10, min=-3, max=0, step=0.25, description="learning rate",
                                      continuous_update=False, readout_format=".3g", style=wide),
-        "model": widgets.Dropdown(options=MODEL_NAMES, value=model, description="model", style=wide,
+        "model": widgets.Dropdown(options=model[0], value=model[1], description="model", style=wide,
                                   layout=widgets.Layout(width="200px")),
         "profile": widgets.Dropdown(options=profiles, value=profile, description="device", style=wide,
                                     layout=widgets.Layout(width="300px")),
