@@ -280,7 +280,7 @@ def small_plan():
 
     budget = GiB - batchlab.CUDA_CONSTANTS["cuda_context"][0]
     return batchlab.plan_fit(model, make_batch, budget=budget, effective_batch=4096, precisions="fp32",
-                             checkpointing=False)
+                             checkpointing=False, progress=False)
 
 
 def test_check_plan_accepts_the_tasks_plan(small_plan, capsys):
