@@ -1,13 +1,17 @@
 """The exercise checks of every chapter: None prints the task, a wrong answer gets a hint, a right one passes."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import batchlab
 from batchlab import datasets, exercises, loaders
 from batchlab import explorer as ex
 from batchlab.exercises import chapter6
+from batchlab.validation import GiB
 
 
 def test_every_chapter_check_is_re_exported_and_starts_with_your_turn():
@@ -232,3 +236,74 @@ def test_accumulation_loop_check_wants_weighting_by_share(capsys):
         exercises.check_accumulation_loop(naive_loop)  # right for equal micro-batches only
     with pytest.raises(AssertionError, match="Even with four equal micro-batches"):
         exercises.check_accumulation_loop(chapter6.reference_loop("missing loss scaling"))
+
+
+# -- chapter 9: out-of-memory messages and a plan -------------------------------------------------------
+
+def test_the_three_messages_have_three_causes_in_three_forms():
+    from batchlab.exercises.chapter9 import OOM_MESSAGES
+
+    causes = [batchlab.explain_oom(message).cause for message in OOM_MESSAGES]
+    assert causes == ["fragmentation", "single_allocation", "other_processes"]
+    two_zero, one_x, two_two = OOM_MESSAGES
+    assert "max_split_size_mb" in two_zero and "total capacity;" in two_zero
+    assert "already allocated" in one_x and "max_split_size_mb" not in one_x
+    assert "Including non-PyTorch memory" in two_two and "Process 4121 has" in two_two
+
+
+def test_check_oom_causes_names_the_wrong_message_without_its_cause(capsys):
+    exercises.check_oom_causes(None)
+    assert capsys.readouterr().out.startswith("Your turn: name the cause of each of the messages A, B, C")
+    exercises.check_oom_causes(["fragmentation", "single_allocation", "other_processes"])
+    out = capsys.readouterr().out
+    assert out.startswith("Correct:") and "  C: other_processes" in out
+    with pytest.raises(AssertionError, match=r"^message C: not right") as wrong:
+        exercises.check_oom_causes(("fragmentation", "single_allocation", "out_of_memory"))
+    assert "other_processes" not in str(wrong.value)
+    with pytest.raises(AssertionError, match=r"^messages A, B: not right"):
+        exercises.check_oom_causes(["out_of_memory", "fragmentation", "other_processes"])
+    with pytest.raises(ValueError, match="answers must be a list of 3 causes"):
+        exercises.check_oom_causes("fragmentation")
+    with pytest.raises(ValueError, match="each cause must be one of 'single_allocation'.*got \\['leak'\\]"):
+        exercises.check_oom_causes(["fragmentation", "leak", "other_processes"])
+
+
+PLAN_TASK = dict(model_name="cnn", in_shape=(1, 28, 28), effective_batch=4096, optimizer="sgd", gpu_gib=1)
+
+
+@pytest.fixture(scope="module")
+def small_plan():
+    model = batchlab.build_model("cnn", in_shape=(1, 28, 28))
+
+    def make_batch(n):
+        return torch.empty(n, 1, 28, 28, device="meta"), torch.zeros(n, dtype=torch.long, device="meta")
+
+    budget = GiB - batchlab.CUDA_CONSTANTS["cuda_context"][0]
+    return batchlab.plan_fit(model, make_batch, budget=budget, effective_batch=4096, precisions="fp32",
+                             checkpointing=False, progress=False)
+
+
+def test_check_plan_accepts_the_tasks_plan(small_plan, capsys):
+    exercises.check_plan(None, **PLAN_TASK)
+    assert capsys.readouterr().out.startswith("Your turn: plan build_model('cnn', in_shape=(1, 28, 28))")
+    assert small_plan.accumulation_steps > 1  # the task is one that needs a plan
+    exercises.check_plan(small_plan, **PLAN_TASK)
+    assert capsys.readouterr().out.startswith("Correct: 1 ways fit; the best runs")
+
+
+def test_check_plan_explains_what_is_wrong(small_plan):
+    with pytest.raises(AssertionError, match="is the whole card"):
+        exercises.check_plan(dataclasses.replace(small_plan, budget=GiB), **PLAN_TASK)
+    with pytest.raises(AssertionError, match="is not what a 1 GiB GPU leaves PyTorch"):
+        exercises.check_plan(dataclasses.replace(small_plan, budget=GiB // 2), **PLAN_TASK)
+    with pytest.raises(AssertionError, match="the task asks for 4096"):
+        exercises.check_plan(dataclasses.replace(small_plan, effective_batch=2048), **PLAN_TASK)
+    with pytest.raises(AssertionError, match="the task's is 'adam'"):
+        exercises.check_plan(small_plan, **{**PLAN_TASK, "optimizer": "adam"})
+    with pytest.raises(AssertionError, match="the task's GPU is a CUDA device"):
+        exercises.check_plan(dataclasses.replace(small_plan, device="cpu"), **PLAN_TASK)
+    other_model = dataclasses.replace(small_plan.options[0], peak_bytes=small_plan.peak_bytes + 512)
+    with pytest.raises(AssertionError, match="check the model and its input shape"):
+        exercises.check_plan(dataclasses.replace(small_plan, options=[other_model]), **PLAN_TASK)
+    with pytest.raises(AssertionError, match="give the FitPlan that batchlab.plan_fit returns, got dict"):
+        exercises.check_plan({"micro_batch": 64}, **PLAN_TASK)

@@ -15,6 +15,7 @@ chapter    checks
 5          :func:`check_hook_fix`
 6          :func:`check_loop_bugs`, :func:`check_accumulation_loop`
 8          :func:`check_bytes_per_parameter`, :func:`check_checkpoint_segments`, :func:`check_critical_batch`
+9          :func:`check_oom_causes` (the messages in ``chapter9.OOM_MESSAGES``), :func:`check_plan`
 =========  ==============================================================================
 """
 
@@ -25,6 +26,7 @@ from .chapter3 import check_best_num_workers, check_padding_collate, check_persi
 from .chapter5 import check_hook_fix
 from .chapter6 import check_accumulation_loop, check_loop_bugs
 from .chapter8 import check_bytes_per_parameter, check_checkpoint_segments, check_critical_batch
+from .chapter9 import check_oom_causes, check_plan
 from .turn import your_turn
 
 __all__ = [
@@ -37,8 +39,10 @@ __all__ = [
     "check_largest_batch",
     "check_loop_bugs",
     "check_normalize_stats",
+    "check_oom_causes",
     "check_padding_collate",
     "check_persistent_prediction",
+    "check_plan",
     "check_scaled_lr",
     "check_squares_dataset",
     "check_steps_per_epoch",
