@@ -40,7 +40,7 @@ from .allocator import CachingAllocator
 from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
 from .progress import progress_bar
 from .rnn_kernels import use_cpu_layers, use_cudnn_kernels
-from .steps import check_optimizer, make_optimizer, train_step
+from .steps import check_accumulation, check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
 from .tuning import (
     apply_checkpointing,
@@ -294,7 +294,8 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
     tensor categories. ``device="cpu"`` predicts the tensor bytes a CPU step holds at its peak.
     ``budget`` (bytes or a string like ``"4GiB"``) makes the simulated GPU that small: a step that
     does not fit raises ``torch.OutOfMemoryError``, as on a real GPU. ``accumulation_steps`` splits the
-    batch into that many micro-batches whose gradients are accumulated, as ``batchlab.train`` does.
+    batch into that many micro-batches (or micro-batches of the sizes listed) whose gradients are
+    accumulated, as ``batchlab.train`` does.
 
     ``precision`` (chapter 8): ``"bf16"`` / ``"fp16"`` run forward and loss under the cast policy of
     ``torch.autocast`` on ``device`` (:data:`batchlab.tuning.AUTOCAST_POLICIES`): products and
@@ -306,7 +307,7 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
     """
     inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing)
     budget = parse_bytes("budget", budget) if budget is not None else None
-    check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=batch_length(inputs))
+    check_accumulation(accumulation_steps, batch_length(inputs))
     precision = honour_autocast(precision)
     levers = dict(precision=precision, checkpointing=checkpointing)
     try:

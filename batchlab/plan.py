@@ -270,9 +270,9 @@ def _plan_for(model, make_batch, budget, effective_batch, smallest, precision, c
         sizes = split_evenly(effective_batch, parts)
         if sizes[-1] < smallest:
             return None
-        # The accumulated step: gradients of the earlier micro-batches are alive while the next one runs,
-        # so two micro-batches of the largest size show the peak of any number of them.
-        n, accumulation = (effective_batch, 1) if parts == 1 else (min(effective_batch, 2 * sizes[0]), 2)
+        # The accumulated step as train runs it: the whole batch's inputs are alive all along, and the
+        # gradients of the earlier micro-batches while the next one runs.
+        n, accumulation = effective_batch, (1 if parts == 1 else tuple(sizes))
         report = _estimate(model, make_batch, n, accumulation, precision, checkpoint, common, cache, budget)
         if report is not None:
             break
@@ -394,6 +394,14 @@ def _nothing_fits(model, make_batch, budget, effective_batch, smallest, levers, 
     scaled = sum(base.breakdown.get(c, 0) for c in ("activations", "inputs"))
     savings[f"a smaller input (activations and inputs scale with it: half of {format_bytes(scaled)})"] = scaled // 2
     over = needed - budget
+    if over <= 0:  # one micro-batch fits alone: what does not is the step that holds the whole batch
+        inputs = base.breakdown.get("inputs", 0) * effective_batch // smallest
+        return (f"nothing fits: a micro-batch of {smallest} fits budget {format_bytes(budget)} on "
+                f"{common['device']} alone (it needs {format_bytes(needed)}), but a step of {effective_batch} samples "
+                f"keeps the whole batch's inputs alive while its micro-batches run (train loads the effective "
+                f"batch at once): about {format_bytes(inputs)} of inputs beside the model's "
+                f"{format_bytes(fixed)} of weights, gradients and optimizer state. Use a smaller effective_batch, "
+                f"smaller inputs, a lighter optimizer or a larger budget (tried {', '.join(p for p, _ in levers)}).")
     ranked = sorted(savings.items(), key=lambda kv: -kv[1])
     advice = "; ".join(f"{lever}: saves about {format_bytes(max(s, 0))}{' (enough alone)' if s >= over else ''}"
                        for lever, s in ranked)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .tuning import autocast, check_precision
-from .validation import check_float, check_loss_fn
+from .validation import check_float, check_int, check_loss_fn
 
 # The optimizers the course names, with their default settings. A learner passes the name, or a
 # function ``params -> torch.optim.Optimizer`` for anything else.
@@ -79,6 +79,18 @@ def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, accumulation_step
         parts = [dict(zip(pieces, values)) for values in zip(*pieces.values())]
         return list(zip(parts, cut(targets)))
     return list(zip(cut(inputs), cut(targets)))
+
+
+def check_accumulation(accumulation_steps, batch_size: int):
+    """``accumulation_steps`` as :func:`train_step` takes it for a batch of ``batch_size``: a number of
+    micro-batches (at most one per sample) or a list of micro-batch sizes that add up to the batch."""
+    if isinstance(accumulation_steps, (list, tuple)):
+        sizes = [check_int(f"accumulation_steps[{i}]", size, minimum=1) for i, size in enumerate(accumulation_steps)]
+        if not sizes or sum(sizes) != batch_size:
+            raise ValueError(f"accumulation_steps as micro-batch sizes must add up to the batch ({batch_size}), "
+                             f"got {list(accumulation_steps)} (sum {sum(sizes)})")
+        return accumulation_steps
+    return check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=batch_size)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor, *,

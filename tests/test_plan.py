@@ -166,10 +166,21 @@ def test_gpu_plan_reserved_memory_fits(make_batch):
     with torch.device("meta"):
         model = batchlab.build_model("mlp", in_shape=(3, 224, 224))
     budget = 4 * 2**30 - batchlab.CUDA_CONSTANTS["cuda_context"][0]
-    plan = batchlab.plan_fit(model, meta_batch, budget=budget, effective_batch=4096, checkpointing=False)
+    plan = batchlab.plan_fit(model, meta_batch, budget=budget, effective_batch=1024, checkpointing=False)
     for option in plan.options:
-        assert sum(option.micro_batches) == 4096
+        assert sum(option.micro_batches) == 1024
         assert option.peak_bytes <= option.reserved_bytes <= budget
+
+
+def test_nothing_fits_when_only_the_whole_batchs_inputs_do_not():
+    def meta_batch(n):
+        return torch.empty(n, 3, 224, 224, device="meta"), torch.empty(n, dtype=torch.long, device="meta")
+    with torch.device("meta"):
+        model = batchlab.build_model("mlp", in_shape=(3, 224, 224))
+    with pytest.raises(ValueError, match=r"a micro-batch of 1 fits budget .* alone .* but a step of 4096 samples "
+                                         r"keeps the whole batch's inputs alive"):
+        batchlab.plan_fit(model, meta_batch, budget="3.25GiB", effective_batch=4096, checkpointing=False,
+                          progress=False)
 
 
 def test_nothing_fits_says_what_batch_one_needs_and_the_lever(make_batch):
@@ -287,3 +298,18 @@ def test_train_halves_uneven_micro_batches_on_oom(digits):
                                  progress=False, on_oom="halve")
     assert history.notes == [f"step 1: out of memory; now 4 micro-batches of about 63 samples (the effective batch "
                              f"is still {EFFECTIVE})"]
+
+
+def test_a_plan_of_many_micro_batches_is_estimated_as_the_whole_step_train_runs():
+    # The whole batch's inputs stay alive through the step: the plan's peak is that of the real step.
+    model = batchlab.build_model("cnn", in_shape=(1, 28, 28))
+
+    def make(n):
+        return torch.empty(n, 1, 28, 28, device="meta"), torch.empty(n, dtype=torch.long, device="meta")
+
+    whole = batchlab.estimate_memory(model, make(4096), device="cuda")
+    plan = batchlab.plan_fit(model, make, budget=int(whole.peak_bytes * 0.4), effective_batch=4096,
+                             precisions="fp32", checkpointing=False, progress=False)
+    assert plan.accumulation_steps > 2
+    real = batchlab.estimate_memory(model, make(4096), accumulation_steps=list(plan.micro_batches), device="cuda")
+    assert plan.peak_bytes == real.peak_bytes
