@@ -31,7 +31,17 @@ from torch import nn
 from .memory import MemoryReport, track_memory
 from .steps import check_optimizer, make_optimizer, train_step
 from .training import train
-from .validation import check_batch, check_choice, check_float, check_int, check_loss_fn, check_model, device_of
+from .validation import (
+    check_batch,
+    check_choice,
+    check_float,
+    check_int,
+    check_loss_fn,
+    check_model,
+    check_seed,
+    check_trainable,
+    device_of,
+)
 
 # Two float32 gradients count as equal when their difference is at most this fraction of the gradient's
 # norm: float32 keeps about 7 significant digits, and summing the same numbers in another order
@@ -238,9 +248,10 @@ def compare_gradients(model: nn.Module, batch, micro_batches=4, *, loss_fn=None,
     _check_training_model(model)
     check_choice("method", method, ("weighted", "naive"))
     check_float("rtol", rtol)
+    check_seed("seed", seed)
     parts = split_batch(batch, micro_batches)
     inputs, targets = batch
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = check_loss_fn(loss_fn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         full = _fresh_copy(model)
@@ -373,6 +384,7 @@ def replace_batchnorm(model: nn.Module, norm: str, *, virtual_batch: int = 16, g
     GroupNorm and LayerNorm start from the BatchNorm's scale and shift, so the copy starts as close to
     the original as it can.
     """
+    check_model(model)
     check_choice("norm", norm, NORMS)
     if norm == "ghost":
         check_int("virtual_batch", virtual_batch, minimum=2)
@@ -418,7 +430,7 @@ def _check_steps(accumulation_steps, batch_size: int) -> int:
 
 def _setup_step(model, batch, accumulation_steps, optimizer, loss_fn):
     """Checked arguments and a private copy of everything one accumulated step touches."""
-    check_model(model)
+    check_trainable(model)
     inputs, targets = check_batch(batch)
     k = _check_steps(accumulation_steps, len(targets))
     check_optimizer(optimizer)

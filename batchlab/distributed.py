@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .models import MODEL_NAMES, build_model
 from .steps import check_optimizer, make_optimizer, train_step
 from .training import History
-from .validation import check_choice, check_dataset, check_float, check_int, check_seed
+from .validation import check_bool, check_choice, check_dataset, check_float, check_int, check_seed
 from .workers import frozen_gc
 
 BACKENDS = ("gloo", "nccl")
@@ -441,6 +441,7 @@ def train_ddp(model_name: str, dataset, *, world_size: int = 2, batch_size: int,
     check_optimizer(optimizer)  # refuses a bad optimizer before anything starts
     check_float("lr", lr)
     check_seed("seed", seed)
+    check_bool("no_sync", no_sync)
     config = dict(batch_size=batch_size, steps=steps, optimizer=optimizer, lr=lr, seed=seed,
                   accumulation_steps=accumulation_steps, drop_last=drop_last, no_sync=no_sync)
     return launch(_train_and_report, model_name, dataset, config, nprocs=world_size, timeout=timeout)

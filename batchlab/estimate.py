@@ -168,6 +168,11 @@ def _check_estimate_args(model, batch, optimizer, loss_fn, device):
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
+    if not (inputs.is_floating_point() or inputs.is_complex()) and \
+            not any(isinstance(m, nn.Embedding) for m in model.modules()):
+        # The meta device does not check dtypes: without this, a step that cannot run gets an estimate.
+        raise TypeError(f"batch inputs have dtype {inputs.dtype}, but {type(model).__name__} has no nn.Embedding "
+                        f"to take integers: give float inputs (e.g. inputs.float()), as the real step needs")
     return inputs, targets
 
 
