@@ -79,8 +79,7 @@ def split_batch(batch, micro_batches) -> list:
 
 
 def _check_training_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_trainable(model)
     if not model.training:
         raise ValueError("model is in eval mode (model.training is False): BatchNorm would use its running "
                          "statistics and dropout would be off, so these would not be the gradients that training "
@@ -127,13 +126,16 @@ def _undo_on_error(model: nn.Module, fn):
     """Run ``fn()``; if it fails, put the gradients and buffers back as they were (nothing half-accumulated)."""
     # Gradients that already exist are copied, since backward adds into them in place; the usual case
     # after zero_grad(set_to_none=True) is no gradient at all, which costs nothing to remember.
-    grads = {p: (p.grad.clone() if p.grad is not None else None) for p in model.parameters()}
+    grads = {p: (p.grad, p.grad.clone() if p.grad is not None else None) for p in model.parameters()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics move in forward
     try:
         return fn()
     except BaseException:
-        for p, grad in grads.items():
-            p.grad = grad
+        with torch.no_grad():
+            for p, (grad, saved) in grads.items():
+                if grad is not None:
+                    grad.copy_(saved)  # the caller's own gradient tensor, with its values as they were
+                p.grad = grad
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
@@ -151,7 +153,7 @@ def accumulate_weighted(model: nn.Module, micro_batches, *, loss_fn=None, count=
     """
     _check_training_model(model)
     micro_batches = _check_micro_batches(micro_batches)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = check_loss_fn(loss_fn)
     counts = _counts(micro_batches, count)
     total = sum(counts)
 
@@ -176,7 +178,7 @@ def accumulate_naive(model: nn.Module, micro_batches, *, loss_fn=None) -> float:
     """
     _check_training_model(model)
     micro_batches = _check_micro_batches(micro_batches)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = check_loss_fn(loss_fn)
 
     def run() -> float:
         batch_loss = 0.0
@@ -319,7 +321,7 @@ def batchnorm_statistics(model: nn.Module, batch, micro_batches=4, *, layer: str
     seen = []
     handle = norms[name].register_forward_hook(lambda _m, args, out: seen.append((args[0].detach(), out.detach())))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout in the copy: keep the caller's generator
             work(batch[0])
             for inputs, _ in parts:
                 work(inputs)
@@ -395,7 +397,7 @@ def replace_batchnorm(model: nn.Module, norm: str, *, virtual_batch: int = 16, g
         return _replacement(new, norm, virtual_batch, groups)
     found = [(name, m) for name, m in new.named_modules() if isinstance(m, BATCHNORMS)]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no BatchNorm layer to replace")
+        raise ValueError(f"model ({type(model).__name__}) has no BatchNorm layer to replace")
     for name, bn in found:
         parent_name, _, child = name.rpartition(".")
         parent = new.get_submodule(parent_name) if parent_name else new

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .state import forked_rng
 from .steps import train_step
-from .validation import check_dataset, check_float, check_int, check_loss_fn, check_model, check_seed, device_of
+from .validation import check_dataset, check_float, check_int, check_loss_fn, check_seed, check_trainable, device_of
 
 
 @dataclass
@@ -46,7 +46,7 @@ def gradient_noise(model: nn.Module, dataset: Dataset, batch_sizes, *, draws: in
     For each batch size, ``draws`` batches are sampled without replacement; the result shows the
     error shrinking roughly as 1 / sqrt(batch size). The caller's model is not changed (a copy is used).
     """
-    check_model(model)
+    check_trainable(model)
     check_dataset(dataset)
     sizes = check_batch_sizes(batch_sizes, len(dataset))
     check_int("draws", draws, minimum=1)
@@ -99,7 +99,7 @@ def step_times(model: nn.Module, dataset: Dataset, batch_sizes, *, repeats: int 
     Times depend on the machine and on whatever else it is doing: treat them as measurements.
     The caller's model is not changed (a copy is trained).
     """
-    check_model(model)
+    check_trainable(model)
     check_dataset(dataset)
     sizes = check_batch_sizes(batch_sizes, len(dataset))
     check_int("repeats", repeats, minimum=1)

@@ -163,7 +163,7 @@ def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
         check_float("timeout", timeout)
     methods = multiprocessing.get_all_start_methods()
     chosen = start_method is not None
-    start_method = start_method or default_start_method()
+    start_method = default_start_method() if start_method is None else start_method
     check_choice("start_method", start_method, [m for m in ("fork", "spawn") if m in methods])
     interactive_main = getattr(sys.modules.get("__main__"), "__file__", None) is None  # notebook, REPL
     if start_method == "spawn" and getattr(fn, "__module__", None) == "__main__" and interactive_main:
@@ -177,7 +177,7 @@ def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
         raise ValueError(f"with start_method='spawn', fn must be importable, but {fn.__name__} is defined in "
                          f"a notebook (or another interactive session){why}: move it into a .py file next to "
                          f"the notebook and import it from there.{fork}")
-    backend = check_choice("backend", backend or default_backend(nprocs), BACKENDS)
+    backend = check_choice("backend", default_backend(nprocs) if backend is None else backend, BACKENDS)
     if backend == "nccl":
         _check_nccl(nprocs, start_method)
     if port is None:

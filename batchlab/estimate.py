@@ -32,7 +32,15 @@ from .allocator import CachingAllocator
 from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
-from .validation import MiB, check_batch, check_choice, check_int, check_loss_fn, check_model, parse_bytes
+from .validation import (
+    MiB,
+    check_batch,
+    check_choice,
+    check_int,
+    check_loss_fn,
+    check_trainable,
+    parse_bytes,
+)
 
 # Every constant of the CUDA model, with where it comes from. Measured values come from
 # batchlab/data/gpu_memory_h100.json (NVIDIA H100 80GB, PyTorch 2.11, CUDA 13).
@@ -163,7 +171,7 @@ class _AllocatorReplay:
 
 
 def _check_estimate_args(model, batch, optimizer, loss_fn, device):
-    check_model(model)
+    check_trainable(model)
     inputs, targets = check_batch(batch)
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
@@ -300,10 +308,13 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     so two estimates give a first guess, and a short bisection near it gives the answer: about ten
     estimates in all.
     """
+    check_trainable(model)
     if not callable(make_batch):
         raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
     budget = parse_bytes("budget", budget)
     check_int("limit", limit, minimum=1)
+    check_optimizer(optimizer)
+    check_loss_fn(loss_fn)
     args = (optimizer, loss_fn, device)
     smallest, one = _smallest_batch(model, make_batch, optimizer, loss_fn, device)
     if not _fits(model, make_batch, smallest, budget, *args):

@@ -44,7 +44,15 @@ from torch import nn
 
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import LIFT_FRESH, dispatch_mode_base
-from .validation import MiB, check_batch, check_choice, check_device, check_loss_fn, check_model, device_of
+from .validation import (
+    MiB,
+    check_batch,
+    check_choice,
+    check_device,
+    check_loss_fn,
+    check_trainable,
+    device_of,
+)
 
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")
 # The phases the tracker's hooks mark, in the order of a training step ("start": before the forward pass).
@@ -586,7 +594,7 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
     The step runs on a copy of the model, so ``model`` (its weights, buffers, gradients, device) and the
     global random state are left exactly as they were.
     """
-    check_model(model)
+    check_trainable(model)
     inputs, targets = check_batch(batch)
     check_optimizer(optimizer)
     loss_fn = check_loss_fn(loss_fn)

@@ -274,7 +274,12 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     try:
         with torch.no_grad(), forked_rng(device):  # a DataLoader iterator draws a seed: keep the global one
             for inputs, targets in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_naming(dataset)):
-                predictions = model(inputs.to(device)).argmax(dim=1)
+                outputs = model(inputs.to(device))
+                if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or len(outputs) != len(inputs):
+                    got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+                    raise ValueError(f"model must return one row of class scores per sample, shape "
+                                     f"({len(inputs)}, classes), got {got}")
+                predictions = outputs.argmax(dim=1)
                 correct += (predictions == targets.to(device)).sum().item()
     finally:
         restore_modes(modes)
