@@ -24,11 +24,15 @@ from .course import setup
 from .distributed import RankError, launch, train_ddp
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
 from .leaks import LeakReport, leak_check
-from .memory import MemoryReport, gpu_reference, process_memory, profile_step, track_memory
+from .memory import MemoryReport, profile_step, track_memory
 from .models import MODEL_NAMES, build_model, count_parameters
 from .oom import OOMReport, explain_oom
+from .plan import FitPlan, plan_fit
+from .process import ProcessMemory, process_memory
+from .reference import gpu_reference
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
+from .tuning import PRECISIONS, checkpoint_blocks, checkpointed
 
 __version__ = "0.1.0"
 
@@ -65,6 +69,7 @@ __all__ = [
     "BatchSizeExplorer",
     "BatchSizeSearch",
     "CUDA_CONSTANTS",
+    "FitPlan",
     "GhostBatchNorm",
     "GradientComparison",
     "History",
@@ -74,9 +79,13 @@ __all__ = [
     "MemoryReport",
     "OOMReport",
     "OPTIMIZERS",
+    "ProcessMemory",
+    "PRECISIONS",
     "RankError",
     "accumulate_weighted",
     "build_model",
+    "checkpoint_blocks",
+    "checkpointed",
     "compare_gradients",
     "count_parameters",
     "datasets",
@@ -95,6 +104,7 @@ __all__ = [
     "make_optimizer",
     "max_batch_size",
     "memory_budget",
+    "plan_fit",
     "plot_histories",
     "plot_leak_checks",
     "plot_peak_breakdown",

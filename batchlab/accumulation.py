@@ -11,7 +11,7 @@ The reference loop is :func:`batchlab.train_step`, the step that :func:`batchlab
 * BatchNorm under accumulation: :func:`batchnorm_statistics` (what a BatchNorm layer sees),
   :class:`GhostBatchNorm` and :func:`replace_batchnorm` (virtual batches, GroupNorm, LayerNorm);
 * memory and time of one accumulated step: :func:`profile_accumulation`, :func:`accumulation_step_time`;
-* :func:`accumulation_run`, the computation behind :class:`batchlab.widgets.AccumulationWidget`;
+* :func:`accumulation_run`, the computation behind :class:`batchlab.widgets.AccumulationExplorer`;
 
 The checks of the chapter's exercises are in :mod:`batchlab.exercises.chapter6`.
 """

@@ -11,7 +11,8 @@ and 1 on the second, and the first machine's address::
         --master_addr=10.0.0.1 --master_port=29500 -m batchlab.ddp_train --model mlp --steps 50
 
 (or, with node numbers handed out as machines join: ``--rdzv-backend=c10d
---rdzv-endpoint=10.0.0.1:29400 --rdzv-id=JOB`` in place of the last three options).
+--rdzv-endpoint=10.0.0.1:29400 --rdzv-id=<job-name>`` in place of ``--node_rank``, ``--master_addr``
+and ``--master_port``; ``--nnodes`` and ``--nproc_per_node`` stay).
 
 ``torchrun`` starts the processes and gives each ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; this script joins the process group and runs

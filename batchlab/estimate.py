@@ -14,6 +14,14 @@ allocated. :func:`batchlab.track_memory` watches the step as it would on a real 
 * optimizers use their multi-tensor ("foreach") implementation on CUDA, whose temporaries span
   all parameters at once.
 
+With ``precision="bf16"`` / ``"fp16"`` (chapter 8) the forward pass and the loss follow the cast
+policy of ``torch.autocast`` on the estimated device, simulated for meta tensors (which autocast does
+not serve) by :class:`batchlab.tuning.SimulatedAutocast`: products and convolutions get low-precision
+inputs and one cached low-precision copy of each weight (counted where backward saves it, in
+``activations``), softmax, losses and norms run in float32, and everything else runs in the dtype of
+its inputs. With ``checkpointing`` the model runs through :func:`batchlab.checkpointed`; what its
+recomputation makes during backward counts as activations.
+
 :func:`max_batch_size` uses it to find the largest batch that fits a memory budget.
 """
 
@@ -32,15 +40,17 @@ from .allocator import CachingAllocator
 from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
-from .validation import (
-    MiB,
-    check_batch,
-    check_choice,
-    check_int,
-    check_loss_fn,
-    check_trainable,
-    parse_bytes,
+from .tuning import (
+    apply_checkpointing,
+    autocast_depth,
+    check_checkpointing,
+    check_precision,
+    enclosing_autocast,
+    make_scaler,
+    simulate_autocast_for,
+    tuning_label,
 )
+from .validation import MiB, check_batch, check_choice, check_int, check_loss_fn, check_trainable, parse_bytes
 
 # Every constant of the CUDA model, with where it comes from. Measured values come from
 # batchlab/data/gpu_memory_h100.json (NVIDIA H100 80GB, PyTorch 2.11, CUDA 13).
@@ -170,18 +180,56 @@ class _AllocatorReplay:
         return totals
 
 
-def _check_estimate_args(model, batch, optimizer, loss_fn, device):
+def _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing):
     check_trainable(model)
     inputs, targets = check_batch(batch)
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
+    check_precision(precision)
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     if not (inputs.is_floating_point() or inputs.is_complex()) and \
             not any(isinstance(m, nn.Embedding) for m in model.modules()):
         # The meta device does not check dtypes: without this, a step that cannot run gets an estimate.
         raise TypeError(f"batch inputs have dtype {inputs.dtype}, but {type(model).__name__} has no nn.Embedding "
                         f"to take integers: give float inputs (e.g. inputs.float()), as the real step needs")
     return inputs, targets
+
+
+def honour_autocast(precision: str) -> str:
+    """The precision an estimate made inside a ``torch.autocast`` region runs in: the region's.
+
+    The estimator's step runs on the meta device, which autocast does not serve, so a region around
+    the call would otherwise change nothing. ``precision="fp32"`` (the default) takes the region's
+    dtype; a different low precision than the region's is refused, and so is a region that is switched
+    off (``torch.autocast("cuda")`` on a machine without CUDA), whose precision cannot be known.
+    """
+    enclosing = enclosing_autocast()
+    if enclosing is None and precision == "fp32" and autocast_depth() > 0:
+        raise ValueError("estimate_memory was called inside a torch.autocast block that is switched off (PyTorch "
+                         "turns torch.autocast('cuda') off, with a warning, where there is no CUDA GPU), so it "
+                         "cannot tell which precision you mean: pass precision='bf16' or 'fp16' instead of the block "
+                         "(the estimate simulates CUDA's autocast on any machine)")
+    if enclosing is None or enclosing == precision:
+        return precision
+    if precision != "fp32" or enclosing not in ("bf16", "fp16"):
+        raise ValueError(f"estimate_memory was called inside torch.autocast(dtype={enclosing}) with "
+                         f"precision={precision!r}: say one precision, either by leaving the autocast block or "
+                         f"by passing precision={enclosing!r} (an estimate runs its own autocast)")
+    return enclosing
+
+
+@contextmanager
+def _outside_autocast():
+    """Leave any enclosing autocast region for the estimate's own step (a CPU fallback runs real tensors)."""
+    regions = [torch.autocast(d, enabled=False) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+    for region in regions:
+        region.__enter__()
+    try:
+        yield
+    finally:
+        for region in reversed(regions):
+            region.__exit__(None, None, None)
 
 
 @contextmanager
@@ -204,7 +252,8 @@ def _explain_meta_failures():
 
 
 def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device: str = "cuda",
-                    budget=None, accumulation_steps: int = 1) -> MemoryReport:
+                    budget=None, accumulation_steps: int = 1, precision: str = "fp32",
+                    checkpointing=None) -> MemoryReport:
     """The peak memory of one training step of ``model`` on ``batch`` = (inputs, targets) on ``device``.
 
     The step is forward, loss (default cross-entropy), backward, ``optimizer.step()`` and
@@ -219,30 +268,45 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
     ``budget`` (bytes or a string like ``"4GiB"``) makes the simulated GPU that small: a step that
     does not fit raises ``torch.OutOfMemoryError``, as on a real GPU. ``accumulation_steps`` splits the
     batch into that many micro-batches whose gradients are accumulated, as ``batchlab.train`` does.
+
+    ``precision`` (chapter 8): ``"bf16"`` / ``"fp16"`` run forward and loss under the cast policy of
+    ``torch.autocast`` on ``device`` (:data:`batchlab.tuning.AUTOCAST_POLICIES`): products and
+    convolutions in low precision, with one low-precision copy of each weight kept while the graph
+    needs it; softmax, losses and norms in float32; weights, gradients and optimizer state float32;
+    fp16 adds GradScaler's tensors. A call inside a ``torch.autocast`` block takes its precision (see
+    :func:`honour_autocast`). ``checkpointing`` (None, ``"blocks"`` or a number of segments) runs the
+    model through :func:`batchlab.checkpointed`: the recomputation in backward counts as activations.
     """
-    inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device)
+    inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing)
     budget = parse_bytes("budget", budget) if budget is not None else None
     check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=len(inputs))
+    precision = honour_autocast(precision)
+    levers = dict(precision=precision, checkpointing=checkpointing)
     try:
-        return _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps)
+        with _outside_autocast():
+            return _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, **levers)
     except NotImplementedError as error:
         if device != "cpu" or accumulation_steps != 1 or inputs.device.type == "meta":
             raise
         # A CPU estimate can fall back on measuring: the batch is real, so run the real step.
         warnings.warn(f"{error} Measuring the step on the CPU instead.", stacklevel=2)
-        return profile_step(model, (inputs, targets), optimizer=optimizer, loss_fn=loss_fn, device="cpu")
+        with _outside_autocast():
+            return profile_step(model, (inputs, targets), optimizer=optimizer, loss_fn=loss_fn, device="cpu", **levers)
 
 
-def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps) -> MemoryReport:
+def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, *, precision,
+              checkpointing) -> MemoryReport:
     loss_fn = check_loss_fn(loss_fn)
     work = _meta_copy(model).train()
     inputs, targets = inputs.to("meta"), targets.to("meta")
     # The optimizer a real run would build: on CUDA PyTorch picks the multi-tensor (foreach) code.
     opt = make_optimizer(optimizer, list(work.parameters()), foreach=device == "cuda")
     replay = _AllocatorReplay(budget) if device == "cuda" else None
+    work = apply_checkpointing(work, checkpointing)
     tracking = track_storages(work, opt, record=True, observer=replay)
-    step = dict(loss_fn=loss_fn, accumulation_steps=accumulation_steps)
-    with _explain_meta_failures(), attention_kernels(device), tracking as tracker:
+    step = dict(loss_fn=loss_fn, accumulation_steps=accumulation_steps, precision=precision,
+                scaler=make_scaler("meta", precision))
+    with _explain_meta_failures(), attention_kernels(device), simulate_autocast_for(device), tracking as tracker:
         tracker.adopt([inputs, targets], "inputs")
         train_step(work, opt, inputs, targets, **step)  # warm-up: optimizer state, cached blocks
         tracker.begin_measurement()
@@ -251,8 +315,8 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
             replay.allocator.reset_peaks()
         train_step(work, opt, inputs, targets, **step)
     report = tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
-                                  f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}, "
-                                  f"estimated for {device}")
+                                  f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
+                                  f"{tuning_label(precision, checkpointing)}, estimated for {device}")
     report.device = device
     if replay is None and budget is not None and report.peak_bytes > budget:
         # CUDA's opening words, so that tools that match CUDA's text (Accelerate, Lightning) recognise it.
@@ -274,11 +338,11 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
 SAFETY_MARGIN = 0.05
 
 
-def _fits(model, make_batch, n, budget, optimizer, loss_fn, device) -> bool:
+def _fits(model, make_batch, n, budget, optimizer, loss_fn, device, levers) -> bool:
     padded = math.ceil(n * (1 + SAFETY_MARGIN))
     try:
         estimate_memory(model, _checked_batch(make_batch, padded), optimizer=optimizer, loss_fn=loss_fn,
-                        device=device, budget=budget)
+                        device=device, budget=budget, **levers)
     except torch.OutOfMemoryError:
         return False
     return True
@@ -294,7 +358,7 @@ def _checked_batch(make_batch, n: int):
 
 
 def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", loss_fn=None, device="cuda",
-                   limit: int = 1 << 20) -> int:
+                   limit: int = 1 << 20, precision: str = "fp32", checkpointing=None) -> int:
     """The largest batch size whose training step fits in ``budget`` on ``device``, from estimates only.
 
     ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors are fine and
@@ -306,7 +370,7 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     just the allocated peak. A batch counts as fitting only if one ``SAFETY_MARGIN`` (5%) larger
     fits, so the answer errs on the safe side. Activation memory grows almost linearly with the batch,
     so two estimates give a first guess, and a short bisection near it gives the answer: about ten
-    estimates in all.
+    estimates in all. ``precision`` and ``checkpointing`` are those of :func:`estimate_memory`.
     """
     check_trainable(model)
     if not callable(make_batch):
@@ -315,13 +379,15 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     check_int("limit", limit, minimum=1)
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
-    args = (optimizer, loss_fn, device)
-    smallest, one = _smallest_batch(model, make_batch, optimizer, loss_fn, device)
+    check_precision(precision)
+    levers = dict(precision=honour_autocast(precision), checkpointing=checkpointing)
+    args = (optimizer, loss_fn, device, levers)
+    smallest, one = _smallest_batch(model, make_batch, optimizer, loss_fn, device, levers)
     if not _fits(model, make_batch, smallest, budget, *args):
         raise ValueError(_does_not_fit_message(one, budget, smallest))
     probe = max(smallest + 1, min(limit, 64))
     many = estimate_memory(model, _checked_batch(make_batch, probe), optimizer=optimizer, loss_fn=loss_fn,
-                           device=device)
+                           device=device, **levers)
     per_sample = max(1.0, (many.peak_bytes - one.peak_bytes) / (probe - smallest))
     guess = int(min(limit, max(smallest, smallest + (budget - one.peak_bytes) / per_sample)))
     # Bracket the answer around the linear guess, then bisect: lo always fits, hi never does.
@@ -341,16 +407,16 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     return lo
 
 
-def _smallest_batch(model, make_batch, optimizer, loss_fn, device):
+def _smallest_batch(model, make_batch, optimizer, loss_fn, device, levers):
     """1, or 2 for models that cannot train on one sample (BatchNorm needs two values per channel)."""
     try:
         return 1, estimate_memory(model, _checked_batch(make_batch, 1), optimizer=optimizer, loss_fn=loss_fn,
-                                  device=device)
+                                  device=device, **levers)
     except ValueError as error:
         if "more than 1 value per channel" not in str(error):
             raise
         return 2, estimate_memory(model, _checked_batch(make_batch, 2), optimizer=optimizer, loss_fn=loss_fn,
-                                  device=device)
+                                  device=device, **levers)
 
 
 def _does_not_fit_message(report: MemoryReport, budget: int, smallest: int) -> str:

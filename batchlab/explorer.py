@@ -10,32 +10,34 @@ figures, so everything it displays can be computed and tested without a kernel:
   sequences of 512 tokens), because that is where memory runs out;
 * **convergence and speed**: :func:`training_losses` trains the same architecture on the 8x8 digits
   (small enough to train in seconds on a laptop's CPU), step by step, so that a widget can draw the
-  first points early and stop a run that is no longer wanted. :func:`run_length` sizes the short run.
+  first points early and stop a run that is no longer wanted. :func:`run_length` sizes the short run;
+* **the caches** (:class:`MemoryCache`, :class:`RunCache`) keep each estimate and run once, for the
+  explorer's kernel thread and its background thread alike.
 
-Sizes are in bytes, speeds in samples per second.
+What the explorer reads from a learner and says back is in :mod:`batchlab.explorer_text`; what it
+draws in :mod:`batchlab.plots` and :mod:`batchlab.memory_plots`. Sizes are in bytes, speeds in samples per second.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
+import time
 from dataclasses import dataclass, field
 
 import psutil
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import digits
-from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
-from .memory import CATEGORIES
-from .memory_plots import COLORS
+from .estimate import CUDA_CONSTANTS, SAFETY_MARGIN, estimate_memory, max_batch_size
 from .models import MODEL_NAMES, build_model
 from .steps import make_optimizer, train_step
-from .validation import check_choice, check_int
+from .training import History
+from .validation import GiB, check_choice, check_int
 
-GiB = 2**30
 MAX_BATCH = 4096  # the batch-size slider's upper end (or the data set's size, if smaller)
 GPU_SIZES_GIB = (4, 8, 16, 24, 80)
 CPU_PROFILE = "this machine's CPU"
@@ -77,11 +79,20 @@ def device_profiles() -> dict:
 
 # -- what a learner types -------------------------------------------------------------------------
 
-def batch_size_options(limit: int) -> tuple:
-    """The batch-size slider's stops on a log scale: 1, 2, 4, ... up to ``limit``, and ``limit`` itself."""
+NEAR_STOPS = (0.9, 0.95, 0.98, 1.0, 1.02, 1.04, 1.06, 1.1)  # the slider's stops around the largest batch that fits
+
+
+def batch_size_options(limit: int, near: int | None = None) -> tuple:
+    """The batch-size slider's stops on a log scale: 1, 2, 4, ... up to ``limit``, and ``limit`` itself.
+
+    With ``near`` (the largest batch that fits, once known), finer stops around it as well: ``near``
+    itself, 2, 5 and 10% below it and 2, 4, 6 and 10% above, so that a learner can walk across the limit with
+    the slider (at 4 GiB, the cnn's 98 fits, 100 and 102 are too close, 104 does not fit).
+    """
     check_int("limit", limit, minimum=1)
     powers = [2**i for i in range(limit.bit_length()) if 2**i <= limit]
-    return tuple(sorted(set(powers) | {limit}))
+    stops = {round(near * f) for f in NEAR_STOPS} if near else set()
+    return tuple(sorted(set(powers) | {limit} | {n for n in stops if 1 <= n <= limit}))
 
 
 def read_batch_size(value, limit: int) -> tuple:
@@ -135,9 +146,18 @@ def meta_batch(n: int, input_shape: tuple):
             torch.empty(n, dtype=torch.long, device="meta"))
 
 
+# Why a step does or does not fit, in the order they are checked (:func:`memory_point`).
+VERDICTS = {
+    "fits": "the step fits, and so does a batch SAFETY_MARGIN larger",
+    "tensors": "the tensors alive at the step's peak alone are more than the budget",
+    "allocator": "the tensors fit, but the caching allocator cannot place their blocks even after releasing its cache",
+    "margin": "the step fits, but a batch SAFETY_MARGIN larger does not: too close to the limit",
+}
+
+
 @dataclass
 class MemoryPoint:
-    """One step's estimated peak on a profile: ``breakdown`` by category, and whether it ``fits``."""
+    """One step's estimated peak on a profile: ``breakdown`` by category, whether it ``fits`` and why (``verdict``)."""
 
     batch_size: int  # samples per optimizer step (split into micro-batches when accumulating)
     peak_bytes: int
@@ -145,6 +165,8 @@ class MemoryPoint:
     profile: Profile
     fits: bool
     cached_bytes: int = 0  # held by the caching allocator beyond the tensors at the peak (GPU only)
+    verdict: str = "fits"  # a key of VERDICTS: the number that decided ``fits``
+    margin_batch: int = 0  # the larger batch that had to fit too (SAFETY_MARGIN more samples per micro-batch)
 
     @property
     def device_bytes(self) -> int:
@@ -152,37 +174,54 @@ class MemoryPoint:
         return self.peak_bytes + self.profile.reserved
 
 
+def margin_batch(batch_size: int, accumulation_steps: int = 1) -> int:
+    """The batch that must fit too for ``batch_size`` to count as fitting: each micro-batch SAFETY_MARGIN
+    (5%) larger, rounded up, as :func:`batchlab.max_batch_size` pads its answers (chapter 4: aim a few per
+    cent below the limit)."""
+    micro = batch_size // accumulation_steps
+    return accumulation_steps * math.ceil(micro * (1 + SAFETY_MARGIN))
+
+
 def memory_point(model: nn.Module, input_shape: tuple, batch_size: int, profile: Profile, *,
                  optimizer="sgd", accumulation_steps: int = 1) -> MemoryPoint:
     """The estimated peak of one training step of ``model`` on ``batch_size`` samples on ``profile``.
 
     With ``accumulation_steps`` > 1 the step runs as that many micro-batches whose gradients are
-    accumulated, as :func:`batchlab.train` does (:func:`batchlab.estimate_memory` models it). It
-    ``fits`` when the simulated device never needs more than its budget.
+    accumulated, as :func:`batchlab.train` does (:func:`batchlab.estimate_memory` models it). The
+    verdict follows chapter 4's rule, the one :func:`batchlab.max_batch_size` applies: short of memory
+    the allocator releases its unused cache before it gives up, so what must fit the budget is the
+    tensors and the blocks it cannot release (the simulated allocator decides); and a step counts as
+    fitting only if one with micro-batches SAFETY_MARGIN larger fits too.
     """
     batch = meta_batch(batch_size, input_shape)
     report = estimate_memory(model, batch, optimizer=optimizer, device=profile.device,
                              accumulation_steps=accumulation_steps)
-    fits = _fits(model, batch, profile, optimizer, accumulation_steps, report)
+    padded = margin_batch(batch_size, accumulation_steps)
+    verdict = _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report)
     reserved = report.reserved_bytes or report.peak_bytes
-    # Short of memory, the allocator releases its unused cache before it gives up, so a step that
-    # fits never holds more than the budget.
-    cached = max(0, (reserved if not fits else min(reserved, profile.budget)) - report.peak_bytes)
-    return MemoryPoint(batch_size, report.peak_bytes, dict(report.breakdown), profile, fits, cached)
+    # Short of memory, the allocator releases its unused cache before it gives up: the device never holds
+    # more than the budget for PyTorch, whether the step then runs or not.
+    cached = max(0, min(reserved, profile.budget) - report.peak_bytes)
+    return MemoryPoint(batch_size, report.peak_bytes, dict(report.breakdown), profile, verdict == "fits", cached,
+                       verdict, padded)
 
 
-def _fits(model, batch, profile, optimizer, accumulation_steps, report) -> bool:
-    """Sure answers from one estimate; in between (cache over the budget), ask the simulated allocator."""
+def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report) -> str:
+    """The key of :data:`VERDICTS` for one step: sure answers from the estimate, the simulated allocator between."""
     if report.peak_bytes > profile.budget:
-        return False
-    if profile.device == "cpu" or (report.reserved_bytes or 0) <= profile.budget:
+        return "tensors"
+
+    def runs(n: int) -> bool:
+        try:
+            estimate_memory(model, meta_batch(n, input_shape), optimizer=optimizer, device=profile.device,
+                            budget=profile.budget, accumulation_steps=accumulation_steps)
+        except torch.OutOfMemoryError:
+            return False
         return True
-    try:
-        estimate_memory(model, batch, optimizer=optimizer, device="cuda", budget=profile.budget,
-                        accumulation_steps=accumulation_steps)
-    except torch.OutOfMemoryError:
-        return False
-    return True
+
+    if profile.device == "cuda" and (report.reserved_bytes or 0) > profile.budget and not runs(batch_size):
+        return "allocator"
+    return "fits" if padded == batch_size or runs(padded) else "margin"
 
 
 def largest_batch(model: nn.Module, input_shape: tuple, profile: Profile, *, optimizer="sgd") -> int:
@@ -205,53 +244,6 @@ def largest_batch_for(model_name: str, profile_name: str, *, optimizer="sgd") ->
     return largest_batch(meta_model(model_name, shape), shape, profiles[profile_name], optimizer=optimizer)
 
 
-def plot_memory(points: dict, *, title: str = "") -> Figure:
-    """Horizontal bars stacked by category, one per ``{label: MemoryPoint}``, against the device's size.
-
-    On a GPU the CUDA context comes first (it is there before any tensor), then the tensors at the
-    step's peak, then the allocator's cache: where the tensors end, against the dashed line, is the
-    comparison of the tensors with what PyTorch may use (the device's size minus the context).
-    """
-    fig = Figure(figsize=(8.4, 0.9 + 0.55 * len(points)), layout="constrained")
-    ax = fig.subplots()
-    labels = list(points)[::-1]  # the first point on top
-    profile = next(iter(points.values())).profile
-    left = [0.0] * len(labels)
-    for category in _bar_categories(points.values()):
-        widths = [_category_bytes(points[label], category) / GiB for label in labels]
-        color = COLORS.get(category, EXTRA_COLORS.get(category, "#B0B0B0"))
-        ax.barh(labels, widths, left=left, color=color, label=category.replace("_", " "))
-        left = [a + b for a, b in zip(left, widths)]
-    ax.axvline(profile.capacity / GiB, color="black", linestyle="--", linewidth=1)
-    ax.text(profile.capacity / GiB, 1.0, f" {_short(profile)}", transform=ax.get_xaxis_transform(),
-            va="bottom", fontsize="small")
-    ax.set_xlim(0, max(left + [profile.capacity / GiB]) * 1.08)
-    ax.set_xlabel("GiB at the step's peak" + (": CUDA context, tensors, allocator cache" if profile.reserved else ""))
-    fig.legend(loc="outside right upper", fontsize="x-small")
-    if title:
-        fig.suptitle(title, fontsize="medium", color="#C44E52" if "out of memory" in title else "black")
-    return fig
-
-
-EXTRA_COLORS = {"workspaces": "#B07AA1", "allocator rounding": "#BAB0AC", "allocator cache": "#E5E5E5",
-                "CUDA context": "#7F7F7F"}
-
-
-def _bar_categories(points) -> list:
-    used = {c for p in points for c, b in p.breakdown.items() if b}
-    order = [c for c in CATEGORIES if c in used] + sorted(used - set(CATEGORIES))
-    order += ["allocator cache"] if any(p.cached_bytes for p in points) else []
-    return (["CUDA context"] if any(p.profile.reserved for p in points) else []) + order
-
-
-def _category_bytes(point: MemoryPoint, category: str) -> int:
-    if category == "CUDA context":
-        return point.profile.reserved
-    return point.cached_bytes if category == "allocator cache" else point.breakdown.get(category, 0)
-
-
-def _short(profile: Profile) -> str:
-    return f"{profile.capacity / GiB:.0f} GiB GPU" if profile.device == "cuda" else "free RAM"
 
 
 # -- convergence and speed ------------------------------------------------------------------------
@@ -349,24 +341,181 @@ def training_losses(model: nn.Module, dataset: Dataset, *, batch_size: int, lr: 
                 return
 
 
-def plot_speed(points: dict, current=None, *, title: str = "") -> Figure:
-    """Samples per second against batch size: ``{batch size: samples/s}``, ``current`` highlighted."""
-    fig = Figure(figsize=(4.2, 3.0), layout="constrained")
-    ax = fig.subplots()
-    sizes = sorted(points)
-    ax.plot(sizes, [points[b] for b in sizes], "o-", color="#4C72B0")
-    if current in points:
-        ax.plot([current], [points[current]], "o", markersize=11, markerfacecolor="none", color="#C44E52")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_yscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:,.0f}")  # 20,000 rather than 2×10⁴
-    ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("samples per second (this CPU)")
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize="medium")
-    return fig
+class MemoryCache:
+    """The memory panel's estimates, computed once each: meta models, :class:`MemoryPoint` s and largest batches.
+
+    Shared by the explorer's kernel thread and its background thread (hence the lock); at most
+    ``max_points`` points are kept, the oldest dropped first.
+    """
+
+    def __init__(self, *, optimizer="sgd", image_shape=IMAGE_SHAPE, sequence_length: int = SEQUENCE_LENGTH,
+                 max_points: int = 256):
+        self.optimizer, self.image_shape, self.sequence_length = optimizer, image_shape, sequence_length
+        self.max_points = max_points
+        self.meta: dict = {}
+        self.points: collections.OrderedDict = collections.OrderedDict()
+        self.largest: dict = {}
+        self.lock = threading.RLock()
+
+    def input_shape(self, model_name: str) -> tuple:
+        return memory_input_shape(model_name, self.image_shape, self.sequence_length)
+
+    def meta_model(self, model_name: str) -> nn.Module:
+        with self.lock:
+            if model_name not in self.meta:
+                self.meta[model_name] = meta_model(model_name, self.input_shape(model_name))
+            return self.meta[model_name]
+
+    def point(self, model_name: str, profile: Profile, batch_size: int, steps: int = 1) -> MemoryPoint:
+        """:func:`memory_point` of ``model_name`` at ``batch_size`` in ``steps`` micro-batches on ``profile``."""
+        key = (model_name, profile.name, batch_size, steps, self.optimizer)
+        with self.lock:
+            point = self.points.get(key)
+        if point is None:
+            point = memory_point(self.meta_model(model_name), self.input_shape(model_name), batch_size, profile,
+                                 optimizer=self.optimizer, accumulation_steps=steps)
+        with self.lock:
+            self.points[key] = point
+            self.points.move_to_end(key)
+            while len(self.points) > self.max_points:
+                self.points.popitem(last=False)
+        return point
+
+    def known_largest(self, model_name: str, profile: Profile) -> int | None:
+        """The largest batch if it was searched already, else None (without searching)."""
+        return self.largest.get((model_name, profile.name, self.optimizer))
+
+    def largest_batch(self, model_name: str, profile: Profile) -> int:
+        """:func:`largest_batch`, once per model, profile and optimizer (about ten estimates)."""
+        key = (model_name, profile.name, self.optimizer)
+        if key not in self.largest:
+            self.largest[key] = largest_batch(self.meta_model(model_name), self.input_shape(model_name), profile,
+                                              optimizer=self.optimizer)
+        return self.largest[key]
+
+
+class RunCache:
+    """The convergence runs finished so far (the newest ``max_runs``) and the initial model each trains from.
+
+    ``template(name)`` builds the data and initial model of a course model once, in the caller's thread:
+    building seeds the model from torch's global random generator, which a background thread must not
+    touch. ``shown_with(run)`` is the list the panel draws: the last ``keep`` - 1 finished runs, then ``run``.
+    """
+
+    def __init__(self, dataset: Dataset, *, keep: int = 4, max_runs: int = 64):
+        self.dataset, self.keep, self.max_runs = dataset, keep, max_runs
+        self.templates: dict = {}
+        self.runs: collections.OrderedDict = collections.OrderedDict()
+        self.kept: list = []  # keys of the finished runs drawn, oldest first
+        self.lock = threading.RLock()
+
+    def template(self, model_name: str) -> tuple:
+        """``(training data, initial model)`` of ``model_name``, built on first use."""
+        if model_name not in self.templates:
+            data = training_data(model_name, self.dataset)
+            self.templates[model_name] = (data, training_model(model_name, data))
+        return self.templates[model_name]
+
+    def get(self, key: tuple):
+        """The finished run of the setting ``key``, or None; a run asked for counts as the newest."""
+        with self.lock:
+            run = self.runs.get(key)
+            if run is not None:
+                self.runs.move_to_end(key)
+            return run
+
+    def add(self, run: Run) -> None:
+        with self.lock:
+            self.runs[run.setting.key] = run
+            while len(self.runs) > self.max_runs:
+                self.runs.popitem(last=False)
+
+    def finished(self) -> list:
+        with self.lock:
+            return list(self.runs.values())
+
+    def shown_with(self, run: Run) -> list:
+        """The runs to draw with ``run`` (finished or not): the last ``keep`` - 1 finished others, then it."""
+        key = run.setting.key
+        with self.lock:
+            runs = dict(self.runs)
+        if run.done:
+            self.kept = [k for k in self.kept if k != key and k in runs] + [key]
+        earlier = [runs[k] for k in self.kept if k != key and k in runs]
+        return (earlier[-(self.keep - 1):] if self.keep > 1 else []) + [run]
+
+    def has_batch_norm(self, model_name: str) -> bool:
+        return model_name in self.templates and has_batch_norm(self.templates[model_name][1])
+
+
+@dataclass
+class Run:
+    """A convergence run as drawn: its setting, its History so far, the steps it will take, whether it ended."""
+
+    setting: RunSetting
+    steps: int
+    history: History = field(init=False)
+    done: bool = False
+
+    def __post_init__(self):
+        self.history = History(self.setting.label, self.setting.batch_size)
+
+
+def record_run(run: Run, losses, *, cancelled, draw, interval: float = 0.5) -> bool:
+    """Append each loss of ``losses`` to ``run.history`` with its samples and seconds; False if cancelled.
+
+    ``draw()`` is called every ``interval`` seconds (the first time after that long too, so a run that
+    ends sooner is drawn once, at the end, by the caller); the time it takes is left out of the run's
+    seconds, so that samples per second measure training only. ``cancelled()`` is asked before each step.
+    """
+    history, batch_size = run.history, run.setting.batch_size
+    start = drawn = time.perf_counter()
+    paused = 0.0
+    for loss in losses:
+        if cancelled():
+            return False
+        history.loss.append(loss)
+        history.samples.append(len(history.loss) * batch_size)
+        history.seconds.append(time.perf_counter() - start - paused)
+        if time.perf_counter() - drawn >= interval:
+            before = time.perf_counter()
+            draw()
+            drawn = time.perf_counter()
+            paused += drawn - before
+    run.done = True
+    return True
+
+
+def run_state(run: Run | None, shown: list) -> dict:
+    """The convergence and speed panels' part of the explorer's ``state``: the run drawn and those beside it."""
+    history = run.history if run is not None else None
+    return {
+        "run": history.label if history else None,
+        "running": bool(run is not None and not run.done),
+        "steps": len(history.loss) if history else 0, "steps_planned": run.steps if run else None,
+        "loss": list(history.loss) if history else [], "samples": list(history.samples) if history else [],
+        "samples_per_second": history.samples_per_second if run is not None and run.done else None,
+        "runs": [r.history.label for r in shown],
+    }
+
+
+def memory_state(point: MemoryPoint | None, largest: int | None, profile: Profile) -> dict:
+    """The memory panel's part of the explorer's ``state``: the estimate shown and the largest batch."""
+    return {
+        "peak_bytes": point.peak_bytes if point else None,
+        "breakdown": dict(point.breakdown) if point else None,
+        "budget_bytes": profile.budget, "device_bytes": profile.capacity,
+        "fits": point.fits if point else None, "verdict": point.verdict if point else None,
+        "largest_batch": largest,
+    }
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises with batch statistics (BatchNorm of any dimension)."""
+    return any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules())
+
+
+def speed_points(runs, setting: RunSetting) -> dict:
+    """``{batch size: samples/s}`` of the finished ``runs`` of ``setting``'s model and accumulation."""
+    same = (setting.model, setting.accumulation_steps)
+    return {r.setting.batch_size: r.history.samples_per_second for r in runs
+            if r.done and (r.setting.model, r.setting.accumulation_steps) == same}

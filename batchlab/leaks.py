@@ -21,7 +21,8 @@ import gc
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .memory import python_tensors, track_storages
+from .memory import track_storages
+from .process import python_tensors
 from .validation import MiB, check_int
 
 

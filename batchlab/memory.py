@@ -29,21 +29,17 @@ from __future__ import annotations
 
 import collections
 import copy
-import gc
-import itertools
-import json
 import threading
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from importlib import resources
 
-import psutil
 import torch
 from torch import nn
 
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import LIFT_FRESH, dispatch_mode_base
+from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler, tuning_label
 from .validation import (
     MiB,
     check_batch,
@@ -206,6 +202,7 @@ class MemoryTracker:
         self._handles: list = []
         self._cuda = None
         self.active = False
+        self.new_category = "temporaries"  # what new memory is until a hook says otherwise (see recomputation)
 
     # -- what the hooks call -------------------------------------------------------------------
     def _add(self, storage, category: str, what: str) -> int | None:
@@ -283,7 +280,7 @@ class MemoryTracker:
             if id(storage) not in inputs and all(storage is not s for s in new):
                 new.append(storage)
         for storage in new:
-            self._add(storage, "temporaries", str(func.overloadpacket.__name__))
+            self._add(storage, self.new_category, str(func.overloadpacket.__name__))
         if self._observer is not None:
             self._observer.after_op(func, args, out)
 
@@ -582,14 +579,36 @@ def track_storages(model, optimizer, *, record: bool, observer=None, saved_tenso
             _active.tracker = None
 
 
-def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device=None) -> MemoryReport:
+@contextmanager
+def recomputation():
+    """Inside this block the active tracker (if any) counts new memory as ``activations``.
+
+    Activation checkpointing (:func:`batchlab.checkpointed`) recomputes a segment's forward pass during
+    backward under hooks of its own, which the tracker's saved-tensor hooks do not see: what the
+    recomputation makes is the segment's activations, made again.
+    """
+    tracker = getattr(_active, "tracker", None)
+    if tracker is None:
+        yield
+        return
+    outer, tracker.new_category = tracker.new_category, "activations"
+    try:
+        yield
+    finally:
+        tracker.new_category = outer
+
+
+def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device=None, precision="fp32",
+                 checkpointing=None) -> MemoryReport:
     """Measure one training step of ``model`` on ``batch`` = (inputs, targets): a :class:`MemoryReport`.
 
     The step is forward, loss, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, measured
     with :func:`track_memory` after one unmeasured warm-up step that creates the optimizer state (as
     in every step but the first of a real training run). ``optimizer`` is ``"sgd"`` (lr 0.01,
     momentum 0.9), ``"adam"`` (lr 0.001) or a function ``params -> Optimizer``; ``loss_fn`` defaults to
-    cross-entropy. ``device`` (default: where the model is) is where the step runs.
+    cross-entropy. ``device`` (default: where the model is) is where the step runs. ``precision``
+    (``"fp32"``, ``"bf16"``, ``"fp16"``) and ``checkpointing`` (None, ``"blocks"`` or a number of
+    segments) are those of :func:`batchlab.train` (chapter 8).
 
     The step runs on a copy of the model, so ``model`` (its weights, buffers, gradients, device) and the
     global random state are left exactly as they were.
@@ -606,6 +625,8 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
                                  f"to one device, or pass device='{device.type}' to run the step there")
     else:
         device = check_device(device)
+    check_autocast(device.type, check_precision(precision))
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         work = copy.deepcopy(model).to(device).train()
@@ -614,92 +635,12 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
         # Own copies of the batch: a slice of a larger tensor would otherwise count the whole tensor.
         inputs, targets = inputs.to(device).clone(), targets.to(device).clone()
         opt = make_optimizer(optimizer, work.parameters())
-        train_step(work, opt, inputs, targets, loss_fn=loss_fn)  # warm-up: creates the optimizer state
+        work = apply_checkpointing(work, checkpointing)
+        step = dict(loss_fn=loss_fn, precision=precision, scaler=make_scaler(device.type, precision))
+        train_step(work, opt, inputs, targets, **step)  # warm-up: creates the optimizer state
         with track_memory(work, opt) as tracker:
             tracker.adopt([inputs, targets], "inputs")
-            train_step(work, opt, inputs, targets, loss_fn=loss_fn)
+            train_step(work, opt, inputs, targets, **step)
     return tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
-                                f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}")
-
-
-# -- the process's view --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ProcessMemory:
-    """The memory of one process as the operating system sees it, beside what Python's tensors hold, in bytes.
-
-    * ``rss_bytes``: resident pages, shared ones included (what ``top`` and the task manager show);
-    * ``uss_bytes``: pages only this process holds, what it would free by exiting;
-    * ``pss_bytes``: shared pages divided among the processes that share them (Linux only; None elsewhere);
-    * ``tensor_bytes``: the storages of the CPU tensors that Python objects refer to (found through the
-      garbage collector, each storage once). Tensors that only the autograd graph keeps are not Python
-      objects, so they are missing here; :func:`track_memory` sees them. None for a process measured
-      from outside, such as a ``DataLoader`` worker (:func:`batchlab.workers.worker_memory`): its
-      tensors cannot be counted from this process.
-    """
-
-    rss_bytes: int
-    uss_bytes: int
-    pss_bytes: int | None = None
-    tensor_bytes: int | None = None
-
-    @classmethod
-    def of(cls, process: psutil.Process, tensor_bytes: int | None = None) -> ProcessMemory:
-        """What the operating system reports for ``process`` now (``psutil``'s full memory info)."""
-        info = process.memory_full_info()
-        return cls(rss_bytes=info.rss, uss_bytes=info.uss, pss_bytes=getattr(info, "pss", None),
-                   tensor_bytes=tensor_bytes)
-
-    @property
-    def other_bytes(self) -> int | None:
-        """Resident memory that is not tensors: the interpreter, torch's libraries, freed-but-kept pages."""
-        return None if self.tensor_bytes is None else self.rss_bytes - self.tensor_bytes
-
-    def __repr__(self) -> str:
-        shared = f"PSS {self.pss_bytes / MiB:.1f} MiB, " if self.pss_bytes is not None else ""
-        own = f"{shared}USS {self.uss_bytes / MiB:.1f} MiB"
-        if self.tensor_bytes is None:
-            return (f"ProcessMemory(resident {self.rss_bytes / MiB:.1f} MiB, {own}; its tensors are not known: "
-                    "measured from outside the process)")
-        return (f"ProcessMemory(resident {self.rss_bytes / MiB:.1f} MiB, of which CPU tensors "
-                f"{self.tensor_bytes / MiB:.1f} MiB and everything else {self.other_bytes / MiB:.1f} MiB; {own})")
-
-
-_TENSOR_TYPES: dict = {}  # type -> is it a tensor type? (cached: asked for every object gc knows)
-
-
-def python_tensors(objects=None) -> list:
-    """Every tensor that is a Python object now (parameters included), or among ``objects``.
-
-    Types are checked once each with ``issubclass``; ``isinstance`` on every object would ask some
-    lazy objects for their ``__class__`` and make them warn.
-    """
-    objects = gc.get_objects() if objects is None else objects
-    types = list(map(type, objects))
-    kinds = set(types)
-    for kind in kinds - _TENSOR_TYPES.keys():
-        _TENSOR_TYPES[kind] = issubclass(kind, torch.Tensor)
-    tensor_kinds = {kind for kind in kinds if _TENSOR_TYPES[kind]}
-    # The same as [obj for obj in objects if type(obj) in tensor_kinds], without a Python-level loop.
-    return list(itertools.compress(objects, map(tensor_kinds.__contains__, types)))
-
-
-def process_memory() -> ProcessMemory:
-    """The memory of this process (RSS, USS, PSS, from psutil) and the bytes of the CPU tensors Python holds.
-
-    Chapter 4 compares the RSS with the tensors; chapter 3 compares the kernel with its
-    ``DataLoader`` workers (:func:`batchlab.workers.worker_memory` returns the same type per worker).
-    """
-    tensors = [t for t in python_tensors() if t.device.type == "cpu"]
-    return ProcessMemory.of(psutil.Process(), tensor_bytes=storage_bytes(tensors))
-
-
-def gpu_reference() -> dict:
-    """Real measurements of training steps on an NVIDIA H100 (PyTorch 2.11), shipped with batchlab.
-
-    ``about`` and ``env`` say how they were measured; ``rows`` hold, per model, optimizer and batch
-    size, the bytes allocated before the step, the peak allocated and the peak reserved; ``context``
-    is what a process holds on the GPU beyond PyTorch's allocator (the CUDA context).
-    """
-    text = resources.files("batchlab").joinpath("data", "gpu_memory_h100.json").read_text(encoding="utf-8")
-    return json.loads(text)
+                                f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
+                                f"{tuning_label(precision, checkpointing)}")

@@ -1,5 +1,5 @@
 """Figures of memory: one step's timeline by category, peaks against batch size (chapter 4), leak checks
-(chapter 5). Each returns a ``matplotlib.figure.Figure``, like :mod:`batchlab.plots`.
+(chapter 5), the explorer's memory bars. Each returns a ``matplotlib.figure.Figure``, like :mod:`batchlab.plots`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .leaks import LeakReport
-from .memory import CATEGORIES, MemoryReport, MiB
+from .memory import CATEGORIES, MemoryReport
+from .validation import GiB, MiB
 
 # One colour per category, the same in every figure of the course.
 COLORS = {
@@ -126,3 +127,54 @@ def plot_leak_checks(reports, *, title: str | None = None) -> Figure:
     if title:
         fig.suptitle(title)
     return fig
+
+
+def plot_memory(points: dict, *, title: str = "") -> Figure:
+    """Horizontal bars stacked by category, one per ``{label: batchlab.explorer.MemoryPoint}``, against the
+    device's size (all points on the same profile).
+
+    On a GPU the CUDA context comes first (it is there before any tensor), then the tensors at the
+    step's peak, then the allocator's cache: where the tensors end, against the dashed line, is the
+    comparison of the tensors with what PyTorch may use (the device's size minus the context).
+    """
+    fig = Figure(figsize=(8.4, 0.9 + 0.55 * len(points)), layout="constrained")
+    ax = fig.subplots()
+    labels = list(points)[::-1]  # the first point on top
+    profile = next(iter(points.values())).profile
+    left = [0.0] * len(labels)
+    for category in _bar_categories(points.values()):
+        widths = [_category_bytes(points[label], category) / GiB for label in labels]
+        color = COLORS.get(category, EXTRA_COLORS.get(category, "#B0B0B0"))
+        ax.barh(labels, widths, left=left, color=color, label=category.replace("_", " "))
+        left = [a + b for a, b in zip(left, widths)]
+    ax.axvline(profile.capacity / GiB, color="black", linestyle="--", linewidth=1)
+    ax.text(profile.capacity / GiB, 1.0, f" {_short(profile)}", transform=ax.get_xaxis_transform(),
+            va="bottom", fontsize="small")
+    ax.set_xlim(0, max(left + [profile.capacity / GiB]) * 1.08)
+    ax.set_xlabel("GiB at the step's peak" + (": CUDA context, tensors, allocator cache" if profile.reserved else ""))
+    fig.legend(loc="outside right upper", fontsize="x-small")
+    if title:
+        warns = "out of memory" in title or "too close" in title
+        fig.suptitle(title, fontsize="medium", color="#C44E52" if warns else "black")
+    return fig
+
+
+EXTRA_COLORS = {"workspaces": "#B07AA1", "allocator rounding": "#BAB0AC", "allocator cache": "#E5E5E5",
+                "CUDA context": "#7F7F7F"}
+
+
+def _bar_categories(points) -> list:
+    used = {c for p in points for c, b in p.breakdown.items() if b}
+    order = [c for c in CATEGORIES if c in used] + sorted(used - set(CATEGORIES))
+    order += ["allocator cache"] if any(p.cached_bytes for p in points) else []
+    return (["CUDA context"] if any(p.profile.reserved for p in points) else []) + order
+
+
+def _category_bytes(point, category: str) -> int:
+    if category == "CUDA context":
+        return point.profile.reserved
+    return point.cached_bytes if category == "allocator cache" else point.breakdown.get(category, 0)
+
+
+def _short(profile) -> str:
+    return f"{profile.capacity / GiB:.0f} GiB GPU" if profile.device == "cuda" else "free RAM"

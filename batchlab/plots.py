@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 from .training import History
 
@@ -68,3 +69,51 @@ def figure_to_png(fig: Figure, dpi: int = 80) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
     return buffer.getvalue()
+
+
+def plot_convergence(histories, *, dashed=(),
+                     title: str = "loss on the digits, trained on this machine's CPU") -> Figure:
+    """The explorer's convergence panel: loss against steps and samples on a linear axis (the runs span a
+    factor of a few, not decades), the histories labelled in ``dashed`` drawn dashed (accumulated runs), so
+    that one lying on its full-batch twin stays visible."""
+    fig = plot_histories(list(histories), x=("steps", "samples"), log_loss=False, title=title)
+    fig.axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 10, 100, not 10⁰
+    dash_lines(fig, set(dashed))
+    return fig
+
+
+def dash_lines(fig: Figure, labels: set) -> None:
+    """Draw the lines labelled ``labels`` dashed, thicker and on top, in every axes of ``fig`` and its legend."""
+    if not labels:
+        return
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_label() in labels:
+                line.set_linestyle((0, (4, 3)))
+                line.set_linewidth(2.0)
+                line.set_zorder(3)  # above a solid curve it may lie on
+    if fig.axes and fig.axes[0].get_legend() is not None:
+        fig.axes[0].legend(fontsize="small")  # again, so that the legend shows the dashes
+
+
+def plot_speed(points: dict, current=None, *, title: str = "") -> Figure:
+    """Samples per second against batch size: ``{batch size: samples/s}``, ``current`` highlighted."""
+    fig = Figure(figsize=(4.2, 3.0), layout="constrained")
+    ax = fig.subplots()
+    sizes = sorted(points)
+    ax.plot(sizes, [points[b] for b in sizes], "o-", color="#4C72B0")
+    if current in points:
+        ax.plot([current], [points[current]], "o", markersize=11, markerfacecolor="none", color="#C44E52")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}")  # 20,000 rather than 2×10⁴
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("samples per second (this CPU)")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    return fig

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from .tuning import autocast, check_precision
 from .validation import check_float, check_loss_fn
 
 # The optimizers the course names, with their default settings. A learner passes the name, or a
@@ -74,7 +75,7 @@ def micro_batches(inputs: torch.Tensor, targets: torch.Tensor, accumulation_step
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor, *,
-               loss_fn=None, accumulation_steps=1, no_sync=None) -> float:
+               loss_fn=None, accumulation_steps=1, no_sync=None, precision="fp32", scaler=None) -> float:
     """One optimizer step of ``model`` on the effective batch ``(inputs, targets)``; returns its mean loss.
 
     ``accumulation_steps``: how many micro-batches the batch is split into (or their sizes, see
@@ -85,21 +86,38 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     ``model.no_sync``, entered for every micro-batch but the last so that gradients are all-reduced
     once per step (chapter 7). On the meta device (the memory estimator) losses have no value: the
     result is ``nan``.
+
+    ``precision`` (chapter 8): ``"fp32"``, or ``"bf16"`` / ``"fp16"`` to run the forward pass and the loss
+    under ``torch.autocast`` (weights, gradients and optimizer state stay float32). fp16 needs a
+    ``scaler`` (``torch.amp.GradScaler``): the loss is multiplied by its scale before backward so that
+    small gradients do not underflow, and ``scaler.step`` unscales them and skips the update when one
+    is inf or nan (``scaler.get_scale()`` is then lowered: :func:`batchlab.train` reports such steps).
     """
     loss_fn = check_loss_fn(loss_fn)
+    check_precision(precision)
+    if precision == "fp16" and scaler is None:
+        raise ValueError("precision='fp16' needs a scaler (torch.amp.GradScaler(device_type)): without loss "
+                         "scaling small gradients underflow to zero in float16; or use precision='bf16'")
     step_loss = 0.0
     parts = micro_batches(inputs, targets, accumulation_steps)
     for i, (micro_inputs, micro_targets) in enumerate(parts):
         keep_local = no_sync is not None and i < len(parts) - 1
         with no_sync() if keep_local else nullcontext():  # DDP: all-reduce only after the last micro-batch
-            loss = _scalar(loss_fn(model(micro_inputs), micro_targets))
+            with autocast(micro_inputs.device.type, precision):  # low precision for forward and loss only
+                loss = _scalar(loss_fn(model(micro_inputs), micro_targets))
             # Weight each micro-batch by its share of the batch: the summed gradients are then
             # exactly the gradient of the mean loss over the whole effective batch.
             share = len(micro_targets) / len(targets)
-            (loss * share).backward()  # adds to .grad; frees this micro-batch's graph
+            weighted = loss * share if scaler is None else scaler.scale(loss * share)  # fp16: scaled up
+            weighted.backward()  # adds to .grad; frees this micro-batch's graph
+            del weighted  # the scaled loss too, before the next micro-batch
         step_loss += _value(loss) * share  # a number, not the graph
         del loss  # and not the loss tensor either, while the next micro-batch runs
-    optimizer.step()  # one update per effective batch
+    if scaler is None:
+        optimizer.step()  # one update per effective batch
+    else:
+        scaler.step(optimizer)  # unscales the gradients; skips the update if one is inf or nan
+        scaler.update()  # lowers the scale after a skipped step, raises it after many good ones
     optimizer.zero_grad(set_to_none=True)  # free the gradients until the next batch's first backward
     return step_loss
 

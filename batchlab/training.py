@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .state import forked_rng, restore_grads, restore_modes, saved_modes, stash_grads, train_mode
 from .steps import check_optimizer, make_optimizer, train_step
+from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler
 from .validation import (
     check_bool,
     check_dataset,
@@ -42,8 +43,10 @@ class History:
     ``loss`` is the mean loss over the step's effective batch, ``samples`` the number of samples seen
     after the step, ``seconds`` the wall-clock training time since the start (evaluation excluded). ``eval_steps`` and
     ``eval_accuracy`` hold the accuracy on ``eval_dataset`` (0 to 1) after the given steps; ``notes``
-    what training changed on its own (``on_oom="halve"``). Two histories compare equal when
-    everything but the wall-clock times is equal.
+    what training changed on its own (``on_oom="halve"``); ``skipped_steps`` the steps whose update
+    ``torch.amp.GradScaler`` skipped because a gradient was inf or nan (``precision="fp16"``; the
+    loss of such a step is still recorded). Two histories compare equal when everything but the
+    wall-clock times is equal.
     """
 
     label: str
@@ -54,6 +57,7 @@ class History:
     eval_steps: list = field(default_factory=list)
     eval_accuracy: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    skipped_steps: list = field(default_factory=list)
 
     @property
     def steps(self) -> list:
@@ -68,14 +72,15 @@ class History:
     def __repr__(self) -> str:
         last = f", final loss {self.loss[-1]:.4f}" if self.loss else ""
         accuracy = f", accuracy {self.eval_accuracy[-1]:.3f}" if self.eval_accuracy else ""
-        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy})"
+        skipped = f", {len(self.skipped_steps)} skipped by GradScaler" if self.skipped_steps else ""
+        return f"History({self.label!r}: {len(self.loss)} steps{last}{accuracy}{skipped})"
 
 
 def train(
     model: nn.Module,
     dataset: Dataset,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     epochs: int | None = None,
     steps: int | None = None,
     optimizer="sgd",
@@ -89,6 +94,9 @@ def train(
     label: str | None = None,
     shuffle: bool = True,
     on_oom: str | None = None,
+    precision: str = "fp32",
+    checkpointing=None,
+    plan=None,
 ) -> History:
     """Train ``model`` on ``dataset`` and return its :class:`History`.
 
@@ -97,7 +105,8 @@ def train(
     * ``epochs`` or ``steps`` (exactly one): how long to train.
     * ``optimizer``: ``"sgd"`` (momentum 0.9), ``"adam"``, or a function ``params -> Optimizer``.
     * ``accumulation_steps``: split every batch into this many equal micro-batches and accumulate their
-      gradients before the step: same result, less activation memory (chapter 6).
+      gradients before the step: same result, less activation memory (chapter 6). A list of sizes that add
+      up to ``batch_size`` gives uneven micro-batches, each weighted by its share (``batchlab.plan_fit``).
     * ``loss_fn``: defaults to cross-entropy (mean over the batch).
     * ``seed``: fixes the shuffling and any randomness in the model, so the same seed gives the same
       History; the global random state is left as it was.
@@ -107,10 +116,21 @@ def train(
     * ``on_oom="halve"``: when a step runs out of memory, free it, halve the micro-batch (double the
       accumulation steps, so the effective batch stays the same), and redo the step; the change is
       printed and kept in ``History.notes`` (chapter 4).
+    * ``precision`` (chapter 8): ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast with a
+      ``torch.amp.GradScaler``; steps it skips are listed in ``History.skipped_steps``).
+    * ``checkpointing`` (chapter 8): None, ``"blocks"`` (checkpoint every block) or a number of
+      segments: the model runs through :func:`batchlab.checkpointed` (the model itself is not changed).
+    * ``plan``: a :class:`batchlab.FitPlan` from :func:`batchlab.plan_fit` (chapter 9), which gives
+      ``batch_size``, ``accumulation_steps``, ``precision``, ``checkpointing`` and a named optimizer;
+      ``train(model, data, plan=plan, steps=...)`` is ``train(model, data, **plan.train_kwargs(), steps=...)``.
 
     The model is moved to ``device`` and trained in place. Arguments are checked before anything is
     touched; if training fails or is interrupted, the model's weights, device and mode are restored.
     """
+    if plan is not None:
+        given = dict(batch_size=batch_size, accumulation_steps=accumulation_steps, precision=precision,
+                     checkpointing=checkpointing, optimizer=optimizer)
+        batch_size, accumulation_steps, precision, checkpointing, optimizer = _from_plan(plan, given).values()
     total_steps = _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
                                     loss_fn, device, seed, eval_dataset)
     check_bool("shuffle", shuffle)
@@ -121,6 +141,8 @@ def train(
         raise TypeError(f"label must be a string or None, got {label!r}")
     loss_fn = checked_loss(check_loss_fn(loss_fn))
     device = check_device(device)
+    check_autocast(device.type, check_precision(precision))
+    check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     history = History(label or f"batch {batch_size}, lr {lr:g}", batch_size)
     saved_state = copy.deepcopy(model.state_dict())
     saved_device, modes, grads = device_of(model), saved_modes(model), stash_grads(model)
@@ -129,8 +151,9 @@ def train(
             torch.manual_seed(seed)
             train_mode(model.to(device))
             opt = make_optimizer(optimizer, model.parameters(), lr=lr)
-            _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
-                 eval_dataset, progress, history, shuffle, on_oom)
+            step = dict(loss_fn=loss_fn, precision=precision, scaler=make_scaler(device.type, precision))
+            _run(apply_checkpointing(model, checkpointing), dataset, opt, step, device, seed, batch_size,
+                 accumulation_steps, total_steps, eval_dataset, progress, history, shuffle, on_oom)
     except BaseException:
         # Each step of the restore only copies into tensors that exist: it cannot fail halfway.
         model.to(saved_device)
@@ -173,7 +196,7 @@ def _warn_if_diverged(history: History, lr: float) -> None:
                       "is probably too large; try a smaller lr)", RuntimeWarning, stacklevel=3)
 
 
-def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_steps, total_steps,
+def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_steps, total_steps,
          eval_dataset, progress, history, shuffle=True, on_oom=None):
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
                         generator=torch.Generator().manual_seed(seed), collate_fn=collate_naming(dataset))
@@ -183,12 +206,14 @@ def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_st
     while step < total_steps:  # one pass of this loop is one epoch
         for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
+            scaler = step_args["scaler"]
+            scale = scaler.get_scale() if scaler is not None else None
             try:
                 if on_oom is None:
-                    step_loss = train_step(model, opt, inputs, targets, loss_fn=loss_fn,
-                                           accumulation_steps=accumulation_steps)
+                    step_loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps,
+                                           **step_args)
                 else:
-                    step_loss, accumulation_steps = _step_or_halve(model, opt, loss_fn, inputs, targets,
+                    step_loss, accumulation_steps = _step_or_halve(model, opt, step_args, inputs, targets,
                                                                    accumulation_steps, history, step + 1)
             except RuntimeError as error:
                 if step > 0 or isinstance(error, torch.OutOfMemoryError) or "shape" not in str(error):
@@ -196,6 +221,8 @@ def _run(model, dataset, opt, loss_fn, device, seed, batch_size, accumulation_st
                 raise ValueError(f"dataset inputs of shape {tuple(inputs.shape[1:])} do not fit the model "
                                  f"{type(model).__name__}: {error}") from error
             step += 1
+            if scaler is not None and scaler.get_scale() < scale:  # GradScaler lowers its scale only on a skip
+                history.skipped_steps.append(step)
             history.loss.append(step_loss)
             history.samples.append(step * batch_size)
             history.seconds.append(time.perf_counter() - start)
@@ -235,21 +262,22 @@ def _kind(item):
     return describe(item), f"with shapes {shapes}"
 
 
-def _step_or_halve(model, opt, loss_fn, inputs, targets, accumulation_steps, history, step):
+def _step_or_halve(model, opt, step_args, inputs, targets, accumulation_steps, history, step):
     """:func:`train_step`, retried with micro-batches half as large after each out-of-memory error."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics to undo
     while True:
         try:
-            loss = train_step(model, opt, inputs, targets, loss_fn=loss_fn, accumulation_steps=accumulation_steps)
+            loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps, **step_args)
             return loss, accumulation_steps
         except torch.OutOfMemoryError:
-            if accumulation_steps >= len(targets):
+            parts = len(accumulation_steps) if isinstance(accumulation_steps, (list, tuple)) else accumulation_steps
+            if parts >= len(targets):
                 raise  # micro-batches of one sample: nothing left to halve
         # Outside the except block the failed step's tensors are free. Undo what it did, then retry.
         opt.zero_grad(set_to_none=True)
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-        accumulation_steps *= 2
+        accumulation_steps = 2 * parts  # uneven sizes too: twice as many micro-batches
         note = (f"step {step}: out of memory; now {accumulation_steps} micro-batches of about "
                 f"{-(-len(targets) // accumulation_steps)} samples (the effective batch is still {len(targets)})")
         history.notes.append(note)
@@ -286,18 +314,41 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     return correct / len(dataset)
 
 
+_TRAIN_DEFAULTS = dict(batch_size=None, accumulation_steps=1, precision="fp32", checkpointing=None, optimizer="sgd")
+
+
+def _from_plan(plan, given: dict) -> dict:
+    """``given`` (train's arguments) with what ``plan`` says; an argument given as well must agree with it."""
+    from .plan import FitPlan
+
+    if not isinstance(plan, FitPlan):
+        raise TypeError(f"plan must be a batchlab.FitPlan (from batchlab.plan_fit), got {type(plan).__name__}")
+    wanted = plan.train_kwargs()
+    for name, value in wanted.items():
+        if given[name] != _TRAIN_DEFAULTS[name] and given[name] != value:
+            raise ValueError(f"train got plan= and {name}={given[name]!r}, but the plan says {name}={value!r}: "
+                             f"pass one of them")
+    return {name: wanted.get(name, given[name]) for name in given}
+
+
 def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
                       loss_fn, device, seed, eval_dataset):
     """Check every argument of :func:`train`; return the number of steps."""
     check_model(model)
     check_dataset(dataset)
+    if batch_size is None:
+        raise TypeError("train needs batch_size= (samples per optimizer step) or plan= (from batchlab.plan_fit)")
     check_int("batch_size", batch_size, minimum=1)
     if batch_size > len(dataset):
         raise ValueError(
             f"batch_size must be at most the data set size ({len(dataset)}), got {batch_size}"
         )
-    check_int("accumulation_steps", accumulation_steps, minimum=1)
-    if batch_size % accumulation_steps:
+    if isinstance(accumulation_steps, (list, tuple)):  # uneven micro-batch sizes, e.g. from batchlab.plan_fit
+        sizes = [check_int("accumulation_steps[i]", size, minimum=1) for size in accumulation_steps]
+        if sum(sizes) != batch_size:
+            raise ValueError(f"accumulation_steps as micro-batch sizes must add up to batch_size ({batch_size}), "
+                             f"got {list(accumulation_steps)} (sum {sum(sizes)})")
+    elif check_int("accumulation_steps", accumulation_steps, minimum=1) and batch_size % accumulation_steps:
         raise ValueError(
             f"accumulation_steps must divide batch_size into equal micro-batches: {batch_size} is not "
             f"divisible by {accumulation_steps}; try accumulation_steps in "

@@ -22,7 +22,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from .memory import ProcessMemory
+from .process import ProcessMemory
 from .torch_internals import has_workers, shutdown_workers
 from .validation import check_dataset, check_int
 
@@ -87,7 +87,7 @@ def seed_worker(worker_id: int) -> None:
 def worker_memory(dataset, *, batch_size: int, num_workers: int = 2) -> list[ProcessMemory]:
     """Read all of ``dataset`` once with a ``DataLoader`` and return the memory of each worker at the end.
 
-    One :class:`batchlab.memory.ProcessMemory` per worker, the type :func:`batchlab.process_memory`
+    One :class:`batchlab.process.ProcessMemory` per worker, the type :func:`batchlab.process_memory`
     gives for this process: ``rss_bytes`` (resident pages, shared ones included), ``pss_bytes`` (shared
     pages divided among the processes that share them; Linux only, else None) and ``uss_bytes`` (pages
     only this worker holds: what it would free by exiting). ``tensor_bytes`` is None: a worker's

@@ -7,7 +7,7 @@ from torch.utils.data import default_collate
 
 import batchlab
 from batchlab import accumulation, datasets
-from batchlab.widgets import AccumulationWidget
+from batchlab.widgets import AccumulationExplorer
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_accumulation_run_trains_the_same_curve_at_any_micro_batch():
 
 
 def test_accumulation_widget_follows_its_control():
-    widget = AccumulationWidget(datasets.digits(train=False), effective_batch=32, micro_batch=32, steps=6)
+    widget = AccumulationExplorer(datasets.digits(train=False), effective_batch=32, micro_batch=32, steps=6)
     first_png = bytes(widget.image.value)
     assert first_png.startswith(b"\x89PNG") and "effective batch <b>32</b>" in widget.steps_label.value
     state = widget.set(micro_batch=4)
@@ -293,4 +293,4 @@ def test_accumulation_widget_follows_its_control():
     with pytest.raises(ValueError, match=r"set\(\) takes micro_batch"):
         widget.set(steps=3)
     text = widget._repr_mimebundle_()["text/plain"]
-    assert text == "AccumulationWidget(model='mlp', effective_batch=32, steps=6)"
+    assert text == "AccumulationExplorer(model='mlp', effective_batch=32, steps=6)"

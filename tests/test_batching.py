@@ -13,9 +13,9 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
 import batchlab
-from batchlab import batching, datasets, loaders, memory, workers
+from batchlab import batching, datasets, loaders, process, workers
 from batchlab.exercises import chapter3
-from batchlab.widgets import LoaderWidget
+from batchlab.widgets import LoaderExplorer
 
 
 def children():
@@ -517,7 +517,7 @@ def test_python_list_is_copied_into_workers_and_numpy_array_is_not():
     as_list = workers.worker_memory(datasets.LookupTable(n, "list"), batch_size=20_000, num_workers=2)
     as_array = workers.worker_memory(datasets.LookupTable(n, "numpy"), batch_size=20_000, num_workers=2)
     assert len(as_list) == len(as_array) == 2
-    assert all(isinstance(m, memory.ProcessMemory) for m in as_list + as_array)
+    assert all(isinstance(m, process.ProcessMemory) for m in as_list + as_array)
     assert all(m.uss_bytes > 0 and m.rss_bytes >= m.uss_bytes for m in as_list + as_array)
     assert all(m.tensor_bytes is None and m.other_bytes is None for m in as_list)  # not countable from outside
     assert "its tensors are not known" in repr(as_list[0])
@@ -550,7 +550,7 @@ def test_token_sequences():
 
 
 def test_loader_widget_measures_each_setting_and_shows_the_cores(small_images):
-    widget = LoaderWidget(small_images, num_workers=0, batch_size=16, batches=2, warmup=1)
+    widget = LoaderExplorer(small_images, num_workers=0, batch_size=16, batches=2, warmup=1)
     first_png = bytes(widget.image.value)
     assert first_png.startswith(b"\x89PNG")
     assert f"{loaders.usable_cores()} usable CPU cores" in widget.summary.value
@@ -563,7 +563,7 @@ def test_loader_widget_measures_each_setting_and_shows_the_cores(small_images):
     state = widget.set(batch_size=8)
     assert set(state["measured"]) == {(16, 0), (16, 1), (8, 1)}
     assert "num_workers 1" in widget.summary.value and "batch size 8" in widget.summary.value
-    assert widget._repr_mimebundle_()["text/plain"] == "LoaderWidget(batches=2, warmup=1)"
+    assert widget._repr_mimebundle_()["text/plain"] == "LoaderExplorer(batches=2, warmup=1)"
     with pytest.raises(ValueError, match="batch_size must be one of"):
         widget.set(batch_size=7)
     with pytest.raises(ValueError, match="set\\(\\) takes num_workers and batch_size"):
@@ -571,10 +571,10 @@ def test_loader_widget_measures_each_setting_and_shows_the_cores(small_images):
 
 
 def test_loader_widget_batch_sizes_fit_the_dataset(small_images):
-    widget = LoaderWidget(small_images, batch_size=8, batches=8, warmup=2)  # 10 batches of at most 16
+    widget = LoaderExplorer(small_images, batch_size=8, batches=8, warmup=2)  # 10 batches of at most 16
     assert widget.batch_size.options == (8, 16)
     with pytest.raises(ValueError, match="too few"):
-        LoaderWidget(datasets.shapes(10, image_size=16), batches=2)
+        LoaderExplorer(datasets.shapes(10, image_size=16), batches=2)
 
 
 # --- what persistent workers do to a generator the data set owns (exercise 3's answer) -------------------

@@ -6,7 +6,7 @@ from torch import nn
 
 import batchlab
 from batchlab.estimate import CUDA_CONSTANTS, cudnn_workspace, estimate_memory, max_batch_size
-from batchlab.memory import gpu_reference
+from batchlab.reference import gpu_reference
 
 REFERENCE_MODELS = {"mlp_28": ("mlp", (1, 28, 28)), "cnn_28": ("cnn_bn", (1, 28, 28)),
                     "resnet18_32": ("resnet18", (3, 32, 32))}
@@ -155,3 +155,89 @@ def test_accumulation_lowers_the_estimated_peak_as_measured_on_the_cpu():
     assert gpu[0] > gpu[1] > gpu[2]
     with pytest.raises(ValueError, match="accumulation_steps must be at most 256, got 512"):
         estimate_memory(model, batch, accumulation_steps=512)
+
+
+# -- chapter 8: precision and checkpointing in the estimate --------------------------------------------
+
+@pytest.mark.parametrize("name, shape, make, precision", [
+    ("cnn_bn", (1, 28, 28), lambda: torch.randn(32, 1, 28, 28), "bf16"),
+    ("cnn_bn", (1, 28, 28), lambda: torch.randn(32, 1, 28, 28), "fp16"),
+    ("transformer", (32,), lambda: torch.randint(0, 1000, (8, 32)), "bf16"),
+])
+def test_cpu_estimate_under_precision_matches_cpu_measurement(name, shape, make, precision):
+    model = batchlab.build_model(name, in_shape=shape)
+    batch = (make(), torch.randint(0, 10, (len(make()),)))
+    measured = batchlab.profile_step(model, batch, optimizer="adam", precision=precision)
+    estimated = batchlab.estimate_memory(model, batch, optimizer="adam", device="cpu", precision=precision)
+    fp32 = batchlab.profile_step(model, batch, optimizer="adam")
+    assert estimated.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.03)
+    assert measured.peak_bytes < fp32.peak_bytes
+    assert precision in estimated.label
+
+
+def test_an_enclosing_autocast_is_honoured_and_a_conflicting_one_refused():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    batch = (torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    fp32 = batchlab.estimate_memory(model, batch, optimizer="adam")
+    bf16 = batchlab.estimate_memory(model, batch, optimizer="adam", precision="bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = batchlab.estimate_memory(model, batch, optimizer="adam")
+        with pytest.raises(ValueError, match=r"inside torch.autocast\(dtype=bf16\) with precision='fp16'"):
+            batchlab.estimate_memory(model, batch, precision="fp16")
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is still there
+    assert inside.peak_bytes == bf16.peak_bytes != fp32.peak_bytes
+    assert "bf16" in inside.label
+
+
+def test_gpu_estimates_shrink_with_low_precision_and_the_largest_batch_grows():
+    model = batchlab.build_model("resnet18", in_shape=(3, 64, 64))
+
+    def make(n):
+        return torch.empty(n, 3, 64, 64, device="meta"), torch.empty(n, dtype=torch.long, device="meta")
+
+    fp32 = batchlab.estimate_memory(model, make(32), optimizer="adam")
+    bf16 = batchlab.estimate_memory(model, make(32), optimizer="adam", precision="bf16")
+    fp16 = batchlab.estimate_memory(model, make(32), optimizer="adam", precision="fp16")
+    assert bf16.peak_bytes < fp32.peak_bytes
+    assert abs(fp16.peak_bytes - bf16.peak_bytes) < 64 * 1024  # same casts; GradScaler adds a few scalars
+    assert bf16.breakdown["optimizer_state"] == fp32.breakdown["optimizer_state"]  # fp32 state either way
+    small = batchlab.max_batch_size(model, make, budget="1GiB", optimizer="adam")
+    large = batchlab.max_batch_size(model, make, budget="1GiB", optimizer="adam", precision="bf16")
+    assert large > small
+
+
+def test_checkpointing_lowers_the_gpu_estimate_and_raises_the_largest_batch():
+    model = batchlab.build_model("resnet18", in_shape=(3, 64, 64))
+
+    def make(n):
+        return meta_batch(n, (3, 64, 64))
+
+    large = batchlab.build_model("resnet18", in_shape=(3, 224, 224))
+    plain = estimate_memory(large, meta_batch(64, (3, 224, 224)), optimizer="adam", precision="bf16")
+    blocks = estimate_memory(large, meta_batch(64, (3, 224, 224)), optimizer="adam", precision="bf16",
+                             checkpointing="blocks")
+    assert blocks.peak_bytes < 0.9 * plain.peak_bytes
+    assert blocks.breakdown["activations"] > 0  # saved segment inputs and one recomputed segment
+    assert max_batch_size(model, make, budget="1GiB", optimizer="adam", checkpointing="blocks") > \
+        max_batch_size(model, make, budget="1GiB", optimizer="adam")
+
+
+def test_an_autocast_block_pytorch_switched_off_is_refused_not_ignored():
+    import warnings
+
+    model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
+    batch = meta_batch(8, (1, 8, 8))
+    bf16 = estimate_memory(model, batch, optimizer="adam", precision="bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "CUDA is not available ... Disabling autocast"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if torch.cuda.is_available():
+                assert estimate_memory(model, batch, optimizer="adam").peak_bytes == bf16.peak_bytes
+            else:
+                with pytest.raises(ValueError, match=r"inside a torch.autocast block that is switched off"):
+                    estimate_memory(model, batch, optimizer="adam")
+            assert estimate_memory(model, batch, optimizer="adam", precision="bf16").peak_bytes == bf16.peak_bytes
+        with torch.autocast("cpu", enabled=False):
+            with pytest.raises(ValueError, match="switched off"):
+                max_batch_size(model, lambda n: meta_batch(n, (1, 8, 8)), budget="1GiB")
+    assert "bf16" not in estimate_memory(model, batch, optimizer="adam").label  # outside the blocks: fp32 again

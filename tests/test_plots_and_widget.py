@@ -4,7 +4,7 @@ from matplotlib.figure import Figure
 import batchlab
 from batchlab import datasets
 from batchlab.plots import figure_to_png, smoothed
-from batchlab.widgets import ConvergenceWidget
+from batchlab.widgets import ConvergenceExplorer
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_smoothing_is_a_trailing_mean():
 
 
 def test_convergence_widget_follows_its_controls(small_digits):
-    widget = ConvergenceWidget(small_digits, epochs=1, batch_size=64, lr=0.05, keep=2)
+    widget = ConvergenceExplorer(small_digits, epochs=1, batch_size=64, lr=0.05, keep=2)
     first_png = bytes(widget.image.value)
     assert first_png.startswith(b"\x89PNG") and "batch 64" in widget.summary.value
     state = widget.set(batch_size=16)
@@ -48,12 +48,12 @@ def test_convergence_widget_follows_its_controls(small_digits):
 
 
 def test_convergence_widget_refuses_bad_values(small_digits):
-    widget = ConvergenceWidget(small_digits, epochs=1)
+    widget = ConvergenceExplorer(small_digits, epochs=1)
     with pytest.raises(ValueError, match="batch_size must be one of"):
         widget.set(batch_size=3)
     with pytest.raises(ValueError, match="set\\(\\) takes batch_size and lr"):
         widget.set(model="cnn")
     with pytest.raises(ValueError, match="name must be one of"):
-        ConvergenceWidget(small_digits, model="vgg")
+        ConvergenceExplorer(small_digits, model="vgg")
     bundle = widget._repr_mimebundle_()
-    assert bundle["text/plain"] == "ConvergenceWidget(model='mlp', epochs=1)"
+    assert bundle["text/plain"] == "ConvergenceExplorer(model='mlp', epochs=1)"

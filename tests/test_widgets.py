@@ -16,6 +16,7 @@ import torch
 import batchlab
 from batchlab import datasets
 from batchlab import explorer as ex
+from batchlab import explorer_text as say
 from batchlab.widgets import BatchSizeExplorer, Jobs
 
 
@@ -123,6 +124,174 @@ def test_run_length_is_short_for_every_model():
     assert ex.run_length("cnn", 1438, 1438) == 2
 
 
+# -- what the panels say and draw (pure functions) ----------------------------------------------
+
+GPU4 = ex.Profile("GPU 4 GiB (simulated)", "cuda", 4 * 2**30, 300 * 2**20)
+
+
+def a_point(peak_gib, *, fits, cached_gib=0.0, batch=64, profile=GPU4, verdict=None):
+    peak = int(peak_gib * 2**30)
+    verdict = verdict or ("fits" if fits else "tensors")
+    return ex.MemoryPoint(batch, peak, {"parameters": peak // 4, "activations": peak - peak // 4}, profile, fits,
+                          int(cached_gib * 2**30), verdict, ex.margin_batch(batch))
+
+
+def a_run(label_batch, losses, *, steps=1, model="mlp", done=True, seconds=None):
+    run = ex.Run(ex.RunSetting(model, label_batch, 0.05, steps), len(losses))
+    run.history.loss[:] = losses
+    run.history.samples[:] = [label_batch * (i + 1) for i in range(len(losses))]
+    run.history.seconds[:] = seconds or [0.01 * (i + 1) for i in range(len(losses))]
+    run.done = done
+    return run
+
+
+def test_memory_text_says_the_verdict_and_the_numbers_behind_it():
+    s = ex.RunSetting("cnn", 64, 0.05)
+    fits = say.memory_text(s, a_point(2.0, fits=True, cached_gib=0.5), 98, (3, 224, 224))
+    assert fits.startswith("<b>Fits.</b> One training step of cnn on 3x224x224 images at batch 64 needs 2.00 GiB of "
+                           "tensors at its peak; with the allocator's cache (512 MiB) that is within the 3.71 GiB")
+    assert "whose other 300 MiB are the CUDA context" in fits
+    assert "context, the tensors and the cache: 2.79 GiB." in fits
+    assert fits.endswith("The largest batch that fits in one step: <b>98</b> (estimated, with a 5% margin).")
+    over = say.memory_text(ex.RunSetting("cnn", 256, 0.05), a_point(5.0, fits=False, batch=256), 98, (3, 224, 224))
+    assert "Out of memory.</b>" in over and "needs 5.00 GiB of tensors at its peak: 1.29 GiB more than the 3.71 GiB" \
+        in over
+    assert "accumulate 3 micro-batches of 85" not in over and "accumulate 4 micro-batches of 64" in over
+    assert say.memory_text(s, a_point(2.0, fits=True), None, (3, 224, 224)).endswith(
+        "Searching for the largest batch that fits…")
+    assert say.memory_text(s, a_point(5.0, fits=False), 0, (3, 224, 224)).endswith(
+        "Not even the smallest batch fits this device.")
+    cpu = ex.Profile(ex.CPU_PROFILE, "cpu", 8 * 2**30)
+    text = say.memory_text(ex.RunSetting("transformer", 8, 0.05), a_point(0.25, fits=True, profile=cpu), 512, (512,))
+    assert "transformer on sequences of 512 tokens at batch 8 needs 256 MiB" in text and "free RAM" in text
+    assert "cache" not in text and "context" not in text
+
+
+def test_the_verdict_follows_chapter_4s_rule_and_says_which_number_decided_it():
+    profile = ex.device_profiles()["GPU 4 GiB (simulated)"]
+    shape = ex.memory_input_shape("cnn")
+    model = ex.meta_model("cnn", shape)
+    largest = ex.largest_batch(model, shape, profile)
+    points = {n: ex.memory_point(model, shape, n, profile) for n in (largest, largest + 4, 256)}
+    assert ex.margin_batch(98) == 103 and ex.margin_batch(256, 4) == 4 * 68
+    assert points[largest].verdict == "fits" and points[largest].fits
+    assert points[largest].margin_batch == ex.margin_batch(largest)
+    close = points[largest + 4]  # the step itself would run, but a batch 5% larger would not: aim lower
+    assert close.verdict in ("margin", "allocator") and not close.fits
+    assert points[256].verdict == "tensors" and points[256].peak_bytes > profile.budget
+    for point in points.values():  # the allocator releases its cache before it gives up: never above the budget
+        assert point.peak_bytes + point.cached_bytes <= max(profile.budget, point.peak_bytes)
+    s = ex.RunSetting("cnn", largest, 0.05)
+    text = say.memory_text(s, points[largest], largest, shape)
+    assert f"and a batch 5% larger ({ex.margin_batch(largest)} samples) fits too: the margin chapter 4 asks for " \
+           f"decided it." in text
+    margin = a_point(3.0, fits=False, batch=100, verdict="margin")
+    text = say.memory_text(ex.RunSetting("cnn", 100, 0.05), margin, 98, shape)
+    assert text.startswith("<b style='color:#C44E52'>Too close to the limit.</b>")
+    assert "but a batch 5% larger (105 samples) does not fit: aim a few per cent below the limit (chapter 4). The 5% " \
+           "margin decided it." in text
+    allocator = a_point(3.0, fits=False, batch=128, verdict="allocator")
+    text = say.memory_text(ex.RunSetting("cnn", 128, 0.05), allocator, 98, shape)
+    assert "but even after releasing its cache the caching allocator cannot place the step's blocks there " \
+           "(fragmentation). The simulated allocator decided it, not the tensors." in text
+    assert "would reserve" not in text
+
+
+def test_the_slider_gets_finer_stops_around_the_largest_batch_that_fits(small_digits):
+    assert ex.batch_size_options(1438, 98) == (1, 2, 4, 8, 16, 32, 64, 88, 93, 96, 98, 100, 102, 104, 108, 128, 256,
+                                               512, 1024, 1438)
+    assert ex.batch_size_options(100, 98)[-4:] == (93, 96, 98, 100)  # never beyond the limit
+    widget = BatchSizeExplorer(small_digits, model="cnn", batch_size=64, profile="4 GiB", panels="memory")
+    largest = widget.state["largest_batch"]
+    assert {largest, largest + 2, largest + 4} <= set(widget.batch_size.options)  # added once the search ended
+    index = widget.batch_size.options.index(largest)
+    widget.batch_size.value = widget.batch_size.options[index]
+    assert widget.state["fits"] and widget.state["verdict"] == "fits"
+    widget.batch_size.value = widget.batch_size.options[index + 2]  # two stops further: across the limit
+    state = widget.state
+    assert not state["fits"] and state["verdict"] in ("margin", "allocator") and state["batch_size"] == largest + 4
+    widget.close()
+
+
+def test_run_texts_say_the_progress_the_result_and_whether_twins_coincide():
+    whole, split = a_run(64, [2.0, 1.5, 1.0]), a_run(64, [2.0, 1.5, 1.0 + 1e-6], steps=4)
+    assert say.run_text(a_run(64, [2.0], done=False), []) == "Training <b>mlp, batch 64, lr 0.05</b>: step 1 of 1…"
+    text = say.run_text(split, [whole, split])
+    assert text.startswith("<b>mlp, batch 64 (4x16), lr 0.05</b>: 3 steps, 192 samples, final loss 1.000 (a short "
+                           "run: 2 epochs, at most 300 steps).")
+    assert "Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> lie on each other: the losses differ by " \
+           "at most 1.0e-06" in text
+    apart = a_run(64, [2.0, 1.4, 0.9], steps=4)
+    assert say.twin_text(apart, [whole, apart], batch_norm=True) == (
+        " Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> differ by up to 0.100 in loss: BatchNorm "
+        "normalises each micro-batch with its own statistics (chapter 6).")
+    assert "rounded differently" in say.twin_text(whole, [apart, whole])
+    assert say.twin_text(whole, [a_run(32, [1.0, 1.0, 1.0], steps=2), whole]) == ""  # not the same batch
+    assert ex.has_batch_norm(batchlab.build_model("cnn_bn", in_shape=(1, 8, 8)))
+    assert not ex.has_batch_norm(batchlab.build_model("mlp", in_shape=(1, 8, 8)))
+
+
+def test_speed_text_and_points_come_from_the_finished_runs():
+    run = a_run(64, [1.0, 0.9], seconds=[0.01, 0.02])
+    assert say.speed_text(run) == ("<b>6,400 samples/s</b> at batch 64 (10.0 ms per step), measured on this "
+                                  "machine's CPU.")
+    others = [run, a_run(32, [1.0], done=False), a_run(16, [1.0], steps=2), a_run(8, [1.0], model="cnn")]
+    assert ex.speed_points(others, run.setting) == {64: 6400.0}
+    assert say.notes_html(["a < b"]) == "<div style='color:#C44E52'>⚠ a &lt; b</div>"
+
+
+def test_plot_memory_draws_context_tensors_and_cache_against_the_device():
+    from batchlab.memory_plots import plot_memory
+
+    fig = plot_memory({"batch 64": a_point(2.0, fits=True, cached_gib=0.5)}, title="cnn: fits")
+    ax = fig.axes[0]
+    widths = [p.get_width() for p in ax.patches]
+    assert widths == pytest.approx([300 / 1024, 0.5, 1.5, 0.5])  # context, parameters, activations, cache
+    assert sum(widths) == pytest.approx((2.0 * 2**30 + 300 * 2**20 + 0.5 * 2**30) / 2**30)
+    assert [line.get_xdata()[0] for line in ax.get_lines()] == [4.0]  # the device's size, dashed
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["CUDA context", "parameters", "activations",
+                                                                  "allocator cache"]
+    assert fig._suptitle.get_text() == "cnn: fits"
+
+
+def test_plot_speed_and_plot_convergence_draw_what_they_are_given():
+    from batchlab.plots import plot_convergence, plot_speed
+
+    fig = plot_speed({64: 5000.0, 8: 1000.0, 16: 2000.0}, current=16, title="mlp")
+    line, ring = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == [8, 16, 64] and list(line.get_ydata()) == [1000.0, 2000.0, 5000.0]
+    assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([16], [2000.0])
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_title() == "mlp"
+    whole, split = a_run(64, [2.0, 1.5, 1.0]), a_run(64, [2.0, 1.5, 1.0], steps=4)
+    fig = plot_convergence([whole.history, split.history], dashed={split.history.label})
+    for ax in fig.axes:
+        styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+        assert styles == {"mlp, batch 64, lr 0.05": "-", "mlp, batch 64 (4x16), lr 0.05": "--"}
+        assert ax.get_yscale() == "linear"
+
+
+def test_the_explorer_model_imports_no_plotting_or_widgets():
+    import subprocess
+    import sys
+
+    code = "import sys, batchlab.explorer; print(sorted(m for m in ('matplotlib', 'ipywidgets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_explorer_inputs_are_read_by_plain_functions():
+    profiles = ex.device_profiles()
+    assert say.profile_name(16, profiles) == say.profile_name("16GB", profiles) == "GPU 16 GiB (simulated)"
+    assert say.profile_name("cpu", profiles) == ex.CPU_PROFILE and say.profile_name("5 GiB", profiles) is None
+    assert say.read_profile("tpu", profiles)[0] is None and "'tpu' is not one of the profiles" in \
+        say.read_profile("tpu", profiles)[1][0]
+    assert say.read_lr("2", 0.05) == (1.0, ["learning rate 2 is outside 0.001 to 1; using 1."])
+    assert say.read_lr("nan", 0.05) == (0.05, ["learning rate: 'nan' is not a finite number; kept 0.05."])
+    assert say.read_model("vgg")[0] is None and say.read_model("cnn") == ("cnn", [])
+    assert say.read_steps("x", 2) == (None, ["accumulation steps: 'x' is not a whole number; kept 2."])
+    assert say.check_panels("memory") == ("memory",)
+
+
 # -- the shared machinery ------------------------------------------------------------------------
 
 def test_jobs_run_the_newest_work_only_and_never_two_at_once():
@@ -193,8 +362,9 @@ def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does
     assert f"One training step of cnn on 3x224x224 images at batch 256 needs {point.peak_bytes / 2**30:.2f} GiB " \
            f"of tensors at its peak: {over:.2f} GiB more than the {state['budget_bytes'] / 2**30:.2f} GiB PyTorch " \
            f"can use" in text
-    assert f"cache ({point.cached_bytes / 2**30:.2f} GiB): " \
-           f"{(point.device_bytes + point.cached_bytes) / 2**30:.2f} GiB." in text
+    assert point.verdict == "tensors" and point.cached_bytes == 0  # the allocator released its cache before failing
+    assert f"The tensors alone decided it. The bar shows the context and the tensors: " \
+           f"{point.device_bytes / 2**30:.2f} GiB." in text
     state = widget.set(accumulation_steps=4)  # the way out that the panel suggests
     assert state["fits"] and state["micro_batch"] == 64
     state = widget.set(profile=80, accumulation_steps=1)
@@ -202,10 +372,20 @@ def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does
     assert state["loss"] == [] and state["run"] is None and not explorer_threads()  # no convergence panel
 
 
+def test_state_reads_the_notes_not_the_html_it_shows(explorer):
+    state = explorer.set(batch_size="lots", lr=5)
+    assert explorer.notes == ["batch size: 'lots' is not a number; type a whole number from 1 to 359.",
+                              "learning rate 5 is outside 0.001 to 1; using 1."]
+    assert state["message"] == "\n".join(explorer.notes)
+    assert explorer.message.value == say.notes_html(explorer.notes)
+    explorer.message.value = "<div>something else</div>"  # what is shown is drawn from the notes, never read back
+    assert explorer.state["message"] == "\n".join(explorer.notes)
+
+
 def test_an_accumulated_run_is_drawn_dashed_and_said_to_lie_on_the_whole_batch(explorer):
     explorer.set(batch_size=64)
     explorer.set(accumulation_steps=4)
-    whole, split = (explorer._runs[key].history.loss for key in sorted(explorer._runs)
+    whole, split = (explorer.runs.runs[key].history.loss for key in sorted(explorer.runs.runs)
                     if key[1] == 64 and key[3] in (1, 4))
     gap = max(abs(a - b) for a, b in zip(whole, split))
     assert gap < 1e-4  # the mlp has no BatchNorm: the same updates
@@ -215,9 +395,11 @@ def test_an_accumulated_run_is_drawn_dashed_and_said_to_lie_on_the_whole_batch(e
     explorer.set(accumulation_steps=1)  # back to the whole batch: its text names the dashed twin
     assert "The dashed curve of <b>mlp, batch 64 (4x16), lr 0.05</b> and this one lie on each other" \
         in explorer.convergence.text.value
-    from batchlab.widgets import _convergence_figure
+    from batchlab.plots import plot_convergence
 
-    fig = _convergence_figure(explorer._shown_runs)  # what the panel draws
+    shown = explorer._shown_runs  # what the panel draws
+    fig = plot_convergence([r.history for r in shown],
+                           dashed={r.history.label for r in shown if r.setting.accumulation_steps > 1})
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
     assert styles["mlp, batch 64 (4x16), lr 0.05"] == "--" and styles["mlp, batch 64, lr 0.05"] == "-"
     legend = fig.axes[0].get_legend()
@@ -268,7 +450,7 @@ def test_a_newer_change_cancels_the_older_run_and_only_it_draws(small_digits):
     assert state["run"] == "mlp, batch 16, lr 0.05" and not state["running"]
     assert set(list(widget._draws)[mark:]) <= {"mlp, batch 4, lr 0.05", "mlp, batch 8, lr 0.05",
                                                "mlp, batch 16, lr 0.05"}
-    assert {key[0] for key in widget._runs} == {"mlp"}  # the cancelled resnet18 run was dropped
+    assert {key[0] for key in widget.runs.runs} == {"mlp"}  # the cancelled resnet18 run was dropped
     assert not explorer_threads()
     widget.close()
 
@@ -319,7 +501,7 @@ def test_two_hundred_changes_leave_memory_and_threads_as_they_were(small_digits)
     grown = psutil.Process().memory_info().rss - before
     assert grown < 50 * 2**20, f"200 changes grew the resident memory by {grown / 2**20:.1f} MiB"
     assert not explorer_threads() and not widget.jobs.running
-    assert len(widget._runs) <= 64 and len(widget._points) <= 256
+    assert len(widget.runs.runs) <= 64 and len(widget.cache.points) <= 256
     widget.close()
 
 
@@ -335,10 +517,53 @@ def test_chosen_panels_only(small_digits):
     widget.close()
 
 
+def test_close_closes_only_the_explorers_own_widgets_and_refuses_work_after(small_digits):
+    import ipywidgets
+
+    mine = ipywidgets.IntSlider()  # a learner's own widget
+    first = BatchSizeExplorer(small_digits, model="mlp", batch_size=32, panels="memory")
+    second = BatchSizeExplorer(small_digits, model="mlp", batch_size=16, panels="memory")
+    owned = [first.box, first.batch_size, first.memory.image, first.convergence.text, first.message]
+    first.close()
+    assert all(w.comm is None for w in owned)  # closed, the panels it did not show too
+    assert mine.comm is not None and second.box.comm is not None and second.batch_size.comm is not None
+    assert second.set(batch_size=64)["batch_size"] == 64  # the other explorer still works
+    latest = first.jobs.latest
+    first.batch_size.value = 64  # a control change after close...
+    assert first.jobs.latest is latest and not first.jobs.running and first.state["batch_size"] == 32  # ...does nothing
+    with pytest.raises(RuntimeError, match="BatchSizeExplorer is closed: .* create a new one"):
+        first.set(batch_size=8)
+    first.close()  # twice: nothing more to do
+    second.close()
+    mine.close()
+
+
+@pytest.mark.parametrize("shape", [None, (3,), (3, 224), (3, 0, 224), "3x224x224", (3.0, 224, 224)])
+def test_a_bad_image_shape_is_refused_when_the_explorer_is_built(small_digits, shape):
+    with pytest.raises(ValueError, match=r"image_shape must be \(channels, height, width\), three positive whole "
+                                         r"numbers such as \(3, 224, 224\), got "):
+        BatchSizeExplorer(small_digits, panels="memory", image_shape=shape)
+
+
+def test_resnet18_at_batch_1_says_why_it_cannot_train_and_the_memory_search_ends(small_digits):
+    widget = BatchSizeExplorer(small_digits, model="resnet18", batch_size=1, profile="4 GiB")
+    state = widget.state
+    assert state["error"] == ("could not train resnet18, batch 1, lr 0.05: resnet18 cannot train on batches of 1 "
+                              "sample: its BatchNorm layers need 2 or more samples per (micro-)batch in training, to "
+                              "compute a mean and a variance over the batch. Choose a batch of 2 or more (or fewer "
+                              "accumulation steps).")
+    assert "BatchNorm layers need 2 or more samples" in widget.convergence.text.value
+    assert state["fits"] and state["largest_batch"] > 1  # the search ended...
+    assert "Searching" not in widget.memory.text.value and "The largest batch that fits" in widget.memory.text.value
+    other = RuntimeError("boom")
+    assert say.explain_training_error(other, ex.RunSetting("mlp", 1, 0.05)) is other
+    widget.close()
+
+
 def test_every_explorer_is_built_from_the_shared_machinery():
     from batchlab import widgets
 
-    for cls in (widgets.ConvergenceWidget, widgets.LoaderWidget, widgets.AccumulationExplorer, BatchSizeExplorer):
+    for cls in (widgets.ConvergenceExplorer, widgets.LoaderExplorer, widgets.AccumulationExplorer, BatchSizeExplorer):
         assert issubclass(cls, widgets.Explorer)
     assert batchlab.BatchSizeExplorer is BatchSizeExplorer
     accumulation = widgets.AccumulationExplorer(datasets.digits(train=False), effective_batch=16, micro_batch=4,

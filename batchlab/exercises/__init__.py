@@ -14,6 +14,7 @@ chapter    checks
            :func:`check_persistent_prediction`
 5          :func:`check_hook_fix`
 6          :func:`check_loop_bugs`, :func:`check_accumulation_loop`
+8          :func:`check_bytes_per_parameter`, :func:`check_checkpoint_segments`, :func:`check_critical_batch`
 =========  ==============================================================================
 """
 
@@ -23,11 +24,15 @@ from .chapter2 import check_normalize_stats, check_squares_dataset
 from .chapter3 import check_best_num_workers, check_padding_collate, check_persistent_prediction
 from .chapter5 import check_hook_fix
 from .chapter6 import check_accumulation_loop, check_loop_bugs
+from .chapter8 import check_bytes_per_parameter, check_checkpoint_segments, check_critical_batch
 from .turn import your_turn
 
 __all__ = [
     "check_accumulation_loop",
     "check_best_num_workers",
+    "check_bytes_per_parameter",
+    "check_checkpoint_segments",
+    "check_critical_batch",
     "check_hook_fix",
     "check_largest_batch",
     "check_loop_bugs",

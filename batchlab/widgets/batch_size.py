@@ -1,0 +1,316 @@
+"""The batch-size explorer (chapters 0, 1 and 4): memory of a step, convergence and speed against batch size.
+
+The view only: what it computes is in :mod:`batchlab.explorer` (the model), what it reads and says in
+:mod:`batchlab.explorer_text`, what it draws in :mod:`batchlab.plots` and :mod:`batchlab.memory_plots`.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import functools
+import html
+
+import ipywidgets as widgets
+
+from .. import explorer as ex
+from .. import explorer_text as say
+from ..datasets import digits
+from ..memory_plots import plot_memory
+from ..models import MODEL_NAMES
+from ..plots import plot_convergence, plot_speed
+from ..validation import check_choice, check_int
+from .base import Explorer, Panel
+from .jobs import Job
+
+DRAW_INTERVAL = 0.5  # seconds between two drawings of a run in progress; the first after that long too,
+# so that a run that ends sooner is drawn once
+
+
+class BatchSizeExplorer(Explorer):
+    """Move the batch size; watch the memory of a step, the convergence and the speed respond.
+
+    Controls: batch size (a log-scale slider from 1 to 4096 or the data set's size, and a box to type
+    any size), learning rate, model (:data:`batchlab.MODEL_NAMES`), device profile (this machine's
+    CPU, or a simulated GPU of 4 to 80 GiB) and accumulation steps. ``panels`` picks among:
+
+    * ``"memory"``: the estimated peak of one training step by category, as a stacked bar against the
+      device's size, with an out-of-memory state and the largest batch that fits
+      (:func:`batchlab.explorer.memory_point`, :func:`batchlab.explorer.largest_batch`). It models
+      3x224x224 images (``image_shape``) or 512-token sequences (``sequence_length``): a GPU's memory
+      runs out on real input sizes. It updates before a change returns (a fraction of a second);
+    * ``"convergence"``: loss against steps and samples for the current setting and the ``keep`` - 1
+      settings before it. The same architecture trains on ``dataset`` (default: the 8x8 digits) in a
+      background thread, so the controls stay responsive; a newer change cancels an older run;
+    * ``"speed"``: samples per second of the runs measured so far, against the batch size.
+
+    Results are cached: a setting seen before is shown again without computing. Bad input (a value out
+    of range, text that is not a number, a model that does not exist) is clamped or refused with a
+    message under the controls, never raised. ``set(**values)`` applies values as a learner would and
+    returns when every panel shows them; ``state`` is what the panels show. The explorer itself is
+    returned once its first panels are drawn.
+    """
+
+    settable = ("batch_size", "lr", "model", "profile", "accumulation_steps")
+
+    def __init__(self, dataset=None, *, model: str = "cnn", batch_size: int = 64, lr: float = 0.05,
+                 profile="GPU 8 GiB (simulated)", accumulation_steps: int = 1, optimizer: str = "sgd",
+                 panels=say.PANELS, keep: int = 4, image_shape=ex.IMAGE_SHAPE,
+                 sequence_length: int = ex.SEQUENCE_LENGTH):
+        self.dataset = dataset if dataset is not None else digits(train=True)
+        self.panels = say.check_panels(panels)
+        self.optimizer = check_choice("optimizer", optimizer, ("sgd", "adam"))
+        self.keep = check_int("keep", keep, minimum=1)
+        self.image_shape = say.check_image_shape(image_shape)
+        self.sequence_length = check_int("sequence_length", sequence_length, minimum=1)
+        self.limit = min(ex.MAX_BATCH, len(self.dataset))
+        check_choice("model", model, MODEL_NAMES)
+        check_int("batch_size", batch_size, minimum=1, maximum=self.limit)
+        say.check_lr(lr)
+        self.profiles = ex.device_profiles()
+        profile_name = say.profile_name(profile, self.profiles)
+        if profile_name is None:
+            raise ValueError(f"profile must be one of {', '.join(map(repr, self.profiles))}, got {profile!r}")
+        if ex.fit_accumulation(batch_size, check_int("accumulation_steps", accumulation_steps, minimum=1))[1]:
+            raise ValueError(f"accumulation_steps must divide batch_size into equal micro-batches, got "
+                             f"{accumulation_steps} for batch {batch_size}")
+        self._build_controls(model, batch_size, lr, profile_name, accumulation_steps)
+        self._batch, self._notes, self.notes = batch_size, [], []  # notes: what the message line says now
+        self.cache = ex.MemoryCache(optimizer=self.optimizer, image_shape=self.image_shape,
+                                    sequence_length=self.sequence_length)
+        self.runs = ex.RunCache(self.dataset, keep=self.keep)
+        self._shown_runs = []
+        self._memory = self._memory_key = self._run_shown = self._error = self._submitted = None
+        self._draws = collections.deque(maxlen=100)  # labels of the runs drawn, newest last
+        super().__init__(self._control_dict(), self._layout(), background=True, on_error=self._run_failed)
+        self._changed()
+        self.wait()  # the first panels are complete when the explorer appears; later changes run in the background
+
+    # -- building ---------------------------------------------------------------------------------
+    def _build_controls(self, model, batch_size, lr, profile_name, accumulation_steps):
+        options = tuple(sorted(set(ex.batch_size_options(self.limit)) | {batch_size}))
+        controls = _controls(options, batch_size, lr, model, list(self.profiles), profile_name,
+                             accumulation_steps)
+        for name, control in controls.items():
+            setattr(self, name, control)
+        self.message = widgets.HTML()
+        self.memory, self.convergence, self.speed = Panel(), Panel(), Panel()
+
+    def _control_dict(self) -> dict:
+        return {"batch_size": self.batch_size, "batch_text": self.batch_text, "lr": self.lr, "model": self.model,
+                "profile": self.profile, "accumulation_steps": self.accumulation_steps}
+
+    def _layout(self) -> list:
+        trains = "convergence" in self.panels or "speed" in self.panels
+        second = [self.model] + ([self.profile] if "memory" in self.panels else []) + \
+            ([self.lr] if trains else []) + [self.accumulation_steps]
+        rows = [widgets.HBox([self.batch_size, self.batch_text]),
+                widgets.HBox(second, layout=widgets.Layout(flex_flow="row wrap")), self.message]
+        if "memory" in self.panels:
+            rows.append(self.memory.box)
+        shown = [getattr(self, p).box for p in ("convergence", "speed") if p in self.panels]
+        if shown:
+            rows.append(widgets.HBox(shown, layout=widgets.Layout(flex_flow="row wrap")))
+        return rows
+
+    def _batch_options(self, batch_size: int) -> tuple:
+        """The slider's stops: the log scale, the current size, and finer stops near the largest that fits."""
+        near = self.cache.known_largest(self.model.value, self.profiles[self.profile.value]) \
+            if "memory" in self.panels else None
+        return tuple(sorted(set(ex.batch_size_options(self.limit, near)) | {batch_size}))
+
+    # -- reacting to a change ---------------------------------------------------------------------
+    def _apply(self, name, value):
+        with self.quietly():
+            self._notes += self._put(name, value)
+
+    def _put(self, name: str, value) -> list:
+        """Put ``value`` into the control ``name`` as if typed there; return what had to be corrected."""
+        if name == "batch_size":
+            self.batch_text.value = str(value)
+            return self._correct("batch_text")
+        read = {"lr": lambda: say.read_lr(value, self.lr.value), "model": lambda: say.read_model(value),
+                "profile": lambda: say.read_profile(value, self.profiles),
+                "accumulation_steps": lambda: say.read_steps(value, self.accumulation_steps.value)}[name]
+        used, notes = read()
+        if used is None:
+            return notes
+        self.controls[name].value = used
+        return notes + (self._correct(name) if name == "accumulation_steps" else [])
+
+    def _correct(self, name) -> list:
+        """Bring the controls back in line after ``name`` changed; return the messages that explain how."""
+        notes = []
+        with self.quietly():
+            if name == "batch_size":
+                self._set_batch(self.batch_size.value)
+            elif name == "batch_text":
+                size, note = ex.read_batch_size(self.batch_text.value, self.limit)
+                notes += [note] if note else []
+                self._set_batch(size if size is not None else self._batch)
+            steps = self.accumulation_steps.value
+            if steps < 1:
+                notes.append(f"accumulation steps must be at least 1, got {steps}; using 1.")
+                steps = 1
+            steps, note = ex.fit_accumulation(self._batch, steps)
+            notes += [note] if note else []
+            self.accumulation_steps.value = steps
+        return notes
+
+    def _set_batch(self, size: int) -> None:
+        options = self._batch_options(size)
+        if options != self.batch_size.options:
+            self.batch_size.options = options
+        self.batch_size.value = size
+        self.batch_text.value = str(size)
+        self._batch = size
+
+    def _changed(self, name=None):
+        """A control changed (in the browser or through ``set``): correct it, then update the panels."""
+        notes, self._notes = self._notes, []
+        try:
+            if name is not None:
+                notes += self._correct(name)
+            setting = self._setting()
+            self.jobs.cancel()  # what an older job would still draw is out of date now
+            if "memory" in self.panels:
+                with self.jobs.drawing:
+                    self._update_memory(setting)
+            self._start_background(setting)
+        except Exception as error:  # a control's callback must never raise into the notebook
+            notes.append(f"could not update the explorer: {error}")
+        self.notes = notes
+        self.message.value = say.notes_html(notes)
+
+    def _setting(self) -> ex.RunSetting:
+        return ex.RunSetting(self.model.value, self._batch, float(self.lr.value), self.accumulation_steps.value,
+                             self.optimizer)
+
+    def _start_background(self, s: ex.RunSetting) -> None:
+        """Start the slow part of a change in the background: the convergence run (unless cached), then
+        the search for the largest batch that fits (unless cached)."""
+        trains = "convergence" in self.panels or "speed" in self.panels
+        profile = self.profiles[self.profile.value]
+        searches = "memory" in self.panels and self.cache.known_largest(s.model, profile) is None
+        if not trains and not searches:
+            self.jobs.cancel()  # nothing to do; an older job must not draw over this setting
+            return
+        run = self.runs.get(s.key) if trains else None
+        template = self.runs.template(s.model) if trains and run is None else None
+        self._submitted = s
+        self.jobs.submit(functools.partial(self._background, s, profile, trains, run, template))
+
+    def _background(self, s: ex.RunSetting, profile: ex.Profile, trains: bool, run, template, job: Job) -> None:
+        if trains:
+            try:
+                run = run if run is not None else self._train(s, template, job)
+            except Exception as error:  # shown; the memory panel still gets its answer below
+                job.publish(functools.partial(self._run_failed, say.explain_training_error(error, s)))
+            else:
+                if run is None:
+                    return  # cancelled by a newer change
+                job.publish(lambda: self._show_run(run))
+        if "memory" in self.panels and not job.cancelled:
+            largest = self.cache.largest_batch(s.model, profile)
+            point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps)
+            if largest:
+                self.cache.point(s.model, profile, largest)  # the bar beside it
+            job.publish(lambda: self._draw_memory(s, profile, point, largest))
+
+    # -- memory -----------------------------------------------------------------------------------
+    def _update_memory(self, s: ex.RunSetting) -> None:
+        """Draw the memory panel from one estimate, with the largest batch if it is known already."""
+        profile = self.profiles[self.profile.value]
+        key = (s.model, profile.name, s.batch_size, s.accumulation_steps, self.optimizer)
+        if key == self._memory_key:
+            return
+        point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps)
+        self._draw_memory(s, profile, point, self.cache.known_largest(s.model, profile))
+        self._memory_key = key
+
+    def _draw_memory(self, s, profile, point, largest) -> None:
+        micro = say.micro_text(s)
+        bars = {f"batch {s.batch_size}{micro}": point}
+        if largest and largest != s.batch_size // s.accumulation_steps:
+            bars[f"batch {largest}\n(largest that fits)"] = self.cache.point(s.model, profile, largest)
+        title = {"fits": "fits", "margin": "too close to the limit"}.get(point.verdict, "out of memory")
+        if largest and self._batch_options(self._batch) != self.batch_size.options:  # stops near the limit
+            with self.quietly():
+                self._set_batch(self._batch)
+        self.memory.draw(plot_memory(bars, title=f"{s.model}, batch {s.batch_size}{micro}: {title}"))
+        self.memory.say(say.memory_text(s, point, largest, self.cache.input_shape(s.model)))
+        self._memory = (point, largest)
+
+    # -- convergence and speed --------------------------------------------------------------------
+    def _train(self, s: ex.RunSetting, template, job: Job):
+        """Train ``s`` step by step, drawing now and then; None if a newer change cancelled it."""
+        data, initial = template
+        run = ex.Run(s, ex.run_length(s.model, s.batch_size, len(data)))
+        losses = ex.training_losses(copy.deepcopy(initial), data, batch_size=s.batch_size, lr=s.lr, steps=run.steps,
+                                    accumulation_steps=s.accumulation_steps, optimizer=s.optimizer, seed=s.seed)
+        if not ex.record_run(run, losses, cancelled=lambda: job.cancelled, interval=DRAW_INTERVAL,
+                             draw=lambda: job.publish(lambda: self._show_run(run))):
+            return None
+        self.runs.add(run)
+        return run
+
+    def _show_run(self, run: ex.Run) -> None:
+        """Draw ``run`` (finished or not) beside the last finished runs; called by the newest job only."""
+        shown = self.runs.shown_with(run)
+        if "convergence" in self.panels and run.history.loss:
+            self.convergence.draw(plot_convergence([r.history for r in shown], dashed={
+                r.history.label for r in shown if r.setting.accumulation_steps > 1}))
+        self.convergence.say(say.run_text(run, shown, batch_norm=self.runs.has_batch_norm(run.setting.model)))
+        if "speed" in self.panels and run.done:
+            s = run.setting
+            self.speed.draw(plot_speed(ex.speed_points(self.runs.finished(), s), current=s.batch_size,
+                                       title=f"{s.model}: speed against batch size"))
+            self.speed.say(say.speed_text(run))
+        self._run_shown, self._shown_runs, self._error = run, shown, None
+        self._draws.append(run.setting.label)
+
+    def _run_failed(self, error: Exception) -> None:
+        label = self._submitted.label if self._submitted else "this setting"
+        self._error = f"could not train {label}: {error}"
+        self.convergence.say(f"<b style='color:#C44E52'>Could not train {html.escape(label)}:</b> "
+                             f"{html.escape(str(error))}")
+
+    # -- what is shown ----------------------------------------------------------------------------
+    @property
+    def state(self) -> dict:
+        """What the panels show now: the setting, the memory estimate, the run drawn and its speed, the notes."""
+        with self.jobs.drawing:
+            memory, run, error, shown, notes = self._memory, self._run_shown, self._error, list(self._shown_runs), \
+                list(self.notes)
+        point, largest = memory if memory is not None else (None, None)
+        profile = self.profiles[self.profile.value]
+        return {
+            "batch_size": self._batch, "lr": self.lr.value, "model": self.model.value,
+            "profile": profile.name, "accumulation_steps": self.accumulation_steps.value,
+            "micro_batch": self._batch // self.accumulation_steps.value,
+            **ex.memory_state(point, largest, profile), **ex.run_state(run, shown),
+            "error": error, "message": "\n".join(notes),
+        }
+
+    def __repr__(self) -> str:
+        return f"BatchSizeExplorer(panels={self.panels!r})"
+
+
+def _controls(batch_options, batch_size, lr, model, profiles, profile, accumulation_steps) -> dict:
+    """The explorer's controls, ``{attribute: widget}``, set to the given values."""
+    wide = {"description_width": "initial"}
+    return {
+        "batch_size": widgets.SelectionSlider(options=batch_options, value=batch_size, description="batch size",
+                                              continuous_update=False, style=wide,
+                                              layout=widgets.Layout(width="420px")),
+        "batch_text": widgets.Text(value=str(batch_size), description="or type", continuous_update=False, style=wide,
+                                   layout=widgets.Layout(width="150px")),
+        "lr": widgets.FloatLogSlider(value=lr, base=10, min=-3, max=0, step=0.25, description="learning rate",
+                                     continuous_update=False, readout_format=".3g", style=wide),
+        "model": widgets.Dropdown(options=MODEL_NAMES, value=model, description="model", style=wide,
+                                  layout=widgets.Layout(width="200px")),
+        "profile": widgets.Dropdown(options=profiles, value=profile, description="device", style=wide,
+                                    layout=widgets.Layout(width="300px")),
+        "accumulation_steps": widgets.IntText(value=accumulation_steps, description="accumulation steps", style=wide,
+                                              layout=widgets.Layout(width="190px")),
+    }
