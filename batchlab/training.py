@@ -201,7 +201,8 @@ def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
                         generator=torch.Generator().manual_seed(seed), collate_fn=collate_naming(dataset))
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=history.label, disable=not progress, leave=False)
+    # No bar at all without progress: even a disabled tqdm starts its monitor thread, which then never ends.
+    bar = tqdm(total=total_steps, desc=history.label, leave=False) if progress else None
     step = 0
     while step < total_steps:  # one pass of this loop is one epoch
         for inputs, targets in loader:
@@ -226,8 +227,9 @@ def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_
             history.loss.append(step_loss)
             history.samples.append(step * batch_size)
             history.seconds.append(time.perf_counter() - start)
-            bar.update()
-            bar.set_postfix(loss=f"{step_loss:.3f}")
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(loss=f"{step_loss:.3f}")
             if step == total_steps:
                 break
         if eval_dataset is not None:
@@ -235,7 +237,8 @@ def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_
             history.eval_steps.append(step)
             history.eval_accuracy.append(evaluate(model, eval_dataset, device=device))
             start += time.perf_counter() - paused  # ``seconds`` counts training time only
-    bar.close()
+    if bar is not None:
+        bar.close()
 
 
 def collate_naming(dataset: Dataset):

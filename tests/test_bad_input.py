@@ -303,6 +303,21 @@ CASES = {
         "world_size": bad_positive_int(), "batch_size": bad_positive_int(limit=16), "steps": bad_positive_int(),
         "lr": bad_positive_float(), "seed": bad_seed(), "no_sync": bad_bool(), "drop_last": bad_bool(),
     }),
+    "plan_fit": (keyword_call(batchlab.plan_fit, {"model": MODEL, "make_batch": make_batch},
+                              {"budget": "64MiB", "effective_batch": 16}), {
+        "model": bad_model(), "make_batch": not_a_number(), "budget": bad_budget(),
+        "effective_batch": bad_positive_int(), "optimizer": bad_optimizer(), "loss_fn": bad_loss_fn(),
+        "device": bad_device(), "precisions": st.one_of(st.sampled_from(["fp64", "half", ""]), st.integers(),
+                                                        st.just(()), st.just(("fp32", "int8"))),
+    }),
+    "checkpoint_blocks": (keyword_call(batchlab.checkpoint_blocks, {"model": MODEL}, {}), {
+        "model": bad_model().filter(lambda m: not isinstance(m, nn.Module)),
+    }),
+    "checkpointed": (keyword_call(batchlab.checkpointed, {"model": batchlab.build_model("resnet18")}, {}), {
+        "model": bad_model().filter(lambda m: not isinstance(m, nn.Module)),
+        "segments": st.one_of(st.integers(max_value=0), st.text(max_size=4), st.none(), st.floats()),
+        "use_reentrant": bad_bool(),
+    }),
     "explain_oom": (keyword_call(batchlab.explain_oom, {"error": "CUDA out of memory."}, {}), {
         "error": st.one_of(st.integers(), st.none(), st.text(max_size=8), st.just(ValueError("bad value")),
                            st.just(RuntimeError("shape mismatch"))),

@@ -265,3 +265,15 @@ def test_a_diverging_run_warns():
     with pytest.warns(RuntimeWarning, match="training diverged"):
         batchlab.train(small_model(), small_data(), batch_size=8, steps=3, lr=1e30, progress=False)
     assert any(v != v or abs(v) == float("inf") for v in history.loss)
+
+
+def test_training_without_progress_leaves_no_thread_behind():
+    import threading
+
+    from tqdm.auto import tqdm
+
+    if getattr(tqdm, "monitor", None) is not None:
+        pytest.skip("tqdm's monitor thread is already running in this process (an earlier bar started it)")
+    before = {t.ident for t in threading.enumerate()}
+    batchlab.train(small_model(), small_data(), batch_size=8, steps=2, progress=False)
+    assert {t.name for t in threading.enumerate() if t.ident not in before} == set()  # tqdm's monitor never ends
