@@ -6,7 +6,7 @@
 For each explorer of :mod:`batchlab.widgets` (BatchSizeExplorer, ConvergenceExplorer, LoaderExplorer,
 AccumulationExplorer) every control is moved ``--changes`` times through ``control.value``, as the
 browser moves it, cycling over a few values; the explorer then waits until its panels show the last
-value. One round of every value of every control first is the warm-up: the explorers cache their
+value. Three rounds of every value of every control first are the warm-up: the explorers cache their
 runs and estimates, matplotlib and the allocator settle, so the growth printed is what the changes
 themselves leave behind. Printed: the process's resident memory (psutil) after the warm-up and after
 the soak, the growth, and the number of Python threads before, during and after closing every explorer.
@@ -79,7 +79,7 @@ def main() -> None:
     threads_before = threading.active_count()
     start = time.perf_counter()
     pairs = explorers()
-    soak(pairs, 3)  # the warm-up: every value of every control once
+    soak(pairs, 9)  # the warm-up: every value of every control three times (caches fill, allocators settle)
     warm = rss()
     print(f"warm-up done after {time.perf_counter() - start:.0f} s: resident {warm / MiB:.1f} MiB, "
           f"{threading.active_count()} threads")
