@@ -31,7 +31,17 @@ from torch import nn
 from .memory import MemoryReport, track_memory
 from .steps import check_optimizer, make_optimizer, train_step
 from .training import train
-from .validation import check_batch, check_choice, check_float, check_int, check_loss_fn, check_model, device_of
+from .validation import (
+    check_batch,
+    check_choice,
+    check_float,
+    check_int,
+    check_loss_fn,
+    check_model,
+    check_seed,
+    check_trainable,
+    device_of,
+)
 
 # Two float32 gradients count as equal when their difference is at most this fraction of the gradient's
 # norm: float32 keeps about 7 significant digits, and summing the same numbers in another order
@@ -69,8 +79,7 @@ def split_batch(batch, micro_batches) -> list:
 
 
 def _check_training_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_trainable(model)
     if not model.training:
         raise ValueError("model is in eval mode (model.training is False): BatchNorm would use its running "
                          "statistics and dropout would be off, so these would not be the gradients that training "
@@ -117,13 +126,16 @@ def _undo_on_error(model: nn.Module, fn):
     """Run ``fn()``; if it fails, put the gradients and buffers back as they were (nothing half-accumulated)."""
     # Gradients that already exist are copied, since backward adds into them in place; the usual case
     # after zero_grad(set_to_none=True) is no gradient at all, which costs nothing to remember.
-    grads = {p: (p.grad.clone() if p.grad is not None else None) for p in model.parameters()}
+    grads = {p: (p.grad, p.grad.clone() if p.grad is not None else None) for p in model.parameters()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm statistics move in forward
     try:
         return fn()
     except BaseException:
-        for p, grad in grads.items():
-            p.grad = grad
+        with torch.no_grad():
+            for p, (grad, saved) in grads.items():
+                if grad is not None:
+                    grad.copy_(saved)  # the caller's own gradient tensor, with its values as they were
+                p.grad = grad
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
@@ -141,7 +153,7 @@ def accumulate_weighted(model: nn.Module, micro_batches, *, loss_fn=None, count=
     """
     _check_training_model(model)
     micro_batches = _check_micro_batches(micro_batches)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = check_loss_fn(loss_fn)
     counts = _counts(micro_batches, count)
     total = sum(counts)
 
@@ -166,7 +178,7 @@ def accumulate_naive(model: nn.Module, micro_batches, *, loss_fn=None) -> float:
     """
     _check_training_model(model)
     micro_batches = _check_micro_batches(micro_batches)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = check_loss_fn(loss_fn)
 
     def run() -> float:
         batch_loss = 0.0
@@ -238,9 +250,10 @@ def compare_gradients(model: nn.Module, batch, micro_batches=4, *, loss_fn=None,
     _check_training_model(model)
     check_choice("method", method, ("weighted", "naive"))
     check_float("rtol", rtol)
+    check_seed("seed", seed)
     parts = split_batch(batch, micro_batches)
     inputs, targets = batch
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = check_loss_fn(loss_fn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         full = _fresh_copy(model)
@@ -308,7 +321,7 @@ def batchnorm_statistics(model: nn.Module, batch, micro_batches=4, *, layer: str
     seen = []
     handle = norms[name].register_forward_hook(lambda _m, args, out: seen.append((args[0].detach(), out.detach())))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout in the copy: keep the caller's generator
             work(batch[0])
             for inputs, _ in parts:
                 work(inputs)
@@ -373,6 +386,7 @@ def replace_batchnorm(model: nn.Module, norm: str, *, virtual_batch: int = 16, g
     GroupNorm and LayerNorm start from the BatchNorm's scale and shift, so the copy starts as close to
     the original as it can.
     """
+    check_model(model)
     check_choice("norm", norm, NORMS)
     if norm == "ghost":
         check_int("virtual_batch", virtual_batch, minimum=2)
@@ -383,7 +397,7 @@ def replace_batchnorm(model: nn.Module, norm: str, *, virtual_batch: int = 16, g
         return _replacement(new, norm, virtual_batch, groups)
     found = [(name, m) for name, m in new.named_modules() if isinstance(m, BATCHNORMS)]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no BatchNorm layer to replace")
+        raise ValueError(f"model ({type(model).__name__}) has no BatchNorm layer to replace")
     for name, bn in found:
         parent_name, _, child = name.rpartition(".")
         parent = new.get_submodule(parent_name) if parent_name else new
@@ -418,7 +432,7 @@ def _check_steps(accumulation_steps, batch_size: int) -> int:
 
 def _setup_step(model, batch, accumulation_steps, optimizer, loss_fn):
     """Checked arguments and a private copy of everything one accumulated step touches."""
-    check_model(model)
+    check_trainable(model)
     inputs, targets = check_batch(batch)
     k = _check_steps(accumulation_steps, len(targets))
     check_optimizer(optimizer)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import default_collate as torch_default_collate
 
-from .validation import check_bool, check_dataset, check_int
+from .validation import check_bool, check_dataset, check_int, check_seed
 
 
 def iter_batches(dataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False, seed: int = 0,
@@ -31,7 +31,7 @@ def iter_batches(dataset, batch_size: int, *, shuffle: bool = False, drop_last: 
     """
     check_dataset(dataset, labelled=False)
     check_int("batch_size", batch_size, minimum=1)
-    check_int("seed", seed, minimum=0)
+    check_seed("seed", seed)
     check_bool("shuffle", shuffle)
     check_bool("drop_last", drop_last)
     if collate_fn is not None and not callable(collate_fn):

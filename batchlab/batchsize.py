@@ -17,8 +17,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from .state import forked_rng
 from .steps import train_step
-from .validation import check_dataset, check_int, check_loss_fn, check_model
+from .validation import (
+    check_dataset,
+    check_float,
+    check_int,
+    check_loss_fn,
+    check_seed,
+    check_trainable,
+    device_of,
+)
 
 
 @dataclass
@@ -47,9 +56,24 @@ def gradient_noise(model: nn.Module, dataset: Dataset, batch_sizes, *, draws: in
     For each batch size, ``draws`` batches are sampled without replacement; the result shows the
     error shrinking roughly as 1 / sqrt(batch size). The caller's model is not changed (a copy is used).
     """
+    check_trainable(model)
+    check_dataset(dataset)
+    sizes = check_batch_sizes(batch_sizes, len(dataset))
     check_int("draws", draws, minimum=1)
-    sizes = [check_int("batch_sizes item", b, minimum=1, maximum=len(dataset)) for b in batch_sizes]
+    check_seed("seed", seed)
     loss_fn = check_loss_fn(loss_fn)
+    with forked_rng(device_of(model)):  # dropout draws from the global generator: keep the caller's
+        return _gradient_noise(model, dataset, sizes, draws, seed, loss_fn)
+
+
+def check_batch_sizes(batch_sizes, dataset_size: int) -> list:
+    """``batch_sizes`` as a list of ints from 1 to ``dataset_size``: a list or tuple, not one number."""
+    if not isinstance(batch_sizes, (list, tuple, range)) or len(batch_sizes) == 0:
+        raise TypeError(f"batch_sizes must be a non-empty list of batch sizes, e.g. [8, 32, 128], got {batch_sizes!r}")
+    return [check_int(f"batch_sizes[{i}]", b, minimum=1, maximum=dataset_size) for i, b in enumerate(batch_sizes)]
+
+
+def _gradient_noise(model, dataset, sizes, draws, seed, loss_fn) -> list[GradientNoise]:
     model = copy.deepcopy(model).train()
     inputs, targets = default_collate([dataset[i] for i in range(len(dataset))])
     full = _flat_gradient(model, loss_fn, inputs, targets)
@@ -85,9 +109,17 @@ def step_times(model: nn.Module, dataset: Dataset, batch_sizes, *, repeats: int 
     Times depend on the machine and on whatever else it is doing: treat them as measurements.
     The caller's model is not changed (a copy is trained).
     """
+    check_trainable(model)
+    check_dataset(dataset)
+    sizes = check_batch_sizes(batch_sizes, len(dataset))
     check_int("repeats", repeats, minimum=1)
-    sizes = [check_int("batch_sizes item", b, minimum=1, maximum=len(dataset)) for b in batch_sizes]
+    check_float("lr", lr)
     loss_fn = check_loss_fn(loss_fn)
+    with forked_rng(device_of(model)):  # dropout draws from the global generator: keep the caller's
+        return _step_times(model, dataset, sizes, repeats, lr, loss_fn)
+
+
+def _step_times(model, dataset, sizes, repeats, lr, loss_fn) -> list[StepTime]:
     model = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # plain SGD: no state, the step is forward + backward
     results = []
@@ -151,12 +183,17 @@ def noise_scale(model: nn.Module, dataset: Dataset, *, batch_sizes=(8, 256), dra
     are small). The caller's model is not changed (a copy is used); the global random state is not
     touched.
     """
-    check_model(model)
+    check_trainable(model)
     check_dataset(dataset)
     small, big = _two_batch_sizes(batch_sizes)
     check_int("draws", draws, minimum=1)
-    check_int("seed", seed, minimum=0)
+    check_seed("seed", seed)
     loss_fn = check_loss_fn(loss_fn)
+    with forked_rng(device_of(model)):  # dropout draws from the global generator: keep the caller's
+        return _noise_scale(model, dataset, small, big, draws, seed, loss_fn)
+
+
+def _noise_scale(model, dataset, small, big, draws, seed, loss_fn) -> NoiseScale:
     model = copy.deepcopy(model).train()
     inputs, targets = default_collate([dataset[i] for i in range(len(dataset))])
     generator = torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import io
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,15 +22,18 @@ from torch import nn
 
 from .memory import CATEGORIES, track_storages
 from .progress import progress_bar
+from .state import forked_rng, restore_grads, restore_modes, saved_modes, stash_grads, train_mode
 from .steps import check_optimizer, make_optimizer, train_step
 from .validation import (
     MiB,
     check_batch,
     check_bool,
     check_choice,
+    check_device,
     check_int,
     check_loss_fn,
     check_model,
+    check_trainable,
     device_of,
     parse_bytes,
 )
@@ -86,6 +90,14 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
     that counts: ``tracker.current()`` by category, with what autograd saved for backward as activations.
     """
     budget = parse_bytes("budget", budget)
+    if model is not None:
+        check_model(model)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None (the one you train with, e.g. "
+                        f"torch.optim.SGD(model.parameters(), lr=0.1)), got {optimizer!r}")
+    if getattr(_current, "guard", None) is not None:
+        raise RuntimeError("memory_budget is already active: budgets cannot be nested. Leave the outer block "
+                           "first, or give the outer block the budget you want")
     guard = _BudgetGuard(budget)
     # No timeline (only what is alive now counts), but the saved-tensor hooks, so that what the forward
     # pass keeps for backward is counted as activations.
@@ -96,7 +108,14 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
                 f"budget {budget / MiB:.2f} MiB is smaller than what exists already: {guard.live / MiB:.2f} MiB "
                 f"({', '.join(f'{c} {b / MiB:.2f} MiB' for c, b in tracker.current().items() if b)}); "
                 f"even batch 1 cannot fit")
-        yield tracker
+        _current.guard = guard
+        try:
+            yield tracker
+        finally:
+            _current.guard = None
+
+
+_current = threading.local()  # the budget of the memory_budget block this thread is in (find_batch_size asks)
 
 
 @dataclass
@@ -145,6 +164,10 @@ def _trial(model, make_batch, n, optimizer, loss_fn, device) -> bool:
             train_step(model, opt, inputs, targets, loss_fn=loss_fn)
     except torch.OutOfMemoryError:
         fitted = False
+    except RuntimeError as error:  # the CPU's allocator has no OutOfMemoryError of its own
+        if "DefaultCPUAllocator" not in str(error):
+            raise
+        fitted = False
     # Clean up *after* the except block: while it runs, the traceback keeps the failed step's tensors
     # (activations in the frames of forward) alive, and nothing could be freed.
     inputs = targets = None
@@ -178,8 +201,13 @@ def find_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start:
         check_optimizer(optimizer)
     loss_fn = check_loss_fn(loss_fn)
     check_bool("progress", progress)
-    device = device or device_of(model)
-    snapshot, was_training = _snapshot(model, optimizer), model.training
+    check_trainable(model)
+    device = check_device(device) if device is not None else device_of(model)
+    if device.type == "cpu" and getattr(_current, "guard", None) is None:
+        raise ValueError("find_batch_size on the CPU needs a memory_budget block: without a budget the batch "
+                         "grows until the machine runs out of memory (minutes, then a crash). Write "
+                         "`with batchlab.memory_budget('512MiB', model): batchlab.find_batch_size(...)`")
+    snapshot, modes, grads = _snapshot(model, optimizer), saved_modes(model), stash_grads(model)
     search = BatchSizeSearch(0, mode)
     bar = progress_bar(progress, desc=f"find_batch_size ({mode})", unit="trial")
 
@@ -190,12 +218,14 @@ def find_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start:
         return ok
 
     try:
-        model.train()
-        _search(search, fits, start, max_trials)
+        with forked_rng(device):
+            train_mode(model)
+            _search(search, fits, start, max_trials)
     finally:
         bar.close()
         _restore(model, optimizer, snapshot)
-        model.train(was_training)
+        restore_modes(modes)
+        restore_grads(grads)
     if search.batch_size == 0:
         raise torch.OutOfMemoryError(f"even the first trial, batch {start}, ran out of memory: try start=1, "
                                      f"a larger budget or a smaller model. Trials: {search.trials}")

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from .validation import check_int
+from .validation import check_seed
 
 
 def setup(seed: int = 0) -> torch.device:
@@ -24,7 +24,7 @@ def setup(seed: int = 0) -> torch.device:
     Chapters use the returned device; on a CPU they fall back to the simulated GPU budget, the
     memory estimator and the reference measurements from a real GPU.
     """
-    check_int("seed", seed, minimum=0)
+    check_seed("seed", seed)
     _show_figures_inline()
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # torch.profiler: no C++ status lines in the output
     torch.set_num_threads(1)

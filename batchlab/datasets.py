@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .validation import check_bool, check_int
+from .validation import check_bool, check_int, check_seed
 from .workers import one_thread
 
 DIGITS_TEST_FRACTION = 0.2
@@ -267,7 +267,7 @@ def shapes_image_folder(n: int = SHAPES_FOLDER_SIZE, image_size: int = 128, *, c
     crop_size = image_size * 7 // 8 if crop_size is None else check_int("crop_size", crop_size, minimum=8,
                                                                         maximum=image_size)
     check_bool("augment", augment)
-    check_int("seed", seed, minimum=0)
+    check_seed("seed", seed)
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a folder path (a str or pathlib.Path) or None, got {type(root).__name__}")
     folder = Path(root) if root is not None else _cache_dir() / f"shapes-{n}-{image_size}px-seed{seed}"
@@ -441,5 +441,5 @@ def token_sequences(n: int = 100, *, max_length: int = 12, vocab: int = 50, seed
     check_int("n", n, minimum=1)
     check_int("max_length", max_length, minimum=1)
     check_int("vocab", vocab, minimum=2)
-    check_int("seed", seed, minimum=0)
+    check_seed("seed", seed)
     return TokenSequences(n, max_length, vocab, seed)

@@ -168,7 +168,7 @@ def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
         check_float("timeout", timeout)
     methods = multiprocessing.get_all_start_methods()
     chosen = start_method is not None
-    start_method = start_method or default_start_method()
+    start_method = default_start_method() if start_method is None else start_method
     check_choice("start_method", start_method, [m for m in ("fork", "spawn") if m in methods])
     interactive_main = getattr(sys.modules.get("__main__"), "__file__", None) is None  # notebook, REPL
     if start_method == "spawn" and getattr(fn, "__module__", None) == "__main__" and interactive_main:
@@ -182,7 +182,7 @@ def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
         raise ValueError(f"with start_method='spawn', fn must be importable, but {fn.__name__} is defined in "
                          f"a notebook (or another interactive session){why}: move it into a .py file next to "
                          f"the notebook and import it from there.{fork}")
-    backend = check_choice("backend", backend or default_backend(nprocs), BACKENDS)
+    backend = check_choice("backend", default_backend(nprocs) if backend is None else backend, BACKENDS)
     if backend == "nccl":
         _check_nccl(nprocs, start_method)
     if port is None:
@@ -205,6 +205,8 @@ def _check_nccl(nprocs: int, start_method: str) -> None:
 
 def _rank_main(rank, world_size, fn, args, backend, port, workdir):
     """What each started process runs: set up, call ``fn``, report, tear down."""
+    if hasattr(os, "setsid"):  # a process group of its own: launch ends it whole, with what fn started
+        os.setsid()
     if sys.platform == "linux":  # if the launching process dies, take this one with it
         import ctypes
 
@@ -253,16 +255,26 @@ def _wait(processes, timeout, workdir, bar=None) -> None:
             raise TimeoutError(f"launch timed out after {timeout:g} s: rank(s) {ranks} of {len(processes)} were "
                                "still running (a rank stuck in a loop, or waiting in a collective for a rank "
                                "that never joins it); all processes were stopped")
-        for sentinel in finished:
-            process = running.pop(sentinel)
+        ended = [running.pop(sentinel) for sentinel in finished]
+        for process in ended:
             process.join()
-            if process.exitcode != 0:
-                raise _failure(processes, workdir)
+        failed = [p for p in ended if p.exitcode != 0]
+        if failed:
+            # A rank that died without a Python exception (os._exit, the OOM killer's SIGKILL) is the cause
+            # when it ends together with peers that then raised "Connection closed by peer".
+            silent = [p for p in failed if not os.path.exists(os.path.join(workdir, f"error-{processes.index(p)}.txt"))]
+            raise _failure(processes, workdir, first=processes.index((silent or failed)[0]))
 
 
-def _failure(processes, workdir) -> RankError:
-    """The error of the rank that failed first (a peer of a failed rank often fails too, later)."""
+def _failure(processes, workdir, first: int) -> RankError:
+    """The error of the rank that failed first (a peer of a failed rank often fails too, later).
+
+    ``first`` is the rank whose process was seen to end first: without a traceback of its own it is
+    reported with its exit code or signal; otherwise the earliest traceback of any rank is.
+    """
     time.sleep(0.2)  # give a peer that is failing at the same moment the time to write its traceback
+    if not os.path.exists(os.path.join(workdir, f"error-{first}.txt")):
+        return _silent_failure(processes, first)
     reports = []
     for rank in range(len(processes)):
         path = os.path.join(workdir, f"error-{rank}.txt")
@@ -270,19 +282,21 @@ def _failure(processes, workdir) -> RankError:
             with open(path) as f:
                 when, _, text = f.read().partition("\n")
             reports.append((float(when), rank, text))
-    if reports:
-        _, rank, text = min(reports)
-        return RankError(rank, len(processes), text)
-    rank = next(r for r, p in enumerate(processes) if p.exitcode not in (0, None))
+    _, rank, text = min(reports)
+    return RankError(rank, len(processes), text)
+
+
+def _silent_failure(processes, rank: int) -> RankError:
     code = processes[rank].exitcode
     how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     return RankError(rank, len(processes), f"the process {how} without a Python exception "
-                                           "(out of memory, or a crash in native code?)")
+                                           "(out of memory, os._exit, or a crash in native code?)")
 
 
 def _stop(processes, grace: float = 2.0) -> None:
-    """Terminate (then kill) every process still alive, and reap them all."""
+    """Terminate (then kill) every process still alive, with the processes each rank started, and reap them."""
     for process in processes:
+        _signal_group(process, signal.SIGTERM)  # a rank that already ended may have left children running
         if process.is_alive():
             process.terminate()
     end = time.monotonic() + grace
@@ -291,7 +305,24 @@ def _stop(processes, grace: float = 2.0) -> None:
         if process.is_alive():
             process.kill()  # SIGTERM was not enough (stuck in native code)
             process.join()
+    for process in processes:
+        _signal_group(process, signal.SIGKILL)  # whatever of a group ignored SIGTERM
         process.close()
+
+
+def _signal_group(process, signum) -> None:
+    """Send ``signum`` to the process group a rank made for itself (its id is the rank's process id)."""
+    if process.pid is None or not hasattr(os, "killpg"):
+        return
+    try:
+        if os.getpgid(process.pid) != process.pid:
+            return  # the rank has not made its group yet (or its id is now another process's)
+    except ProcessLookupError:
+        pass  # the rank has ended and been reaped: its group may still hold what it started
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is empty: nothing left to end
 
 
 # -- which samples each process gets --------------------------------------------------------------
@@ -453,6 +484,7 @@ def train_ddp(model_name: str, dataset, *, world_size: int = 2, batch_size: int,
     check_optimizer(optimizer)  # refuses a bad optimizer before anything starts
     check_float("lr", lr)
     check_seed("seed", seed)
+    check_bool("no_sync", no_sync)
     config = dict(batch_size=batch_size, steps=steps, optimizer=optimizer, lr=lr, seed=seed,
                   accumulation_steps=accumulation_steps, drop_last=drop_last, no_sync=no_sync)
     check_bool("progress", progress)

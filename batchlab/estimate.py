@@ -59,7 +59,7 @@ from .validation import (
     check_choice,
     check_int,
     check_loss_fn,
-    check_model,
+    check_trainable,
     inputs_to,
     parse_bytes,
     shape_of,
@@ -213,13 +213,18 @@ class _AllocatorReplay:
 
 
 def _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing):
-    check_model(model)
+    check_trainable(model)
     inputs, targets = check_batch(batch, keyword_inputs=True)
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
     check_precision(precision)
     check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
+    if not (inputs.is_floating_point() or inputs.is_complex()) and \
+            not any(isinstance(m, nn.Embedding) for m in model.modules()):
+        # The meta device does not check dtypes: without this, a step that cannot run gets an estimate.
+        raise TypeError(f"batch inputs have dtype {inputs.dtype}, but {type(model).__name__} has no nn.Embedding "
+                        f"to take integers: give float inputs (e.g. inputs.float()), as the real step needs")
     return inputs, targets
 
 
@@ -457,10 +462,13 @@ def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", los
     estimates in all. ``precision`` and ``checkpointing`` are those of :func:`estimate_memory`;
     ``progress`` draws a bar over the estimates.
     """
+    check_trainable(model)
     if not callable(make_batch):
         raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
     budget = parse_bytes("budget", budget)
     check_int("limit", limit, minimum=1)
+    check_optimizer(optimizer)
+    check_loss_fn(loss_fn)
     check_precision(precision)
     levers = dict(precision=honour_autocast(precision), checkpointing=checkpointing)
     args = (optimizer, loss_fn, device, levers)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from .batching import collate, iter_batches
 from .progress import progress_bar
-from .validation import check_bool, check_dataset, check_int
+from .validation import check_bool, check_dataset, check_int, check_seed
 from .workers import frozen_gc, one_thread, stop_workers
 
 
@@ -200,7 +200,7 @@ def _check_loader_args(dataset, batch_size, num_workers, pin_memory, persistent_
     check_int("batches", batches, minimum=1)
     check_int("warmup", warmup, minimum=0)
     check_int("repeats", repeats, minimum=1)
-    check_int("seed", seed, minimum=0)
+    check_seed("seed", seed)
     if collate_fn is not None and not callable(collate_fn):
         raise TypeError(f"collate_fn must be a function from a list of samples to a batch, got {collate_fn!r}")
     needed = (warmup + batches) * batch_size

@@ -27,6 +27,7 @@ cache). On CUDA the report therefore carries ``torch.cuda``'s own counters besid
 
 from __future__ import annotations
 
+import collections
 import copy
 import threading
 import weakref
@@ -39,7 +40,15 @@ from torch import nn
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import LIFT_FRESH, dispatch_mode_base
 from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler, tuning_label
-from .validation import MiB, check_batch, check_choice, check_device, check_loss_fn, check_model, device_of
+from .validation import (
+    MiB,
+    check_batch,
+    check_choice,
+    check_device,
+    check_loss_fn,
+    check_trainable,
+    device_of,
+)
 
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")
 # The phases the tracker's hooks mark, in the order of a training step ("start": before the forward pass).
@@ -183,14 +192,17 @@ class MemoryTracker:
         self._record = record  # False: keep only what is alive now (leak_check, memory_budget), no timeline
         # Something that wants every event as it happens (the GPU estimator replays them through a model
         # of CUDA's allocator): its allocated(serial, nbytes), freed(serial) and after_op(func, args, out).
+        # A free is told when the tracker books it: before its next allocation, or when it is asked.
         self._observer = observer
         self._lock = threading.RLock()
-        self._live: dict = {}  # id(storage) -> _StorageRef (serial, nbytes, and a callback when freed)
+        self._live: dict = {}  # id(storage) -> _StorageRef (serial, nbytes), until its free is booked
+        # The weak references' callback is this deque's own append, a C function: no Python code runs when a
+        # storage is freed, so a Ctrl-C cannot land half-way through the bookkeeping, which _drain does later.
+        self._pending = collections.deque()
         self._category: dict = {}  # serial -> category
         self._events: list = []  # (serial, +nbytes or -nbytes, phase, what); serial 0 marks a new phase
         self._serial = 0
         self._device_bytes: dict = {}  # device -> bytes allocated there (names the device without a model)
-        self._on_free = self._freed  # one bound method for every weak reference
         self._handles: list = []
         self._cuda = None
         self.active = False
@@ -202,12 +214,13 @@ class MemoryTracker:
         nbytes = storage.nbytes()
         key = id(storage)
         with self._lock:
+            self._drain()  # a storage freed just now may have had this id
             if key in self._live:
                 self._classify(self._live[key].serial, category)
                 return None
             self._serial += 1
             serial = self._serial
-            self._live[key] = _StorageRef(storage, self._on_free, key, serial, nbytes)
+            self._live[key] = _StorageRef(storage, self._pending.append, key, serial, nbytes)
             self._category[serial] = category
             device = str(storage.device)
             self._device_bytes[device] = self._device_bytes.get(device, 0) + nbytes
@@ -217,17 +230,24 @@ class MemoryTracker:
                 self._observer.allocated(serial, nbytes)
             return serial
 
-    def _freed(self, ref: _StorageRef) -> None:
+    def _drain(self) -> None:
+        """Book the storages freed since the last call. Each step can be repeated without harm, and a freed
+        reference leaves the queue only once all are done: an interrupt here is raised, and the next call
+        finishes the bookkeeping, so the counts stay right."""
         with self._lock:
-            if self._live.get(ref.key) is not ref:
-                return
-            del self._live[ref.key]
-            if self._record:
-                self._events.append((ref.serial, -ref.nbytes, self.phase, "free"))
-            else:
-                del self._category[ref.serial]
-            if self._observer is not None:
-                self._observer.freed(ref.serial)
+            while self._pending:
+                ref = self._pending[0]
+                if self._live.get(ref.key) is ref:
+                    if self._record:
+                        last = self._events[-1] if self._events else None
+                        if last is None or last[0] != ref.serial or last[1] >= 0:
+                            self._events.append((ref.serial, -ref.nbytes, self.phase, "free"))
+                    else:
+                        self._category.pop(ref.serial, None)
+                    if self._observer is not None:
+                        self._observer.freed(ref.serial)  # observers forget a serial once (dict.pop)
+                    del self._live[ref.key]
+                self._pending.popleft()
 
     def _classify(self, serial: int, category: str) -> None:
         if _PRIORITY[category] > _PRIORITY[self._category[serial]]:
@@ -243,6 +263,7 @@ class MemoryTracker:
 
     def _reclassify(self, tensors, category: str) -> None:
         with self._lock:
+            self._drain()
             for tensor in _tensors_in(tensors, []):
                 storage = _storage(tensor)
                 ref = self._live.get(id(storage)) if storage is not None else None
@@ -250,6 +271,7 @@ class MemoryTracker:
                     self._classify(ref.serial, category)
 
     def _on_op(self, func, args, kwargs, out) -> None:
+        self._drain()
         outputs = _tensors_in(out, [])
         inputs = set() if func.overloadpacket is LIFT_FRESH else None
         new = []
@@ -299,6 +321,7 @@ class MemoryTracker:
         ``torch.cuda`` is reset too.
         """
         with self._lock:
+            self._drain()
             self._events = [(ref.serial, ref.nbytes, "start", "existing") for ref in self._live.values()]
             self.phase = "start"
         if self.active and self.device.startswith("cuda"):
@@ -332,17 +355,17 @@ class MemoryTracker:
         if self.model is not None:
             self.adopt(list(self.model.parameters()), "parameters")
             self.adopt(list(self.model.buffers()), "buffers")
-            self._handles.append(self.model.register_forward_pre_hook(self._forward_pre_hook))
-            self._handles.append(self.model.register_forward_hook(self._forward_hook))
+            self._handles.append(self.model.register_forward_pre_hook(TrackerHook(self, forward_pre_hook)))
+            self._handles.append(self.model.register_forward_hook(TrackerHook(self, forward_hook)))
         self.adopt(self._params, "parameters")
         self.adopt([p.grad for p in self._params if p.grad is not None], "gradients")
         for p in self._params:
             if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+                self._handles.append(p.register_post_accumulate_grad_hook(TrackerHook(self, grad_hook)))
         if self.optimizer is not None:
             self.adopt(optimizer_state_tensors(self.optimizer), "optimizer_state")
-            self._handles.append(self.optimizer.register_step_pre_hook(self._step_pre_hook))
-            self._handles.append(self.optimizer.register_step_post_hook(self._step_post_hook))
+            self._handles.append(self.optimizer.register_step_pre_hook(TrackerHook(self, step_pre_hook)))
+            self._handles.append(self.optimizer.register_step_post_hook(TrackerHook(self, step_post_hook)))
 
     def _uninstall(self) -> None:
         for handle in self._handles:
@@ -356,35 +379,8 @@ class MemoryTracker:
         with self._lock:
             self._final = self.current()
             self._live.clear()  # dropping the weak references also drops their callbacks
+            self._pending.clear()
         self.active = False
-
-    def _forward_pre_hook(self, _module, args):
-        self._set_phase("forward")
-        for tensor in _tensors_in(args, []):
-            storage = _storage(tensor)
-            if storage is None:
-                continue
-            if id(storage) in self._live:
-                self._reclassify(tensor, "inputs")
-            elif storage.nbytes() <= tensor.numel() * tensor.element_size():
-                # An input made before the block: count it, unless it is a slice of a larger tensor
-                # (a data set), which costs the step no memory of its own.
-                self._add(storage, "inputs", "existing inputs")
-
-    def _forward_hook(self, _module, _args, _output):
-        self._set_phase("loss")
-
-    def _grad_hook(self, param):
-        self._set_phase("backward")
-        self._reclassify(param.grad, "gradients")
-
-    def _step_pre_hook(self, _optimizer, _args, _kwargs):
-        self._sweep()
-        self._set_phase("optimizer step")
-
-    def _step_post_hook(self, _optimizer, _args, _kwargs):
-        self._sweep()
-        self._set_phase("after step")
 
     # -- what a learner asks -------------------------------------------------------------------
     def current(self) -> dict:
@@ -392,6 +388,7 @@ class MemoryTracker:
         if not self.active:
             return dict(getattr(self, "_final", dict.fromkeys(CATEGORIES, 0)))
         with self._lock:
+            self._drain()
             totals = dict.fromkeys(CATEGORIES, 0)
             for ref in self._live.values():
                 totals[self._category[ref.serial]] += ref.nbytes
@@ -410,6 +407,7 @@ class MemoryTracker:
         if self.active:
             self._sweep()
         with self._lock:
+            self._drain()
             events = list(self._events)
             categories = dict(self._category)
         timeline, peak, at_peak, category_peaks = replay_events(events, categories, self.phase)
@@ -429,6 +427,63 @@ class MemoryTracker:
     def __repr__(self) -> str:
         state = "active" if self.active else "finished"
         return f"MemoryTracker({state}, {self.current_bytes / MiB:.1f} MiB live, {len(self._events)} events)"
+
+
+# -- the hooks a tracker puts on the model and the optimizer ----------------------------------------
+
+class TrackerHook:
+    """A hook that calls ``fn(tracker, *args)`` while the tracker's block is active.
+
+    It holds the tracker by a weak reference and copies to itself: ``copy.deepcopy(model)`` inside a
+    block (profile_step, compare_gradients, a learner's own copy) then neither copies the tracker, whose
+    lock cannot be copied, nor keeps it alive; a copy's hook does nothing once the block is over.
+    """
+
+    def __init__(self, tracker: MemoryTracker, fn):
+        self.tracker, self.fn = weakref.ref(tracker), fn
+
+    def __call__(self, *args):
+        tracker = self.tracker()
+        if tracker is not None and tracker.active:
+            self.fn(tracker, *args)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def forward_pre_hook(tracker: MemoryTracker, _module, args) -> None:
+    tracker._set_phase("forward")
+    tracker._drain()
+    for tensor in _tensors_in(args, []):
+        storage = _storage(tensor)
+        if storage is None:
+            continue
+        if id(storage) in tracker._live:
+            tracker._reclassify(tensor, "inputs")
+        elif storage.nbytes() <= tensor.numel() * tensor.element_size():
+            # An input made before the block: count it, unless it is a slice of a larger tensor
+            # (a data set), which costs the step no memory of its own.
+            tracker._add(storage, "inputs", "existing inputs")
+
+
+def forward_hook(tracker: MemoryTracker, _module, _args, _output) -> None:
+    tracker._set_phase("loss")
+
+
+def grad_hook(tracker: MemoryTracker, param) -> None:
+    tracker._set_phase("backward")
+    tracker._reclassify(param.grad, "gradients")
+
+
+def step_pre_hook(tracker: MemoryTracker, _optimizer, _args, _kwargs) -> None:
+    tracker._sweep()
+    tracker._set_phase("optimizer step")
+
+
+def step_post_hook(tracker: MemoryTracker, _optimizer, _args, _kwargs) -> None:
+    tracker._sweep()
+    tracker._set_phase("after step")
+
 
 
 def replay_events(events, categories: dict, phase: str = "start"):
@@ -562,7 +617,7 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
     The step runs on a copy of the model, so ``model`` (its weights, buffers, gradients, device) and the
     global random state are left exactly as they were.
     """
-    check_model(model)
+    check_trainable(model)
     inputs, targets = check_batch(batch)
     check_optimizer(optimizer)
     loss_fn = check_loss_fn(loss_fn)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .validation import check_choice, check_int
+from .validation import check_choice, check_int, check_seed
 
 MODEL_NAMES = ("mlp", "cnn", "cnn_bn", "resnet18", "transformer")
 VOCAB_SIZE = 1000  # tokens the "transformer" model knows (ids 0 ... 999)
@@ -39,7 +39,7 @@ def build_model(name: str, *, in_shape=(3, 32, 32), num_classes: int = 10, seed:
     check_int("num_classes", num_classes, minimum=2)
     if seed is None:
         return _build(name, in_shape, num_classes)
-    check_int("seed", seed, minimum=0)
+    check_seed("seed", seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _build(name, in_shape, num_classes)

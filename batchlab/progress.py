@@ -14,14 +14,34 @@ from tqdm.auto import tqdm
 from .validation import check_bool
 
 
-def progress_bar(progress: bool, **options) -> tqdm:
-    """A ``tqdm.auto`` bar with ``options`` (``total``, ``desc``, ``unit``, ...), disabled if not ``progress``.
+def progress_bar(progress: bool, **options):
+    """A ``tqdm.auto`` bar with ``options`` (``total``, ``desc``, ``unit``, ...), or no bar if not ``progress``.
 
     The bar is not left behind when it closes (``leave=False``): the cell's own output is the result.
-    ``disable`` is only passed when ``progress`` is False, so that ``TQDM_DISABLE`` can still turn a bar off.
+    Without ``progress`` the result only looks like a bar: even a disabled tqdm bar starts tqdm's
+    monitor thread, which then runs for as long as the process. ``TQDM_DISABLE`` still turns real bars off.
     """
     check_bool("progress", progress)
     options.setdefault("leave", False)
-    if not progress:
-        options["disable"] = True
-    return tqdm(**options)
+    return tqdm(**options) if progress else NoBar()
+
+
+class NoBar:
+    """What :func:`progress_bar` returns without ``progress``: the methods of a bar, doing nothing."""
+
+    n = 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

@@ -8,15 +8,18 @@ a :class:`History` of the loss, the samples seen and the wall-clock time after e
 from __future__ import annotations
 
 import copy
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from .progress import progress_bar
+from .state import forked_rng, restore_grads, restore_modes, saved_modes, stash_grads, train_mode
 from .steps import check_optimizer, make_optimizer, train_step
 from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler
 from .validation import (
@@ -28,6 +31,8 @@ from .validation import (
     check_loss_fn,
     check_model,
     check_seed,
+    check_trainable,
+    describe,
     device_of,
 )
 
@@ -134,34 +139,69 @@ def train(
     check_bool("progress", progress)
     if on_oom not in (None, "halve"):
         raise ValueError(f"on_oom must be None (let the error through) or 'halve', got {on_oom!r}")
-    loss_fn = check_loss_fn(loss_fn)
-    device = torch.device(device)
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label must be a string or None, got {label!r}")
+    loss_fn = checked_loss(check_loss_fn(loss_fn))
+    device = check_device(device)
     check_autocast(device.type, check_precision(precision))
     check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
     history = History(label or f"batch {batch_size}, lr {lr:g}", batch_size)
     saved_state = copy.deepcopy(model.state_dict())
-    saved_device, was_training = device_of(model), model.training
+    saved_device, modes, grads = device_of(model), saved_modes(model), stash_grads(model)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with forked_rng(device):
             torch.manual_seed(seed)
-            model.to(device).train()
+            train_mode(model.to(device))
             opt = make_optimizer(optimizer, model.parameters(), lr=lr)
             step = dict(loss_fn=loss_fn, precision=precision, scaler=make_scaler(device.type, precision))
             _run(apply_checkpointing(model, checkpointing), dataset, opt, step, device, seed, batch_size,
                  accumulation_steps, total_steps, eval_dataset, progress, history, shuffle, on_oom)
     except BaseException:
-        model.load_state_dict(saved_state)
+        # Each step of the restore only copies into tensors that exist: it cannot fail halfway.
         model.to(saved_device)
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                tensor.copy_(saved_state[name])
+        restore_grads(grads)
         raise
     finally:
-        model.train(was_training)
+        restore_modes(modes)
+    _warn_if_diverged(history, lr)
     return history
+
+
+def checked_loss(loss_fn):
+    """``loss_fn`` with readable errors: labels outside the model's classes and outputs of the wrong shape
+    name ``dataset`` (torch's own messages do not say which argument is wrong)."""
+    if not isinstance(loss_fn, nn.CrossEntropyLoss):
+        return loss_fn
+
+    def loss(outputs, targets):
+        if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and not targets.is_floating_point():
+            if targets.dim() != 1 or len(targets) != len(outputs):
+                raise ValueError(f"dataset labels must be one class number per sample: the model gave outputs of "
+                                 f"shape {tuple(outputs.shape)}, the labels have shape {tuple(targets.shape)}")
+            if targets.device.type != "meta" and len(targets) and \
+                    (int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[1]):
+                bad = int(targets.max()) if int(targets.max()) >= outputs.shape[1] else int(targets.min())
+                raise ValueError(f"dataset has label {bad}, but the model has {outputs.shape[1]} outputs: labels "
+                                 f"must be 0 to {outputs.shape[1] - 1} (build the model with num_classes=...)")
+        return loss_fn(outputs, targets)
+
+    return loss
+
+
+def _warn_if_diverged(history: History, lr: float) -> None:
+    bad = next((i for i, value in enumerate(history.loss, 1) if not math.isfinite(value)), None)
+    if bad is not None:
+        warnings.warn(f"the loss became {history.loss[bad - 1]} at step {bad}: training diverged (lr={lr:g} "
+                      "is probably too large; try a smaller lr)", RuntimeWarning, stacklevel=3)
 
 
 def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_steps, total_steps,
          eval_dataset, progress, history, shuffle=True, on_oom=None):
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed), collate_fn=collate_naming(dataset))
     start = time.perf_counter()
     bar = progress_bar(progress, total=total_steps, desc=history.label, unit="step")
     step = 0
@@ -170,12 +210,18 @@ def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_
             inputs, targets = inputs.to(device), targets.to(device)
             scaler = step_args["scaler"]
             scale = scaler.get_scale() if scaler is not None else None
-            if on_oom is None:
-                step_loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps,
-                                       **step_args)
-            else:
-                step_loss, accumulation_steps = _step_or_halve(model, opt, step_args, inputs, targets,
-                                                               accumulation_steps, history, step + 1)
+            try:
+                if on_oom is None:
+                    step_loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps,
+                                           **step_args)
+                else:
+                    step_loss, accumulation_steps = _step_or_halve(model, opt, step_args, inputs, targets,
+                                                                   accumulation_steps, history, step + 1)
+            except RuntimeError as error:
+                if step > 0 or isinstance(error, torch.OutOfMemoryError) or "shape" not in str(error):
+                    raise
+                raise ValueError(f"dataset inputs of shape {tuple(inputs.shape[1:])} do not fit the model "
+                                 f"{type(model).__name__}: {error}") from error
             step += 1
             if scaler is not None and scaler.get_scale() < scale:  # GradScaler lowers its scale only on a skip
                 history.skipped_steps.append(step)
@@ -192,6 +238,30 @@ def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_
             history.eval_accuracy.append(evaluate(model, eval_dataset, device=device))
             start += time.perf_counter() - paused  # ``seconds`` counts training time only
     bar.close()
+
+
+def collate_naming(dataset: Dataset):
+    """``default_collate``, but a batch it cannot stack names the data set item that differs from item 0."""
+
+    def collate(items):
+        try:
+            return default_collate(items)
+        except (RuntimeError, TypeError) as error:
+            first = dataset[0]
+            for index in range(len(dataset)):
+                if _kind(dataset[index]) != _kind(first):
+                    raise TypeError(f"dataset item {index} is {describe(dataset[index])} "
+                                    f"{_kind(dataset[index])[1]}, but item 0 is {describe(first)} "
+                                    f"{_kind(first)[1]}: every item must have the same types and shapes") from error
+            raise
+
+    return collate
+
+
+def _kind(item):
+    parts = item if isinstance(item, (tuple, list)) else (item,)
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else () for x in parts]
+    return describe(item), f"with shapes {shapes}"
 
 
 def _step_or_halve(model, opt, step_args, inputs, targets, accumulation_steps, history, step):
@@ -225,16 +295,24 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     check_dataset(dataset)
     check_int("batch_size", batch_size, minimum=1)
     device = check_device(device) if device is not None else device_of(model)
-    was_training = model.training
+    if device != device_of(model) and not (device.type == device_of(model).type == "cuda"):
+        raise ValueError(f"device {str(device)!r} is not where the model is ({device_of(model)}): move the model "
+                         f"there first (model.to({str(device)!r})), or leave device=None")
+    modes = saved_modes(model)
     model.eval()
     correct = 0
     try:
-        with torch.no_grad():
-            for inputs, targets in DataLoader(dataset, batch_size=batch_size):
-                predictions = model(inputs.to(device)).argmax(dim=1)
+        with torch.no_grad(), forked_rng(device):  # a DataLoader iterator draws a seed: keep the global one
+            for inputs, targets in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_naming(dataset)):
+                outputs = model(inputs.to(device))
+                if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or len(outputs) != len(inputs):
+                    got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+                    raise ValueError(f"model must return one row of class scores per sample, shape "
+                                     f"({len(inputs)}, classes), got {got}")
+                predictions = outputs.argmax(dim=1)
                 correct += (predictions == targets.to(device)).sum().item()
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return correct / len(dataset)
 
 
@@ -284,10 +362,14 @@ def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, 
     total = check_int("steps", steps, minimum=1) if steps is not None else \
         check_int("epochs", epochs, minimum=1) * steps_per_epoch
     check_float("lr", lr)
+    if lr > 10:
+        warnings.warn(f"lr={lr:g} is far larger than any the course uses (0.001 to 1): the loss will likely "
+                      "diverge", RuntimeWarning, stacklevel=3)
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
     check_device(device)
     check_seed("seed", seed)
+    check_trainable(model)
     if eval_dataset is not None:
         check_dataset(eval_dataset, "eval_dataset")
     return total

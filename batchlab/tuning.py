@@ -29,7 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
-from .validation import check_bool, check_int
+from .validation import check_bool, check_int, check_model
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -309,6 +309,7 @@ def checkpoint_blocks(model: nn.Module) -> list:
     A block's output must be the next block's input: the children of an ``nn.Sequential``, the residual
     blocks of a torchvision ResNet (``layer1`` ... ``layer4``), the layers of an ``nn.TransformerEncoder``.
     """
+    check_model(model)
     if isinstance(model, Checkpointed):
         return checkpoint_blocks(model.model)
     if isinstance(model, nn.Sequential):

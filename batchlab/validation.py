@@ -47,6 +47,8 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
+MAX_BYTES = 2**50  # 1 PiB: a memory size above it is a typo, not a machine
+
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -77,6 +79,9 @@ def parse_bytes(name: str, value) -> int:
         size = value
     if size <= 0:
         raise ValueError(f"{name} must be a positive amount of memory, got {value!r}")
+    if size > MAX_BYTES:
+        raise ValueError(f"{name} {value!r} is more memory than any machine has: at most 1 PiB (2**50 bytes), "
+                         f"e.g. '80GiB' for a large GPU")
     return size
 
 
@@ -119,6 +124,15 @@ def check_model(model, name: str = "model"):
     return model
 
 
+def check_trainable(model, name: str = "model"):
+    """Return ``model`` if it is a ``torch.nn.Module`` with at least one parameter that requires a gradient."""
+    check_model(model, name)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{name} has no trainable parameters ({type(model).__name__}): a training step has "
+                         "nothing to update. Pass a model with weights, e.g. batchlab.build_model('mlp')")
+    return model
+
+
 def device_of(model):
     """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     tensor = next(iter(model.parameters()), None)
@@ -126,11 +140,34 @@ def device_of(model):
 
 
 def check_device(device, name: str = "device"):
-    """``device`` as a ``torch.device``: a string such as ``"cpu"`` or ``"cuda"``, or a ``torch.device``."""
+    """``device`` as a ``torch.device`` that can run a training step here.
+
+    A string such as ``"cpu"``, ``"cuda"`` or ``"cuda:1"``, a GPU number, or a ``torch.device``. Refused
+    before anything is moved: ``"meta"`` (its tensors have no values, so nothing can train there), a CUDA
+    device on a machine without one (or a GPU number past the last GPU), and devices torch does not know.
+    """
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {device!r} "
+                        f"({type(device).__name__})")
     try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
         raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "meta":
+        raise ValueError(f"{name} 'meta' cannot train: meta tensors have shapes but no values. Use 'cpu' or "
+                         "'cuda' (batchlab.estimate_memory runs a step on the meta device for you)")
+    backend = getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"{name} {device!r} is not available on this machine: use 'cpu'"
+                         f"{' (no CUDA GPU here)' if parsed.type == 'cuda' else ''}")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"{name} {device!r} does not exist: this machine has {count} {parsed.type} device(s), "
+                         f"numbered from 0")
+    return parsed
 
 
 def check_loss_fn(loss_fn):

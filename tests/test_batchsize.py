@@ -34,7 +34,7 @@ def test_step_times_are_positive_and_leave_the_model_alone():
 
 def test_batch_sizes_are_checked():
     model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
-    with pytest.raises(ValueError, match="batch_sizes item must be at most 359, got 1000"):
+    with pytest.raises(ValueError, match=r"batch_sizes\[0\] must be at most 359, got 1000"):
         batchlab.gradient_noise(model, datasets.digits(train=False), [1000])
-    with pytest.raises(ValueError, match="batch_sizes item must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"batch_sizes\[0\] must be a positive int, got 0"):
         batchlab.step_times(model, datasets.digits(train=False), [0])

@@ -105,8 +105,12 @@ def test_find_batch_size_restores_model_and_optimizer_bitwise(mode):
 def test_find_batch_size_checks_its_arguments():
     with pytest.raises(ValueError, match="mode must be one of 'power', 'binsearch'"):
         find_batch_size(cnn(), make_batch, mode="random")
+    model = cnn()
     with pytest.raises(ValueError, match=r"make_batch\(2\) must return 2 samples"):
-        find_batch_size(cnn(), lambda n: make_batch(n + 1))
+        with memory_budget("48MiB", model):
+            find_batch_size(model, lambda n: make_batch(n + 1))
+    with pytest.raises(ValueError, match="find_batch_size on the CPU needs a memory_budget block"):
+        find_batch_size(model, make_batch)  # without a budget the search would grow until the machine runs out
 
 
 def test_train_halves_the_micro_batch_on_out_of_memory():

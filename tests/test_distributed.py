@@ -78,6 +78,22 @@ def dies_in_rank_1(rank, world_size):
     time.sleep(600)
 
 
+def exits_in_rank_1_during_a_collective(rank, world_size):
+    if rank == 1:
+        os._exit(3)  # no Python exception; rank 0, waiting in the all-reduce, sees "Connection closed by peer"
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    time.sleep(600)
+
+
+def starts_a_child_then_fails(rank, world_size, pid_file):
+    if rank == 1:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        Path(pid_file).write_text(str(child.pid))
+        raise ValueError("rank one went wrong after starting a process")
+    time.sleep(600)
+
+
 # -- launch ------------------------------------------------------------------------------------------
 
 def test_launch_returns_rank_0_result_after_an_all_reduce():
@@ -113,6 +129,25 @@ def test_a_hanging_rank_times_out_with_a_clear_message_and_is_stopped():
 def test_a_rank_killed_without_a_traceback_is_reported():
     with pytest.raises(RankError, match="rank 1 of 2 failed: .*killed by signal SIGKILL"):
         launch(dies_in_rank_1, nprocs=2, timeout=60)
+    assert children() == []
+
+
+def test_a_rank_that_exits_without_an_exception_is_blamed_not_the_peer_it_left_waiting():
+    with pytest.raises(RankError, match="rank 1 of 2 failed: the process exited with code 3 without a Python") as info:
+        launch(exits_in_rank_1_during_a_collective, nprocs=2, timeout=60)
+    assert info.value.rank == 1
+    assert children() == []
+
+
+def test_what_a_failing_rank_started_is_ended_with_it(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(RankError, match="rank one went wrong after starting a process"):
+        launch(starts_a_child_then_fails, str(pid_file), nprocs=2, timeout=60)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"the process rank 1 started ({pid}) is still running"
+        time.sleep(0.1)
     assert children() == []
 
 

@@ -304,11 +304,13 @@ def test_an_observer_sees_every_event_and_measurement_can_restart():
     observer = Recorder()
     with memory.track_storages(model, optimizer, record=True, observer=observer) as tracker:
         step(model, optimizer, inputs, targets)  # the first step creates Adam's state
-        assert sum(observer.live.values()) == tracker.current_bytes
+        live = tracker.current_bytes  # frees are booked (and told) when the tracker is next asked or allocates
+        assert sum(observer.live.values()) == live
         tracker.begin_measurement()
         start = tracker.current()
         step(model, optimizer, inputs, targets)
-        assert sum(observer.live.values()) == tracker.current_bytes
+        live = tracker.current_bytes
+        assert sum(observer.live.values()) == live
     assert "addmm" in observer.ops and ("_foreach_sqrt" in observer.ops or "sqrt" in observer.ops)
     report = tracker.report()
     assert report.timeline[0].bytes == start  # the timeline restarts at begin_measurement
@@ -364,3 +366,57 @@ def test_cuda_counters_beside_the_tracked_bytes():
     assert report.cuda_max_allocated >= report.peak_bytes > 0
     assert report.cuda_reserved >= report.cuda_allocated
     assert report.category_peaks["parameters"] == nbytes(model.parameters())
+
+
+# -- issue 16: copies inside a block (defect 3) and a Ctrl-C while a free is booked (defect 6) ----
+
+@pytest.mark.parametrize("block", ["track_memory", "memory_budget"])
+def test_the_model_can_be_copied_inside_a_block(block):
+    model = batchlab.build_model("cnn_bn", in_shape=(3, 16, 16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batch = batch_of(8, (3, 16, 16))
+    opened = batchlab.track_memory(model, optimizer) if block == "track_memory" else \
+        batchlab.memory_budget("256MiB", model, optimizer)
+    with opened as tracker:
+        twin = copy.deepcopy(model)
+        copy.deepcopy(optimizer)
+        batchlab.compare_gradients(model, batch, 2)
+        batchlab.replace_batchnorm(model, "group")
+        batchlab.gradient_noise(model, torch.utils.data.TensorDataset(*batch), [4], draws=2)
+        inside = tracker.current()["parameters"]
+    assert inside == nbytes(model.parameters())  # the copies' weights were new tensors, not the model's
+    twin(batch[0])  # the copy's hooks do nothing once the block is over
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_a_free_is_booked_without_python_code_in_the_weakref_callback():
+    with memory.track_storages(None, None, record=False) as tracker:
+        x = torch.ones(10)
+        ref = next(iter(tracker._live.values()))
+        assert type(ref.__callback__).__name__ == "builtin_function_or_method"  # a deque's append: no frame
+        del x
+        assert tracker.current_bytes == 0
+
+
+class InterruptedOnce(Recorder):
+    """An observer interrupted (Ctrl-C) the first time it is told of a free."""
+
+    interrupted = False
+
+    def freed(self, serial):
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        super().freed(serial)
+
+
+def test_an_interrupt_while_a_free_is_booked_is_raised_and_the_counts_stay_right():
+    observer = InterruptedOnce()
+    with memory.track_storages(None, None, record=False, observer=observer) as tracker:
+        a, b = torch.ones(100), torch.ones(200)
+        del a
+        with pytest.raises(KeyboardInterrupt):
+            torch.ones(300)  # the next operation books the free of ``a``, where the interrupt lands
+        assert tracker.current_bytes == 200 * 4 == sum(observer.live.values())  # booked once, completely
+        del b
+        assert tracker.current_bytes == 0 == sum(observer.live.values())
