@@ -19,7 +19,7 @@ from .accumulation import (
 )
 from .batching import iter_batches
 from .batchsize import gradient_noise, step_times
-from .budget import BatchSizeSearch, find_batch_size, memory_budget
+from .budget import BatchSizeSearch, probe_batch_size, memory_budget
 from .course import setup
 from .distributed import RankError, launch, train_ddp
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
@@ -93,7 +93,7 @@ __all__ = [
     "evaluate",
     "explain_oom",
     "exercises",
-    "find_batch_size",
+    "probe_batch_size",
     "gpu_reference",
     "gradient_noise",
     "iter_batches",

@@ -3,7 +3,7 @@
 * :func:`memory_budget` makes tensor memory behave like a GPU of a given size, on any device: when the
   tracked tensors would need more, the operation raises a real ``torch.OutOfMemoryError`` with a
   message in the style of CUDA's. Learners without a GPU meet, catch and recover from it.
-* :func:`find_batch_size` is the probing search that Lightning's and Accelerate's batch-size finders
+* :func:`probe_batch_size` is the probing search that Lightning's and Accelerate's batch-size finders
   run: train a step, catch the out-of-memory error, clean up, try another size. It restores the model
   and optimizer bitwise afterwards.
 """
@@ -115,12 +115,12 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
             _current.guard = None
 
 
-_current = threading.local()  # the budget of the memory_budget block this thread is in (find_batch_size asks)
+_current = threading.local()  # the budget of the memory_budget block this thread is in (probe_batch_size asks)
 
 
 @dataclass
 class BatchSizeSearch:
-    """What :func:`find_batch_size` found: the batch size, and every trial (size, fitted, seconds)."""
+    """What :func:`probe_batch_size` found: the batch size, and every trial (size, fitted, seconds)."""
 
     batch_size: int
     mode: str
@@ -178,7 +178,7 @@ def _trial(model, make_batch, n, optimizer, loss_fn, device) -> bool:
     return fitted
 
 
-def find_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start: int = 2, max_trials: int = 25,
+def probe_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start: int = 2, max_trials: int = 25,
                     optimizer="sgd", loss_fn=None, device=None, progress: bool = True) -> BatchSizeSearch:
     """Search for the largest batch that trains without running out of memory, by trying it.
 
@@ -204,12 +204,12 @@ def find_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start:
     check_trainable(model)
     device = check_device(device) if device is not None else device_of(model)
     if device.type == "cpu" and getattr(_current, "guard", None) is None:
-        raise ValueError("find_batch_size on the CPU needs a memory_budget block: without a budget the batch "
+        raise ValueError("probe_batch_size on the CPU needs a memory_budget block: without a budget the batch "
                          "grows until the machine runs out of memory (minutes, then a crash). Write "
-                         "`with batchlab.memory_budget('512MiB', model): batchlab.find_batch_size(...)`")
+                         "`with batchlab.memory_budget('512MiB', model): batchlab.probe_batch_size(...)`")
     snapshot, modes, grads = _snapshot(model, optimizer), saved_modes(model), stash_grads(model)
     search = BatchSizeSearch(0, mode)
-    bar = progress_bar(progress, desc=f"find_batch_size ({mode})", unit="trial")
+    bar = progress_bar(progress, desc=f"probe_batch_size ({mode})", unit="trial")
 
     def fits(n: int) -> bool:
         bar.set_postfix(batch=n, refresh=False)

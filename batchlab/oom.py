@@ -56,7 +56,7 @@ _LADDER = (
     "If it failed after some steps rather than at the first, look for a leak first: chapter 5, "
     "batchlab.leak_check(...) (add loss.item(), not the loss tensor; evaluate under torch.no_grad()).",
     "Use a smaller micro-batch: chapter 4, batchlab.max_batch_size(...) estimates the largest that fits, "
-    "batchlab.find_batch_size(...) probes it.",
+    "batchlab.probe_batch_size(...) probes it.",
     "Keep the effective batch with gradient accumulation: chapter 6, batchlab.train(..., accumulation_steps=k) "
     "runs k micro-batches per optimizer step.",
     "Store activations in half the bytes: chapter 8, mixed precision, batchlab.train(..., precision=\"bf16\").",

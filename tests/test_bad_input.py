@@ -239,7 +239,7 @@ CASES = {
         "model": bad_model(), "make_batch": not_a_number(), "budget": bad_budget(), "optimizer": bad_optimizer(),
         "loss_fn": bad_loss_fn(), "limit": bad_positive_int(),
     }),
-    "find_batch_size": (keyword_call(batchlab.find_batch_size, {"model": MODEL, "make_batch": make_batch},
+    "probe_batch_size": (keyword_call(batchlab.probe_batch_size, {"model": MODEL, "make_batch": make_batch},
                                      {"max_trials": 2}), {
         "model": bad_model(), "make_batch": not_a_number(), "mode": st.text(max_size=5), "start": bad_positive_int(),
         "max_trials": bad_positive_int(), "optimizer": bad_optimizer().filter(lambda o: o is not OPTIMIZER),
@@ -420,7 +420,7 @@ def model_calls(model, loss_fn):
         "estimate_memory": lambda: batchlab.estimate_memory(model, batch, loss_fn=loss_fn),
         "max_batch_size": lambda: batchlab.max_batch_size(model, make_batch, budget="64MiB", loss_fn=loss_fn,
                                                           limit=8, device="cpu"),
-        "find_batch_size": in_budget(lambda: batchlab.find_batch_size(model, make_batch, max_trials=3,
+        "probe_batch_size": in_budget(lambda: batchlab.probe_batch_size(model, make_batch, max_trials=3,
                                                                       loss_fn=loss_fn)),
         "compare_gradients": lambda: batchlab.compare_gradients(model, batch, [4, 2, 2], loss_fn=loss_fn),
         "profile_accumulation": lambda: batchlab.profile_accumulation(model, batch, 2, loss_fn=loss_fn),

@@ -5,7 +5,7 @@ import torch
 
 import batchlab
 from batchlab import datasets
-from batchlab.budget import find_batch_size, memory_budget
+from batchlab.budget import probe_batch_size, memory_budget
 
 
 def cnn():
@@ -83,14 +83,14 @@ def test_a_budget_below_the_parameters_is_refused():
 
 
 @pytest.mark.parametrize("mode", ["power", "binsearch"])
-def test_find_batch_size_restores_model_and_optimizer_bitwise(mode):
+def test_probe_batch_size_restores_model_and_optimizer_bitwise(mode):
     model = cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     batchlab.train(model, datasets.shapes(64), batch_size=32, steps=1, optimizer=lambda p: optimizer, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     before_momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     with memory_budget("48MiB", model, optimizer):
-        search = find_batch_size(model, make_batch, mode=mode, optimizer=optimizer)
+        search = probe_batch_size(model, make_batch, mode=mode, optimizer=optimizer)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     after_momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
     assert all(torch.equal(b, a) for b, a in zip(before_momentum, after_momentum))
@@ -102,15 +102,15 @@ def test_find_batch_size_restores_model_and_optimizer_bitwise(mode):
         assert min(failed) - search.batch_size == 1  # bisected down to neighbours
 
 
-def test_find_batch_size_checks_its_arguments():
+def test_probe_batch_size_checks_its_arguments():
     with pytest.raises(ValueError, match="mode must be one of 'power', 'binsearch'"):
-        find_batch_size(cnn(), make_batch, mode="random")
+        probe_batch_size(cnn(), make_batch, mode="random")
     model = cnn()
     with pytest.raises(ValueError, match=r"make_batch\(2\) must return 2 samples"):
         with memory_budget("48MiB", model):
-            find_batch_size(model, lambda n: make_batch(n + 1))
-    with pytest.raises(ValueError, match="find_batch_size on the CPU needs a memory_budget block"):
-        find_batch_size(model, make_batch)  # without a budget the search would grow until the machine runs out
+            probe_batch_size(model, lambda n: make_batch(n + 1))
+    with pytest.raises(ValueError, match="probe_batch_size on the CPU needs a memory_budget block"):
+        probe_batch_size(model, make_batch)  # without a budget the search would grow until the machine runs out
 
 
 def test_train_halves_the_micro_batch_on_out_of_memory():

@@ -79,10 +79,10 @@ def test_progress_false_makes_no_bar_and_the_same_history(bars):
     assert isinstance(progress.progress_bar(False), progress.NoBar)
 
 
-def test_find_batch_size_bar_counts_its_trials(bars):
+def test_probe_batch_size_bar_counts_its_trials(bars):
     model = batchlab.build_model("cnn_bn", in_shape=(3, 32, 32), num_classes=5)
     with memory_budget("48MiB", model):
-        search = batchlab.find_batch_size(model, lambda n: (torch.randn(n, 3, 32, 32), torch.randint(0, 5, (n,))),
+        search = batchlab.probe_batch_size(model, lambda n: (torch.randn(n, 3, 32, 32), torch.randint(0, 5, (n,))),
                                           mode="power")
     bar = only_bar(bars)
     assert bar.n == len(search.trials) >= 3
@@ -148,7 +148,7 @@ def test_launch_bar_counts_the_finished_processes(bars):
 
 @pytest.mark.parametrize("call", [
     lambda: batchlab.train(mlp(), datasets.digits(), batch_size=32, steps=1, progress="yes"),
-    lambda: batchlab.find_batch_size(mlp(), lambda n: (torch.randn(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)),
+    lambda: batchlab.probe_batch_size(mlp(), lambda n: (torch.randn(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)),
                                      progress=1),
     lambda: batchlab.max_batch_size(mlp(), lambda n: (torch.randn(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)),
                                     budget="1GiB", progress=None),
@@ -157,7 +157,7 @@ def test_launch_bar_counts_the_finished_processes(bars):
     lambda: batchlab.launch(rank_plus_one, progress="on"),
     lambda: batchlab.train_ddp("mlp", datasets.digits(), batch_size=32, steps=1, progress=2),
     lambda: batchlab.plan_fit(mlp(), meta_batch, budget="1GiB", effective_batch=64, progress="yes"),
-], ids=["train", "find_batch_size", "max_batch_size", "loader_sweep", "leak_check", "launch", "train_ddp",
+], ids=["train", "probe_batch_size", "max_batch_size", "loader_sweep", "leak_check", "launch", "train_ddp",
         "plan_fit"])
 def test_progress_must_be_a_bool(call, bars):
     with pytest.raises(TypeError, match="progress must be True or False, got"):
@@ -184,7 +184,7 @@ def test_the_nbval_rule_blanks_a_bars_meter_and_nothing_else():
     rules.read(Path(__file__).parent / "nbval_sanitize.cfg")
     rule = rules["progress bars"]
     meters = [tqdm.format_meter(0, 40, 0, prefix="batch 64, lr 0.05", unit="step", ascii=False),  # as a widget shows
-              tqdm.format_meter(0, None, 0, prefix="find_batch_size (power)", unit="trial"),  # no total known
+              tqdm.format_meter(0, None, 0, prefix="probe_batch_size (power)", unit="trial"),  # no total known
               tqdm.format_meter(7, 40, 3725.0, prefix="train", unit="step", postfix="loss=0.123")]
     for meter in meters:
         assert re.sub(rule["regex"], rule["replace"], meter) == "(progress bar)", meter

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import batchlab
-from batchlab.budget import find_batch_size, memory_budget
+from batchlab.budget import probe_batch_size, memory_budget
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -62,7 +62,7 @@ def test_a_gpu_device_without_a_gpu_is_refused_everywhere(device):
             call()
     with memory_budget("64MiB", model):
         with pytest.raises(ValueError, match="is not available on this machine"):
-            find_batch_size(model, make_batch, device=device)
+            probe_batch_size(model, make_batch, device=device)
 
 
 @pytest.mark.parametrize("device", ["tpu", "gpu0", True, 1.5])
@@ -72,7 +72,7 @@ def test_an_unknown_device_names_the_argument(device):
         batchlab.evaluate(model, data, device=device)
     with memory_budget("64MiB", model):
         with pytest.raises((ValueError, TypeError), match="device must be a torch device such as 'cpu'"):
-            find_batch_size(model, make_batch, device=device)
+            probe_batch_size(model, make_batch, device=device)
 
 
 # -- defect 4: every module's train/eval flag ------------------------------------------------------
@@ -95,29 +95,29 @@ def test_train_keeps_a_frozen_batchnorm_frozen():
     assert torch.equal(model[1].running_mean, stats)  # eval mode: its statistics were not updated
 
 
-def test_evaluate_and_find_batch_size_give_back_every_modules_flag():
+def test_evaluate_and_probe_batch_size_give_back_every_modules_flag():
     model = frozen_bn_model()
     before = modes(model)
     batchlab.evaluate(model, small_data())
     assert modes(model) == before
     with memory_budget("2MiB", model):
-        find_batch_size(model, make_batch, max_trials=4)
+        probe_batch_size(model, make_batch, max_trials=4)
     assert modes(model) == before
 
 
 # -- defect 7: the global random state -------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["evaluate", "gradient_noise", "step_times", "find_batch_size"])
+@pytest.mark.parametrize("name", ["evaluate", "gradient_noise", "step_times", "probe_batch_size"])
 def test_tools_do_not_advance_the_global_generator(name):
     model, data = small_model().train(), small_data()
     calls = {
         "evaluate": lambda: batchlab.evaluate(model, data),
         "gradient_noise": lambda: batchlab.gradient_noise(model, data, [4, 8], draws=2),
         "step_times": lambda: batchlab.step_times(model, data, [4], repeats=1),
-        "find_batch_size": lambda: find_batch_size(model, make_batch, max_trials=3),
+        "probe_batch_size": lambda: probe_batch_size(model, make_batch, max_trials=3),
     }
     state = torch.get_rng_state()
-    with memory_budget("64MiB", model) if name == "find_batch_size" else warnings.catch_warnings():
+    with memory_budget("64MiB", model) if name == "probe_batch_size" else warnings.catch_warnings():
         calls[name]()
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -129,11 +129,11 @@ def with_gradients(model):
     return [(p.grad, p.grad.clone()) for p in model.parameters()]
 
 
-def test_find_batch_size_leaves_existing_gradients_bitwise_as_they_were():
+def test_probe_batch_size_leaves_existing_gradients_bitwise_as_they_were():
     model = small_model()
     grads = with_gradients(model)
     with memory_budget("2MiB", model):
-        find_batch_size(model, make_batch, max_trials=4)
+        probe_batch_size(model, make_batch, max_trials=4)
     assert all(p.grad is g and torch.equal(g, copy) for p, (g, copy) in zip(model.parameters(), grads))
 
 
@@ -168,7 +168,7 @@ def test_a_cpu_allocation_failure_counts_as_does_not_fit():
         return nn.functional.cross_entropy(outputs, targets)
 
     with memory_budget("1GiB", model):
-        search = find_batch_size(model, make_batch, loss_fn=loss_fn)
+        search = probe_batch_size(model, make_batch, loss_fn=loss_fn)
     assert search.batch_size == 8 and search.trials[-1][:2] == (16, False)
 
 
