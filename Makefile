@@ -23,7 +23,7 @@ VENV_OLDEST  ?= .venv-oldest
 UNIT_TESTS := tests --ignore=tests/e2e --ignore=tests/test_make_lab.py
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: lab test test-oldest notebooks setup clean
+.PHONY: lab test lint test-oldest notebooks setup clean
 
 setup: $(STAMP)
 
@@ -38,8 +38,13 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) \
 		--ServerApp.port_retries=0 --ServerApp.root_dir=notebooks $(ROOT_OK) $(LAB_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest $(NBVAL) $(PYTEST_ARGS)
+
+# Lint and format as habits: ruff over the package, tests, benchmarks and the notebooks' code cells.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The same PyTorch pins again on the second install, so that no extra can pull a newer torch.
 test-oldest:
