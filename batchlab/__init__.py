@@ -19,7 +19,7 @@ from .accumulation import (
 )
 from .batching import iter_batches
 from .batchsize import gradient_noise, step_times
-from .budget import BatchSizeSearch, probe_batch_size, memory_budget
+from .budget import BatchSizeSearch, memory_budget, probe_batch_size
 from .course import setup
 from .distributed import RankError, launch, train_ddp
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size

@@ -51,6 +51,7 @@ RTOL = 1e-5
 
 # -- splitting a batch and accumulating its micro-batches ----------------------------------------
 
+
 def split_batch(batch, micro_batches) -> list:
     """Split ``batch`` = (inputs, targets) into a list of (inputs, targets) micro-batches (views, no copy).
 
@@ -64,15 +65,18 @@ def split_batch(batch, micro_batches) -> list:
         k = check_int("micro_batches", micro_batches, minimum=1)
         if n % k:
             size = -(-n // k)  # micro-batches of ceil(n / k) samples and a shorter last one, as an example
-            raise ValueError(f"micro_batches={k} does not divide the batch of {n} samples into equal micro-batches; "
-                             f"use one of {[d for d in range(1, n + 1) if n % d == 0]}, or give a list of sizes "
-                             f"(e.g. {[size] * (n // size) + ([n % size] if n % size else [])}) for uneven ones")
+            raise ValueError(
+                f"micro_batches={k} does not divide the batch of {n} samples into equal micro-batches; "
+                f"use one of {[d for d in range(1, n + 1) if n % d == 0]}, or give a list of sizes "
+                f"(e.g. {[size] * (n // size) + ([n % size] if n % size else [])}) for uneven ones"
+            )
         sizes = [n // k] * k
     elif isinstance(micro_batches, (list, tuple)) and micro_batches:
         sizes = [check_int(f"micro_batches[{i}]", s, minimum=1) for i, s in enumerate(micro_batches)]
         if sum(sizes) != n:
-            raise ValueError(f"micro_batches sizes must add up to the batch ({n} samples), got {sizes} "
-                             f"(sum {sum(sizes)})")
+            raise ValueError(
+                f"micro_batches sizes must add up to the batch ({n} samples), got {sizes} (sum {sum(sizes)})"
+            )
     else:
         raise TypeError(f"micro_batches must be a positive int or a non-empty list of sizes, got {micro_batches!r}")
     return list(zip(inputs.split(sizes), targets.split(sizes)))
@@ -81,19 +85,21 @@ def split_batch(batch, micro_batches) -> list:
 def _check_training_model(model) -> None:
     check_trainable(model)
     if not model.training:
-        raise ValueError("model is in eval mode (model.training is False): BatchNorm would use its running "
-                         "statistics and dropout would be off, so these would not be the gradients that training "
-                         "computes. Call model.train() first (batchlab.train does it for you).")
+        raise ValueError(
+            "model is in eval mode (model.training is False): BatchNorm would use its running "
+            "statistics and dropout would be off, so these would not be the gradients that training "
+            "computes. Call model.train() first (batchlab.train does it for you)."
+        )
 
 
 def _check_micro_batches(micro_batches) -> list:
     if not isinstance(micro_batches, (list, tuple)) or not micro_batches:
         raise TypeError(f"micro_batches must be a non-empty list of (inputs, targets) pairs, got {micro_batches!r}")
     for i, pair in enumerate(micro_batches):
-        if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-                or not all(isinstance(t, torch.Tensor) for t in pair)):
-            raise TypeError(f"micro_batches[{i}] must be a pair (inputs, targets) of tensors, "
-                            f"got {type(pair).__name__}")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+            raise TypeError(
+                f"micro_batches[{i}] must be a pair (inputs, targets) of tensors, got {type(pair).__name__}"
+            )
         if len(pair[0]) == 0 or len(pair[1]) == 0:
             raise ValueError(f"micro_batches[{i}] has no samples: every micro-batch needs at least one")
         if len(pair[0]) != len(pair[1]):
@@ -106,8 +112,10 @@ def _counts(micro_batches, count) -> list:
     if count is None:
         return [len(targets) for _, targets in micro_batches]
     if not callable(count):
-        raise TypeError(f"count must be None (count samples) or a function (inputs, targets) -> number of loss "
-                        f"terms, e.g. lambda x, y: (y != -100).sum(), got {count!r}")
+        raise TypeError(
+            f"count must be None (count samples) or a function (inputs, targets) -> number of loss "
+            f"terms, e.g. lambda x, y: (y != -100).sum(), got {count!r}"
+        )
     counts = [int(count(inputs, targets)) for inputs, targets in micro_batches]
     if any(c < 0 for c in counts) or sum(counts) == 0:
         raise ValueError(f"count must give a number >= 0 for each micro-batch and more than 0 in all, got {counts}")
@@ -117,8 +125,10 @@ def _counts(micro_batches, count) -> list:
 def _scalar_loss(loss_fn, outputs, targets) -> torch.Tensor:
     loss = loss_fn(outputs, targets)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError("loss_fn must return the mean loss of a micro-batch as a scalar tensor, got "
-                         f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+        raise ValueError(
+            "loss_fn must return the mean loss of a micro-batch as a scalar tensor, got "
+            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}"
+        )
     return loss
 
 
@@ -193,6 +203,7 @@ def accumulate_naive(model: nn.Module, micro_batches, *, loss_fn=None) -> float:
 
 # -- the proof: full batch against accumulated micro-batches --------------------------------------
 
+
 @dataclass
 class GradientComparison:
     """One batch's gradient computed at once (``full``) and accumulated over micro-batches, per parameter.
@@ -232,13 +243,24 @@ class GradientComparison:
 
     def __repr__(self) -> str:
         verdict = "equal to float precision" if self.equal else f"DIFFERENT (more than {self.rtol:.0e} relative)"
-        return (f"GradientComparison(batch {sum(self.micro_batch_sizes)} as micro-batches {self.micro_batch_sizes}, "
-                f"{self.method}: max abs difference {self.max_abs_difference:.1e}, relative "
-                f"{self.relative_difference:.1e}: {verdict})")
+        return (
+            f"GradientComparison(batch {sum(self.micro_batch_sizes)} as micro-batches {self.micro_batch_sizes}, "
+            f"{self.method}: max abs difference {self.max_abs_difference:.1e}, relative "
+            f"{self.relative_difference:.1e}: {verdict})"
+        )
 
 
-def compare_gradients(model: nn.Module, batch, micro_batches=4, *, loss_fn=None, count=None,
-                      method: str = "weighted", rtol: float = RTOL, seed: int = 0) -> GradientComparison:
+def compare_gradients(
+    model: nn.Module,
+    batch,
+    micro_batches=4,
+    *,
+    loss_fn=None,
+    count=None,
+    method: str = "weighted",
+    rtol: float = RTOL,
+    seed: int = 0,
+) -> GradientComparison:
     """The gradient of ``batch`` = (inputs, targets) in one pass against the gradient accumulated over micro-batches.
 
     ``micro_batches``: a number of equal micro-batches or a list of their sizes (see :func:`split_batch`).
@@ -274,8 +296,17 @@ def compare_gradients(model: nn.Module, batch, micro_batches=4, *, loss_fn=None,
         relative.append(_ratio(diff.norm().item(), g_full.norm().item()))
         squares[0] += diff.square().sum().item()
         squares[1] += g_full.square().sum().item()
-    return GradientComparison(names, max_abs, relative, _ratio(math.sqrt(squares[0]), math.sqrt(squares[1])),
-                              [len(t) for _, t in parts], method, full_loss.item(), acc_loss, rtol)
+    return GradientComparison(
+        names,
+        max_abs,
+        relative,
+        _ratio(math.sqrt(squares[0]), math.sqrt(squares[1])),
+        [len(t) for _, t in parts],
+        method,
+        full_loss.item(),
+        acc_loss,
+        rtol,
+    )
 
 
 def _ratio(difference: float, reference: float) -> float:
@@ -337,7 +368,11 @@ def batchnorm_statistics(model: nn.Module, batch, micro_batches=4, *, layer: str
     micro_mean, micro_std = (torch.stack(s) for s in zip(*(stats(x) for x, _ in micro)))
     micro_out = torch.cat([out for _, out in micro])
     return {
-        "layer": name, "full_mean": full_mean, "full_std": full_std, "micro_mean": micro_mean, "micro_std": micro_std,
+        "layer": name,
+        "full_mean": full_mean,
+        "full_std": full_std,
+        "micro_mean": micro_mean,
+        "micro_std": micro_std,
         "mean_shift": ((micro_mean - full_mean).abs() / full_std).mean().item(),
         "output_difference": (micro_out - full_out).abs().mean().item(),
     }
@@ -364,8 +399,10 @@ class GhostBatchNorm(nn.Module):
         if not self.training:
             return self.bn(x)
         if len(x) % self.virtual_batch:
-            raise ValueError(f"GhostBatchNorm got a batch of {len(x)} samples, not a multiple of its virtual batch "
-                             f"({self.virtual_batch}): use micro-batches that are multiples of it")
+            raise ValueError(
+                f"GhostBatchNorm got a batch of {len(x)} samples, not a multiple of its virtual batch "
+                f"({self.virtual_batch}): use micro-batches that are multiples of it"
+            )
         return torch.cat([self.bn(piece) for piece in x.split(self.virtual_batch)])
 
     def extra_repr(self) -> str:
@@ -422,11 +459,14 @@ def _replacement(bn: nn.Module, norm: str, virtual_batch: int, groups: int) -> n
 
 # -- memory and time of one accumulated step ------------------------------------------------------
 
+
 def _check_steps(accumulation_steps, batch_size: int) -> int:
     k = check_int("accumulation_steps", accumulation_steps, minimum=1)
     if batch_size % k:
-        raise ValueError(f"accumulation_steps must divide the batch into equal micro-batches: {batch_size} is not "
-                         f"divisible by {k}; try one of {[d for d in range(1, batch_size + 1) if batch_size % d == 0]}")
+        raise ValueError(
+            f"accumulation_steps must divide the batch into equal micro-batches: {batch_size} is not "
+            f"divisible by {k}; try one of {[d for d in range(1, batch_size + 1) if batch_size % d == 0]}"
+        )
     return k
 
 
@@ -444,8 +484,9 @@ def _setup_step(model, batch, accumulation_steps, optimizer, loss_fn):
     return work, inputs, targets, k, make_optimizer(optimizer, work.parameters()), loss_fn
 
 
-def profile_accumulation(model: nn.Module, batch, accumulation_steps: int, *, optimizer="sgd",
-                         loss_fn=None) -> MemoryReport:
+def profile_accumulation(
+    model: nn.Module, batch, accumulation_steps: int, *, optimizer="sgd", loss_fn=None
+) -> MemoryReport:
     """Measure one step of ``batch`` (the effective batch) in ``accumulation_steps`` micro-batches: a MemoryReport.
 
     The step is :func:`batchlab.train`'s own: its accumulation loop, ``optimizer.step()`` and
@@ -466,8 +507,9 @@ def profile_accumulation(model: nn.Module, batch, accumulation_steps: int, *, op
     return tracker.report(label=f"{type(model).__name__}, batch {len(targets)} = {k} x {micro}, {name}")
 
 
-def accumulation_step_time(model: nn.Module, batch, accumulation_steps: int, *, optimizer="sgd", loss_fn=None,
-                           repeats: int = 5) -> float:
+def accumulation_step_time(
+    model: nn.Module, batch, accumulation_steps: int, *, optimizer="sgd", loss_fn=None, repeats: int = 5
+) -> float:
     """Median wall-clock seconds of one step of ``batch`` in ``accumulation_steps`` micro-batches.
 
     The step is the one :func:`profile_accumulation` measures, timed ``repeats`` times after one
@@ -487,8 +529,17 @@ def accumulation_step_time(model: nn.Module, batch, accumulation_steps: int, *, 
 
 # -- the widget's computation ---------------------------------------------------------------------
 
-def accumulation_run(micro_batch: int, *, effective_batch: int = 64, model: str = "mlp", dataset=None,
-                     steps: int = 60, lr: float = 0.05, seed: int = 0) -> dict:
+
+def accumulation_run(
+    micro_batch: int,
+    *,
+    effective_batch: int = 64,
+    model: str = "mlp",
+    dataset=None,
+    steps: int = 60,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> dict:
     """Train ``model`` at a fixed effective batch in micro-batches of ``micro_batch``; measure its step's memory.
 
     ``effective_batch / micro_batch`` is the number of accumulation steps (it must divide). The model
@@ -507,14 +558,32 @@ def accumulation_run(micro_batch: int, *, effective_batch: int = 64, model: str 
     check_int("effective_batch", effective_batch, minimum=1, maximum=len(dataset))
     check_int("micro_batch", micro_batch, minimum=1, maximum=effective_batch)
     if effective_batch % micro_batch:
-        raise ValueError(f"micro_batch must divide the effective batch ({effective_batch}), got {micro_batch}; try one "
-                         f"of {[d for d in range(1, effective_batch + 1) if effective_batch % d == 0]}")
+        raise ValueError(
+            f"micro_batch must divide the effective batch ({effective_batch}), got {micro_batch}; try one "
+            f"of {[d for d in range(1, effective_batch + 1) if effective_batch % d == 0]}"
+        )
     k = effective_batch // micro_batch
     net = build_model(model, in_shape=tuple(dataset[0][0].shape), seed=seed)
     first = default_collate([dataset[i] for i in range(effective_batch)])
     memory = profile_accumulation(net, first, k)
-    history = train(net, dataset, batch_size=effective_batch, steps=steps, accumulation_steps=k, lr=lr, seed=seed,
-                    progress=False, label=f"{k} x {micro_batch}" if k > 1 else f"batch {effective_batch}")
-    return {"micro_batch": micro_batch, "accumulation_steps": k, "effective_batch": effective_batch,
-            "peak_bytes": memory.peak_bytes, "memory": memory, "loss": list(history.loss),
-            "seconds": history.seconds[-1], "history": history}
+    history = train(
+        net,
+        dataset,
+        batch_size=effective_batch,
+        steps=steps,
+        accumulation_steps=k,
+        lr=lr,
+        seed=seed,
+        progress=False,
+        label=f"{k} x {micro_batch}" if k > 1 else f"batch {effective_batch}",
+    )
+    return {
+        "micro_batch": micro_batch,
+        "accumulation_steps": k,
+        "effective_batch": effective_batch,
+        "peak_bytes": memory.peak_bytes,
+        "memory": memory,
+        "loss": list(history.loss),
+        "seconds": history.seconds[-1],
+        "history": history,
+    }

@@ -19,8 +19,9 @@ from torch.utils.data import default_collate as torch_default_collate
 from .validation import check_bool, check_dataset, check_int, check_seed
 
 
-def iter_batches(dataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False, seed: int = 0,
-                 collate_fn=None):
+def iter_batches(
+    dataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False, seed: int = 0, collate_fn=None
+):
     """Yield batches of ``dataset`` the way ``DataLoader(num_workers=0)`` does, written out by hand.
 
     ``shuffle`` uses the permutation ``torch.randperm(len(dataset), generator=Generator().manual_seed(seed))``,
@@ -47,7 +48,7 @@ def batch_loop(dataset, batch_size, shuffle, drop_last, seed, collate_fn):
     else:
         order = list(range(n))
     for start in range(0, n, batch_size):
-        indices = order[start:start + batch_size]  # the last slice may be shorter ...
+        indices = order[start : start + batch_size]  # the last slice may be shorter ...
         if drop_last and len(indices) < batch_size:
             return  # ... and drop_last skips it
         samples = [dataset[i] for i in indices]  # one sample at a time: per-sample transforms apply here
@@ -91,8 +92,10 @@ def _mismatch(items, where):
             shapes_seen.setdefault(tuple(item.shape), i)
         if len(shapes_seen) > 1:
             found = "; ".join(f"samples[{i}] has shape {shape}" for shape, i in list(shapes_seen.items())[:4])
-            return (f"{label} has tensors of different shapes ({found}). Resize or crop them to one size, "
-                    "or pass a collate_fn that pads them")
+            return (
+                f"{label} has tensors of different shapes ({found}). Resize or crop them to one size, "
+                "or pass a collate_fn that pads them"
+            )
         return None
     if isinstance(first, dict):
         keys = {tuple(sorted(map(str, item))) for item in items}
@@ -112,4 +115,3 @@ def _mismatch(items, where):
             if problem:
                 return problem
     return None
-

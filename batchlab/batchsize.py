@@ -49,8 +49,9 @@ def _flat_gradient(model: nn.Module, loss_fn, inputs, targets) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def gradient_noise(model: nn.Module, dataset: Dataset, batch_sizes, *, draws: int = 20, seed: int = 0,
-                   loss_fn=None) -> list[GradientNoise]:
+def gradient_noise(
+    model: nn.Module, dataset: Dataset, batch_sizes, *, draws: int = 20, seed: int = 0, loss_fn=None
+) -> list[GradientNoise]:
     """Mini-batch gradients against the full-batch gradient, at the model's current weights.
 
     For each batch size, ``draws`` batches are sampled without replacement; the result shows the
@@ -102,8 +103,9 @@ class StepTime:
         return self.batch_size / self.seconds
 
 
-def step_times(model: nn.Module, dataset: Dataset, batch_sizes, *, repeats: int = 5, lr: float = 0.01,
-               loss_fn=None) -> list[StepTime]:
+def step_times(
+    model: nn.Module, dataset: Dataset, batch_sizes, *, repeats: int = 5, lr: float = 0.01, loss_fn=None
+) -> list[StepTime]:
     """Median wall-clock time of an SGD step for each batch size (one warm-up step first).
 
     Times depend on the machine and on whatever else it is doing: treat them as measurements.
@@ -162,12 +164,15 @@ class NoiseScale:
         return 1 + self.b_simple / batch_size
 
     def __repr__(self) -> str:
-        return (f"NoiseScale(batches {self.batch_sizes}: |G|^2 {self.gradient_norm_sq:.4g}, "
-                f"tr(Sigma) {self.trace_covariance:.4g}, B_simple {self.b_simple:.1f} samples)")
+        return (
+            f"NoiseScale(batches {self.batch_sizes}: |G|^2 {self.gradient_norm_sq:.4g}, "
+            f"tr(Sigma) {self.trace_covariance:.4g}, B_simple {self.b_simple:.1f} samples)"
+        )
 
 
-def noise_scale(model: nn.Module, dataset: Dataset, *, batch_sizes=(8, 256), draws: int = 20, seed: int = 0,
-                loss_fn=None) -> NoiseScale:
+def noise_scale(
+    model: nn.Module, dataset: Dataset, *, batch_sizes=(8, 256), draws: int = 20, seed: int = 0, loss_fn=None
+) -> NoiseScale:
     """Estimate B_simple = tr(Sigma) / |G|^2 from gradients at two batch sizes (McCandlish et al., 2018).
 
     A mini-batch gradient of B samples drawn with replacement has E|G_B|^2 = |G|^2 + tr(Sigma) / B,

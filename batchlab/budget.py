@@ -70,12 +70,14 @@ class _BudgetGuard:
         # It opens with CUDA's own words, so that the tools that recognise an out-of-memory error by its text
         # (Accelerate's find_executable_batch_size, Lightning's is_oom_error) treat it as one; the next
         # sentence says that no GPU ran out.
-        return (f"CUDA out of memory. Tried to allocate {nbytes / MiB:.2f} MiB. (Simulated by "
-                f"batchlab.memory_budget: the tensors would pass its budget; no GPU ran out of memory.) "
-                f"Of the {self.budget / MiB:.2f} MiB budget, {in_use / MiB:.2f} MiB is in use by tensors "
-                f"({parts}) and {(self.budget - in_use) / MiB:.2f} MiB is free. The {nbytes / MiB:.2f} MiB were "
-                f"not allocated. Free memory outside the except block, then try a smaller batch or gradient "
-                f"accumulation (chapter 6).")
+        return (
+            f"CUDA out of memory. Tried to allocate {nbytes / MiB:.2f} MiB. (Simulated by "
+            f"batchlab.memory_budget: the tensors would pass its budget; no GPU ran out of memory.) "
+            f"Of the {self.budget / MiB:.2f} MiB budget, {in_use / MiB:.2f} MiB is in use by tensors "
+            f"({parts}) and {(self.budget - in_use) / MiB:.2f} MiB is free. The {nbytes / MiB:.2f} MiB were "
+            f"not allocated. Free memory outside the except block, then try a smaller batch or gradient "
+            f"accumulation (chapter 6)."
+        )
 
 
 @contextmanager
@@ -93,11 +95,15 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
     if model is not None:
         check_model(model)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None (the one you train with, e.g. "
-                        f"torch.optim.SGD(model.parameters(), lr=0.1)), got {optimizer!r}")
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None (the one you train with, e.g. "
+            f"torch.optim.SGD(model.parameters(), lr=0.1)), got {optimizer!r}"
+        )
     if getattr(_current, "guard", None) is not None:
-        raise RuntimeError("memory_budget is already active: budgets cannot be nested. Leave the outer block "
-                           "first, or give the outer block the budget you want")
+        raise RuntimeError(
+            "memory_budget is already active: budgets cannot be nested. Leave the outer block "
+            "first, or give the outer block the budget you want"
+        )
     guard = _BudgetGuard(budget)
     # No timeline (only what is alive now counts), but the saved-tensor hooks, so that what the forward
     # pass keeps for backward is counted as activations.
@@ -107,7 +113,8 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
             raise ValueError(
                 f"budget {budget / MiB:.2f} MiB is smaller than what exists already: {guard.live / MiB:.2f} MiB "
                 f"({', '.join(f'{c} {b / MiB:.2f} MiB' for c, b in tracker.current().items() if b)}); "
-                f"even batch 1 cannot fit")
+                f"even batch 1 cannot fit"
+            )
         _current.guard = guard
         try:
             yield tracker
@@ -138,9 +145,13 @@ class BatchSizeSearch:
 def _snapshot(model: nn.Module, optimizer) -> bytes:
     """The model's and optimizer's state as bytes (not tensors, so it costs no tracked memory)."""
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(),
-                "optimizer": optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else None},
-               buffer)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else None,
+        },
+        buffer,
+    )
     return buffer.getvalue()
 
 
@@ -178,8 +189,18 @@ def _trial(model, make_batch, n, optimizer, loss_fn, device) -> bool:
     return fitted
 
 
-def probe_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start: int = 2, max_trials: int = 25,
-                    optimizer="sgd", loss_fn=None, device=None, progress: bool = True) -> BatchSizeSearch:
+def probe_batch_size(
+    model: nn.Module,
+    make_batch,
+    *,
+    mode: str = "power",
+    start: int = 2,
+    max_trials: int = 25,
+    optimizer="sgd",
+    loss_fn=None,
+    device=None,
+    progress: bool = True,
+) -> BatchSizeSearch:
     """Search for the largest batch that trains without running out of memory, by trying it.
 
     ``mode="power"`` doubles the batch from ``start`` until a step runs out of memory and keeps the last
@@ -204,9 +225,11 @@ def probe_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start
     check_trainable(model)
     device = check_device(device) if device is not None else device_of(model)
     if device.type == "cpu" and getattr(_current, "guard", None) is None:
-        raise ValueError("probe_batch_size on the CPU needs a memory_budget block: without a budget the batch "
-                         "grows until the machine runs out of memory (minutes, then a crash). Write "
-                         "`with batchlab.memory_budget('512MiB', model): batchlab.probe_batch_size(...)`")
+        raise ValueError(
+            "probe_batch_size on the CPU needs a memory_budget block: without a budget the batch "
+            "grows until the machine runs out of memory (minutes, then a crash). Write "
+            "`with batchlab.memory_budget('512MiB', model): batchlab.probe_batch_size(...)`"
+        )
     snapshot, modes, grads = _snapshot(model, optimizer), saved_modes(model), stash_grads(model)
     search = BatchSizeSearch(0, mode)
     bar = progress_bar(progress, desc=f"probe_batch_size ({mode})", unit="trial")
@@ -227,8 +250,10 @@ def probe_batch_size(model: nn.Module, make_batch, *, mode: str = "power", start
         restore_modes(modes)
         restore_grads(grads)
     if search.batch_size == 0:
-        raise torch.OutOfMemoryError(f"even the first trial, batch {start}, ran out of memory: try start=1, "
-                                     f"a larger budget or a smaller model. Trials: {search.trials}")
+        raise torch.OutOfMemoryError(
+            f"even the first trial, batch {start}, ran out of memory: try start=1, "
+            f"a larger budget or a smaller model. Trials: {search.trials}"
+        )
     return search
 
 

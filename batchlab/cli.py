@@ -45,20 +45,27 @@ class UsageError(ValueError):
 
 # -- loading the learner's model, batch and loss ---------------------------------------------------
 
+
 def load_callable(spec: str, argument: str):
     """The object ``spec`` names: ``package.module:name`` or ``path/to/file.py:name`` (a dotted name works too)."""
     where, colon, attribute = spec.rpartition(":")
     if not colon or not where or not attribute:
-        raise UsageError(argument, f"{spec!r} is not MODULE:NAME; write package.module:callable "
-                                   f"(e.g. torchvision.models:resnet18) or path/to/file.py:callable")
+        raise UsageError(
+            argument,
+            f"{spec!r} is not MODULE:NAME; write package.module:callable "
+            f"(e.g. torchvision.models:resnet18) or path/to/file.py:callable",
+        )
     if where.endswith(".py"):
         module = _import_file(where, argument)
     else:
         try:
             module = importlib.import_module(where)
         except Exception as error:  # noqa: BLE001 (any failure while importing is the learner's to see)
-            raise UsageError(argument, f"cannot import {where!r} ({type(error).__name__}: {error}); give an "
-                                       f"importable package.module:callable or path/to/file.py:callable") from error
+            raise UsageError(
+                argument,
+                f"cannot import {where!r} ({type(error).__name__}: {error}); give an "
+                f"importable package.module:callable or path/to/file.py:callable",
+            ) from error
     value = module
     for part in attribute.split("."):
         if not hasattr(value, part):
@@ -90,11 +97,17 @@ def load_model(spec: str) -> nn.Module:
     try:
         model = _build(factory)
     except TypeError as error:
-        raise UsageError("--model", f"{spec}() cannot be called without arguments ({error}); give a class or function "
-                                    f"that builds the model with no arguments (write one in a file.py)") from error
+        raise UsageError(
+            "--model",
+            f"{spec}() cannot be called without arguments ({error}); give a class or function "
+            f"that builds the model with no arguments (write one in a file.py)",
+        ) from error
     if not isinstance(model, nn.Module):
-        raise UsageError("--model", f"{spec}() returned {type(model).__name__}, not a torch.nn.Module; give a class "
-                                    f"or function that returns the model")
+        raise UsageError(
+            "--model",
+            f"{spec}() returned {type(model).__name__}, not a torch.nn.Module; give a class "
+            f"or function that returns the model",
+        )
     return model
 
 
@@ -122,8 +135,11 @@ def parse_shape(text: str, argument: str = "--input") -> tuple:
     """``"3x224x224"`` -> ``(3, 224, 224)``: one sample's shape, positive integers joined by ``x``."""
     parts = text.lower().replace("×", "x").split("x")
     if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise UsageError(argument, f"{text!r} is not a shape; write one sample's size as positive integers joined "
-                                   f"by x, e.g. 3x224x224 (channels x height x width) or 784")
+        raise UsageError(
+            argument,
+            f"{text!r} is not a shape; write one sample's size as positive integers joined "
+            f"by x, e.g. 3x224x224 (channels x height x width) or 784",
+        )
     return tuple(int(p) for p in parts)
 
 
@@ -138,24 +154,31 @@ def batch_maker(args):
 
     Images and tokens are built on the meta device: shapes only, so a batch of any size costs nothing.
     """
-    given = [flag for flag, value in (("--input", args.input), ("--tokens", args.tokens), ("--batch", args.batch))
-             if value is not None]
+    given = [
+        flag
+        for flag, value in (("--input", args.input), ("--tokens", args.tokens), ("--batch", args.batch))
+        if value is not None
+    ]
     if len(given) != 1:
-        raise UsageError("--input", f"give exactly one of --input CxHxW, --tokens L (with --vocab V) or "
-                                    f"--batch module:callable, got {', '.join(given) or 'none'}")
+        raise UsageError(
+            "--input",
+            f"give exactly one of --input CxHxW, --tokens L (with --vocab V) or "
+            f"--batch module:callable, got {', '.join(given) or 'none'}",
+        )
     loss = load_loss(args.loss) if args.loss else None
     if args.input is not None:
         shape, classes = parse_shape(args.input), _positive("--classes", args.classes)
-        make = lambda n: (torch.empty(n, *shape, device="meta"),
-                          torch.empty(n, dtype=torch.long, device="meta"))
+        make = lambda n: (torch.empty(n, *shape, device="meta"), torch.empty(n, dtype=torch.long, device="meta"))
         return make, loss, f"inputs {'x'.join(map(str, shape))}, {classes} classes"
     if args.tokens is not None:
         length = _positive("--tokens", args.tokens)
         if args.vocab is None:
             raise UsageError("--vocab", "--tokens needs --vocab V, the number of token ids (e.g. 50257 for GPT-2)")
         _positive("--vocab", args.vocab)
-        make = lambda n: (torch.empty(n, length, dtype=torch.long, device="meta"),
-                          torch.empty(n, length, dtype=torch.long, device="meta"))
+        make = lambda n: (
+            torch.empty(n, length, dtype=torch.long, device="meta"),
+            torch.empty(n, length, dtype=torch.long, device="meta"),
+        )
         return make, loss or token_loss, f"{length} tokens, vocabulary {args.vocab}"
     make = load_callable(args.batch, "--batch")
     return make, loss, f"batches from {args.batch}"
@@ -170,8 +193,10 @@ def _positive(argument: str, value: int) -> int:
 def budget_of(args) -> dict | None:
     """``--budget SIZE`` (what PyTorch may use) or ``--gpu NAME`` (a card, minus its CUDA context), or None."""
     if args.budget is not None and args.gpu is not None:
-        raise UsageError("--gpu", "give --gpu NAME or --budget SIZE, not both (the budget of a GPU is its memory "
-                                  "minus the CUDA context)")
+        raise UsageError(
+            "--gpu",
+            "give --gpu NAME or --budget SIZE, not both (the budget of a GPU is its memory minus the CUDA context)",
+        )
     if args.gpu is not None:
         try:
             return gpu_memory(args.gpu, "--gpu")
@@ -188,20 +213,33 @@ def budget_of(args) -> dict | None:
 
 # -- the commands: data in, data out --------------------------------------------------------------
 
+
 def estimate_command(args) -> dict:
     """One step of ``--batch-size`` samples: peak and reserved bytes, the breakdown, and ``fits`` with a budget."""
     model = load_model(args.model)
     make_batch, loss_fn, what = batch_maker(args)
     n = _positive("--batch-size", args.batch_size)
     budget = budget_of(args)
-    common = dict(optimizer=args.optimizer, loss_fn=loss_fn, device=args.device, precision=args.precision,
-                  checkpointing="blocks" if args.checkpointing else None)
+    common = dict(
+        optimizer=args.optimizer,
+        loss_fn=loss_fn,
+        device=args.device,
+        precision=args.precision,
+        checkpointing="blocks" if args.checkpointing else None,
+    )
     report = estimate_memory(model, make_batch(n), **common)
-    result = {"command": "estimate", "model": args.model, "batch": what, "batch_size": n, **_settings(args),
-              "peak_bytes": report.peak_bytes, "reserved_bytes": report.reserved_bytes,
-              "breakdown": {c: b for c, b in report.breakdown.items() if b or c in CATEGORIES},
-              "peak_phase": report.peak_phase,
-              "parameters": sum(p.numel() for p in model.parameters())}
+    result = {
+        "command": "estimate",
+        "model": args.model,
+        "batch": what,
+        "batch_size": n,
+        **_settings(args),
+        "peak_bytes": report.peak_bytes,
+        "reserved_bytes": report.reserved_bytes,
+        "breakdown": {c: b for c, b in report.breakdown.items() if b or c in CATEGORIES},
+        "peak_phase": report.peak_phase,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if budget is not None:
         fits = max(report.peak_bytes, report.reserved_bytes or 0) <= budget["budget_bytes"]
         if not fits and report.reserved_bytes is not None:  # over only by its cache: CUDA frees it before failing
@@ -221,46 +259,99 @@ def plan_command(args, progress=None) -> dict:
     effective = _positive("--effective-batch", args.effective_batch)
     budget = budget_of(args)
     if budget is None:
-        raise UsageError("--budget", "plan needs --budget SIZE (e.g. 8GiB, what PyTorch may use) or --gpu NAME "
-                                     f"(one of {', '.join(GPUS)})")
+        raise UsageError(
+            "--budget",
+            f"plan needs --budget SIZE (e.g. 8GiB, what PyTorch may use) or --gpu NAME (one of {', '.join(GPUS)})",
+        )
     precisions = tuple(p.strip() for p in args.precision.split(","))
     for p in precisions:
         if p not in PRECISIONS:
-            raise UsageError("--precision", f"{p!r} is not a precision; give one or more of "
-                                            f"{', '.join(PRECISIONS)} separated by commas")
+            raise UsageError(
+                "--precision",
+                f"{p!r} is not a precision; give one or more of {', '.join(PRECISIONS)} separated by commas",
+            )
     checkpointing = (False, True) if args.checkpointing is None else args.checkpointing
     if progress:
-        progress(f"planning {effective} samples per step in {format_bytes(budget['budget_bytes'])}: precision "
-                 f"{', '.join(precisions)} x checkpointing {checkpointing} ...")
+        progress(
+            f"planning {effective} samples per step in {format_bytes(budget['budget_bytes'])}: precision "
+            f"{', '.join(precisions)} x checkpointing {checkpointing} ..."
+        )
     start = time.perf_counter()
-    plan = plan_fit(model, make_batch, budget=budget["budget_bytes"], effective_batch=effective,
-                    optimizer=args.optimizer, loss_fn=loss_fn, device=args.device, precisions=precisions,
-                    checkpointing=checkpointing, progress=progress is not None)
+    plan = plan_fit(
+        model,
+        make_batch,
+        budget=budget["budget_bytes"],
+        effective_batch=effective,
+        optimizer=args.optimizer,
+        loss_fn=loss_fn,
+        device=args.device,
+        precisions=precisions,
+        checkpointing=checkpointing,
+        progress=progress is not None,
+    )
     if progress:
         progress(f"planned in {time.perf_counter() - start:.1f} s")
-    options = [{"micro_batches": list(o.micro_batches), "micro_batch": o.micro_batch,
-                "accumulation_steps": o.accumulation_steps, "precision": o.precision,
-                "checkpointing": o.checkpointing, "peak_bytes": o.peak_bytes, "reserved_bytes": o.reserved_bytes,
-                "cost": round(o.cost, 4), "max_micro_batch": o.max_micro_batch} for o in plan.options]
-    return {"command": "plan", "model": args.model, "batch": what, "effective_batch": effective, "budget": budget,
-            "optimizer": args.optimizer, "device": args.device, **options[0], "options": options,
-            "train_kwargs": plan.train_kwargs(), "notes": list(plan.notes),
-            "learning_rate_note": plan.learning_rate_note()}
+    options = [
+        {
+            "micro_batches": list(o.micro_batches),
+            "micro_batch": o.micro_batch,
+            "accumulation_steps": o.accumulation_steps,
+            "precision": o.precision,
+            "checkpointing": o.checkpointing,
+            "peak_bytes": o.peak_bytes,
+            "reserved_bytes": o.reserved_bytes,
+            "cost": round(o.cost, 4),
+            "max_micro_batch": o.max_micro_batch,
+        }
+        for o in plan.options
+    ]
+    return {
+        "command": "plan",
+        "model": args.model,
+        "batch": what,
+        "effective_batch": effective,
+        "budget": budget,
+        "optimizer": args.optimizer,
+        "device": args.device,
+        **options[0],
+        "options": options,
+        "train_kwargs": plan.train_kwargs(),
+        "notes": list(plan.notes),
+        "learning_rate_note": plan.learning_rate_note(),
+    }
 
 
 def explain_command(args, stdin=None) -> dict:
     """:func:`batchlab.explain_oom` on the message given, or on standard input when none is."""
     text = " ".join(args.message) if args.message else (stdin or sys.stdin).read()
     if not text.strip():
-        raise UsageError("message", "give the out-of-memory message as an argument or on standard input "
-                                    "(e.g. batchlab explain < error.log)")
+        raise UsageError(
+            "message",
+            "give the out-of-memory message as an argument or on standard input (e.g. batchlab explain < error.log)",
+        )
     try:
         report = explain_oom(text)
     except ValueError as error:
         raise UsageError("message", str(error).removeprefix("error ")) from error
-    fields = ("cause", "reason", "advice", "requested_bytes", "total_bytes", "free_bytes", "allocated_bytes",
-              "reserved_bytes", "unallocated_bytes", "outside_bytes", "process_bytes", "other_processes",
-              "allowed_bytes", "needed_bytes", "missing", "notes", "simulated")
+    fields = (
+        "cause",
+        "reason",
+        "advice",
+        "requested_bytes",
+        "total_bytes",
+        "free_bytes",
+        "allocated_bytes",
+        "reserved_bytes",
+        "unallocated_bytes",
+        "outside_bytes",
+        "process_bytes",
+        "other_processes",
+        "allowed_bytes",
+        "needed_bytes",
+        "missing",
+        "notes",
+        "simulated",
+    )
     result = {name: getattr(report, name) for name in fields}
     result["advice"], result["missing"], result["notes"] = (list(result[k]) for k in ("advice", "missing", "notes"))
     if result["other_processes"] is not None:
@@ -269,11 +360,16 @@ def explain_command(args, stdin=None) -> dict:
 
 
 def _settings(args) -> dict:
-    return {"optimizer": args.optimizer, "device": args.device, "precision": args.precision,
-            "checkpointing": bool(args.checkpointing)}
+    return {
+        "optimizer": args.optimizer,
+        "device": args.device,
+        "precision": args.precision,
+        "checkpointing": bool(args.checkpointing),
+    }
 
 
 # -- printing -------------------------------------------------------------------------------------
+
 
 def _size(n) -> str:
     return "-" if n is None else format_bytes(n)
@@ -282,8 +378,10 @@ def _size(n) -> str:
 def _budget_line(budget: dict) -> str:
     if budget["gpu"] is None:
         return f"budget {format_bytes(budget['budget_bytes'])} (given)"
-    return (f"GPU {budget['gpu']}: {format_bytes(budget['total_bytes'])} ({budget['source']}) - CUDA context "
-            f"{format_bytes(budget['context_bytes'])} = budget {format_bytes(budget['budget_bytes'])}")
+    return (
+        f"GPU {budget['gpu']}: {format_bytes(budget['total_bytes'])} ({budget['source']}) - CUDA context "
+        f"{format_bytes(budget['context_bytes'])} = budget {format_bytes(budget['budget_bytes'])}"
+    )
 
 
 def _command_line(args, **changes) -> str:
@@ -298,9 +396,11 @@ def _command_line(args, **changes) -> str:
 
 
 def format_estimate(result: dict, args) -> str:
-    lines = [f"{result['model']} ({result['parameters']:,} parameters), {result['batch']}, batch {result['batch_size']}"
-             f", {result['optimizer']}, {result['precision']}{', checkpointed' if result['checkpointing'] else ''}, "
-             f"estimated for {result['device']}"]
+    lines = [
+        f"{result['model']} ({result['parameters']:,} parameters), {result['batch']}, batch {result['batch_size']}"
+        f", {result['optimizer']}, {result['precision']}{', checkpointed' if result['checkpointing'] else ''}, "
+        f"estimated for {result['device']}"
+    ]
     width = max(len(c) for c in result["breakdown"])
     lines += [f"  {c.ljust(width)}  {_size(b):>11}" for c, b in result["breakdown"].items()]
     lines.append(f"  {'peak'.ljust(width)}  {_size(result['peak_bytes']):>11}  (during {result['peak_phase']})")
@@ -312,8 +412,10 @@ def format_estimate(result: dict, args) -> str:
         return "\n".join(lines)
     lines.append(_budget_line(budget))
     if result["fits"]:
-        lines.append("Fits. Next: try a larger --batch-size, or `batchlab plan --effective-batch N` for the "
-                     "micro-batches that keep a larger batch per step.")
+        lines.append(
+            "Fits. Next: try a larger --batch-size, or `batchlab plan --effective-batch N` for the "
+            "micro-batches that keep a larger batch per step."
+        )
     else:
         flag = f"--gpu {budget['gpu']}" if budget["gpu"] else f"--budget {args.budget}"
         lines.append("Does not fit. Next: keep the batch with accumulation, precision or checkpointing:")
@@ -323,14 +425,26 @@ def format_estimate(result: dict, args) -> str:
 
 def format_plan(result: dict) -> str:
     header = ("", "micro-batches", "steps", "precision", "checkpointing", "peak", "reserved", "cost")
-    rows = [("*" if i == 0 else "", describe_micro_batches(o["micro_batches"]), str(o["accumulation_steps"]),
-             o["precision"], "blocks" if o["checkpointing"] else "no", _size(o["peak_bytes"]),
-             _size(o["reserved_bytes"]), f"{o['cost']:.2f}") for i, o in enumerate(result["options"])]
+    rows = [
+        (
+            "*" if i == 0 else "",
+            describe_micro_batches(o["micro_batches"]),
+            str(o["accumulation_steps"]),
+            o["precision"],
+            "blocks" if o["checkpointing"] else "no",
+            _size(o["peak_bytes"]),
+            _size(o["reserved_bytes"]),
+            f"{o['cost']:.2f}",
+        )
+        for i, o in enumerate(result["options"])
+    ]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    lines = [f"{result['model']}, {result['batch']}: effective batch {result['effective_batch']}, "
-             + _budget_line(result["budget"]),
-             *("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]),
-             "(cost = predicted step time / one fp32 step of the whole batch; best first)"]
+    lines = [
+        f"{result['model']}, {result['batch']}: effective batch {result['effective_batch']}, "
+        + _budget_line(result["budget"]),
+        *("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]),
+        "(cost = predicted step time / one fp32 step of the whole batch; best first)",
+    ]
     lines += [f"note: {note}" for note in result["notes"]]
     kwargs = ", ".join(f"{k}={v!r}" for k, v in result["train_kwargs"].items())
     lines.append(f"Next: batchlab.train(model, data, {kwargs}), or train(..., **plan.train_kwargs()) in Python.")
@@ -340,6 +454,7 @@ def format_plan(result: dict) -> str:
 
 # -- the command line -----------------------------------------------------------------------------
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (no usage block) and exit status 2."""
 
@@ -348,8 +463,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="batchlab", description="Memory of a training step for your own model and GPU: estimate "
-                                                  "it, plan an effective batch, explain an out-of-memory error.")
+    parser = _Parser(
+        prog="batchlab",
+        description="Memory of a training step for your own model and GPU: estimate "
+        "it, plan an effective batch, explain an out-of-memory error.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     estimate = commands.add_parser("estimate", help="one step's peak and reserved memory, and whether it fits")
     plan = commands.add_parser("plan", help="micro-batches, precision and checkpointing that keep an effective batch")
@@ -360,8 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--checkpointing", action="store_true", help="checkpoint every block (chapter 8)")
     plan.add_argument("--effective-batch", type=int, required=True, help="samples per optimizer step, kept exactly")
     plan.add_argument("--precision", default="fp32,bf16", help="precisions to try, e.g. fp32,bf16 (default)")
-    plan.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                      help="only with (--checkpointing) or without (--no-checkpointing); default: both")
+    plan.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="only with (--checkpointing) or without (--no-checkpointing); default: both",
+    )
     explain = commands.add_parser("explain", help="what an out-of-memory message means and what to do")
     explain.add_argument("message", nargs="*", help="the message; read from standard input when not given")
     explain.add_argument("--json", action="store_true", help="print one JSON object")
@@ -369,8 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_arguments(sub) -> None:
-    sub.add_argument("--model", required=True, help="package.module:callable or path/to/file.py:callable, "
-                                                     "a class or function returning an nn.Module (no arguments)")
+    sub.add_argument(
+        "--model",
+        required=True,
+        help="package.module:callable or path/to/file.py:callable, "
+        "a class or function returning an nn.Module (no arguments)",
+    )
     sub.add_argument("--input", help="one sample's shape, e.g. 3x224x224 (float inputs, class targets)")
     sub.add_argument("--classes", type=int, default=1000, help="classes of the targets with --input (1000)")
     sub.add_argument("--tokens", type=int, help="sequence length L: token ids in, next-token targets")

@@ -126,9 +126,7 @@ def shapes(n: int, image_size: int = 32, channels: int = 3, seed: int = 0, trans
     check_int("n", n, minimum=1)
     check_int("image_size", image_size)
     if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(
-            f"image_size must be at least {MIN_IMAGE_SIZE} pixels to draw a shape, got {image_size}"
-        )
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels to draw a shape, got {image_size}")
     check_int("channels", channels)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (colour), got {channels}")
@@ -243,8 +241,15 @@ def write_image_folder(dataset: Dataset, path) -> Path:
 SHAPES_FOLDER_SIZE = 1024
 
 
-def shapes_image_folder(n: int = SHAPES_FOLDER_SIZE, image_size: int = 128, *, crop_size: int | None = None,
-                        augment: bool = True, seed: int = 0, root=None):
+def shapes_image_folder(
+    n: int = SHAPES_FOLDER_SIZE,
+    image_size: int = 128,
+    *,
+    crop_size: int | None = None,
+    augment: bool = True,
+    seed: int = 0,
+    root=None,
+):
     """Procedural shapes written as PNG files and read back with ``torchvision.datasets.ImageFolder``.
 
     Every ``__getitem__`` reads a file, decodes it (``ImageFolder``'s loader, with Pillow), turns it
@@ -264,8 +269,9 @@ def shapes_image_folder(n: int = SHAPES_FOLDER_SIZE, image_size: int = 128, *, c
 
     check_int("n", n, minimum=1)
     check_int("image_size", image_size, minimum=16)
-    crop_size = image_size * 7 // 8 if crop_size is None else check_int("crop_size", crop_size, minimum=8,
-                                                                        maximum=image_size)
+    crop_size = (
+        image_size * 7 // 8 if crop_size is None else check_int("crop_size", crop_size, minimum=8, maximum=image_size)
+    )
     check_bool("augment", augment)
     check_seed("seed", seed)
     if root is not None and not isinstance(root, (str, os.PathLike)):
@@ -276,8 +282,11 @@ def shapes_image_folder(n: int = SHAPES_FOLDER_SIZE, image_size: int = 128, *, c
     # ImageFolder's default loader decodes with Pillow; ToImage turns the picture into a uint8 tensor
     steps = [v2.ToImage()]
     if augment:
-        steps += [v2.RandomResizedCrop(crop_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                  v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)]
+        steps += [
+            v2.RandomResizedCrop(crop_size, scale=(0.35, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+        ]
     else:
         steps += [v2.CenterCrop(crop_size)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
@@ -334,11 +343,15 @@ def _check_folder(folder: Path, about: dict) -> None:
             written = None
         if written != about:
             made = ", ".join(f"{k}={v}" for k, v in written.items()) if isinstance(written, dict) else "unknown"
-            raise ValueError(f"root {str(folder)!r} holds images written with {made}, not {wanted}; pass another "
-                             "root (a new or empty folder), the same arguments, or root=None for the cache")
+            raise ValueError(
+                f"root {str(folder)!r} holds images written with {made}, not {wanted}; pass another "
+                "root (a new or empty folder), the same arguments, or root=None for the cache"
+            )
     elif folder.is_dir() and any(folder.iterdir()):
-        raise ValueError(f"root {str(folder)!r} already holds other files, and shapes_image_folder writes into a "
-                         "folder of its own; pass a new or empty folder, or root=None for the cache")
+        raise ValueError(
+            f"root {str(folder)!r} already holds other files, and shapes_image_folder writes into a "
+            "folder of its own; pass a new or empty folder, or root=None for the cache"
+        )
 
 
 def _pixel_stats(folder: Path) -> dict:
@@ -382,7 +395,6 @@ class SharedGeneratorDataset(Dataset):
         return index, float(self.rng.random())
 
 
-
 class LookupTable(Dataset):
     """Item ``i`` is the number ``i / n``, kept in a Python list (``"list"``) or a NumPy array (``"numpy"``).
 
@@ -405,7 +417,6 @@ class LookupTable(Dataset):
 
     def __getitem__(self, index: int) -> float:
         return float(self.values[index])
-
 
 
 # ----------------------------------------------------------------------------------------------------

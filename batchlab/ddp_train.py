@@ -41,8 +41,9 @@ DATASETS = {"digits": lambda: datasets.digits(train=True), "shapes": lambda: dat
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m batchlab.ddp_train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m batchlab.ddp_train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=MODEL_NAMES, default="mlp")
     parser.add_argument("--data", choices=sorted(DATASETS), default="digits")
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
@@ -51,8 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="default: nccl when this process has a GPU of its own, else gloo")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="default: nccl when this process has a GPU of its own, else gloo",
+    )
     parser.add_argument("--print-every", type=int, default=10, help="print the loss every N steps (default 10)")
     parser.add_argument("--save", default=None, help="rank 0 saves the final state_dict to this file")
     return parser.parse_args(argv)
@@ -61,8 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if "RANK" not in os.environ:
-        raise SystemExit("run this script with torchrun (python -m torch.distributed.run ... -m batchlab.ddp_train), "
-                         "which sets RANK, WORLD_SIZE and the rendezvous address")
+        raise SystemExit(
+            "run this script with torchrun (python -m torch.distributed.run ... -m batchlab.ddp_train), "
+            "which sets RANK, WORLD_SIZE and the rendezvous address"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     has_gpu = torch.cuda.is_available() and torch.cuda.device_count() > local_rank
     backend = args.backend or ("nccl" if has_gpu else "gloo")
@@ -72,9 +79,19 @@ def main(argv=None) -> None:
     dist.init_process_group(backend)  # env:// - the variables torchrun set
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        result = train_process(rank, world_size, args.model, DATASETS[args.data](), batch_size=args.batch_size,
-                               steps=args.steps, optimizer=args.optimizer, lr=args.lr,
-                               accumulation_steps=args.accumulation_steps, seed=args.seed, device=device)
+        result = train_process(
+            rank,
+            world_size,
+            args.model,
+            DATASETS[args.data](),
+            batch_size=args.batch_size,
+            steps=args.steps,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            accumulation_steps=args.accumulation_steps,
+            seed=args.seed,
+            device=device,
+        )
         if rank == 0:
             report(args, world_size, result)
     finally:
@@ -86,14 +103,20 @@ def main(argv=None) -> None:
 
 def report(args, world_size: int, result: dict) -> None:
     """Rank 0's output: the loss over the global batch, and what one step cost in communication."""
-    print(f"world size {world_size}, per-process batch {result['per_process_batch']}, "
-          f"accumulation steps {args.accumulation_steps}, effective batch {args.batch_size}", flush=True)
+    print(
+        f"world size {world_size}, per-process batch {result['per_process_batch']}, "
+        f"accumulation steps {args.accumulation_steps}, effective batch {args.batch_size}",
+        flush=True,
+    )
     for step, loss in enumerate(result["loss"], start=1):
         if step % args.print_every == 0 or step == len(result["loss"]):
             print(f"step {step:5d}  loss {loss:.4f}", flush=True)
     comm = result["comm"]
-    print(f"final loss {result['loss'][-1]:.4f} after {args.steps} steps in {result['seconds']:.1f} s; "
-          f"{comm['calls']} gradient all-reduces, {comm['bytes'] / 2**20:.1f} MiB", flush=True)
+    print(
+        f"final loss {result['loss'][-1]:.4f} after {args.steps} steps in {result['seconds']:.1f} s; "
+        f"{comm['calls']} gradient all-reduces, {comm['bytes'] / 2**20:.1f} MiB",
+        flush=True,
+    )
     if args.save:
         torch.save(result["state_dict"], args.save)
         print(f"saved the weights to {args.save}", flush=True)

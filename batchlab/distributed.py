@@ -77,11 +77,13 @@ class RankError(RuntimeError):
     def __init__(self, rank: int, world_size: int, traceback: str):
         self.rank, self.world_size, self.traceback = rank, world_size, traceback
         last = traceback.strip().splitlines()[-1] if traceback.strip() else "no Python exception"
-        super().__init__(f"rank {rank} of {world_size} failed: {last}\n\n"
-                         f"--- traceback from rank {rank} ---\n{traceback.rstrip()}")
+        super().__init__(
+            f"rank {rank} of {world_size} failed: {last}\n\n--- traceback from rank {rank} ---\n{traceback.rstrip()}"
+        )
 
 
 # -- launching processes ----------------------------------------------------------------------------
+
 
 def free_port() -> int:
     """A TCP port on this machine that nothing listens on now (the operating system picks it)."""
@@ -110,12 +112,19 @@ def default_start_method() -> str:
     Fork lets a notebook's own functions run in the processes; on macOS it is unsafe once PyTorch is
     loaded (CPython spawns there by default too), and Windows has no fork. See the module docstring.
     """
-    return "fork" if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods() \
-        else "spawn"
+    return "fork" if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: float | None = 300.0,
-           port: int | None = None, start_method: str | None = None, progress: bool = True):
+def launch(
+    fn,
+    *args,
+    nprocs: int = 2,
+    backend: str | None = None,
+    timeout: float | None = 300.0,
+    port: int | None = None,
+    start_method: str | None = None,
+    progress: bool = True,
+):
     """Run ``fn(rank, world_size, *args)`` in ``nprocs`` new processes that form a process group.
 
     Each process gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
@@ -144,8 +153,11 @@ def launch(fn, *args, nprocs: int = 2, backend: str | None = None, timeout: floa
         # Forked ranks share the kernel's memory pages; keep their garbage collectors off them.
         with frozen_gc() if start_method == "fork" else nullcontext():
             for rank in range(nprocs):
-                process = context.Process(target=_rank_main, name=f"batchlab-rank-{rank}",
-                                          args=(rank, nprocs, fn, args, backend, port, workdir))
+                process = context.Process(
+                    target=_rank_main,
+                    name=f"batchlab-rank-{rank}",
+                    args=(rank, nprocs, fn, args, backend, port, workdir),
+                )
                 process.start()
                 processes.append(process)
         with progress_bar(progress, total=nprocs, desc=f"launch: {nprocs} processes", unit="finished") as bar:
@@ -172,16 +184,26 @@ def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
     check_choice("start_method", start_method, [m for m in ("fork", "spawn") if m in methods])
     interactive_main = getattr(sys.modules.get("__main__"), "__file__", None) is None  # notebook, REPL
     if start_method == "spawn" and getattr(fn, "__module__", None) == "__main__" and interactive_main:
-        why = "" if chosen else (f" (spawn is the default on {sys.platform}: forking a process that has loaded "
-                                 "PyTorch is unsafe on macOS, and Windows cannot fork)")
+        why = (
+            ""
+            if chosen
+            else (
+                f" (spawn is the default on {sys.platform}: forking a process that has loaded "
+                "PyTorch is unsafe on macOS, and Windows cannot fork)"
+            )
+        )
         if sys.platform == "darwin":
-            fork = (" Or pass start_method='fork' to run it as on Linux, at your own risk: fork is not safe on "
-                    "macOS once PyTorch is loaded, and batchlab is tested on Linux only.")
+            fork = (
+                " Or pass start_method='fork' to run it as on Linux, at your own risk: fork is not safe on "
+                "macOS once PyTorch is loaded, and batchlab is tested on Linux only."
+            )
         else:
             fork = " Or use start_method='fork'." if "fork" in methods else ""
-        raise ValueError(f"with start_method='spawn', fn must be importable, but {fn.__name__} is defined in "
-                         f"a notebook (or another interactive session){why}: move it into a .py file next to "
-                         f"the notebook and import it from there.{fork}")
+        raise ValueError(
+            f"with start_method='spawn', fn must be importable, but {fn.__name__} is defined in "
+            f"a notebook (or another interactive session){why}: move it into a .py file next to "
+            f"the notebook and import it from there.{fork}"
+        )
     backend = check_choice("backend", default_backend(nprocs) if backend is None else backend, BACKENDS)
     if backend == "nccl":
         _check_nccl(nprocs, start_method)
@@ -196,11 +218,15 @@ def _check_launch_args(fn, nprocs, backend, timeout, port, start_method):
 def _check_nccl(nprocs: int, start_method: str) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus < nprocs:
-        raise ValueError(f"backend 'nccl' needs one CUDA GPU per process: nprocs={nprocs} but {gpus} GPU(s) "
-                         "here; use backend='gloo' or fewer processes")
+        raise ValueError(
+            f"backend 'nccl' needs one CUDA GPU per process: nprocs={nprocs} but {gpus} GPU(s) "
+            "here; use backend='gloo' or fewer processes"
+        )
     if start_method == "fork" and torch.cuda.is_initialized():
-        raise RuntimeError("CUDA was already used in this process, and a forked process cannot use it again: "
-                           "restart the kernel and call launch before any CUDA work, or use start_method='spawn'")
+        raise RuntimeError(
+            "CUDA was already used in this process, and a forked process cannot use it again: "
+            "restart the kernel and call launch before any CUDA work, or use start_method='spawn'"
+        )
 
 
 def _rank_main(rank, world_size, fn, args, backend, port, workdir):
@@ -212,8 +238,14 @@ def _rank_main(rank, world_size, fn, args, backend, port, workdir):
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     torch.set_num_threads(1)  # first of all: an inherited OpenMP pool hangs if this child uses several threads
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR=MASTER_ADDR, MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR=MASTER_ADDR,
+        MASTER_PORT=str(port),
+    )
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)  # one GPU per process, before NCCL sets up its communicator
@@ -252,9 +284,11 @@ def _wait(processes, timeout, workdir, bar=None) -> None:
             continue  # still running, and time is left
         if not finished:
             ranks = sorted(processes.index(p) for p in running.values())
-            raise TimeoutError(f"launch timed out after {timeout:g} s: rank(s) {ranks} of {len(processes)} were "
-                               "still running (a rank stuck in a loop, or waiting in a collective for a rank "
-                               "that never joins it); all processes were stopped")
+            raise TimeoutError(
+                f"launch timed out after {timeout:g} s: rank(s) {ranks} of {len(processes)} were "
+                "still running (a rank stuck in a loop, or waiting in a collective for a rank "
+                "that never joins it); all processes were stopped"
+            )
         ended = [running.pop(sentinel) for sentinel in finished]
         for process in ended:
             process.join()
@@ -289,8 +323,11 @@ def _failure(processes, workdir, first: int) -> RankError:
 def _silent_failure(processes, rank: int) -> RankError:
     code = processes[rank].exitcode
     how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    return RankError(rank, len(processes), f"the process {how} without a Python exception "
-                                           "(out of memory, os._exit, or a crash in native code?)")
+    return RankError(
+        rank,
+        len(processes),
+        f"the process {how} without a Python exception (out of memory, os._exit, or a crash in native code?)",
+    )
 
 
 def _stop(processes, grace: float = 2.0) -> None:
@@ -327,26 +364,30 @@ def _signal_group(process, signum) -> None:
 
 # -- which samples each process gets --------------------------------------------------------------
 
+
 def samples_per_process(n: int, world_size: int, drop_last: bool = False) -> int:
     """How many samples ``DistributedSampler`` gives each process per epoch: the data padded up to a
     multiple of ``world_size`` by repeating samples, or cut down to one with ``drop_last``."""
     return n // world_size if drop_last else math.ceil(n / world_size)
 
 
-def sampler_assignment(n: int, world_size: int, *, epoch: int = 0, shuffle: bool = True, seed: int = 0,
-                       drop_last: bool = False) -> list:
+def sampler_assignment(
+    n: int, world_size: int, *, epoch: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+) -> list:
     """For each rank, the indices that ``DistributedSampler`` gives it in ``epoch``, over ``n`` samples."""
     assignment = []
     for rank in range(world_size):
-        sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                     drop_last=drop_last)
+        sampler = DistributedSampler(
+            range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         sampler.set_epoch(epoch)  # what a training loop must call at the start of every epoch
         assignment.append(list(sampler))
     return assignment
 
 
-def global_batch_order(n: int, *, world_size: int, batch_size: int, steps: int, seed: int = 0,
-                       drop_last: bool = False) -> list:
+def global_batch_order(
+    n: int, *, world_size: int, batch_size: int, steps: int, seed: int = 0, drop_last: bool = False
+) -> list:
     """The sample indices that DDP training over ``n`` samples uses, in the order of its global batches.
 
     Step *k* of :func:`train_ddp` (global batch ``batch_size``) trains on
@@ -360,13 +401,14 @@ def global_batch_order(n: int, *, world_size: int, batch_size: int, steps: int, 
         per_rank = sampler_assignment(n, world_size, epoch=epoch, seed=seed, drop_last=drop_last)
         for start in range(0, len(per_rank[0]) - local + 1, local):  # full local batches only (drop_last)
             for indices in per_rank:
-                order.extend(indices[start:start + local])
+                order.extend(indices[start : start + local])
         epoch += 1
-    return order[:steps * batch_size]
+    return order[: steps * batch_size]
 
 
-def plot_sampler(n: int, world_size: int, *, epochs=(0, 1), shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
+def plot_sampler(
+    n: int, world_size: int, *, epochs=(0, 1), shuffle: bool = True, seed: int = 0, drop_last: bool = False
+):
     """Which sample each rank gets in each of ``epochs``: one row per epoch, one colour per rank.
 
     Hatched boxes are padding: samples that ``DistributedSampler`` repeats so that every rank gets
@@ -380,27 +422,44 @@ def plot_sampler(n: int, world_size: int, *, epochs=(0, 1), shuffle: bool = True
     ax = fig.subplots()
     colours = [f"C{rank % 10}" for rank in range(world_size)]
     for row, epoch in enumerate(epochs):
-        for rank, indices in enumerate(sampler_assignment(n, world_size, epoch=epoch, shuffle=shuffle, seed=seed,
-                                                          drop_last=drop_last)):
+        for rank, indices in enumerate(
+            sampler_assignment(n, world_size, epoch=epoch, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        ):
             for j, index in enumerate(indices):
                 x = rank * (per_rank + 1) + j
                 padded = rank + j * world_size >= n  # positions past the end of the data are repeats
-                ax.add_patch(Rectangle((x, -row - 0.4), 0.9, 0.8, facecolor=colours[rank], edgecolor="black",
-                                       alpha=0.35 if padded else 0.8, hatch="///" if padded else None, linewidth=0.5))
+                ax.add_patch(
+                    Rectangle(
+                        (x, -row - 0.4),
+                        0.9,
+                        0.8,
+                        facecolor=colours[rank],
+                        edgecolor="black",
+                        alpha=0.35 if padded else 0.8,
+                        hatch="///" if padded else None,
+                        linewidth=0.5,
+                    )
+                )
                 ax.text(x + 0.45, -row, str(index), ha="center", va="center", fontsize=8)
     ax.set_xlim(-0.2, world_size * (per_rank + 1) - 0.8)
     ax.set_ylim(-len(epochs) + 0.45, 0.6)
     ax.set_yticks([-row for row in range(len(epochs))], [f"epoch {e}" for e in epochs])
-    ax.set_xticks([rank * (per_rank + 1) + (per_rank - 1) / 2 for rank in range(world_size)],
-                  [f"rank {rank}" for rank in range(world_size)])
+    ax.set_xticks(
+        [rank * (per_rank + 1) + (per_rank - 1) / 2 for rank in range(world_size)],
+        [f"rank {rank}" for rank in range(world_size)],
+    )
     ax.tick_params(length=0)
     ax.set_frame_on(False)
-    ax.set_title(f"DistributedSampler: {n} samples over {world_size} processes\n"
-                 f"shuffle={shuffle}, drop_last={drop_last}; hatched: repeated to pad", fontsize=9)
+    ax.set_title(
+        f"DistributedSampler: {n} samples over {world_size} processes\n"
+        f"shuffle={shuffle}, drop_last={drop_last}; hatched: repeated to pad",
+        fontsize=9,
+    )
     return fig
 
 
 # -- counting the gradient all-reduces ------------------------------------------------------------
+
 
 @dataclass
 class CommStats:
@@ -433,6 +492,7 @@ def counting_allreduce_hook(stats, bucket):
 
 # -- training ---------------------------------------------------------------------------------------
 
+
 def _num_classes(dataset) -> int:
     base = getattr(dataset, "dataset", dataset)  # a Subset keeps the classes on the data set it wraps
     return len(getattr(dataset, "classes", None) or getattr(base, "classes", None) or range(10))
@@ -453,20 +513,37 @@ def _check_ddp_args(model_name, dataset, world_size, batch_size, steps, accumula
         raise ValueError(f"world_size={world_size} is more processes than the {n} samples of the data set can feed")
     per_step = world_size * accumulation_steps
     if batch_size % per_step:
-        raise ValueError(f"batch_size must split into world_size x accumulation_steps = {per_step} equal "
-                         f"micro-batches, got {batch_size}; try a multiple of {per_step}, such as "
-                         f"{max(per_step, batch_size // per_step * per_step)}")
+        raise ValueError(
+            f"batch_size must split into world_size x accumulation_steps = {per_step} equal "
+            f"micro-batches, got {batch_size}; try a multiple of {per_step}, such as "
+            f"{max(per_step, batch_size // per_step * per_step)}"
+        )
     local = batch_size // world_size
     if samples_per_process(n, world_size, drop_last) < local:
-        raise ValueError(f"each of the {world_size} processes gets {samples_per_process(n, world_size, drop_last)} "
-                         f"samples per epoch but needs {local} per step (batch_size {batch_size} / world_size "
-                         f"{world_size}): use a smaller batch_size or fewer processes")
+        raise ValueError(
+            f"each of the {world_size} processes gets {samples_per_process(n, world_size, drop_last)} "
+            f"samples per epoch but needs {local} per step (batch_size {batch_size} / world_size "
+            f"{world_size}): use a smaller batch_size or fewer processes"
+        )
     return local
 
 
-def train_ddp(model_name: str, dataset, *, world_size: int = 2, batch_size: int, steps: int, optimizer="sgd",
-              lr: float = 0.05, accumulation_steps: int = 1, seed: int = 0, drop_last: bool = False,
-              no_sync: bool = True, timeout: float | None = 300.0, progress: bool = True) -> dict:
+def train_ddp(
+    model_name: str,
+    dataset,
+    *,
+    world_size: int = 2,
+    batch_size: int,
+    steps: int,
+    optimizer="sgd",
+    lr: float = 0.05,
+    accumulation_steps: int = 1,
+    seed: int = 0,
+    drop_last: bool = False,
+    no_sync: bool = True,
+    timeout: float | None = 300.0,
+    progress: bool = True,
+) -> dict:
     """Train ``build_model(model_name)`` with DistributedDataParallel in ``world_size`` processes.
 
     ``batch_size`` is the global effective batch: each process takes ``batch_size / world_size``
@@ -485,11 +562,18 @@ def train_ddp(model_name: str, dataset, *, world_size: int = 2, batch_size: int,
     check_float("lr", lr)
     check_seed("seed", seed)
     check_bool("no_sync", no_sync)
-    config = dict(batch_size=batch_size, steps=steps, optimizer=optimizer, lr=lr, seed=seed,
-                  accumulation_steps=accumulation_steps, drop_last=drop_last, no_sync=no_sync)
+    config = dict(
+        batch_size=batch_size,
+        steps=steps,
+        optimizer=optimizer,
+        lr=lr,
+        seed=seed,
+        accumulation_steps=accumulation_steps,
+        drop_last=drop_last,
+        no_sync=no_sync,
+    )
     check_bool("progress", progress)
-    return launch(_train_and_report, model_name, dataset, config, nprocs=world_size, timeout=timeout,
-                  progress=progress)
+    return launch(_train_and_report, model_name, dataset, config, nprocs=world_size, timeout=timeout, progress=progress)
 
 
 def _train_and_report(rank, world_size, model_name, dataset, config):
@@ -500,9 +584,22 @@ def _train_and_report(rank, world_size, model_name, dataset, config):
     return result
 
 
-def train_process(rank: int, world_size: int, model_name: str, dataset, *, batch_size: int, steps: int,
-                  optimizer="sgd", lr: float = 0.05, accumulation_steps: int = 1, seed: int = 0,
-                  drop_last: bool = False, no_sync: bool = True, device="cpu") -> dict:
+def train_process(
+    rank: int,
+    world_size: int,
+    model_name: str,
+    dataset,
+    *,
+    batch_size: int,
+    steps: int,
+    optimizer="sgd",
+    lr: float = 0.05,
+    accumulation_steps: int = 1,
+    seed: int = 0,
+    drop_last: bool = False,
+    no_sync: bool = True,
+    device="cpu",
+) -> dict:
     """The training loop that every process runs, in a process group that is already set up.
 
     Used by :func:`train_ddp` (processes from :func:`launch`) and by ``batchlab.ddp_train`` (processes
@@ -510,18 +607,19 @@ def train_process(rank: int, world_size: int, model_name: str, dataset, *, batch
     """
     local = _check_ddp_args(model_name, dataset, world_size, batch_size, steps, accumulation_steps, drop_last)
     torch.manual_seed(seed)  # the same global random state in every process
-    model = build_model(model_name, in_shape=tuple(dataset[0][0].shape), num_classes=_num_classes(dataset),
-                        seed=seed).to(device)
+    model = build_model(
+        model_name, in_shape=tuple(dataset[0][0].shape), num_classes=_num_classes(dataset), seed=seed
+    ).to(device)
     # DDP copies rank 0's weights to every process, then averages gradients over processes during backward.
     # gradient_as_bucket_view: .grad lives inside DDP's communication buffers instead of beside them.
-    ddp = DistributedDataParallel(model, device_ids=[device] if device != "cpu" else None,
-                                  gradient_as_bucket_view=True)
+    ddp = DistributedDataParallel(model, device_ids=[device] if device != "cpu" else None, gradient_as_bucket_view=True)
     comm = CommStats()
     ddp.register_comm_hook(comm, counting_allreduce_hook)  # the default all-reduce, counted
     opt = make_optimizer(optimizer, ddp.parameters(), lr=lr)
     # Each process sees its own 1/world_size share of a permutation that is the same in every process.
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=drop_last)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
+    )
     loader = DataLoader(dataset, batch_size=local, sampler=sampler, drop_last=True)  # equal steps everywhere
     losses, seconds = _run_steps(ddp, loader, sampler, opt, steps, accumulation_steps, no_sync, device)
     # One collective at the end instead of one per step: each process's mean loss over its share,
@@ -529,10 +627,22 @@ def train_process(rank: int, world_size: int, model_name: str, dataset, *, batch
     global_loss = torch.tensor(losses, dtype=torch.float64, device=device)
     dist.all_reduce(global_loss)
     loss = (global_loss / world_size).tolist()
-    history = History(f"DDP {world_size} x {local // accumulation_steps} x {accumulation_steps}", batch_size,
-                      loss=loss, samples=[batch_size * (i + 1) for i in range(steps)], seconds=seconds)
-    return dict(state_dict=model.state_dict(), loss=loss, history=history, comm=asdict(comm),
-                per_process_batch=local, micro_batch=local // accumulation_steps, seconds=seconds[-1])
+    history = History(
+        f"DDP {world_size} x {local // accumulation_steps} x {accumulation_steps}",
+        batch_size,
+        loss=loss,
+        samples=[batch_size * (i + 1) for i in range(steps)],
+        seconds=seconds,
+    )
+    return dict(
+        state_dict=model.state_dict(),
+        loss=loss,
+        history=history,
+        comm=asdict(comm),
+        per_process_batch=local,
+        micro_batch=local // accumulation_steps,
+        seconds=seconds[-1],
+    )
 
 
 def _run_steps(ddp, loader, sampler, opt, steps, accumulation_steps, no_sync, device):
@@ -547,8 +657,16 @@ def _run_steps(ddp, loader, sampler, opt, steps, accumulation_steps, no_sync, de
             # all-reduce averages the equal-sized processes' gradients, so every process applies the
             # gradient of the mean over the global batch and the weights stay identical. no_sync keeps
             # every micro-batch's gradients local but the last's, whose backward all-reduces their sum.
-            losses.append(train_step(ddp, opt, inputs, targets, accumulation_steps=accumulation_steps,
-                                     no_sync=ddp.no_sync if no_sync else None))
+            losses.append(
+                train_step(
+                    ddp,
+                    opt,
+                    inputs,
+                    targets,
+                    accumulation_steps=accumulation_steps,
+                    no_sync=ddp.no_sync if no_sync else None,
+                )
+            )
             seconds.append(time.perf_counter() - start)
             if len(losses) == steps:
                 break

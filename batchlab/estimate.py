@@ -68,21 +68,36 @@ from .validation import (
 # Every constant of the CUDA model, with where it comes from. Measured values come from
 # batchlab/data/gpu_memory_h100.json (NVIDIA H100 80GB, PyTorch 2.11, CUDA 13).
 CUDA_CONSTANTS = {
-    "cublas_workspace": (32 * MiB, "cuBLAS workspace per handle: NVIDIA's recommended size for Hopper GPUs "
-                                   "(cuBLAS documentation, cublasSetWorkspace), allocated by PyTorch through its "
-                                   "caching allocator the first time a handle multiplies matrices"),
-    "cublas_handles": (2, "forward runs on the Python thread, backward on autograd's device thread, each with "
-                          "its own cuBLAS handle and so its own workspace"),
-    "other_workspace": (1 * MiB, "the rest of the 65 MiB that stays allocated after all models are deleted "
-                                 "(reference: context.allocated = 68,157,440 bytes = 2 x 32 MiB + 1 MiB)"),
-    "cudnn_gemm_workspace_limit": (64 * MiB, "cuDNN convolutions: we assume cuDNN's heuristics pick a GEMM-based "
-                                             "algorithm whose workspace is the lowered (im2col) matrix while that "
-                                             "matrix is at most this size, and a workspace-free implicit GEMM "
-                                             "above it. Calibrated on the reference rows (cnn_28 batch 64 and "
-                                             "resnet18_32 batch 32 match with it; cnn_28 batch 512 shows no "
-                                             "large workspace)"),
-    "cuda_context": (808_255_488, "memory a CUDA process holds outside PyTorch's allocator (CUDA context, "
-                                  "kernels): reference context.mem_get_info_used - context.reserved"),
+    "cublas_workspace": (
+        32 * MiB,
+        "cuBLAS workspace per handle: NVIDIA's recommended size for Hopper GPUs "
+        "(cuBLAS documentation, cublasSetWorkspace), allocated by PyTorch through its "
+        "caching allocator the first time a handle multiplies matrices",
+    ),
+    "cublas_handles": (
+        2,
+        "forward runs on the Python thread, backward on autograd's device thread, each with "
+        "its own cuBLAS handle and so its own workspace",
+    ),
+    "other_workspace": (
+        1 * MiB,
+        "the rest of the 65 MiB that stays allocated after all models are deleted "
+        "(reference: context.allocated = 68,157,440 bytes = 2 x 32 MiB + 1 MiB)",
+    ),
+    "cudnn_gemm_workspace_limit": (
+        64 * MiB,
+        "cuDNN convolutions: we assume cuDNN's heuristics pick a GEMM-based "
+        "algorithm whose workspace is the lowered (im2col) matrix while that "
+        "matrix is at most this size, and a workspace-free implicit GEMM "
+        "above it. Calibrated on the reference rows (cnn_28 batch 64 and "
+        "resnet18_32 batch 32 match with it; cnn_28 batch 512 shows no "
+        "large workspace)",
+    ),
+    "cuda_context": (
+        808_255_488,
+        "memory a CUDA process holds outside PyTorch's allocator (CUDA context, "
+        "kernels): reference context.mem_get_info_used - context.reserved",
+    ),
 }
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation")
 
@@ -91,12 +106,44 @@ GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation")
 # MemoryReport.warnings. Operator names as the dispatcher sees them (aten.<name>).
 UNMODELLED_CUDA_OPS = {
     **dict.fromkeys(("_fft_r2c", "_fft_c2r", "_fft_c2c"), "cuFFT (plan workspace)"),
-    **dict.fromkeys(("_linalg_svd", "_linalg_eigh", "linalg_eig", "linalg_qr", "_linalg_solve_ex",
-                     "linalg_lu_factor_ex", "linalg_cholesky_ex", "_linalg_det", "_linalg_slogdet",
-                     "linalg_inv_ex", "linalg_solve_triangular", "triangular_solve"), "cuSOLVER / MAGMA"),
-    **dict.fromkeys(("sort", "topk", "kthvalue", "median", "cumsum", "cumprod", "_unique2", "unique_dim",
-                     "unique_consecutive", "nonzero", "embedding_dense_backward", "_embedding_bag",
-                     "_embedding_bag_backward", "bincount", "histc", "randperm"), "CUB (sort / scan temporaries)"),
+    **dict.fromkeys(
+        (
+            "_linalg_svd",
+            "_linalg_eigh",
+            "linalg_eig",
+            "linalg_qr",
+            "_linalg_solve_ex",
+            "linalg_lu_factor_ex",
+            "linalg_cholesky_ex",
+            "_linalg_det",
+            "_linalg_slogdet",
+            "linalg_inv_ex",
+            "linalg_solve_triangular",
+            "triangular_solve",
+        ),
+        "cuSOLVER / MAGMA",
+    ),
+    **dict.fromkeys(
+        (
+            "sort",
+            "topk",
+            "kthvalue",
+            "median",
+            "cumsum",
+            "cumprod",
+            "_unique2",
+            "unique_dim",
+            "unique_consecutive",
+            "nonzero",
+            "embedding_dense_backward",
+            "_embedding_bag",
+            "_embedding_bag_backward",
+            "bincount",
+            "histc",
+            "randperm",
+        ),
+        "CUB (sort / scan temporaries)",
+    ),
     **dict.fromkeys(("_cudnn_rnn", "_cudnn_rnn_backward", "_ctc_loss", "grid_sampler_2d"), "cuDNN"),
 }
 # torch's own autograd functions, whose memory the estimate sees like any other operation's.
@@ -122,8 +169,9 @@ def cudnn_workspace(func, args) -> int:
         grad_out, inputs, weight, wanted = args[0], args[1], args[2], args[-1]
         lowered = weight.shape[1] * math.prod(weight.shape[2:]) * grad_out.shape[0] * math.prod(grad_out.shape[2:])
         if wanted[0]:  # the input gradient is computed too
-            lowered = max(lowered, weight.shape[0] * math.prod(weight.shape[2:]) * inputs.shape[0]
-                          * math.prod(inputs.shape[2:]))
+            lowered = max(
+                lowered, weight.shape[0] * math.prod(weight.shape[2:]) * inputs.shape[0] * math.prod(inputs.shape[2:])
+            )
     else:
         return 0
     nbytes = lowered * weight.element_size()
@@ -220,11 +268,14 @@ def _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, ch
     check_choice("device", device, ("cuda", "cpu"))
     check_precision(precision)
     check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
-    if not (inputs.is_floating_point() or inputs.is_complex()) and \
-            not any(isinstance(m, nn.Embedding) for m in model.modules()):
+    if not (inputs.is_floating_point() or inputs.is_complex()) and not any(
+        isinstance(m, nn.Embedding) for m in model.modules()
+    ):
         # The meta device does not check dtypes: without this, a step that cannot run gets an estimate.
-        raise TypeError(f"batch inputs have dtype {inputs.dtype}, but {type(model).__name__} has no nn.Embedding "
-                        f"to take integers: give float inputs (e.g. inputs.float()), as the real step needs")
+        raise TypeError(
+            f"batch inputs have dtype {inputs.dtype}, but {type(model).__name__} has no nn.Embedding "
+            f"to take integers: give float inputs (e.g. inputs.float()), as the real step needs"
+        )
     return inputs, targets
 
 
@@ -238,16 +289,20 @@ def honour_autocast(precision: str) -> str:
     """
     enclosing = enclosing_autocast()
     if enclosing is None and precision == "fp32" and autocast_depth() > 0:
-        raise ValueError("estimate_memory was called inside a torch.autocast block that is switched off (PyTorch "
-                         "turns torch.autocast('cuda') off, with a warning, where there is no CUDA GPU), so it "
-                         "cannot tell which precision you mean: pass precision='bf16' or 'fp16' instead of the block "
-                         "(the estimate simulates CUDA's autocast on any machine)")
+        raise ValueError(
+            "estimate_memory was called inside a torch.autocast block that is switched off (PyTorch "
+            "turns torch.autocast('cuda') off, with a warning, where there is no CUDA GPU), so it "
+            "cannot tell which precision you mean: pass precision='bf16' or 'fp16' instead of the block "
+            "(the estimate simulates CUDA's autocast on any machine)"
+        )
     if enclosing is None or enclosing == precision:
         return precision
     if precision != "fp32" or enclosing not in ("bf16", "fp16"):
-        raise ValueError(f"estimate_memory was called inside torch.autocast(dtype={enclosing}) with "
-                         f"precision={precision!r}: say one precision, either by leaving the autocast block or "
-                         f"by passing precision={enclosing!r} (an estimate runs its own autocast)")
+        raise ValueError(
+            f"estimate_memory was called inside torch.autocast(dtype={enclosing}) with "
+            f"precision={precision!r}: say one precision, either by leaving the autocast block or "
+            f"by passing precision={enclosing!r} (an estimate runs its own autocast)"
+        )
     return enclosing
 
 
@@ -272,8 +327,11 @@ def _explain_meta_failures():
     except (NotImplementedError, RuntimeError) as error:
         if "meta" not in str(error).lower():
             raise
-        frames = [f for f in traceback.extract_tb(error.__traceback__)
-                  if "/torch/" not in f.filename and "/batchlab/" not in f.filename]
+        frames = [
+            f
+            for f in traceback.extract_tb(error.__traceback__)
+            if "/torch/" not in f.filename and "/batchlab/" not in f.filename
+        ]
         last = frames[-1] if frames else None
         where = f" (in {last.name}, {last.filename}:{last.lineno}: {last.line})" if last else ""
         raise NotImplementedError(
@@ -283,9 +341,18 @@ def _explain_meta_failures():
         ) from error
 
 
-def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device: str = "cuda",
-                    budget=None, accumulation_steps: int = 1, precision: str = "fp32",
-                    checkpointing=None) -> MemoryReport:
+def estimate_memory(
+    model: nn.Module,
+    batch,
+    *,
+    optimizer="sgd",
+    loss_fn=None,
+    device: str = "cuda",
+    budget=None,
+    accumulation_steps: int = 1,
+    precision: str = "fp32",
+    checkpointing=None,
+) -> MemoryReport:
     """The peak memory of one training step of ``model`` on ``batch`` = (inputs, targets) on ``device``.
 
     The step is forward, loss (default cross-entropy), backward, ``optimizer.step()`` and
@@ -324,10 +391,13 @@ def estimate_memory(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, d
         # A CPU estimate can fall back on measuring: the batch is real, so run the real step.
         warnings.warn(f"{error} Measuring the step on the CPU instead.", stacklevel=2)
         with _outside_autocast():
-            report = profile_step(model, (inputs, targets), optimizer=optimizer, loss_fn=loss_fn, device="cpu",
-                                  **levers)
-        report.warnings.append(f"not an estimate: the meta device could not run this model, so the step was "
-                               f"measured on the CPU with the real batch ({str(error).splitlines()[0][:200]})")
+            report = profile_step(
+                model, (inputs, targets), optimizer=optimizer, loss_fn=loss_fn, device="cpu", **levers
+            )
+        report.warnings.append(
+            f"not an estimate: the meta device could not run this model, so the step was "
+            f"measured on the CPU with the real batch ({str(error).splitlines()[0][:200]})"
+        )
         return report
 
 
@@ -353,27 +423,35 @@ def custom_functions(loss: torch.Tensor) -> set:
 
 def _watching_custom_functions(loss_fn, found: set):
     """``loss_fn``, noting the custom autograd functions behind each loss it returns in ``found``."""
+
     def watched(outputs, targets):
         loss = loss_fn(outputs, targets)
         if isinstance(loss, torch.Tensor):
             found.update(custom_functions(loss))
         return loss
+
     return watched
 
 
 def _warnings(functions: set, replay) -> list:
     """What this estimate did not model, in words a learner can act on (MemoryReport.warnings)."""
-    notes = [f"custom autograd function {name}: its forward is counted as it ran on the meta device, but memory "
-             f"its backward or a compiled kernel keeps outside PyTorch's operators is not"
-             for name in sorted(functions)]
+    notes = [
+        f"custom autograd function {name}: its forward is counted as it ran on the meta device, but memory "
+        f"its backward or a compiled kernel keeps outside PyTorch's operators is not"
+        for name in sorted(functions)
+    ]
     if replay is not None:
-        notes += [f"aten.{op} uses scratch memory from {library} on CUDA, which this estimate does not model: the "
-                  f"real peak may be higher" for op, library in sorted(replay.unmodelled.items())]
+        notes += [
+            f"aten.{op} uses scratch memory from {library} on CUDA, which this estimate does not model: the "
+            f"real peak may be higher"
+            for op, library in sorted(replay.unmodelled.items())
+        ]
     return notes
 
 
-def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, *, precision,
-              checkpointing) -> MemoryReport:
+def _estimate(
+    model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, *, precision, checkpointing
+) -> MemoryReport:
     loss_fn = check_loss_fn(loss_fn)
     work = _meta_copy(model).train()
     # A recurrent layer runs as it would on the device (batchlab.rnn_kernels): one cuDNN call on CUDA (low
@@ -387,8 +465,12 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
     work = apply_checkpointing(work, checkpointing)
     tracking = track_storages(work, opt, record=True, observer=replay)
     functions = set()
-    step = dict(loss_fn=loss_fn, accumulation_steps=accumulation_steps, precision=precision,
-                scaler=make_scaler("meta", precision))
+    step = dict(
+        loss_fn=loss_fn,
+        accumulation_steps=accumulation_steps,
+        precision=precision,
+        scaler=make_scaler("meta", precision),
+    )
     with _explain_meta_failures(), attention_kernels(device), simulate_autocast_for(device), tracking as tracker:
         tracker.adopt([inputs, targets], "inputs")
         # warm-up: optimizer state, cached blocks; its graph is searched for custom autograd functions
@@ -398,21 +480,33 @@ def _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumu
             replay.tracker, replay.measuring = tracker, True
             replay.allocator.reset_peaks()
         train_step(work, opt, inputs, targets, **step)
-    report = tracker.report(label=f"{type(model).__name__}, batch {batch_length(inputs)}, "
-                                  f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
-                                  f"{tuning_label(precision, checkpointing)}, estimated for {device}")
+    report = tracker.report(
+        label=f"{type(model).__name__}, batch {batch_length(inputs)}, "
+        f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
+        f"{tuning_label(precision, checkpointing)}, estimated for {device}"
+    )
     report.device = device
-    report.warnings = _warnings(functions, replay) + [
-        f"{name} is modelled as one cuDNN call whose reserve space and workspace sizes are batchlab's model "
-        f"(batchlab.rnn_kernels), not numbers measured from cuDNN" for name in kernels] + [
-        f"{name} (nn.LSTM) runs on the CPU through oneDNN (mkldnn_rnn_layer), whose workspace this estimate does "
-        f"not model: measure it with batchlab.profile_step" for name in cpu_lstms]
+    report.warnings = (
+        _warnings(functions, replay)
+        + [
+            f"{name} is modelled as one cuDNN call whose reserve space and workspace sizes are batchlab's model "
+            f"(batchlab.rnn_kernels), not numbers measured from cuDNN"
+            for name in kernels
+        ]
+        + [
+            f"{name} (nn.LSTM) runs on the CPU through oneDNN (mkldnn_rnn_layer), whose workspace this estimate does "
+            f"not model: measure it with batchlab.profile_step"
+            for name in cpu_lstms
+        ]
+    )
     if replay is None and budget is not None and report.peak_bytes > budget:
         # CUDA's opening words, so that tools that match CUDA's text (Accelerate, Lightning) recognise it.
-        raise torch.OutOfMemoryError(f"CUDA out of memory. (Simulated by batchlab.estimate_memory for device "
-                                     f"{device!r}: the step needs {report.peak_bytes / MiB:.2f} MiB of tensors at "
-                                     f"its peak, more than the {budget / MiB:.2f} MiB budget; no GPU ran out of "
-                                     f"memory.)")
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory. (Simulated by batchlab.estimate_memory for device "
+            f"{device!r}: the step needs {report.peak_bytes / MiB:.2f} MiB of tensors at "
+            f"its peak, more than the {budget / MiB:.2f} MiB budget; no GPU ran out of "
+            f"memory.)"
+        )
     if replay is not None:
         report.peak_bytes = replay.allocator.peak_allocated
         report.reserved_bytes = replay.allocator.peak_reserved
@@ -430,8 +524,15 @@ SAFETY_MARGIN = 0.05
 def _fits(model, make_batch, n, budget, optimizer, loss_fn, device, levers) -> bool:
     padded = math.ceil(n * (1 + SAFETY_MARGIN))
     try:
-        estimate_memory(model, _checked_batch(make_batch, padded), optimizer=optimizer, loss_fn=loss_fn,
-                        device=device, budget=budget, **levers)
+        estimate_memory(
+            model,
+            _checked_batch(make_batch, padded),
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            device=device,
+            budget=budget,
+            **levers,
+        )
     except torch.OutOfMemoryError:
         return False
     return True
@@ -441,13 +542,26 @@ def _checked_batch(make_batch, n: int):
     batch = make_batch(n)
     inputs, targets = check_batch(batch, keyword_inputs=True)
     if batch_length(inputs) != n:
-        raise ValueError(f"make_batch({n}) must return a batch of {n} samples, but its inputs have shape "
-                         f"{shape_of(inputs)}: build the batch with n as its first dimension")
+        raise ValueError(
+            f"make_batch({n}) must return a batch of {n} samples, but its inputs have shape "
+            f"{shape_of(inputs)}: build the batch with n as its first dimension"
+        )
     return batch
 
 
-def max_batch_size(model: nn.Module, make_batch, *, budget, optimizer="sgd", loss_fn=None, device="cuda",
-                   limit: int = 1 << 20, precision: str = "fp32", checkpointing=None, progress: bool = True) -> int:
+def max_batch_size(
+    model: nn.Module,
+    make_batch,
+    *,
+    budget,
+    optimizer="sgd",
+    loss_fn=None,
+    device="cuda",
+    limit: int = 1 << 20,
+    precision: str = "fp32",
+    checkpointing=None,
+    progress: bool = True,
+) -> int:
     """The largest batch size whose training step fits in ``budget`` on ``device``, from estimates only.
 
     ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors are fine and
@@ -490,8 +604,9 @@ def _largest_fitting(model, make_batch, budget, limit, args, bar) -> int:
     if not fits(smallest):
         raise ValueError(_does_not_fit_message(one, budget, smallest))
     probe = max(smallest + 1, min(limit, 64))
-    many = estimate_memory(model, _checked_batch(make_batch, probe), optimizer=optimizer, loss_fn=loss_fn,
-                           device=device, **levers)
+    many = estimate_memory(
+        model, _checked_batch(make_batch, probe), optimizer=optimizer, loss_fn=loss_fn, device=device, **levers
+    )
     per_sample = max(1.0, (many.peak_bytes - one.peak_bytes) / (probe - smallest))
     guess = int(min(limit, max(smallest, smallest + (budget - one.peak_bytes) / per_sample)))
     # Bracket the answer around the linear guess, then bisect: lo always fits, hi never does.
@@ -514,18 +629,22 @@ def _largest_fitting(model, make_batch, budget, limit, args, bar) -> int:
 def _smallest_batch(model, make_batch, optimizer, loss_fn, device, levers):
     """1, or 2 for models that cannot train on one sample (BatchNorm needs two values per channel)."""
     try:
-        return 1, estimate_memory(model, _checked_batch(make_batch, 1), optimizer=optimizer, loss_fn=loss_fn,
-                                  device=device, **levers)
+        return 1, estimate_memory(
+            model, _checked_batch(make_batch, 1), optimizer=optimizer, loss_fn=loss_fn, device=device, **levers
+        )
     except ValueError as error:
         if "more than 1 value per channel" not in str(error):
             raise
-        return 2, estimate_memory(model, _checked_batch(make_batch, 2), optimizer=optimizer, loss_fn=loss_fn,
-                                  device=device, **levers)
+        return 2, estimate_memory(
+            model, _checked_batch(make_batch, 2), optimizer=optimizer, loss_fn=loss_fn, device=device, **levers
+        )
 
 
 def _does_not_fit_message(report: MemoryReport, budget: int, smallest: int) -> str:
     parts = sorted(((b, c) for c, b in report.breakdown.items() if b), reverse=True)[:3]
     largest = ", ".join(f"{c} {b / MiB:.1f} MiB" for b, c in parts)
-    return (f"even a batch of {smallest} does not fit in {budget / MiB:.1f} MiB: one step needs about "
-            f"{report.peak_bytes / MiB:.1f} MiB (largest parts: {largest}). Use a larger budget, a smaller "
-            f"model, or an optimizer with less state (SGD keeps one buffer per parameter, Adam two).")
+    return (
+        f"even a batch of {smallest} does not fit in {budget / MiB:.1f} MiB: one step needs about "
+        f"{report.peak_bytes / MiB:.1f} MiB (largest parts: {largest}). Use a larger budget, a smaller "
+        f"model, or an optimizer with less state (SGD keeps one buffer per parameter, Adam two)."
+    )

@@ -54,6 +54,7 @@ RUNS = {"mlp": (2, 300), "cnn": (2, 300), "cnn_bn": (2, 300), "resnet18": (1, 40
 
 # -- device profiles ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Profile:
     """A device to fit a training step into: ``capacity`` bytes, of which ``reserved`` are not PyTorch's."""
@@ -104,6 +105,7 @@ def profile_for(value, profiles: dict) -> str:
 
 
 # -- your own model (issue 14) --------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class OwnModel:
@@ -174,11 +176,14 @@ def fit_accumulation(batch_size: int, steps: int) -> tuple:
     usable = max(k for k in range(1, min(wanted, batch_size) + 1) if batch_size % k == 0)
     if usable == steps:
         return usable, ""
-    return usable, (f"accumulation steps {steps} do not split batch {batch_size} into equal micro-batches; "
-                    f"using {usable} (micro-batches of {batch_size // usable}).")
+    return usable, (
+        f"accumulation steps {steps} do not split batch {batch_size} into equal micro-batches; "
+        f"using {usable} (micro-batches of {batch_size // usable})."
+    )
 
 
 # -- memory ---------------------------------------------------------------------------------------
+
 
 def memory_input_shape(model_name: str, image_shape=IMAGE_SHAPE, sequence_length: int = SEQUENCE_LENGTH) -> tuple:
     """The shape of one sample the memory panel feeds ``model_name``: an image, or a token sequence."""
@@ -195,8 +200,7 @@ def meta_model(model_name: str, input_shape: tuple) -> nn.Module:
 def meta_batch(n: int, input_shape: tuple):
     """A batch of ``n`` samples on the meta device (token ids for a sequence, floats for an image)."""
     dtype = torch.long if len(input_shape) == 1 else torch.float32
-    return (torch.empty(n, *input_shape, dtype=dtype, device="meta"),
-            torch.empty(n, dtype=torch.long, device="meta"))
+    return (torch.empty(n, *input_shape, dtype=dtype, device="meta"), torch.empty(n, dtype=torch.long, device="meta"))
 
 
 # Why a step does or does not fit, in the order they are checked (:func:`memory_point`).
@@ -247,8 +251,17 @@ def margin_batch(batch_size: int, accumulation_steps: int = 1) -> int:
     return accumulation_steps * math.ceil(micro * (1 + SAFETY_MARGIN))
 
 
-def memory_point(model: nn.Module, input_shape, batch_size: int, profile: Profile, *,
-                 optimizer="sgd", accumulation_steps: int = 1, loss_fn=None, levers=NO_LEVERS) -> MemoryPoint:
+def memory_point(
+    model: nn.Module,
+    input_shape,
+    batch_size: int,
+    profile: Profile,
+    *,
+    optimizer="sgd",
+    accumulation_steps: int = 1,
+    loss_fn=None,
+    levers=NO_LEVERS,
+) -> MemoryPoint:
     """The estimated peak of one training step of ``model`` on ``batch_size`` samples on ``profile``.
 
     With ``accumulation_steps`` > 1 the step runs as that many micro-batches whose gradients are
@@ -261,30 +274,56 @@ def memory_point(model: nn.Module, input_shape, batch_size: int, profile: Profil
     ``(precision, checkpointing)`` of chapter 8 (:data:`NO_LEVERS`: float32, no checkpointing).
     """
     batch = batch_from(input_shape, batch_size)
-    report = estimate_memory(model, batch, optimizer=optimizer, device=profile.device,
-                             accumulation_steps=accumulation_steps, loss_fn=loss_fn, **lever_kwargs(levers))
+    report = estimate_memory(
+        model,
+        batch,
+        optimizer=optimizer,
+        device=profile.device,
+        accumulation_steps=accumulation_steps,
+        loss_fn=loss_fn,
+        **lever_kwargs(levers),
+    )
     padded = margin_batch(batch_size, accumulation_steps)
-    verdict = _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report,
-                       loss_fn, levers)
+    verdict = _verdict(
+        model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report, loss_fn, levers
+    )
     reserved = report.reserved_bytes or report.peak_bytes
     # Short of memory, the allocator releases its unused cache before it gives up: the device never holds
     # more than the budget for PyTorch, whether the step then runs or not.
     cached = max(0, min(reserved, profile.budget) - report.peak_bytes)
-    return MemoryPoint(batch_size, report.peak_bytes, dict(report.breakdown), profile, verdict == "fits", cached,
-                       verdict, padded)
+    return MemoryPoint(
+        batch_size, report.peak_bytes, dict(report.breakdown), profile, verdict == "fits", cached, verdict, padded
+    )
 
 
-def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report,
-             loss_fn=None, levers=NO_LEVERS) -> str:
+def _verdict(
+    model,
+    input_shape,
+    batch_size,
+    padded,
+    profile,
+    optimizer,
+    accumulation_steps,
+    report,
+    loss_fn=None,
+    levers=NO_LEVERS,
+) -> str:
     """The key of :data:`VERDICTS` for one step: sure answers from the estimate, the simulated allocator between."""
     if report.peak_bytes > profile.budget:
         return "tensors"
 
     def runs(n: int) -> bool:
         try:
-            estimate_memory(model, batch_from(input_shape, n), optimizer=optimizer, device=profile.device,
-                            budget=profile.budget, accumulation_steps=accumulation_steps, loss_fn=loss_fn,
-                            **lever_kwargs(levers))
+            estimate_memory(
+                model,
+                batch_from(input_shape, n),
+                optimizer=optimizer,
+                device=profile.device,
+                budget=profile.budget,
+                accumulation_steps=accumulation_steps,
+                loss_fn=loss_fn,
+                **lever_kwargs(levers),
+            )
         except torch.OutOfMemoryError:
             return False
         return True
@@ -294,13 +333,21 @@ def _verdict(model, input_shape, batch_size, padded, profile, optimizer, accumul
     return "fits" if padded == batch_size or runs(padded) else "margin"
 
 
-def largest_batch(model: nn.Module, input_shape, profile: Profile, *, optimizer="sgd", loss_fn=None,
-                  levers=NO_LEVERS) -> int:
+def largest_batch(
+    model: nn.Module, input_shape, profile: Profile, *, optimizer="sgd", loss_fn=None, levers=NO_LEVERS
+) -> int:
     """The largest batch whose step fits ``profile`` (:func:`batchlab.max_batch_size`); 0 if none does."""
     try:
-        return max_batch_size(model, lambda n: batch_from(input_shape, n), budget=profile.budget,
-                              optimizer=optimizer, device=profile.device, loss_fn=loss_fn, progress=False,
-                              **lever_kwargs(levers))
+        return max_batch_size(
+            model,
+            lambda n: batch_from(input_shape, n),
+            budget=profile.budget,
+            optimizer=optimizer,
+            device=profile.device,
+            loss_fn=loss_fn,
+            progress=False,
+            **lever_kwargs(levers),
+        )
     except ValueError as error:
         if "does not fit" not in str(error):
             raise
@@ -316,9 +363,8 @@ def largest_batch_for(model_name: str, profile_name: str, *, optimizer="sgd") ->
     return largest_batch(meta_model(model_name, shape), shape, profiles[profile_name], optimizer=optimizer)
 
 
-
-
 # -- convergence and speed ------------------------------------------------------------------------
+
 
 class TokenDigits(Dataset):
     """The digits as sequences of 8 tokens for the transformer: each row of 8 pixels, read as ink (a
@@ -381,26 +427,38 @@ class RunSetting:
     key: tuple = field(init=False)
 
     def __post_init__(self):
-        self.key = (self.model, self.batch_size, round(self.lr, 6), self.accumulation_steps, self.optimizer,
-                    self.seed)
+        self.key = (self.model, self.batch_size, round(self.lr, 6), self.accumulation_steps, self.optimizer, self.seed)
 
     @property
     def label(self) -> str:
-        micro = f" ({self.accumulation_steps}x{self.batch_size // self.accumulation_steps})" \
-            if self.accumulation_steps > 1 else ""
+        micro = (
+            f" ({self.accumulation_steps}x{self.batch_size // self.accumulation_steps})"
+            if self.accumulation_steps > 1
+            else ""
+        )
         return f"{self.model}, batch {self.batch_size}{micro}, lr {self.lr:.3g}"
 
 
-def training_losses(model: nn.Module, dataset: Dataset, *, batch_size: int, lr: float, steps: int,
-                    accumulation_steps: int = 1, optimizer="sgd", seed: int = 0):
+def training_losses(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    lr: float,
+    steps: int,
+    accumulation_steps: int = 1,
+    optimizer="sgd",
+    seed: int = 0,
+):
     """Train ``model`` in place and yield the loss after each of ``steps`` optimizer steps.
 
     The loop of :func:`batchlab.train` (same shuffling, same accumulation, so the same losses), one
     step at a time: a caller draws the losses as they come and stops iterating to stop the run. It
     reads no global random state (the shuffling has its own generator).
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed)
+    )
     opt = make_optimizer(optimizer, model.parameters(), lr=lr)
     model.train()
     step = 0
@@ -420,8 +478,9 @@ class MemoryCache:
     ``max_points`` points are kept, the oldest dropped first.
     """
 
-    def __init__(self, *, optimizer="sgd", image_shape=IMAGE_SHAPE, sequence_length: int = SEQUENCE_LENGTH,
-                 max_points: int = 256):
+    def __init__(
+        self, *, optimizer="sgd", image_shape=IMAGE_SHAPE, sequence_length: int = SEQUENCE_LENGTH, max_points: int = 256
+    ):
         self.optimizer, self.image_shape, self.sequence_length = optimizer, image_shape, sequence_length
         self.max_points = max_points
         self.meta: dict = {}
@@ -450,16 +509,24 @@ class MemoryCache:
                 self.meta[model_name] = meta_model(model_name, self.input_shape(model_name))
             return self.meta[model_name]
 
-    def point(self, model_name: str, profile: Profile, batch_size: int, steps: int = 1,
-              levers=NO_LEVERS) -> MemoryPoint:
+    def point(
+        self, model_name: str, profile: Profile, batch_size: int, steps: int = 1, levers=NO_LEVERS
+    ) -> MemoryPoint:
         """:func:`memory_point` of ``model_name`` at ``batch_size`` in ``steps`` micro-batches on ``profile``."""
         key = (model_name, profile.name, batch_size, steps, self.optimizer, levers)
         with self.lock:
             point = self.points.get(key)
         if point is None:
-            point = memory_point(self.meta_model(model_name), self.input_shape(model_name), batch_size, profile,
-                                 optimizer=self.optimizer, accumulation_steps=steps, loss_fn=self.loss_fn(model_name),
-                                 levers=levers)
+            point = memory_point(
+                self.meta_model(model_name),
+                self.input_shape(model_name),
+                batch_size,
+                profile,
+                optimizer=self.optimizer,
+                accumulation_steps=steps,
+                loss_fn=self.loss_fn(model_name),
+                levers=levers,
+            )
         with self.lock:
             self.points[key] = point
             self.points.move_to_end(key)
@@ -475,9 +542,14 @@ class MemoryCache:
         """:func:`largest_batch`, once per model, profile, optimizer and levers (about ten estimates)."""
         key = (model_name, profile.name, self.optimizer, levers)
         if key not in self.largest:
-            self.largest[key] = largest_batch(self.meta_model(model_name), self.input_shape(model_name), profile,
-                                              optimizer=self.optimizer, loss_fn=self.loss_fn(model_name),
-                                              levers=levers)
+            self.largest[key] = largest_batch(
+                self.meta_model(model_name),
+                self.input_shape(model_name),
+                profile,
+                optimizer=self.optimizer,
+                loss_fn=self.loss_fn(model_name),
+                levers=levers,
+            )
         return self.largest[key]
 
 
@@ -529,7 +601,7 @@ class RunCache:
         if run.done:
             self.kept = [k for k in self.kept if k != key and k in runs] + [key]
         earlier = [runs[k] for k in self.kept if k != key and k in runs]
-        return (earlier[-(self.keep - 1):] if self.keep > 1 else []) + [run]
+        return (earlier[-(self.keep - 1) :] if self.keep > 1 else []) + [run]
 
     def has_batch_norm(self, model_name: str) -> bool:
         return model_name in self.templates and has_batch_norm(self.templates[model_name][1])
@@ -579,8 +651,10 @@ def run_state(run: Run | None, shown: list) -> dict:
     return {
         "run": history.label if history else None,
         "running": bool(run is not None and not run.done),
-        "steps": len(history.loss) if history else 0, "steps_planned": run.steps if run else None,
-        "loss": list(history.loss) if history else [], "samples": list(history.samples) if history else [],
+        "steps": len(history.loss) if history else 0,
+        "steps_planned": run.steps if run else None,
+        "loss": list(history.loss) if history else [],
+        "samples": list(history.samples) if history else [],
         "samples_per_second": history.samples_per_second if run is not None and run.done else None,
         "runs": [r.history.label for r in shown],
     }
@@ -591,10 +665,13 @@ def memory_state(point: MemoryPoint | None, largest: int | None, profile: Profil
     return {
         "peak_bytes": point.peak_bytes if point else None,
         "breakdown": dict(point.breakdown) if point else None,
-        "budget_bytes": profile.budget, "device_bytes": profile.capacity,
-        "fits": point.fits if point else None, "verdict": point.verdict if point else None,
+        "budget_bytes": profile.budget,
+        "device_bytes": profile.capacity,
+        "fits": point.fits if point else None,
+        "verdict": point.verdict if point else None,
         "largest_batch": largest,
     }
+
 
 def has_batch_norm(model: nn.Module) -> bool:
     """Whether ``model`` normalises with batch statistics (BatchNorm of any dimension)."""
@@ -604,5 +681,8 @@ def has_batch_norm(model: nn.Module) -> bool:
 def speed_points(runs, setting: RunSetting) -> dict:
     """``{batch size: samples/s}`` of the finished ``runs`` of ``setting``'s model and accumulation."""
     same = (setting.model, setting.accumulation_steps)
-    return {r.setting.batch_size: r.history.samples_per_second for r in runs
-            if r.done and (r.setting.model, r.setting.accumulation_steps) == same}
+    return {
+        r.setting.batch_size: r.history.samples_per_second
+        for r in runs
+        if r.done and (r.setting.model, r.setting.accumulation_steps) == same
+    }

@@ -52,10 +52,15 @@ def check_image_shape(image_shape) -> tuple:
         shape = tuple(image_shape)
     except TypeError:
         shape = None
-    if shape is None or len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
-                                                  for n in shape):
-        raise ValueError(f"image_shape must be (channels, height, width), three positive whole numbers such as "
-                         f"{IMAGE_SHAPE}, got {image_shape!r}")
+    if (
+        shape is None
+        or len(shape) != 3
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise ValueError(
+            f"image_shape must be (channels, height, width), three positive whole numbers such as "
+            f"{IMAGE_SHAPE}, got {image_shape!r}"
+        )
     return shape
 
 
@@ -82,8 +87,9 @@ def read_lr(value, current: float) -> tuple:
     if not math.isfinite(lr):
         return current, [f"learning rate: {value!r} is not a finite number; kept {current:.3g}."]
     used = min(max(lr, LR_RANGE[0]), LR_RANGE[1])
-    return used, [] if used == lr else [f"learning rate {lr:g} is outside {LR_RANGE[0]:g} to {LR_RANGE[1]:g}; "
-                                        f"using {used:g}."]
+    return used, [] if used == lr else [
+        f"learning rate {lr:g} is outside {LR_RANGE[0]:g} to {LR_RANGE[1]:g}; using {used:g}."
+    ]
 
 
 def read_model(value, models=MODEL_NAMES) -> tuple:
@@ -99,8 +105,10 @@ def read_profile(value, profiles: dict) -> tuple:
     try:
         return profile_for(value, profiles), []
     except (TypeError, ValueError) as error:
-        return None, [f"device {value!r} is not one of the profiles ({', '.join(profiles)}), a card or a GPU "
-                      f"size such as '12GiB': {error}"]
+        return None, [
+            f"device {value!r} is not one of the profiles ({', '.join(profiles)}), a card or a GPU "
+            f"size such as '12GiB': {error}"
+        ]
 
 
 def read_steps(value, current: int) -> tuple:
@@ -110,6 +118,7 @@ def read_steps(value, current: int) -> tuple:
     except (TypeError, ValueError):
         return None, [f"accumulation steps: {value!r} is not a whole number; kept {current}."]
 
+
 def read_choice(name: str, value, choices) -> tuple:
     """``(value or None, notes)``: ``value`` if it is one of ``choices``, else refused with the choices."""
     if isinstance(value, str) and value in choices:
@@ -118,13 +127,14 @@ def read_choice(name: str, value, choices) -> tuple:
 
 
 def levers_text(levers) -> str:
-    """", bf16, checkpointed" for chapter 8's levers (precision, checkpointing); "" for float32 without."""
+    """ ", bf16, checkpointed" for chapter 8's levers (precision, checkpointing); "" for float32 without."""
     precision, checkpointing = levers
     return (f", {precision}" if precision != "fp32" else "") + (", checkpointed" if checkpointing else "")
 
 
-def check_start(batch_size, limit, lr, profile, gpu, accumulation_steps, precision, checkpointing,
-                profiles: dict) -> str:
+def check_start(
+    batch_size, limit, lr, profile, gpu, accumulation_steps, precision, checkpointing, profiles: dict
+) -> str:
     """Check the batch-size explorer's starting values (a ValueError or TypeError naming the bad one);
     return the name of the profile that ``profile`` (or ``gpu``, a card or size) means."""
     check_int("batch_size", batch_size, minimum=1, maximum=limit)
@@ -133,8 +143,10 @@ def check_start(batch_size, limit, lr, profile, gpu, accumulation_steps, precisi
     if profile_name is None:
         raise ValueError(f"{'profile' if gpu is None else 'gpu'}: {refused[0]}")
     if fit_accumulation(batch_size, check_int("accumulation_steps", accumulation_steps, minimum=1))[1]:
-        raise ValueError(f"accumulation_steps must divide batch_size into equal micro-batches, got "
-                         f"{accumulation_steps} for batch {batch_size}")
+        raise ValueError(
+            f"accumulation_steps must divide batch_size into equal micro-batches, got "
+            f"{accumulation_steps} for batch {batch_size}"
+        )
     check_choice("precision", precision, PRECISIONS)
     check_choice("checkpointing", checkpointing, tuple(CHECKPOINTING))
     return profile_name
@@ -149,19 +161,20 @@ def check_lr(lr) -> float:
 
 # -- what the panels say ---------------------------------------------------------------------------
 
+
 def size_text(nbytes: int) -> str:
     """``nbytes`` as the panels write it: GiB with two decimals from 1 GiB up, else whole MiB."""
     return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / MiB:.0f} MiB"
 
 
 def micro_text(s: RunSetting) -> str:
-    """" (4 x 16)" for a batch of 64 in 4 micro-batches, "" without accumulation."""
+    """ " (4 x 16)" for a batch of 64 in 4 micro-batches, "" without accumulation."""
     k = s.accumulation_steps
     return f" ({k} x {s.batch_size // k})" if k > 1 else ""
 
 
 def describe_input(model_name: str, input_shape) -> str:
-    """"cnn on 3x224x224 images" or "transformer on sequences of 512 tokens" (a learner's model: its batches)."""
+    """ "cnn on 3x224x224 images" or "transformer on sequences of 512 tokens" (a learner's model: its batches)."""
     if callable(input_shape):
         return f"{model_name} on the batches of {getattr(input_shape, '__name__', 'make_batch')}"
     shape = "x".join(map(str, input_shape))
@@ -176,32 +189,50 @@ def memory_text(s: RunSetting, point: MemoryPoint, largest: int | None, input_sh
     ``largest`` None means the search for the largest batch is still running, 0 that none fits.
     """
     profile = point.profile
-    where = (f"the {size_text(profile.capacity)} GPU, whose other {size_text(profile.reserved)} are the CUDA context"
-             if profile.device == "cuda" else "this machine's free RAM")
-    need = (f"One training step of {describe_input(s.model, input_shape)} at batch {s.batch_size} needs "
-            f"{size_text(point.peak_bytes)} of tensors at its peak")
+    where = (
+        f"the {size_text(profile.capacity)} GPU, whose other {size_text(profile.reserved)} are the CUDA context"
+        if profile.device == "cuda"
+        else "this machine's free RAM"
+    )
+    need = (
+        f"One training step of {describe_input(s.model, input_shape)} at batch {s.batch_size} needs "
+        f"{size_text(point.peak_bytes)} of tensors at its peak"
+    )
     budget = size_text(profile.budget)
     within = f"within the {budget} PyTorch can use of {where}"
     cache = f" with the allocator's cache ({size_text(point.cached_bytes)})" if profile.device == "cuda" else ""
-    margin = f"a batch 5% larger ({point.margin_batch:,}{micro_text(s) and ' in ' + str(s.accumulation_steps)} " \
+    margin = (
+        f"a batch 5% larger ({point.margin_batch:,}{micro_text(s) and ' in ' + str(s.accumulation_steps)} "
         f"{'micro-batches' if s.accumulation_steps > 1 else 'samples'})"
+    )
     if point.verdict == "fits":
-        head = (f"<b>Fits.</b> {need};{cache} that is {within}, and {margin} fits too: the margin chapter 4 asks for "
-                f"decided it.")
+        head = (
+            f"<b>Fits.</b> {need};{cache} that is {within}, and {margin} fits too: the margin chapter 4 asks for "
+            f"decided it."
+        )
     elif point.verdict == "margin":
-        head = (f"<b style='color:#C44E52'>Too close to the limit.</b> {need};{cache} that is {within}, but {margin} "
-                f"does not fit: aim a few per cent below the limit (chapter 4). The 5% margin decided it.")
+        head = (
+            f"<b style='color:#C44E52'>Too close to the limit.</b> {need};{cache} that is {within}, but {margin} "
+            f"does not fit: aim a few per cent below the limit (chapter 4). The 5% margin decided it."
+        )
     elif point.verdict == "allocator":
-        head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}, {within}, but even after releasing its cache "
-                f"the caching allocator cannot place the step's blocks there (fragmentation). The simulated "
-                f"allocator decided it, not the tensors.")
+        head = (
+            f"<b style='color:#C44E52'>Out of memory.</b> {need}, {within}, but even after releasing its cache "
+            f"the caching allocator cannot place the step's blocks there (fragmentation). The simulated "
+            f"allocator decided it, not the tensors."
+        )
     else:
-        head = (f"<b style='color:#C44E52'>Out of memory.</b> {need}: {size_text(point.peak_bytes - profile.budget)} "
-                f"more than the {budget} PyTorch can use of {where}. The tensors alone decided it.")
+        head = (
+            f"<b style='color:#C44E52'>Out of memory.</b> {need}: {size_text(point.peak_bytes - profile.budget)} "
+            f"more than the {budget} PyTorch can use of {where}. The tensors alone decided it."
+        )
     if profile.device == "cuda":  # the bar: context, tensors, cache
         total = size_text(point.device_bytes + point.cached_bytes)
-        head += (f" The bar shows the context, the tensors and the cache: {total}." if point.cached_bytes else
-                 f" The bar shows the context and the tensors: {total}.")
+        head += (
+            f" The bar shows the context, the tensors and the cache: {total}."
+            if point.cached_bytes
+            else f" The bar shows the context and the tensors: {total}."
+        )
     return head + " " + largest_text(s, point, largest)
 
 
@@ -213,11 +244,14 @@ def largest_text(s: RunSetting, point: MemoryPoint, largest: int | None) -> str:
         return "Not even the smallest batch fits this device."
     text = f"The largest batch that fits in one step: <b>{largest:,}</b> (estimated, with a 5% margin)."
     if not point.fits:
-        k = next((k for k in range(2, s.batch_size + 1) if s.batch_size % k == 0 and s.batch_size // k <= largest),
-                 None)
+        k = next(
+            (k for k in range(2, s.batch_size + 1) if s.batch_size % k == 0 and s.batch_size // k <= largest), None
+        )
         if k is not None:
-            text += (f" To keep the batch of {s.batch_size}, accumulate {k} micro-batches of {s.batch_size // k} "
-                     f"(accumulation steps = {k}).")
+            text += (
+                f" To keep the batch of {s.batch_size}, accumulate {k} micro-batches of {s.batch_size // k} "
+                f"(accumulation steps = {k})."
+            )
     return text
 
 
@@ -226,10 +260,13 @@ def explain_training_error(error: Exception, s: RunSetting) -> Exception:
     a sentence that says why and what to do; any other error is returned as it is."""
     if isinstance(error, ValueError) and "Expected more than 1 value per channel when training" in str(error):
         micro = s.batch_size // s.accumulation_steps
-        return ValueError(f"{s.model} cannot train on batches of {micro} sample: its BatchNorm layers need 2 or more "
-                          f"samples per (micro-)batch in training, to compute a mean and a variance over the batch. "
-                          f"Choose a batch of 2 or more (or fewer accumulation steps).")
+        return ValueError(
+            f"{s.model} cannot train on batches of {micro} sample: its BatchNorm layers need 2 or more "
+            f"samples per (micro-)batch in training, to compute a mean and a variance over the batch. "
+            f"Choose a batch of 2 or more (or fewer accumulation steps)."
+        )
     return error
+
 
 def run_text(run: Run, shown: list, *, batch_norm: bool = False) -> str:
     """The convergence panel's HTML: progress of a run in flight, or its result and how it compares."""
@@ -237,9 +274,11 @@ def run_text(run: Run, shown: list, *, batch_norm: bool = False) -> str:
     if not run.done:
         return f"Training <b>{html.escape(h.label)}</b>: step {len(h.loss)} of {run.steps}…"
     epochs, max_steps = RUNS[run.setting.model]
-    return (f"<b>{html.escape(h.label)}</b>: {run.steps} steps, {h.samples[-1]:,} samples, final loss "
-            f"{h.loss[-1]:.3f} (a short run: {epochs} epoch{'s' * (epochs > 1)}, at most {max_steps} steps)."
-            + twin_text(run, shown, batch_norm=batch_norm))
+    return (
+        f"<b>{html.escape(h.label)}</b>: {run.steps} steps, {h.samples[-1]:,} samples, final loss "
+        f"{h.loss[-1]:.3f} (a short run: {epochs} epoch{'s' * (epochs > 1)}, at most {max_steps} steps)."
+        + twin_text(run, shown, batch_norm=batch_norm)
+    )
 
 
 def twin_text(run: Run, shown: list, *, batch_norm: bool = False) -> str:
@@ -248,31 +287,47 @@ def twin_text(run: Run, shown: list, *, batch_norm: bool = False) -> str:
     ``batch_norm`` says whether the model has BatchNorm, which explains curves that differ.
     """
     s = run.setting
-    twins = [r for r in shown if r is not run and r.done and r.setting.accumulation_steps != s.accumulation_steps
-             and 1 in (r.setting.accumulation_steps, s.accumulation_steps)
-             and (r.setting.model, r.setting.batch_size, r.setting.lr, r.setting.optimizer, r.setting.seed)
-             == (s.model, s.batch_size, s.lr, s.optimizer, s.seed)]
+    twins = [
+        r
+        for r in shown
+        if r is not run
+        and r.done
+        and r.setting.accumulation_steps != s.accumulation_steps
+        and 1 in (r.setting.accumulation_steps, s.accumulation_steps)
+        and (r.setting.model, r.setting.batch_size, r.setting.lr, r.setting.optimizer, r.setting.seed)
+        == (s.model, s.batch_size, s.lr, s.optimizer, s.seed)
+    ]
     if not twins:
         return ""
     twin = twins[-1]  # the most recent
     split = run if s.accumulation_steps > 1 else twin
     gap = max(abs(a - b) for a, b in zip(run.history.loss, twin.history.loss))
-    curves = (f"Its curve (dashed) and the one of <b>{html.escape(twin.history.label)}</b>" if split is run else
-              f"The dashed curve of <b>{html.escape(twin.history.label)}</b> and this one")
+    curves = (
+        f"Its curve (dashed) and the one of <b>{html.escape(twin.history.label)}</b>"
+        if split is run
+        else f"The dashed curve of <b>{html.escape(twin.history.label)}</b> and this one"
+    )
     if gap < 1e-4:
-        return (f" {curves} lie on each other: the losses differ by at most {gap:.1e}, because accumulating "
-                f"{split.setting.accumulation_steps} micro-batches gives the same updates as the whole batch "
-                f"(chapter 6).")
-    why = ("BatchNorm normalises each micro-batch with its own statistics" if batch_norm
-           else "the micro-batches' sums are rounded differently")
+        return (
+            f" {curves} lie on each other: the losses differ by at most {gap:.1e}, because accumulating "
+            f"{split.setting.accumulation_steps} micro-batches gives the same updates as the whole batch "
+            f"(chapter 6)."
+        )
+    why = (
+        "BatchNorm normalises each micro-batch with its own statistics"
+        if batch_norm
+        else "the micro-batches' sums are rounded differently"
+    )
     return f" {curves} differ by up to {gap:.3f} in loss: {why} (chapter 6)."
 
 
 def speed_text(run: Run) -> str:
     """The speed panel's HTML: samples per second of a finished run and its time per step."""
     per_step = 1000 * run.history.seconds[-1] / run.steps
-    return (f"<b>{run.history.samples_per_second:,.0f} samples/s</b> at batch {run.setting.batch_size} "
-            f"({per_step:.1f} ms per step), measured on this machine's CPU.")
+    return (
+        f"<b>{run.history.samples_per_second:,.0f} samples/s</b> at batch {run.setting.batch_size} "
+        f"({per_step:.1f} ms per step), measured on this machine's CPU."
+    )
 
 
 def notes_html(notes: list) -> str:

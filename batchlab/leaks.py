@@ -109,8 +109,9 @@ def _object_types(exclude=()) -> Counter:
 
 def _growth(before: Counter, after: Counter, iterations: int) -> dict:
     """Types whose count grew by at least one per iteration, with their growth per iteration."""
-    return {name: (after[name] - before[name]) / iterations for name in after
-            if after[name] - before[name] >= iterations}
+    return {
+        name: (after[name] - before[name]) / iterations for name in after if after[name] - before[name] >= iterations
+    }
 
 
 def _size(nbytes: float) -> str:
@@ -143,8 +144,10 @@ def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "", pr
     if not callable(fn):
         raise TypeError(f"fn must be a function taking no arguments (one loop iteration), got {fn!r}")
     if isinstance(iterations, int) and not isinstance(iterations, bool) and iterations < 2:
-        raise ValueError(f"iterations must be at least 2 to measure growth from one iteration to the next, "
-                         f"got {iterations}; 20 is a good default")
+        raise ValueError(
+            f"iterations must be at least 2 to measure growth from one iteration to the next, "
+            f"got {iterations}; 20 is a good default"
+        )
     check_int("iterations", iterations, minimum=2)
     check_int("warmup", warmup, minimum=0)
     check_bool("progress", progress)
@@ -188,29 +191,46 @@ def _leak_check(fn, iterations, warmup, label, bar) -> LeakReport:
     half = iterations - iterations // 2 - 1
     grown_types = _growth(objects_before, objects_after, iterations)
     # An object type counts as leaking only if it grew in both halves (not a one-off cache fill).
-    grown_types = {name: per for name, per in grown_types.items()
-                   if objects_middle[name] > objects_before[name]
-                   and objects_after[name] - objects_middle[name] >= half}
+    grown_types = {
+        name: per
+        for name, per in grown_types.items()
+        if objects_middle[name] > objects_before[name] and objects_after[name] - objects_middle[name] >= half
+    }
     grown_nodes = _growth(nodes_before, nodes_after, iterations)
     report = LeakReport(
-        leaking=False, bytes_per_iteration=_slope(byte_series), nodes_per_iteration=_slope(node_series),
-        objects_per_iteration=_slope(object_series), message="", iterations=iterations, bytes=byte_series,
-        nodes=node_series, objects=object_series, growing={**grown_nodes, **grown_types},
-        freed_by_gc=freed_by_gc, label=label,
+        leaking=False,
+        bytes_per_iteration=_slope(byte_series),
+        nodes_per_iteration=_slope(node_series),
+        objects_per_iteration=_slope(object_series),
+        message="",
+        iterations=iterations,
+        bytes=byte_series,
+        nodes=node_series,
+        objects=object_series,
+        growing={**grown_nodes, **grown_types},
+        freed_by_gc=freed_by_gc,
+        label=label,
     )
     findings = []
     if _grows_steadily(byte_series):
         finding = f"tensor memory grows by {_size(report.bytes_per_iteration)} per iteration"
         if freed_by_gc >= 0.9 * (byte_series[-1] - byte_series[0]):
-            finding += (" and gc.collect() frees it: reference cycles keep those tensors alive until "
-                        "the garbage collector happens to run")
+            finding += (
+                " and gc.collect() frees it: reference cycles keep those tensors alive until "
+                "the garbage collector happens to run"
+            )
         findings.append(finding)
     if _grows_steadily(node_series) and grown_nodes:
-        findings.append(f"autograd graph nodes grow by {report.nodes_per_iteration:g} per iteration "
-                        f"({_describe(grown_nodes)}): a tensor keeps its graph alive")
+        findings.append(
+            f"autograd graph nodes grow by {report.nodes_per_iteration:g} per iteration "
+            f"({_describe(grown_nodes)}): a tensor keeps its graph alive"
+        )
     if grown_types:
         findings.append(f"Python objects grow ({_describe(grown_types)} per iteration)")
     report.leaking = bool(findings)
-    report.message = "; ".join(findings) if findings else (
-        f"tensor memory, autograd graph nodes and Python objects stay flat over {iterations} iterations")
+    report.message = (
+        "; ".join(findings)
+        if findings
+        else (f"tensor memory, autograd graph nodes and Python objects stay flat over {iterations} iterations")
+    )
     return report

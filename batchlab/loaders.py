@@ -70,8 +70,10 @@ class LoaderStats:
     def _median(self, runs: str) -> float:
         values = getattr(self, runs)
         if not values:
-            raise ValueError(f"{self.setting} has no runs yet: {runs} is empty, so there is no median; "
-                             "measure it with loader_throughput")
+            raise ValueError(
+                f"{self.setting} has no runs yet: {runs} is empty, so there is no median; "
+                "measure it with loader_throughput"
+            )
         return statistics.median(values)
 
     @property
@@ -79,30 +81,51 @@ class LoaderStats:
         """The configuration, as it would be written in code."""
         if self.loader == "iter_batches":
             return f"iter_batches(batch_size={self.batch_size})"
-        extra = "".join([", pin_memory=True" * self.pin_memory, ", persistent_workers=True" * self.persistent_workers,
-                         f", prefetch_factor={self.prefetch_factor}" * (self.prefetch_factor is not None)])
+        extra = "".join(
+            [
+                ", pin_memory=True" * self.pin_memory,
+                ", persistent_workers=True" * self.persistent_workers,
+                f", prefetch_factor={self.prefetch_factor}" * (self.prefetch_factor is not None),
+            ]
+        )
         return f"DataLoader(batch_size={self.batch_size}, num_workers={self.num_workers}{extra})"
 
     def __str__(self) -> str:
         if not self.runs_samples_per_second:
             return f"{self.setting}: not measured (no runs)"
-        return (f"{self.setting}: {self.samples_per_second:,.0f} samples/s (median of "
-                f"{len(self.runs_samples_per_second)}), first batch after {self.first_batch_seconds:.2f} s, "
-                f"main process busy {self.busy_fraction:.0%}")
+        return (
+            f"{self.setting}: {self.samples_per_second:,.0f} samples/s (median of "
+            f"{len(self.runs_samples_per_second)}), first batch after {self.first_batch_seconds:.2f} s, "
+            f"main process busy {self.busy_fraction:.0%}"
+        )
 
     def merged(self, other: LoaderStats) -> LoaderStats:
         """These runs and ``other``'s runs of the same configuration together."""
         if (self.loader, self.batch_size, self.num_workers) != (other.loader, other.batch_size, other.num_workers):
             raise ValueError(f"cannot merge the runs of {self.setting} and {other.setting}")
-        return replace(self, runs_samples_per_second=self.runs_samples_per_second + other.runs_samples_per_second,
-                       runs_first_batch_seconds=self.runs_first_batch_seconds + other.runs_first_batch_seconds,
-                       runs_busy_fraction=self.runs_busy_fraction + other.runs_busy_fraction,
-                       warnings=tuple(dict.fromkeys(self.warnings + other.warnings)))
+        return replace(
+            self,
+            runs_samples_per_second=self.runs_samples_per_second + other.runs_samples_per_second,
+            runs_first_batch_seconds=self.runs_first_batch_seconds + other.runs_first_batch_seconds,
+            runs_busy_fraction=self.runs_busy_fraction + other.runs_busy_fraction,
+            warnings=tuple(dict.fromkeys(self.warnings + other.warnings)),
+        )
 
 
-def loader_throughput(dataset, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                      persistent_workers: bool = False, prefetch_factor: int | None = None, batches: int = 50,
-                      warmup: int = 5, repeats: int = 3, seed: int = 0, collate_fn=None) -> LoaderStats:
+def loader_throughput(
+    dataset,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    prefetch_factor: int | None = None,
+    batches: int = 50,
+    warmup: int = 5,
+    repeats: int = 3,
+    seed: int = 0,
+    collate_fn=None,
+) -> LoaderStats:
     """Measure one ``DataLoader`` configuration over ``dataset`` (chapter 3).
 
     Each of ``repeats`` runs asks the loader for a fresh iterator (an epoch: shuffled, ``drop_last``),
@@ -122,18 +145,37 @@ def loader_throughput(dataset, *, batch_size: int, num_workers: int = 0, pin_mem
     several threads, and when other programs keep the cores busy, threads that wait for each other
     can make them many times slower.)
     """
-    _check_loader_args(dataset, batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor,
-                       batches, warmup, repeats, seed, collate_fn)
+    _check_loader_args(
+        dataset,
+        batch_size,
+        num_workers,
+        pin_memory,
+        persistent_workers,
+        prefetch_factor,
+        batches,
+        warmup,
+        repeats,
+        seed,
+        collate_fn,
+    )
     collate_fn = collate_fn or collate
     stats = LoaderStats("DataLoader", batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor)
     with torch.random.fork_rng(devices=[]), one_thread(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         collate_fn([dataset[i] for i in range(batch_size)])  # un-collatable samples fail here, not in a worker
         torch.manual_seed(seed)  # transforms in the main process (num_workers=0) draw from this
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
-                            pin_memory=pin_memory, persistent_workers=persistent_workers,
-                            prefetch_factor=prefetch_factor, collate_fn=collate_fn)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+            collate_fn=collate_fn,
+        )
         iterator = None
         try:
             for _ in range(repeats):
@@ -152,8 +194,9 @@ def loader_throughput(dataset, *, batch_size: int, num_workers: int = 0, pin_mem
     return replace(stats, warnings=messages)
 
 
-def iter_batches_throughput(dataset, *, batch_size: int, batches: int = 50, warmup: int = 5, repeats: int = 3,
-                            seed: int = 0, collate_fn=None) -> LoaderStats:
+def iter_batches_throughput(
+    dataset, *, batch_size: int, batches: int = 50, warmup: int = 5, repeats: int = 3, seed: int = 0, collate_fn=None
+) -> LoaderStats:
     """Measure :func:`iter_batches` (shuffled, ``drop_last``) exactly as :func:`loader_throughput` measures a loader."""
     _check_loader_args(dataset, batch_size, 0, False, False, None, batches, warmup, repeats, seed, collate_fn)
     stats = LoaderStats("iter_batches", batch_size)
@@ -161,8 +204,7 @@ def iter_batches_throughput(dataset, *, batch_size: int, batches: int = 50, warm
         torch.manual_seed(seed)
         for _ in range(repeats):
             start = time.perf_counter(), time.process_time()
-            iterator = iter_batches(dataset, batch_size, shuffle=True, drop_last=True, seed=seed,
-                                    collate_fn=collate_fn)
+            iterator = iter_batches(dataset, batch_size, shuffle=True, drop_last=True, seed=seed, collate_fn=collate_fn)
             stats = stats.merged(_time_batches(iterator, start, stats, batches, warmup))
     return stats
 
@@ -178,12 +220,27 @@ def _time_batches(iterator, start, stats, batches, warmup):
     for _ in range(batches if warmup else batches - 1):
         next(iterator)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return replace(stats, runs_samples_per_second=(batches * stats.batch_size / wall,),
-                   runs_first_batch_seconds=(first,), runs_busy_fraction=(cpu / wall,))
+    return replace(
+        stats,
+        runs_samples_per_second=(batches * stats.batch_size / wall,),
+        runs_first_batch_seconds=(first,),
+        runs_busy_fraction=(cpu / wall,),
+    )
 
 
-def _check_loader_args(dataset, batch_size, num_workers, pin_memory, persistent_workers, prefetch_factor,
-                       batches, warmup, repeats, seed, collate_fn):
+def _check_loader_args(
+    dataset,
+    batch_size,
+    num_workers,
+    pin_memory,
+    persistent_workers,
+    prefetch_factor,
+    batches,
+    warmup,
+    repeats,
+    seed,
+    collate_fn,
+):
     check_dataset(dataset, labelled=False)
     check_int("batch_size", batch_size, minimum=1)
     check_int("num_workers", num_workers, minimum=0)
@@ -192,11 +249,15 @@ def _check_loader_args(dataset, batch_size, num_workers, pin_memory, persistent_
     if prefetch_factor is not None:
         check_int("prefetch_factor", prefetch_factor, minimum=1)
         if num_workers == 0:
-            raise ValueError(f"prefetch_factor={prefetch_factor} needs num_workers > 0 (it is the number of "
-                             "batches each worker prepares ahead); use prefetch_factor=None with num_workers=0")
+            raise ValueError(
+                f"prefetch_factor={prefetch_factor} needs num_workers > 0 (it is the number of "
+                "batches each worker prepares ahead); use prefetch_factor=None with num_workers=0"
+            )
     if persistent_workers and num_workers == 0:
-        raise ValueError("persistent_workers=True needs num_workers > 0 (it keeps the worker processes "
-                         "alive between epochs); use persistent_workers=False with num_workers=0")
+        raise ValueError(
+            "persistent_workers=True needs num_workers > 0 (it keeps the worker processes "
+            "alive between epochs); use persistent_workers=False with num_workers=0"
+        )
     check_int("batches", batches, minimum=1)
     check_int("warmup", warmup, minimum=0)
     check_int("repeats", repeats, minimum=1)
@@ -205,10 +266,11 @@ def _check_loader_args(dataset, batch_size, num_workers, pin_memory, persistent_
         raise TypeError(f"collate_fn must be a function from a list of samples to a batch, got {collate_fn!r}")
     needed = (warmup + batches) * batch_size
     if len(dataset) < needed:
-        raise ValueError(f"dataset has {len(dataset)} samples, but (warmup + batches) * batch_size = "
-                         f"({warmup} + {batches}) * {batch_size} = {needed} are needed per run; "
-                         "use a larger data set or fewer batches")
-
+        raise ValueError(
+            f"dataset has {len(dataset)} samples, but (warmup + batches) * batch_size = "
+            f"({warmup} + {batches}) * {batch_size} = {needed} are needed per run; "
+            "use a larger data set or fewer batches"
+        )
 
 
 @dataclass
@@ -225,19 +287,23 @@ class LoaderSweep:
     def table(self) -> str:
         lines = [f"{'batch size':>10} {'workers':>7} {'samples/s':>10} {'first batch':>11} {'main busy':>9}"]
         for s in sorted(self.stats, key=lambda s: (s.batch_size, s.num_workers)):
-            lines.append(f"{s.batch_size:>10} {s.num_workers:>7} {s.samples_per_second:>10,.0f} "
-                         f"{s.first_batch_seconds:>10.2f}s {s.busy_fraction:>9.0%}")
+            lines.append(
+                f"{s.batch_size:>10} {s.num_workers:>7} {s.samples_per_second:>10,.0f} "
+                f"{s.first_batch_seconds:>10.2f}s {s.busy_fraction:>9.0%}"
+            )
         return "\n".join(lines)
 
     __str__ = table
 
     def speedup(self, num_workers: int, *, batch_size: int | None = None, baseline: int = 0) -> float:
         """Samples per second with ``num_workers`` divided by that with ``baseline`` workers."""
+
         def rate(workers):
             for s in self.stats:
                 if s.num_workers == workers and batch_size in (None, s.batch_size):
                     return s.samples_per_second
             raise ValueError(f"the sweep has no run with num_workers={workers}, batch_size={batch_size}")
+
         return rate(num_workers) / rate(baseline)
 
     def figure(self, *, highlight: tuple | None = None):
@@ -251,13 +317,20 @@ class LoaderSweep:
         ax = fig.subplots()
         for size in sorted({s.batch_size for s in self.stats}):
             runs = sorted((s for s in self.stats if s.batch_size == size), key=lambda s: s.num_workers)
-            ax.plot([s.num_workers for s in runs], [s.samples_per_second for s in runs], "o-",
-                    label=f"batch size {size}")
+            ax.plot(
+                [s.num_workers for s in runs], [s.samples_per_second for s in runs], "o-", label=f"batch size {size}"
+            )
             if highlight is not None and highlight[0] == size:
                 for s in runs:
                     if s.num_workers == highlight[1]:
-                        ax.plot([s.num_workers], [s.samples_per_second], "o", markersize=14,
-                                markerfacecolor="none", markeredgecolor="black")
+                        ax.plot(
+                            [s.num_workers],
+                            [s.samples_per_second],
+                            "o",
+                            markersize=14,
+                            markerfacecolor="none",
+                            markeredgecolor="black",
+                        )
         ax.axvline(self.cores, color="grey", linestyle=":", label=f"{self.cores} usable CPU cores")
         ax.set_xlabel("num_workers")
         ax.set_ylabel("samples per second")
@@ -269,12 +342,14 @@ class LoaderSweep:
 
 
 # What loader_sweep passes on to loader_throughput (it sets batch_size, num_workers and repeats itself).
-SWEEP_OPTIONS = frozenset({"pin_memory", "persistent_workers", "prefetch_factor", "batches", "warmup", "seed",
-                           "collate_fn"})
+SWEEP_OPTIONS = frozenset(
+    {"pin_memory", "persistent_workers", "prefetch_factor", "batches", "warmup", "seed", "collate_fn"}
+)
 
 
-def loader_sweep(dataset, *, num_workers=(0, 1, 2), batch_size=(32,), repeats: int = 3, progress: bool = True,
-                 **options) -> LoaderSweep:
+def loader_sweep(
+    dataset, *, num_workers=(0, 1, 2), batch_size=(32,), repeats: int = 3, progress: bool = True, **options
+) -> LoaderSweep:
     """Run :func:`loader_throughput` for every ``batch_size`` x ``num_workers`` (chapter 3).
 
     The repeats are interleaved (all settings once, then all again, ...) so that a burst of load from
@@ -284,17 +359,28 @@ def loader_sweep(dataset, *, num_workers=(0, 1, 2), batch_size=(32,), repeats: i
     """
     unknown = sorted(set(options) - SWEEP_OPTIONS)
     if unknown:
-        raise TypeError(f"loader_sweep got unknown options {', '.join(unknown)}; it passes these to "
-                        f"loader_throughput: {', '.join(sorted(SWEEP_OPTIONS))}")
+        raise TypeError(
+            f"loader_sweep got unknown options {', '.join(unknown)}; it passes these to "
+            f"loader_throughput: {', '.join(sorted(SWEEP_OPTIONS))}"
+        )
     workers = _check_grid("num_workers", num_workers, minimum=0)
     sizes = _check_grid("batch_size", batch_size, minimum=1)
     check_int("repeats", repeats, minimum=1)
     check_bool("progress", progress)
     for size in sizes:  # every argument is checked before the first worker starts
-        _check_loader_args(dataset, size, max(workers), options.get("pin_memory", False),
-                           options.get("persistent_workers", False), options.get("prefetch_factor"),
-                           options.get("batches", 50), options.get("warmup", 5), 1, options.get("seed", 0),
-                           options.get("collate_fn"))
+        _check_loader_args(
+            dataset,
+            size,
+            max(workers),
+            options.get("pin_memory", False),
+            options.get("persistent_workers", False),
+            options.get("prefetch_factor"),
+            options.get("batches", 50),
+            options.get("warmup", 5),
+            1,
+            options.get("seed", 0),
+            options.get("collate_fn"),
+        )
     results = {}
     with progress_bar(progress, total=repeats * len(sizes) * len(workers), desc="loader_sweep", unit="run") as bar:
         for _ in range(repeats):
@@ -345,4 +431,3 @@ def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None if quota <= 0 else quota / period
     except (OSError, ValueError):
         return None
-

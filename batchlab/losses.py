@@ -32,14 +32,18 @@ def output_logits(output) -> torch.Tensor:
         tensors = [key for key, value in output.items() if isinstance(value, torch.Tensor)]
         if len(tensors) == 1:
             return output[tensors[0]]
-        raise TypeError(f"the default loss (cross-entropy) cannot tell which of the model's outputs {list(output)} "
-                        f"are the logits: pass loss_fn=lambda output, y: F.cross_entropy(output['KEY'], y) "
-                        f"with the key of the logits (loss_fn gets the output as the model returns it)")
+        raise TypeError(
+            f"the default loss (cross-entropy) cannot tell which of the model's outputs {list(output)} "
+            f"are the logits: pass loss_fn=lambda output, y: F.cross_entropy(output['KEY'], y) "
+            f"with the key of the logits (loss_fn gets the output as the model returns it)"
+        )
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"the default loss (cross-entropy) needs the model to return logits (a tensor, a tuple whose "
-                    f"first element they are, a dict or an object with 'logits'), got {type(output).__name__}: pass "
-                    f"loss_fn(output, targets), which gets the output as the model returns it")
+    raise TypeError(
+        f"the default loss (cross-entropy) needs the model to return logits (a tensor, a tuple whose "
+        f"first element they are, a dict or an object with 'logits'), got {type(output).__name__}: pass "
+        f"loss_fn(output, targets), which gets the output as the model returns it"
+    )
 
 
 def check_cross_entropy_shapes(logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -52,12 +56,17 @@ def check_cross_entropy_shapes(logits: torch.Tensor, targets: torch.Tensor) -> N
     if logits.dim() >= 1 and (targets.shape == index_shape or targets.shape == logits.shape):
         return
     lm = logits.dim() == 3 and targets.shape == logits.shape[:2]
-    hint = (f" This looks like a language model (logits (batch, length, vocab), targets (batch, length)): pass "
-            f"{LANGUAGE_MODEL_LOSS} (torch.nn.functional as F), the token-level cross-entropy" if lm else
-            f" Pass loss_fn(output, targets) returning the mean loss, e.g. for a language model {LANGUAGE_MODEL_LOSS}")
-    raise ValueError(f"the default loss (cross-entropy) cannot take the model's output of shape {tuple(logits.shape)} "
-                     f"with targets of shape {tuple(targets.shape)}: it needs logits (batch, classes) with targets "
-                     f"(batch,), or (batch, classes, d1, ...) with (batch, d1, ...).{hint}")
+    hint = (
+        f" This looks like a language model (logits (batch, length, vocab), targets (batch, length)): pass "
+        f"{LANGUAGE_MODEL_LOSS} (torch.nn.functional as F), the token-level cross-entropy"
+        if lm
+        else f" Pass loss_fn(output, targets) returning the mean loss, e.g. for a language model {LANGUAGE_MODEL_LOSS}"
+    )
+    raise ValueError(
+        f"the default loss (cross-entropy) cannot take the model's output of shape {tuple(logits.shape)} "
+        f"with targets of shape {tuple(targets.shape)}: it needs logits (batch, classes) with targets "
+        f"(batch,), or (batch, classes, d1, ...) with (batch, d1, ...).{hint}"
+    )
 
 
 class DefaultLoss(nn.CrossEntropyLoss):

@@ -56,8 +56,15 @@ PHASES = ("start", "forward", "loss", "backward", "optimizer step", "after step"
 
 # When a storage is seen in several roles, the role that explains it best wins: a parameter saved for
 # backward is still a parameter, an input saved for backward is still an input.
-_PRIORITY = {"temporaries": 0, "activations": 1, "inputs": 2, "gradients": 3, "optimizer_state": 3,
-             "buffers": 4, "parameters": 5}
+_PRIORITY = {
+    "temporaries": 0,
+    "activations": 1,
+    "inputs": 2,
+    "gradients": 3,
+    "optimizer_state": 3,
+    "buffers": 4,
+    "parameters": 5,
+}
 
 
 def _tensors_in(obj, found: list) -> list:
@@ -148,14 +155,17 @@ class MemoryReport:
         title = f"{self.label}: " if self.label else ""
         lines = [f"MemoryReport({title}peak {self.peak_bytes / MiB:.1f} MiB on {self.device}, during {self.peak_phase}"]
         width = max((len(c) for c in self.breakdown), default=0)
-        for category in [c for c in CATEGORIES if c in self.breakdown] + \
-                [c for c in self.breakdown if c not in CATEGORIES]:
+        for category in [c for c in CATEGORIES if c in self.breakdown] + [
+            c for c in self.breakdown if c not in CATEGORIES
+        ]:
             lines.append(f"  {category:<{width}} {self.breakdown[category] / MiB:8.1f} MiB")
         if self.reserved_bytes is not None:
             lines.append(f"  reserved by the caching allocator at most: {self.reserved_bytes / MiB:.1f} MiB")
         if self.cuda_max_allocated is not None:
-            lines.append(f"  torch.cuda: allocated {self.cuda_allocated / MiB:.1f} MiB, max allocated "
-                         f"{self.cuda_max_allocated / MiB:.1f} MiB, reserved {self.cuda_reserved / MiB:.1f} MiB")
+            lines.append(
+                f"  torch.cuda: allocated {self.cuda_allocated / MiB:.1f} MiB, max allocated "
+                f"{self.cuda_max_allocated / MiB:.1f} MiB, reserved {self.cuda_reserved / MiB:.1f} MiB"
+            )
         lines.extend(f"  warning: {text}" for text in self.warnings)
         return "\n".join(lines) + ")"
 
@@ -180,8 +190,14 @@ class _StorageRef(weakref.ref):
 class MemoryTracker:
     """The live state of a :func:`track_memory` block; ask it for :meth:`current`, :meth:`report`."""
 
-    def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 *, record: bool = True, observer=None):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        record: bool = True,
+        observer=None,
+    ):
         self.model, self.optimizer = model, optimizer
         params = list(model.parameters()) if model is not None else []
         if optimizer is not None:
@@ -374,8 +390,12 @@ class MemoryTracker:
         self._sweep()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
-            self._cuda = (torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device),
-                          torch.cuda.memory_reserved(self.device), torch.cuda.max_memory_reserved(self.device))
+            self._cuda = (
+                torch.cuda.memory_allocated(self.device),
+                torch.cuda.max_memory_allocated(self.device),
+                torch.cuda.memory_reserved(self.device),
+                torch.cuda.max_memory_reserved(self.device),
+            )
         with self._lock:
             self._final = self.current()
             self._live.clear()  # dropping the weak references also drops their callbacks
@@ -402,8 +422,9 @@ class MemoryTracker:
     def report(self, label: str = "") -> MemoryReport:
         """The :class:`MemoryReport` of everything seen so far (categories as known now)."""
         if not self._record:
-            raise RuntimeError("this tracker keeps no timeline (it was started by leak_check or memory_budget); "
-                               "use current()")
+            raise RuntimeError(
+                "this tracker keeps no timeline (it was started by leak_check or memory_budget); use current()"
+            )
         if self.active:
             self._sweep()
         with self._lock:
@@ -412,12 +433,24 @@ class MemoryTracker:
             categories = dict(self._category)
         timeline, peak, at_peak, category_peaks = replay_events(events, categories, self.phase)
         cuda = self._cuda or (None, None, None, None)
-        device = self.device if self._params or not self._device_bytes else \
-            max(self._device_bytes, key=self._device_bytes.get)
-        return MemoryReport(peak_bytes=peak, breakdown=dict(at_peak.bytes), peak_phase=at_peak.phase,
-                            timeline=timeline, device=device, category_peaks=category_peaks,
-                            cuda_allocated=cuda[0], cuda_max_allocated=cuda[1], cuda_reserved=cuda[2],
-                            reserved_bytes=cuda[3], label=label)
+        device = (
+            self.device
+            if self._params or not self._device_bytes
+            else max(self._device_bytes, key=self._device_bytes.get)
+        )
+        return MemoryReport(
+            peak_bytes=peak,
+            breakdown=dict(at_peak.bytes),
+            peak_phase=at_peak.phase,
+            timeline=timeline,
+            device=device,
+            category_peaks=category_peaks,
+            cuda_allocated=cuda[0],
+            cuda_max_allocated=cuda[1],
+            cuda_reserved=cuda[2],
+            reserved_bytes=cuda[3],
+            label=label,
+        )
 
     @property
     def peak_bytes(self) -> int:
@@ -430,6 +463,7 @@ class MemoryTracker:
 
 
 # -- the hooks a tracker puts on the model and the optimizer ----------------------------------------
+
 
 class TrackerHook:
     """A hook that calls ``fn(tracker, *args)`` while the tracker's block is active.
@@ -485,7 +519,6 @@ def step_post_hook(tracker: MemoryTracker, _optimizer, _args, _kwargs) -> None:
     tracker._set_phase("after step")
 
 
-
 def replay_events(events, categories: dict, phase: str = "start"):
     """Replay a tracker's events (serial, +/- bytes, phase, what): ``(timeline, peak bytes, event at the
     peak, each category's peak)``. The memory that existed at the start is one point of the timeline."""
@@ -531,7 +564,6 @@ def _make_mode(tracker: MemoryTracker):
             finally:
                 del refused  # else this frame and the error's traceback would hold each other in a cycle
 
-
     return _StorageWatcher()
 
 
@@ -562,8 +594,10 @@ def track_storages(model, optimizer, *, record: bool, observer=None, saved_tenso
     estimator, memory_budget); ``saved_tensors`` installs the saved-tensor hooks that name activations
     (default: when recording; memory_budget asks for them without a timeline)."""
     if getattr(_active, "tracker", None) is not None:
-        raise RuntimeError("track_memory is already active: trackers cannot be nested. Use the outer tracker, "
-                           "or leave its block first (leak_check and profile_step start one of their own).")
+        raise RuntimeError(
+            "track_memory is already active: trackers cannot be nested. Use the outer tracker, "
+            "or leave its block first (leak_check and profile_step start one of their own)."
+        )
     tracker = MemoryTracker(model, optimizer, record=record, observer=observer)
     _active.tracker = tracker
     try:
@@ -572,8 +606,9 @@ def track_storages(model, optimizer, *, record: bool, observer=None, saved_tenso
         # keep would add Python objects that the check counts.
         if saved_tensors is None:
             saved_tensors = record
-        hooks = torch.autograd.graph.saved_tensors_hooks(tracker._pack, tracker._unpack) if saved_tensors \
-            else nullcontext()
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(tracker._pack, tracker._unpack) if saved_tensors else nullcontext()
+        )
         with _make_mode(tracker), hooks:
             yield tracker
     finally:
@@ -602,8 +637,9 @@ def recomputation():
         tracker.new_category = outer
 
 
-def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device=None, precision="fp32",
-                 checkpointing=None) -> MemoryReport:
+def profile_step(
+    model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, device=None, precision="fp32", checkpointing=None
+) -> MemoryReport:
     """Measure one training step of ``model`` on ``batch`` = (inputs, targets): a :class:`MemoryReport`.
 
     The step is forward, loss, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, measured
@@ -625,8 +661,10 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
         device = device_of(model)
         for name, tensor in (("inputs", inputs), ("targets", targets)):
             if tensor.device != device:
-                raise ValueError(f"batch {name} are on {tensor.device} but the model is on {device}: move both "
-                                 f"to one device, or pass device='{device.type}' to run the step there")
+                raise ValueError(
+                    f"batch {name} are on {tensor.device} but the model is on {device}: move both "
+                    f"to one device, or pass device='{device.type}' to run the step there"
+                )
     else:
         device = check_device(device)
     check_autocast(device.type, check_precision(precision))
@@ -645,6 +683,8 @@ def profile_step(model: nn.Module, batch, *, optimizer="sgd", loss_fn=None, devi
         with track_memory(work, opt) as tracker:
             tracker.adopt([inputs, targets], "inputs")
             train_step(work, opt, inputs, targets, **step)
-    return tracker.report(label=f"{type(model).__name__}, batch {len(inputs)}, "
-                                f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
-                                f"{tuning_label(precision, checkpointing)}")
+    return tracker.report(
+        label=f"{type(model).__name__}, batch {len(inputs)}, "
+        f"{optimizer if isinstance(optimizer, str) else 'custom optimizer'}"
+        f"{tuning_label(precision, checkpointing)}"
+    )

@@ -13,8 +13,13 @@ from .validation import GiB, MiB
 
 # One colour per category, the same in every figure of the course.
 COLORS = {
-    "parameters": "#4C72B0", "buffers": "#8172B3", "gradients": "#DD8452", "optimizer_state": "#C44E52",
-    "activations": "#55A868", "inputs": "#937860", "temporaries": "#CCB974",
+    "parameters": "#4C72B0",
+    "buffers": "#8172B3",
+    "gradients": "#DD8452",
+    "optimizer_state": "#C44E52",
+    "activations": "#55A868",
+    "inputs": "#937860",
+    "temporaries": "#CCB974",
 }
 
 
@@ -32,15 +37,19 @@ def plot_step_timeline(report: MemoryReport, *, title: str | None = None) -> Fig
     step of the axis. The dashed line and the label mark the peak.
     """
     if not isinstance(report, MemoryReport) or not report.timeline:
-        raise TypeError("report must be a MemoryReport with a timeline, as profile_step or "
-                        "tracker.report() returns")
+        raise TypeError("report must be a MemoryReport with a timeline, as profile_step or tracker.report() returns")
     categories = _categories([report])
     xs = list(range(len(report.timeline)))
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax = fig.subplots()
-    ax.stackplot(xs, [[p.bytes.get(c, 0) / MiB for p in report.timeline] for c in categories],
-                 labels=[c.replace("_", " ") for c in categories], colors=[COLORS.get(c) for c in categories],
-                 step="post", alpha=0.9)
+    ax.stackplot(
+        xs,
+        [[p.bytes.get(c, 0) / MiB for p in report.timeline] for c in categories],
+        labels=[c.replace("_", " ") for c in categories],
+        colors=[COLORS.get(c) for c in categories],
+        step="post",
+        alpha=0.9,
+    )
     # Shade and name each run of events in one phase.
     start, shade, last_label = 0, 0, (-len(xs), 1.0)
     for i in range(1, len(xs) + 1):
@@ -51,14 +60,26 @@ def plot_step_timeline(report: MemoryReport, *, title: str | None = None) -> Fig
                 # Names of short phases next to each other go on two rows so that they do not overlap.
                 center = (start + i - 1) / 2
                 y = 1.07 if center - last_label[0] < 0.12 * len(xs) and last_label[1] == 1.0 else 1.0
-                ax.text(center, y, report.timeline[start].phase, transform=ax.get_xaxis_transform(),
-                        ha="center", va="bottom", fontsize="small")
+                ax.text(
+                    center,
+                    y,
+                    report.timeline[start].phase,
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="bottom",
+                    fontsize="small",
+                )
                 last_label = (center, y)
             start = i
     peak_x = max(xs, key=lambda i: report.timeline[i].total)
     ax.axhline(report.peak_bytes / MiB, color="black", linestyle="--", linewidth=0.8)
-    ax.annotate(f"peak {report.peak_bytes / MiB:.1f} MiB", (peak_x, report.peak_bytes / MiB),
-                xytext=(4, 4), textcoords="offset points", fontsize="small")
+    ax.annotate(
+        f"peak {report.peak_bytes / MiB:.1f} MiB",
+        (peak_x, report.peak_bytes / MiB),
+        xytext=(4, 4),
+        textcoords="offset points",
+        fontsize="small",
+    )
     ax.set_xlim(-0.5, len(xs) - 0.5)
     ax.set_ylim(0, report.peak_bytes / MiB * 1.15 or 1)
     ax.set_xlabel("events of the step (allocations and frees, in order)")
@@ -74,10 +95,11 @@ def plot_peak_breakdown(reports, *, xlabel: str = "batch size", title: str | Non
 
     ``reports`` is a dict ``{batch size (or any label): MemoryReport}``.
     """
-    if not isinstance(reports, dict) or not reports or \
-            not all(isinstance(r, MemoryReport) for r in reports.values()):
-        raise TypeError("reports must be a non-empty dict {batch size: MemoryReport}, "
-                        "e.g. {b: batchlab.profile_step(model, batch_of(b)) for b in (16, 64, 256)}")
+    if not isinstance(reports, dict) or not reports or not all(isinstance(r, MemoryReport) for r in reports.values()):
+        raise TypeError(
+            "reports must be a non-empty dict {batch size: MemoryReport}, "
+            "e.g. {b: batchlab.profile_step(model, batch_of(b)) for b in (16, 64, 256)}"
+        )
     labels = [str(k) for k in reports]
     categories = _categories(list(reports.values()))
     fig = Figure(figsize=(7.5, 3.8), layout="constrained")
@@ -148,8 +170,14 @@ def plot_memory(points: dict, *, title: str = "") -> Figure:
         ax.barh(labels, widths, left=left, color=color, label=category.replace("_", " "))
         left = [a + b for a, b in zip(left, widths)]
     ax.axvline(profile.capacity / GiB, color="black", linestyle="--", linewidth=1)
-    ax.text(profile.capacity / GiB, 1.0, f" {_short(profile)}", transform=ax.get_xaxis_transform(),
-            va="bottom", fontsize="small")
+    ax.text(
+        profile.capacity / GiB,
+        1.0,
+        f" {_short(profile)}",
+        transform=ax.get_xaxis_transform(),
+        va="bottom",
+        fontsize="small",
+    )
     ax.set_xlim(0, max(left + [profile.capacity / GiB]) * 1.08)
     ax.set_xlabel("GiB at the step's peak" + (": CUDA context, tensors, allocator cache" if profile.reserved else ""))
     fig.legend(loc="outside right upper", fontsize="x-small")
@@ -159,8 +187,12 @@ def plot_memory(points: dict, *, title: str = "") -> Figure:
     return fig
 
 
-EXTRA_COLORS = {"workspaces": "#B07AA1", "allocator rounding": "#BAB0AC", "allocator cache": "#E5E5E5",
-                "CUDA context": "#7F7F7F"}
+EXTRA_COLORS = {
+    "workspaces": "#B07AA1",
+    "allocator rounding": "#BAB0AC",
+    "allocator cache": "#E5E5E5",
+    "CUDA context": "#7F7F7F",
+}
 
 
 def _bar_categories(points) -> list:

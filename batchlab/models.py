@@ -52,8 +52,10 @@ def _build(name: str, in_shape: tuple, num_classes: int) -> nn.Module:
     if name == "mlp":
         return nn.Sequential(
             nn.Flatten(),
-            nn.Linear(math.prod(in_shape), 512), nn.ReLU(),
-            nn.Linear(512, 512), nn.ReLU(),
+            nn.Linear(math.prod(in_shape), 512),
+            nn.ReLU(),
+            nn.Linear(512, 512),
+            nn.ReLU(),
             nn.Linear(512, num_classes),
         )
     if name in ("cnn", "cnn_bn"):
@@ -61,10 +63,17 @@ def _build(name: str, in_shape: tuple, num_classes: int) -> nn.Module:
             raise ValueError(f"in_shape must have height and width of at least 4 for a CNN, got {in_shape}")
         norm = nn.BatchNorm2d if name == "cnn_bn" else lambda _: nn.Identity()
         return nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), norm(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), norm(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 32, 3, padding=1),
+            norm(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            norm(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * (height // 4) * (width // 4), 128), nn.ReLU(),
+            nn.Linear(64 * (height // 4) * (width // 4), 128),
+            nn.ReLU(),
             nn.Linear(128, num_classes),
         )
     from torchvision.models import resnet18
@@ -99,8 +108,10 @@ class TransformerClassifier(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] > len(self.position):
-            raise ValueError(f"expected token ids of shape (batch, up to {len(self.position)}) and dtype "
-                             f"torch.long, got {tuple(tokens.shape)} {tokens.dtype}")
+            raise ValueError(
+                f"expected token ids of shape (batch, up to {len(self.position)}) and dtype "
+                f"torch.long, got {tuple(tokens.shape)} {tokens.dtype}"
+            )
         x = self.embed(tokens) + self.position[: tokens.shape[1]]
         return self.head(self.encoder(x).mean(dim=1))
 

@@ -36,12 +36,22 @@ _SIZE = r"(\d+(?:\.\d+)?) ?(bytes|byte|B|KiB|MiB|GiB|TiB)\b"
 # matches gives it.
 _PATTERNS = {
     "requested": [rf"Tried to allocate {_SIZE}"],
-    "total": [rf"total capaci?ty of {_SIZE}", rf"{_SIZE} total capaci?ty", rf"Of the {_SIZE} budget",
-              rf"of a {_SIZE} budget", rf"more than the {_SIZE} budget",
-              rf"max allowed: {_SIZE}"],  # the last: Apple's MPS backend
+    "total": [
+        rf"total capaci?ty of {_SIZE}",
+        rf"{_SIZE} total capaci?ty",
+        rf"Of the {_SIZE} budget",
+        rf"of a {_SIZE} budget",
+        rf"more than the {_SIZE} budget",
+        rf"max allowed: {_SIZE}",
+    ],  # the last: Apple's MPS backend
     "free": [rf"of which {_SIZE} is free", rf"{_SIZE} (?:is )?free\b"],
-    "allocated": [rf"Of the allocated memory {_SIZE} is allocated by PyTorch", rf"{_SIZE} already allocated",
-                  rf"{_SIZE} is in use by tensors", rf"{_SIZE} is allocated by tensors", rf"MPS allocated: {_SIZE}"],
+    "allocated": [
+        rf"Of the allocated memory {_SIZE} is allocated by PyTorch",
+        rf"{_SIZE} already allocated",
+        rf"{_SIZE} is in use by tensors",
+        rf"{_SIZE} is allocated by tensors",
+        rf"MPS allocated: {_SIZE}",
+    ],
     "reserved": [rf"{_SIZE} reserved in total by PyTorch", rf"{_SIZE} reserved, of a"],
     "unallocated": [rf"{_SIZE} is reserved by PyTorch but unallocated", rf"{_SIZE} cached\b"],
     "allowed": [rf"{_SIZE} allowed"],
@@ -59,7 +69,7 @@ _LADDER = (
     "batchlab.probe_batch_size(...) probes it.",
     "Keep the effective batch with gradient accumulation: chapter 6, batchlab.train(..., accumulation_steps=k) "
     "runs k micro-batches per optimizer step.",
-    "Store activations in half the bytes: chapter 8, mixed precision, batchlab.train(..., precision=\"bf16\").",
+    'Store activations in half the bytes: chapter 8, mixed precision, batchlab.train(..., precision="bf16").',
     "Recompute activations instead of keeping them: chapter 8, activation checkpointing "
     "(torch.utils.checkpoint), about sqrt(n) segments for n layers.",
     "Shrink the optimizer's state: chapter 8, optimizer memory (batchlab.make_optimizer): SGD keeps no extra "
@@ -114,17 +124,22 @@ class OOMReport:
             return "not given" if n is None else format_bytes(n)
 
         where = "simulated GPU budget" if self.simulated else "GPU"
-        lines = [f"Out of memory ({where}): cause {self.cause!r}",
-                 f"  requested      {size(self.requested_bytes)}",
-                 f"  total          {size(self.total_bytes)}" + (
-                     f" ({format_bytes(self.allowed_bytes)} allowed)" if self.allowed_bytes is not None else ""),
-                 f"  free           {size(self.free_bytes)}",
-                 f"  allocated      {size(self.allocated_bytes)} (tensors)",
-                 f"  reserved       {size(self.reserved_bytes)}" + (
-                     f" (all PyTorch holds; {format_bytes(self.unallocated_bytes)} of it unallocated)"
-                     if self.unallocated_bytes is not None else ""),
-                 f"  outside        {size(self.outside_bytes)}"
-                 + (" (total - free - reserved)" if self.outside_bytes is not None else "")]
+        lines = [
+            f"Out of memory ({where}): cause {self.cause!r}",
+            f"  requested      {size(self.requested_bytes)}",
+            f"  total          {size(self.total_bytes)}"
+            + (f" ({format_bytes(self.allowed_bytes)} allowed)" if self.allowed_bytes is not None else ""),
+            f"  free           {size(self.free_bytes)}",
+            f"  allocated      {size(self.allocated_bytes)} (tensors)",
+            f"  reserved       {size(self.reserved_bytes)}"
+            + (
+                f" (all PyTorch holds; {format_bytes(self.unallocated_bytes)} of it unallocated)"
+                if self.unallocated_bytes is not None
+                else ""
+            ),
+            f"  outside        {size(self.outside_bytes)}"
+            + (" (total - free - reserved)" if self.outside_bytes is not None else ""),
+        ]
         if self.needed_bytes is not None:
             lines.append(f"  step needs     {size(self.needed_bytes)} at its peak")
         if self.process_bytes is not None:
@@ -169,7 +184,8 @@ def explain_oom(error) -> OOMReport:
         raise ValueError(
             f"error must be an out-of-memory error or its message, such as 'CUDA out of memory. Tried to allocate "
             f"20.00 MiB (GPU 0; 4.00 GiB total capacity; ...)' or '... GPU 0 has a total capacity of 4.00 GiB of "
-            f"which 0 bytes is free ...', got {shown}")
+            f"which 0 bytes is free ...', got {shown}"
+        )
     simulated = "simulated" in flat.lower()
     _fill_simulated(flat, found)
     if found["reserved"] is None and None not in (found["allocated"], found["unallocated"]):
@@ -178,11 +194,23 @@ def explain_oom(error) -> OOMReport:
     missing = tuple(name for name in _CORE if found[name] is None)
     notes = list(skipped) + _notes(found)
     return OOMReport(
-        requested_bytes=found["requested"], total_bytes=found["total"], free_bytes=found["free"],
-        allocated_bytes=found["allocated"], reserved_bytes=found["reserved"], process_bytes=found["process"],
+        requested_bytes=found["requested"],
+        total_bytes=found["total"],
+        free_bytes=found["free"],
+        allocated_bytes=found["allocated"],
+        reserved_bytes=found["reserved"],
+        process_bytes=found["process"],
         other_processes=processes if processes or found["process"] is not None else None,
-        cause=cause, reason=reason, advice=_advice(cause, found, processes), missing=missing, notes=tuple(notes),
-        simulated=simulated, text=text, allowed_bytes=found["allowed"], needed_bytes=found["needed"])
+        cause=cause,
+        reason=reason,
+        advice=_advice(cause, found, processes),
+        missing=missing,
+        notes=tuple(notes),
+        simulated=simulated,
+        text=text,
+        allowed_bytes=found["allowed"],
+        needed_bytes=found["needed"],
+    )
 
 
 def _message_of(error) -> str:
@@ -190,8 +218,10 @@ def _message_of(error) -> str:
         return error
     if isinstance(error, BaseException):
         return str(error)
-    raise TypeError(f"error must be an exception (e.g. torch.OutOfMemoryError) or its message as a str, "
-                    f"got {error!r} ({type(error).__name__})")
+    raise TypeError(
+        f"error must be an exception (e.g. torch.OutOfMemoryError) or its message as a str, "
+        f"got {error!r} ({type(error).__name__})"
+    )
 
 
 def _bytes(number: str, unit: str) -> int:
@@ -220,33 +250,50 @@ def _cause(found: dict, device: str):
     gpu = min(total, found["allowed"]) if total is not None and found["allowed"] is not None else total
     skipped = []
     if None in (requested, gpu):
-        skipped.append("single_allocation was not checked: the message gives no "
-                       + _names_missing(request=requested, total=gpu))
+        skipped.append(
+            "single_allocation was not checked: the message gives no " + _names_missing(request=requested, total=gpu)
+        )
     elif requested > gpu / 2:
-        return ("single_allocation", f"one request of {format_bytes(requested)} is more than half the "
-                f"{format_bytes(gpu)} {device} ({requested / gpu:.0%} of it): shrink that one tensor; a "
-                f"smaller batch helps only as far as that tensor grows with the batch", skipped)
+        return (
+            "single_allocation",
+            f"one request of {format_bytes(requested)} is more than half the "
+            f"{format_bytes(gpu)} {device} ({requested / gpu:.0%} of it): shrink that one tensor; a "
+            f"smaller batch helps only as far as that tensor grows with the batch",
+            skipped,
+        )
     if None in (total, free, reserved):
-        skipped.append("other_processes was not checked: the message gives no "
-                       + _names_missing(total=total, free=free, reserved=reserved))
+        skipped.append(
+            "other_processes was not checked: the message gives no "
+            + _names_missing(total=total, free=free, reserved=reserved)
+        )
     elif total - free - reserved > total / 2:
         outside = total - free - reserved
-        reason = (f"{format_bytes(outside)} of the {format_bytes(total)} {device} ({outside / total:.0%}) "
-                  f"is held outside this process's PyTorch reservation (total - free - reserved)")
+        reason = (
+            f"{format_bytes(outside)} of the {format_bytes(total)} {device} ({outside / total:.0%}) "
+            f"is held outside this process's PyTorch reservation (total - free - reserved)"
+        )
         if found["process"] is not None:
             mine = max(found["process"] - reserved, 0)
-            reason += (f": {format_bytes(mine)} by this process outside PyTorch (CUDA context, other libraries), "
-                       f"{format_bytes(max(outside - mine, 0))} by other processes")
+            reason += (
+                f": {format_bytes(mine)} by this process outside PyTorch (CUDA context, other libraries), "
+                f"{format_bytes(max(outside - mine, 0))} by other processes"
+            )
         else:
             reason += ": other processes, or another library in this one"
         return "other_processes", reason, skipped
     if None in (requested, gpu, allocated, reserved):
-        skipped.append("fragmentation was not checked: the message gives no "
-                       + _names_missing(request=requested, total=gpu, allocated=allocated, reserved=reserved))
+        skipped.append(
+            "fragmentation was not checked: the message gives no "
+            + _names_missing(request=requested, total=gpu, allocated=allocated, reserved=reserved)
+        )
     elif reserved - allocated >= requested and reserved - allocated >= gpu / 10:
-        return ("fragmentation", f"PyTorch reserved {format_bytes(reserved - allocated)} that no tensor uses, "
-                f"at least the {format_bytes(requested)} request and a tenth of the {device}, yet found no "
-                f"block for it: the cache is fragmented", skipped)
+        return (
+            "fragmentation",
+            f"PyTorch reserved {format_bytes(reserved - allocated)} that no tensor uses, "
+            f"at least the {format_bytes(requested)} request and a tenth of the {device}, yet found no "
+            f"block for it: the cache is fragmented",
+            skipped,
+        )
     if allocated is not None:
         reason = f"this process's tensors ({format_bytes(allocated)}) fill the memory: the step must need less"
     elif found["needed"] is not None:
@@ -254,8 +301,10 @@ def _cause(found: dict, device: str):
         times = f", {needed / total:.2f} times the {format_bytes(total)} {device}" if total else ""
         reason = f"the step needs {format_bytes(needed)} at its peak{times}: it must need less"
     else:
-        reason = ("the message gives too few numbers to tell the causes apart; the usual one is that this "
-                  "process's tensors fill the memory")
+        reason = (
+            "the message gives too few numbers to tell the causes apart; the usual one is that this "
+            "process's tensors fill the memory"
+        )
     return "out_of_memory", reason, skipped
 
 
@@ -268,17 +317,23 @@ def _notes(found: dict) -> list:
     total, reserved, requested, free = found["total"], found["reserved"], found["requested"], found["free"]
     notes = []
     if requested is not None and free is not None and free >= requested:
-        notes.append(f"the GPU reported {format_bytes(free)} free, at least the request: the allocator asks the "
-                     f"driver for a whole segment (rounded up), the free memory may be in pieces, or a memory "
-                     f"fraction (torch.cuda.set_per_process_memory_fraction) limits this process")
+        notes.append(
+            f"the GPU reported {format_bytes(free)} free, at least the request: the allocator asks the "
+            f"driver for a whole segment (rounded up), the free memory may be in pieces, or a memory "
+            f"fraction (torch.cuda.set_per_process_memory_fraction) limits this process"
+        )
     if found["allowed"] is not None:
-        notes.append(f"this process may use only {format_bytes(found['allowed'])} of the GPU "
-                     f"(torch.cuda.set_per_process_memory_fraction): the rules measure against that; raise the "
-                     f"fraction if the GPU has room")
+        notes.append(
+            f"this process may use only {format_bytes(found['allowed'])} of the GPU "
+            f"(torch.cuda.set_per_process_memory_fraction): the rules measure against that; raise the "
+            f"fraction if the GPU has room"
+        )
     held = max((n for n in (found["allocated"], reserved) if n is not None), default=None)
     if total is not None and held is not None and held > total:
-        notes.append(f"PyTorch holds {format_bytes(held)}, more than the {format_bytes(total)} total: the driver "
-                     f"is lending it system memory (Windows' shared GPU memory), much slower than the GPU's own")
+        notes.append(
+            f"PyTorch holds {format_bytes(held)}, more than the {format_bytes(total)} total: the driver "
+            f"is lending it system memory (Windows' shared GPU memory), much slower than the GPU's own"
+        )
     return notes
 
 
@@ -291,14 +346,15 @@ def _advice(cause: str, found: dict, processes: tuple) -> tuple:
             f"computed in chunks. Chapter 4, batchlab.estimate_memory(...) shows in which phase and category "
             f"the peak is, so you know which tensor it is.",
             "Halve its bytes if it is an activation: chapter 8, mixed precision, batchlab.train(..., "
-            "precision=\"bf16\").",
+            'precision="bf16").',
             "Then fit the batch to what is left: chapter 4, batchlab.max_batch_size(...).",
         )
     if cause == "other_processes":
         listed = ""
         if processes:
-            listed = " The message lists " + ", ".join(f"process {pid} with {format_bytes(n)}"
-                                                       for pid, n in processes) + "."
+            listed = (
+                " The message lists " + ", ".join(f"process {pid} with {format_bytes(n)}" for pid, n in processes) + "."
+            )
         return (
             "Find what holds the memory with nvidia-smi and stop it: often another notebook's kernel (shut it "
             "down) or another library in this process. Chapter 4, the caching allocator, explains why "

@@ -153,9 +153,12 @@ class FitPlan:
         optimizer is included when it is a name ("sgd", "adam"); pass your own function to ``train`` again.
         """
         option = self.chosen if option is None else option
-        kwargs = dict(batch_size=self.effective_batch,
-                      accumulation_steps=option.accumulation_steps if option.even else list(option.micro_batches),
-                      precision=option.precision, checkpointing="blocks" if option.checkpointing else None)
+        kwargs = dict(
+            batch_size=self.effective_batch,
+            accumulation_steps=option.accumulation_steps if option.even else list(option.micro_batches),
+            precision=option.precision,
+            checkpointing="blocks" if option.checkpointing else None,
+        )
         if isinstance(self.optimizer, str):
             kwargs["optimizer"] = self.optimizer
         return kwargs
@@ -171,31 +174,64 @@ class FitPlan:
         return base_lr * self.effective_batch / base_batch
 
     def learning_rate_note(self) -> str:
-        return (f"Learning rate: every step averages the gradient over {self.effective_batch} samples whatever the "
-                f"micro-batches, so keep the learning rate of batch {self.effective_batch}; from one tuned at a "
-                f"smaller batch, scale it linearly: plan.learning_rate(base_lr, base_batch) = base_lr x "
-                f"{self.effective_batch} / base_batch (chapter 1's rule, with its warm-up and its limits).")
+        return (
+            f"Learning rate: every step averages the gradient over {self.effective_batch} samples whatever the "
+            f"micro-batches, so keep the learning rate of batch {self.effective_batch}; from one tuned at a "
+            f"smaller batch, scale it linearly: plan.learning_rate(base_lr, base_batch) = base_lr x "
+            f"{self.effective_batch} / base_batch (chapter 1's rule, with its warm-up and its limits)."
+        )
 
     def __repr__(self) -> str:
-        header = ("", "micro-batches", "steps", "largest fitting", "precision", "checkpointing", "peak", "reserved",
-                  "cost")
-        rows = [("*" if i == 0 else "", describe_micro_batches(o.micro_batches), str(o.accumulation_steps),
-                 str(o.max_micro_batch), o.precision, "blocks" if o.checkpointing else "no", format_bytes(o.peak_bytes),
-                 format_bytes(o.reserved_bytes) if o.reserved_bytes is not None else "-", f"{o.cost:.2f}")
-                for i, o in enumerate(self.options)]
+        header = (
+            "",
+            "micro-batches",
+            "steps",
+            "largest fitting",
+            "precision",
+            "checkpointing",
+            "peak",
+            "reserved",
+            "cost",
+        )
+        rows = [
+            (
+                "*" if i == 0 else "",
+                describe_micro_batches(o.micro_batches),
+                str(o.accumulation_steps),
+                str(o.max_micro_batch),
+                o.precision,
+                "blocks" if o.checkpointing else "no",
+                format_bytes(o.peak_bytes),
+                format_bytes(o.reserved_bytes) if o.reserved_bytes is not None else "-",
+                f"{o.cost:.2f}",
+            )
+            for i, o in enumerate(self.options)
+        ]
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
         count = f"{len(self.options)} option{'s' if len(self.options) != 1 else ''}"
-        lines = [f"FitPlan: effective batch {self.effective_batch} in {format_bytes(self.budget)} on {self.device} "
-                 f"({count}, best first; largest fitting = batchlab.max_batch_size; cost = predicted step time / "
-                 f"one fp32 step of the whole batch)"]
+        lines = [
+            f"FitPlan: effective batch {self.effective_batch} in {format_bytes(self.budget)} on {self.device} "
+            f"({count}, best first; largest fitting = batchlab.max_batch_size; cost = predicted step time / "
+            f"one fp32 step of the whole batch)"
+        ]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines += [f"note: {note}" for note in self.notes] + [self.learning_rate_note()]
         return "\n".join(lines)
 
 
-def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, optimizer="sgd", loss_fn=None,
-             device: str = "cuda", precisions=("fp32", "bf16"), checkpointing=(False, True),
-             progress: bool = True) -> FitPlan:
+def plan_fit(
+    model: nn.Module,
+    make_batch,
+    *,
+    budget,
+    effective_batch: int,
+    optimizer="sgd",
+    loss_fn=None,
+    device: str = "cuda",
+    precisions=("fp32", "bf16"),
+    checkpointing=(False, True),
+    progress: bool = True,
+) -> FitPlan:
     """The ways to train ``model`` with exactly ``effective_batch`` samples per optimizer step in ``budget``.
 
     ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors cost nothing);
@@ -216,27 +252,30 @@ def plan_fit(model: nn.Module, make_batch, *, budget, effective_batch: int, opti
     precision and checkpointing); ``model`` is only read. ``progress`` draws a bar over the settings.
     """
     check_bool("progress", progress)
-    budget, effective_batch, levers, notes = _check_plan_args(model, make_batch, budget, effective_batch, optimizer,
-                                                              loss_fn, device, precisions, checkpointing)
+    budget, effective_batch, levers, notes = _check_plan_args(
+        model, make_batch, budget, effective_batch, optimizer, loss_fn, device, precisions, checkpointing
+    )
     common = dict(optimizer=optimizer, loss_fn=loss_fn, device=device)
     cache = {}
     smallest = _smallest_batch(model, make_batch, common, cache)
     if effective_batch < smallest:
-        raise ValueError(f"effective_batch must be at least {smallest} for this model (BatchNorm needs two samples "
-                         f"per micro-batch in training), got {effective_batch}")
+        raise ValueError(
+            f"effective_batch must be at least {smallest} for this model (BatchNorm needs two samples "
+            f"per micro-batch in training), got {effective_batch}"
+        )
     options = []
     with progress_bar(progress, total=len(levers), desc="plan_fit", unit="setting") as bar:
         for precision, checkpoint in levers:
             bar.set_postfix(precision=precision, checkpointing=checkpoint, refresh=False)
-            option = _plan_for(model, make_batch, budget, effective_batch, smallest, precision, checkpoint, common,
-                               cache)
+            option = _plan_for(
+                model, make_batch, budget, effective_batch, smallest, precision, checkpoint, common, cache
+            )
             if option is not None:
                 options.append(option)
             bar.update()
     if not options:
         raise ValueError(_nothing_fits(model, make_batch, budget, effective_batch, smallest, levers, common, cache))
-    options.sort(key=lambda o: (round(o.cost, 6), o.accumulation_steps, PRECISIONS.index(o.precision),
-                                o.checkpointing))
+    options.sort(key=lambda o: (round(o.cost, 6), o.accumulation_steps, PRECISIONS.index(o.precision), o.checkpointing))
     return FitPlan(effective_batch, budget, device, optimizer, options, notes)
 
 
@@ -249,8 +288,15 @@ def _estimate(model, make_batch, n, accumulation, precision, checkpoint, common,
     key = (n, accumulation, precision, checkpoint, budget)
     if key not in cache:
         try:
-            cache[key] = estimate_memory(model, make_batch(n), accumulation_steps=accumulation, precision=precision,
-                                         checkpointing="blocks" if checkpoint else None, budget=budget, **common)
+            cache[key] = estimate_memory(
+                model,
+                make_batch(n),
+                accumulation_steps=accumulation,
+                precision=precision,
+                checkpointing="blocks" if checkpoint else None,
+                budget=budget,
+                **common,
+            )
         except torch.OutOfMemoryError:
             cache[key] = None
     return cache[key]
@@ -259,8 +305,16 @@ def _estimate(model, make_batch, n, accumulation, precision, checkpoint, common,
 def _plan_for(model, make_batch, budget, effective_batch, smallest, precision, checkpoint, common, cache):
     """The option for one precision and checkpointing setting, or None if not even ``smallest`` fits."""
     try:
-        largest = max_batch_size(model, make_batch, budget=budget, limit=effective_batch, precision=precision,
-                                 checkpointing="blocks" if checkpoint else None, progress=False, **common)
+        largest = max_batch_size(
+            model,
+            make_batch,
+            budget=budget,
+            limit=effective_batch,
+            precision=precision,
+            checkpointing="blocks" if checkpoint else None,
+            progress=False,
+            **common,
+        )
     except ValueError as error:
         if "does not fit" not in str(error):
             raise
@@ -280,8 +334,15 @@ def _plan_for(model, make_batch, budget, effective_batch, smallest, precision, c
             return None
         parts = math.ceil(effective_batch / (sizes[0] - 1))  # a micro-batch one sample smaller
     seconds = sum(micro_step_seconds(size, precision=precision, checkpointing=checkpoint) for size in sizes)
-    return PlanOption(sizes, precision, checkpoint, report.peak_bytes, report.reserved_bytes,
-                      seconds / micro_step_seconds(effective_batch), largest)
+    return PlanOption(
+        sizes,
+        precision,
+        checkpoint,
+        report.peak_bytes,
+        report.reserved_bytes,
+        seconds / micro_step_seconds(effective_batch),
+        largest,
+    )
 
 
 def _smallest_batch(model, make_batch, common, cache) -> int:
@@ -297,14 +358,15 @@ def _smallest_batch(model, make_batch, common, cache) -> int:
             raise  # the meta device cannot run an operation: estimate_memory's own message says where
         except RuntimeError as error:
             inputs, _ = make_batch(n)
-            raise ValueError(f"make_batch returned inputs of shape {shape_of(inputs)}, which the model cannot "
-                             f"take: {str(error).splitlines()[0]}. make_batch(n) must build n samples of the "
-                             f"shape the model expects") from error
+            raise ValueError(
+                f"make_batch returned inputs of shape {shape_of(inputs)}, which the model cannot "
+                f"take: {str(error).splitlines()[0]}. make_batch(n) must build n samples of the "
+                f"shape the model expects"
+            ) from error
     raise AssertionError("unreachable: a batch of two has two values per channel")
 
 
-def _check_plan_args(model, make_batch, budget, effective_batch, optimizer, loss_fn, device, precisions,
-                     checkpointing):
+def _check_plan_args(model, make_batch, budget, effective_batch, optimizer, loss_fn, device, precisions, checkpointing):
     """Every argument of :func:`plan_fit`, checked before any estimate runs; returns what the search needs."""
     check_model(model)
     budget = parse_bytes("budget", budget)
@@ -312,22 +374,28 @@ def _check_plan_args(model, make_batch, budget, effective_batch, optimizer, loss
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
     check_choice("device", device, ("cuda", "cpu"))
-    precisions = _settings("precisions", precisions, str, lambda p: check_precision(p, "precisions"),
-                           "'fp32', 'bf16', 'fp16'")
-    checkpoints = _settings("checkpointing", checkpointing, bool, lambda c: check_bool("checkpointing", c),
-                            "False, True")
+    precisions = _settings(
+        "precisions", precisions, str, lambda p: check_precision(p, "precisions"), "'fp32', 'bf16', 'fp16'"
+    )
+    checkpoints = _settings(
+        "checkpointing", checkpointing, bool, lambda c: check_bool("checkpointing", c), "False, True"
+    )
     notes = []
     if True in checkpoints and not checkpoint_blocks(model):
         if checkpoints == (True,):
-            raise ValueError(f"checkpointing=True needs a model with blocks to checkpoint, and {type(model).__name__} "
-                             f"has none (see batchlab.checkpoint_blocks): pass checkpointing=False")
+            raise ValueError(
+                f"checkpointing=True needs a model with blocks to checkpoint, and {type(model).__name__} "
+                f"has none (see batchlab.checkpoint_blocks): pass checkpointing=False"
+            )
         checkpoints = tuple(c for c in checkpoints if not c)
         notes.append(f"{type(model).__name__} has no blocks batchlab can checkpoint: plans without checkpointing only")
     weights = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     if budget < weights:
-        raise ValueError(f"budget {format_bytes(budget)} is smaller than the model's weights and gradients alone "
-                         f"({format_bytes(weights)}): no batch can fit; give a budget of at least that plus the "
-                         f"optimizer state and the activations")
+        raise ValueError(
+            f"budget {format_bytes(budget)} is smaller than the model's weights and gradients alone "
+            f"({format_bytes(weights)}): no batch can fit; give a budget of at least that plus the "
+            f"optimizer state and the activations"
+        )
     _check_make_batch(make_batch, effective_batch)
     return budget, effective_batch, [(p, c) for p in precisions for c in checkpoints], notes
 
@@ -356,19 +424,25 @@ def _check_make_batch(make_batch, effective_batch: int) -> None:
         try:
             inputs, targets = check_batch(make_batch(n), f"make_batch({n})", keyword_inputs=True)
         except (IndexError, RuntimeError) as error:
-            raise ValueError(f"effective_batch {effective_batch} is more than make_batch can make: make_batch({n}) "
-                             f"failed with {type(error).__name__}: {error}") from error
+            raise ValueError(
+                f"effective_batch {effective_batch} is more than make_batch can make: make_batch({n}) "
+                f"failed with {type(error).__name__}: {error}"
+            ) from error
         made = batch_length(inputs)
         if made != n:
             if n == padded > made >= effective_batch:
-                what = (f"make_batch must make {padded} samples (effective_batch {effective_batch} plus "
-                        f"max_batch_size's {SAFETY_MARGIN:.0%} safety margin) to plan it")
+                what = (
+                    f"make_batch must make {padded} samples (effective_batch {effective_batch} plus "
+                    f"max_batch_size's {SAFETY_MARGIN:.0%} safety margin) to plan it"
+                )
             elif n == effective_batch > made:
                 what = f"effective_batch {effective_batch} is larger than make_batch can make"
             else:
                 what = f"make_batch({n}) must return {n} samples"
-            raise ValueError(f"{what}: make_batch({n}) returned inputs of shape {shape_of(inputs)}; make_batch(n) "
-                             f"must build a batch with n as its first dimension")
+            raise ValueError(
+                f"{what}: make_batch({n}) returned inputs of shape {shape_of(inputs)}; make_batch(n) "
+                f"must build a batch with n as its first dimension"
+            )
         shapes[n] = shape_of(inputs, per_sample=True)
     if len({str(shape) for shape in shapes.values()}) > 1:
         raise ValueError(f"make_batch must build samples of one shape, but it gave {shapes} (n: shape per sample)")
@@ -377,39 +451,48 @@ def _check_make_batch(make_batch, effective_batch: int) -> None:
 def _nothing_fits(model, make_batch, budget, effective_batch, smallest, levers, common, cache) -> str:
     """Why not even a micro-batch of ``smallest`` fits: what it needs by category, and the levers that help."""
     base = _estimate(model, make_batch, smallest, 1, "fp32", False, common, cache)
-    parts = ", ".join(f"{c} {format_bytes(b)}" for c, b in sorted(base.breakdown.items(), key=lambda cb: -cb[1])
-                      if b)
+    parts = ", ".join(f"{c} {format_bytes(b)}" for c, b in sorted(base.breakdown.items(), key=lambda cb: -cb[1]) if b)
     needed = max(base.peak_bytes, base.reserved_bytes or 0)
-    savings = {"bf16 autocast (precisions=('bf16',), chapter 8)":
-               needed - _needed(_estimate(model, make_batch, smallest, 1, "bf16", False, common, cache))}
+    savings = {
+        "bf16 autocast (precisions=('bf16',), chapter 8)": needed
+        - _needed(_estimate(model, make_batch, smallest, 1, "bf16", False, common, cache))
+    }
     if checkpoint_blocks(model):
-        savings["activation checkpointing (checkpointing=True, chapter 8)"] = \
-            needed - _needed(_estimate(model, make_batch, smallest, 1, "fp32", True, common, cache))
+        savings["activation checkpointing (checkpointing=True, chapter 8)"] = needed - _needed(
+            _estimate(model, make_batch, smallest, 1, "fp32", True, common, cache)
+        )
     state = base.breakdown.get("optimizer_state", 0)
     name = common["optimizer"] if isinstance(common["optimizer"], str) else "this optimizer"
     savings[f"an optimizer with less state than {name!r} (SGD without momentum keeps none, chapter 8)"] = state
     fixed = sum(base.breakdown.get(c, 0) for c in ("parameters", "gradients", "optimizer_state"))
-    savings["a smaller model (its weights, gradients and optimizer state: half the parameters, half of "
-            f"{format_bytes(fixed)})"] = fixed // 2
+    savings[
+        "a smaller model (its weights, gradients and optimizer state: half the parameters, half of "
+        f"{format_bytes(fixed)})"
+    ] = fixed // 2
     scaled = sum(base.breakdown.get(c, 0) for c in ("activations", "inputs"))
     savings[f"a smaller input (activations and inputs scale with it: half of {format_bytes(scaled)})"] = scaled // 2
     over = needed - budget
     if over <= 0:  # one micro-batch fits alone: what does not is the step that holds the whole batch
         inputs = base.breakdown.get("inputs", 0) * effective_batch // smallest
-        return (f"nothing fits: a micro-batch of {smallest} fits budget {format_bytes(budget)} on "
-                f"{common['device']} alone (it needs {format_bytes(needed)}), but a step of {effective_batch} samples "
-                f"keeps the whole batch's inputs alive while its micro-batches run (train loads the effective "
-                f"batch at once): about {format_bytes(inputs)} of inputs beside the model's "
-                f"{format_bytes(fixed)} of weights, gradients and optimizer state. Use a smaller effective_batch, "
-                f"smaller inputs, a lighter optimizer or a larger budget (tried {', '.join(p for p, _ in levers)}).")
+        return (
+            f"nothing fits: a micro-batch of {smallest} fits budget {format_bytes(budget)} on "
+            f"{common['device']} alone (it needs {format_bytes(needed)}), but a step of {effective_batch} samples "
+            f"keeps the whole batch's inputs alive while its micro-batches run (train loads the effective "
+            f"batch at once): about {format_bytes(inputs)} of inputs beside the model's "
+            f"{format_bytes(fixed)} of weights, gradients and optimizer state. Use a smaller effective_batch, "
+            f"smaller inputs, a lighter optimizer or a larger budget (tried {', '.join(p for p, _ in levers)})."
+        )
     ranked = sorted(savings.items(), key=lambda kv: -kv[1])
-    advice = "; ".join(f"{lever}: saves about {format_bytes(max(s, 0))}{' (enough alone)' if s >= over else ''}"
-                       for lever, s in ranked)
+    advice = "; ".join(
+        f"{lever}: saves about {format_bytes(max(s, 0))}{' (enough alone)' if s >= over else ''}" for lever, s in ranked
+    )
     tried = ", ".join(f"{p}{' checkpointed' if c else ''}" for p, c in levers)
-    return (f"nothing fits: plan_fit found no way to run {effective_batch} samples per step in budget "
-            f"{format_bytes(budget)} on {common['device']}, not even micro-batches of {smallest} (tried {tried}). "
-            f"A batch of {smallest} in fp32 needs {format_bytes(needed)} ({parts}), {format_bytes(over)} over the "
-            f"budget. The lever that helps most comes first: {advice}. Or a larger budget.")
+    return (
+        f"nothing fits: plan_fit found no way to run {effective_batch} samples per step in budget "
+        f"{format_bytes(budget)} on {common['device']}, not even micro-batches of {smallest} (tried {tried}). "
+        f"A batch of {smallest} in fp32 needs {format_bytes(needed)} ({parts}), {format_bytes(over)} over the "
+        f"budget. The lever that helps most comes first: {advice}. Or a larger budget."
+    )
 
 
 def _needed(report) -> int:

@@ -16,8 +16,14 @@ from .training import History
 X_AXES = {"steps": "optimizer steps", "samples": "samples seen", "seconds": "wall-clock seconds"}
 
 
-def plot_histories(histories, x=("steps", "samples", "seconds"), *, title: str | None = None,
-                   log_loss: bool = True, smooth: float = 0.05) -> Figure:
+def plot_histories(
+    histories,
+    x=("steps", "samples", "seconds"),
+    *,
+    title: str | None = None,
+    log_loss: bool = True,
+    smooth: float = 0.05,
+) -> Figure:
     """Training loss of several runs against each of ``x`` (steps, samples, seconds), one panel each.
 
     Comparing the panels is the point of chapter 1: a large batch looks best per step, a small batch
@@ -71,8 +77,9 @@ def figure_to_png(fig: Figure, dpi: int = 80) -> bytes:
     return buffer.getvalue()
 
 
-def plot_convergence(histories, *, dashed=(),
-                     title: str = "loss on the digits, trained on this machine's CPU") -> Figure:
+def plot_convergence(
+    histories, *, dashed=(), title: str = "loss on the digits, trained on this machine's CPU"
+) -> Figure:
     """The explorer's convergence panel: loss against steps and samples on a linear axis (the runs span a
     factor of a few, not decades), the histories labelled in ``dashed`` drawn dashed (accumulated runs), so
     that one lying on its full-batch twin stays visible."""

@@ -41,8 +41,9 @@ class ProcessMemory:
     def of(cls, process: psutil.Process, tensor_bytes: int | None = None) -> ProcessMemory:
         """What the operating system reports for ``process`` now (``psutil``'s full memory info)."""
         info = process.memory_full_info()
-        return cls(rss_bytes=info.rss, uss_bytes=info.uss, pss_bytes=getattr(info, "pss", None),
-                   tensor_bytes=tensor_bytes)
+        return cls(
+            rss_bytes=info.rss, uss_bytes=info.uss, pss_bytes=getattr(info, "pss", None), tensor_bytes=tensor_bytes
+        )
 
     @property
     def other_bytes(self) -> int | None:
@@ -53,10 +54,14 @@ class ProcessMemory:
         shared = f"PSS {self.pss_bytes / MiB:.1f} MiB, " if self.pss_bytes is not None else ""
         own = f"{shared}USS {self.uss_bytes / MiB:.1f} MiB"
         if self.tensor_bytes is None:
-            return (f"ProcessMemory(resident {self.rss_bytes / MiB:.1f} MiB, {own}; its tensors are not known: "
-                    "measured from outside the process)")
-        return (f"ProcessMemory(resident {self.rss_bytes / MiB:.1f} MiB, of which CPU tensors "
-                f"{self.tensor_bytes / MiB:.1f} MiB and everything else {self.other_bytes / MiB:.1f} MiB; {own})")
+            return (
+                f"ProcessMemory(resident {self.rss_bytes / MiB:.1f} MiB, {own}; its tensors are not known: "
+                "measured from outside the process)"
+            )
+        return (
+            f"ProcessMemory(resident {self.rss_bytes / MiB:.1f} MiB, of which CPU tensors "
+            f"{self.tensor_bytes / MiB:.1f} MiB and everything else {self.other_bytes / MiB:.1f} MiB; {own})"
+        )
 
 
 _TENSOR_TYPES: dict = {}  # type -> is it a tensor type? (cached: asked for every object gc knows)

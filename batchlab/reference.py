@@ -32,16 +32,21 @@ def gpu_reference() -> dict:
 _H100_TOTAL = 85_017_493_504
 _SPEC = "NVIDIA specifications, nominal"
 GPUS = {
-    "T4": (15 * 2**30, "NVIDIA specifications 16 GB GDDR6, of which ECC (on by default) keeps 1 GiB: nvidia-smi shows "
-                       "15360 MiB"),
+    "T4": (
+        15 * 2**30,
+        "NVIDIA specifications 16 GB GDDR6, of which ECC (on by default) keeps 1 GiB: nvidia-smi shows 15360 MiB",
+    ),
     "V100-16GB": (16 * 2**30, f"{_SPEC} 16 GB HBM2"),
     "V100-32GB": (32 * 2**30, f"{_SPEC} 32 GB HBM2"),
     "A10G": (24 * 2**30, f"{_SPEC} 24 GB GDDR6 (AWS G5 instances)"),
     "L4": (24 * 2**30, f"{_SPEC} 24 GB GDDR6"),
     "A100-40GB": (40 * 2**30, f"{_SPEC} 40 GB HBM2"),
     "A100-80GB": (80 * 2**30, f"{_SPEC} 80 GB HBM2e"),
-    "H100-80GB": (_H100_TOTAL, "measured: torch.cuda.mem_get_info total of an NVIDIA H100 80GB HBM3 "
-                               "(batchlab/data/gpu_memory_h100.json, context.total)"),
+    "H100-80GB": (
+        _H100_TOTAL,
+        "measured: torch.cuda.mem_get_info total of an NVIDIA H100 80GB HBM3 "
+        "(batchlab/data/gpu_memory_h100.json, context.total)",
+    ),
     "RTX3060": (12 * 2**30, f"{_SPEC} 12 GB GDDR6"),
     "RTX3080": (10 * 2**30, f"{_SPEC} 10 GB GDDR6X"),
     "RTX3090": (24 * 2**30, f"{_SPEC} 24 GB GDDR6X"),
@@ -66,14 +71,24 @@ def gpu_memory(gpu, name: str = "gpu") -> dict:
         exact = [k for k in keys if "".join(ch for ch in k if ch.isalnum()) == wanted]
         if len(exact) != 1 and len(keys) != 1:
             which = f"it could be {', '.join(keys)}" if keys else "it is not one batchlab knows"
-            raise ValueError(f"{name} {gpu!r} is not a card in batchlab.reference.GPUS ({which}): give one of "
-                             f"{', '.join(GPUS)}, or its memory such as '12GiB'")
+            raise ValueError(
+                f"{name} {gpu!r} is not a card in batchlab.reference.GPUS ({which}): give one of "
+                f"{', '.join(GPUS)}, or its memory such as '12GiB'"
+            )
         key = (exact or keys)[0]
         total, source = GPUS[key]
     else:
         key, total, source = None, parse_bytes(name, gpu), "given"
     if total <= context:
-        raise ValueError(f"{name} {gpu!r} is smaller than the CUDA context alone ({context / 2**30:.2f} GiB): "
-                         f"give the card's whole memory, such as '12GiB'")
-    return {"gpu": key or gpu, "total_bytes": total, "context_bytes": context, "budget_bytes": total - context,
-            "source": source, "context_source": context_source}
+        raise ValueError(
+            f"{name} {gpu!r} is smaller than the CUDA context alone ({context / 2**30:.2f} GiB): "
+            f"give the card's whole memory, such as '12GiB'"
+        )
+    return {
+        "gpu": key or gpu,
+        "total_bytes": total,
+        "context_bytes": context,
+        "budget_bytes": total - context,
+        "source": source,
+        "context_source": context_source,
+    }

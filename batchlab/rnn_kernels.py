@@ -71,8 +71,15 @@ class RNNShape:
 
 def rnn_shape(module: nn.RNNBase, inputs: torch.Tensor) -> RNNShape:
     steps, batch = (inputs.shape[1], inputs.shape[0]) if module.batch_first else inputs.shape[:2]
-    return RNNShape(module.mode, module.num_layers, 2 if module.bidirectional else 1, module.hidden_size,
-                    steps, batch, module.batch_first)
+    return RNNShape(
+        module.mode,
+        module.num_layers,
+        2 if module.bidirectional else 1,
+        module.hidden_size,
+        steps,
+        batch,
+        module.batch_first,
+    )
 
 
 class CudnnRNN(torch.autograd.Function):
@@ -104,7 +111,7 @@ class CudnnRNN(torch.autograd.Function):
         flat = inputs.new_empty(sum(w.numel() for w in weights))  # one buffer, as cuDNN's weight space
         grads, start = [], 0
         for w in weights:
-            grads.append(flat[start:start + w.numel()].view_as(w))
+            grads.append(flat[start : start + w.numel()].view_as(w))
             start += w.numel()
         del scratch
         return (None, grad_inputs, grad_hx, grad_cx, *grads)
@@ -133,8 +140,12 @@ def use_cudnn_kernels(model: nn.Module) -> list:
     """
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.RNNBase) and module.mode in GATES and module.proj_size == 0 \
-                and (module.dropout == 0 or module.num_layers == 1):
+        if (
+            isinstance(module, nn.RNNBase)
+            and module.mode in GATES
+            and module.proj_size == 0
+            and (module.dropout == 0 or module.num_layers == 1)
+        ):
             module.forward = functools.partial(_kernel_forward, module, module.forward)
             names.append(name or type(module).__name__)
     return names
@@ -166,7 +177,7 @@ def _cpu_direction(module, layer_input, hidden, layer: int, suffix: str, reverse
     b_hh = getattr(module, f"bias_hh_{name}") if module.bias else None
     steps = nn.functional.linear(layer_input, w_ih, b_ih).unbind(0)
     outputs = []
-    for step_input in (reversed(steps) if reverse else steps):
+    for step_input in reversed(steps) if reverse else steps:
         hidden = _cpu_cell(module.mode, step_input, hidden, w_hh, b_hh)
         outputs.append(hidden)
     if reverse:
@@ -181,8 +192,7 @@ def _cpu_forward(module: nn.RNNBase, step_by_step, inputs, hx=None):
     directions = 2 if module.bidirectional else 1
     x = inputs.transpose(0, 1) if module.batch_first else inputs  # time-major, as aten's loop
     if hx is None:
-        hx = torch.zeros(module.num_layers * directions, x.shape[1], module.hidden_size, dtype=x.dtype,
-                         device=x.device)
+        hx = torch.zeros(module.num_layers * directions, x.shape[1], module.hidden_size, dtype=x.dtype, device=x.device)
     hiddens, finals = hx.unbind(0), []
     for layer in range(module.num_layers):
         outs = []

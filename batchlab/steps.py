@@ -87,14 +87,26 @@ def check_accumulation(accumulation_steps, batch_size: int):
     if isinstance(accumulation_steps, (list, tuple)):
         sizes = [check_int(f"accumulation_steps[{i}]", size, minimum=1) for i, size in enumerate(accumulation_steps)]
         if not sizes or sum(sizes) != batch_size:
-            raise ValueError(f"accumulation_steps as micro-batch sizes must add up to the batch ({batch_size}), "
-                             f"got {list(accumulation_steps)} (sum {sum(sizes)})")
+            raise ValueError(
+                f"accumulation_steps as micro-batch sizes must add up to the batch ({batch_size}), "
+                f"got {list(accumulation_steps)} (sum {sum(sizes)})"
+            )
         return accumulation_steps
     return check_int("accumulation_steps", accumulation_steps, minimum=1, maximum=batch_size)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor, *,
-               loss_fn=None, accumulation_steps=1, no_sync=None, precision="fp32", scaler=None) -> float:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    loss_fn=None,
+    accumulation_steps=1,
+    no_sync=None,
+    precision="fp32",
+    scaler=None,
+) -> float:
     """One optimizer step of ``model`` on the effective batch ``(inputs, targets)``; returns its mean loss.
 
     ``accumulation_steps``: how many micro-batches the batch is split into (or their sizes, see
@@ -116,8 +128,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
     loss_fn = check_loss_fn(loss_fn)
     check_precision(precision)
     if precision == "fp16" and scaler is None:
-        raise ValueError("precision='fp16' needs a scaler (torch.amp.GradScaler(device_type)): without loss "
-                         "scaling small gradients underflow to zero in float16; or use precision='bf16'")
+        raise ValueError(
+            "precision='fp16' needs a scaler (torch.amp.GradScaler(device_type)): without loss "
+            "scaling small gradients underflow to zero in float16; or use precision='bf16'"
+        )
     step_loss = 0.0
     parts = micro_batches(inputs, targets, accumulation_steps)
     for i, (micro_inputs, micro_targets) in enumerate(parts):
@@ -148,8 +162,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch
 def _scalar(loss) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return a scalar tensor, the mean loss of a batch (use a 'mean' or "
-                         f"'sum' reduction), got {got}")
+        raise ValueError(
+            f"loss_fn must return a scalar tensor, the mean loss of a batch (use a 'mean' or "
+            f"'sum' reduction), got {got}"
+        )
     return loss
 
 

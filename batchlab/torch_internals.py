@@ -88,24 +88,24 @@ def attention_kernels(device: str):
                 functional.scaled_dot_product_attention = routed._batchlab_original
 
 
-def cpu_attention(original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                  enable_gqa=False):
+def cpu_attention(
+    original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
     """What a CPU runs: its flash kernel without dropout or a mask, else the math attention (``original``)."""
     if dropout_p or attn_mask is not None or enable_gqa:
         return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal,
-                                                                      scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal, scale=scale)[0]
 
 
-def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):
+def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """What an NVIDIA GPU runs: FlashAttention for half precision without a mask, else the memory-efficient kernel."""
     aten = torch.ops.aten
     if query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and query.shape[-1] <= 256:
-        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
-                                                        scale=scale)[0]
+        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
     if attn_mask is not None and attn_mask.dtype == torch.bool:  # the kernel takes an additive bias
         attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-            attn_mask.logical_not(), float("-inf"))
-    return aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, query.requires_grad,
-                                                        dropout_p, is_causal, scale=scale)[0]
+            attn_mask.logical_not(), float("-inf")
+        )
+    return aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, query.requires_grad, dropout_p, is_causal, scale=scale
+    )[0]

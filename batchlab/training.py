@@ -130,11 +130,28 @@ def train(
     touched; if training fails or is interrupted, the model's weights, device and mode are restored.
     """
     if plan is not None:
-        given = dict(batch_size=batch_size, accumulation_steps=accumulation_steps, precision=precision,
-                     checkpointing=checkpointing, optimizer=optimizer)
+        given = dict(
+            batch_size=batch_size,
+            accumulation_steps=accumulation_steps,
+            precision=precision,
+            checkpointing=checkpointing,
+            optimizer=optimizer,
+        )
         batch_size, accumulation_steps, precision, checkpointing, optimizer = _from_plan(plan, given).values()
-    total_steps = _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
-                                    loss_fn, device, seed, eval_dataset)
+    total_steps = _check_train_args(
+        model,
+        dataset,
+        batch_size,
+        epochs,
+        steps,
+        optimizer,
+        lr,
+        accumulation_steps,
+        loss_fn,
+        device,
+        seed,
+        eval_dataset,
+    )
     check_bool("shuffle", shuffle)
     check_bool("progress", progress)
     if on_oom not in (None, "halve"):
@@ -154,8 +171,22 @@ def train(
             train_mode(model.to(device))
             opt = make_optimizer(optimizer, model.parameters(), lr=lr)
             step = dict(loss_fn=loss_fn, precision=precision, scaler=make_scaler(device.type, precision))
-            _run(apply_checkpointing(model, checkpointing), dataset, opt, step, device, seed, batch_size,
-                 accumulation_steps, total_steps, eval_dataset, progress, history, shuffle, on_oom)
+            _run(
+                apply_checkpointing(model, checkpointing),
+                dataset,
+                opt,
+                step,
+                device,
+                seed,
+                batch_size,
+                accumulation_steps,
+                total_steps,
+                eval_dataset,
+                progress,
+                history,
+                shuffle,
+                on_oom,
+            )
     except BaseException:
         # Each step of the restore only copies into tensors that exist: it cannot fail halfway.
         model.to(saved_device)
@@ -179,13 +210,20 @@ def checked_loss(loss_fn):
     def loss(outputs, targets):
         if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and not targets.is_floating_point():
             if targets.dim() != 1 or len(targets) != len(outputs):
-                raise ValueError(f"dataset labels must be one class number per sample: the model gave outputs of "
-                                 f"shape {tuple(outputs.shape)}, the labels have shape {tuple(targets.shape)}")
-            if targets.device.type != "meta" and len(targets) and \
-                    (int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[1]):
+                raise ValueError(
+                    f"dataset labels must be one class number per sample: the model gave outputs of "
+                    f"shape {tuple(outputs.shape)}, the labels have shape {tuple(targets.shape)}"
+                )
+            if (
+                targets.device.type != "meta"
+                and len(targets)
+                and (int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[1])
+            ):
                 bad = int(targets.max()) if int(targets.max()) >= outputs.shape[1] else int(targets.min())
-                raise ValueError(f"dataset has label {bad}, but the model has {outputs.shape[1]} outputs: labels "
-                                 f"must be 0 to {outputs.shape[1] - 1} (build the model with num_classes=...)")
+                raise ValueError(
+                    f"dataset has label {bad}, but the model has {outputs.shape[1]} outputs: labels "
+                    f"must be 0 to {outputs.shape[1] - 1} (build the model with num_classes=...)"
+                )
         return loss_fn(outputs, targets)
 
     return loss
@@ -194,14 +232,38 @@ def checked_loss(loss_fn):
 def _warn_if_diverged(history: History, lr: float) -> None:
     bad = next((i for i, value in enumerate(history.loss, 1) if not math.isfinite(value)), None)
     if bad is not None:
-        warnings.warn(f"the loss became {history.loss[bad - 1]} at step {bad}: training diverged (lr={lr:g} "
-                      "is probably too large; try a smaller lr)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"the loss became {history.loss[bad - 1]} at step {bad}: training diverged (lr={lr:g} "
+            "is probably too large; try a smaller lr)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
-def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_steps, total_steps,
-         eval_dataset, progress, history, shuffle=True, on_oom=None):
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed), collate_fn=collate_naming(dataset))
+def _run(
+    model,
+    dataset,
+    opt,
+    step_args,
+    device,
+    seed,
+    batch_size,
+    accumulation_steps,
+    total_steps,
+    eval_dataset,
+    progress,
+    history,
+    shuffle=True,
+    on_oom=None,
+):
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_naming(dataset),
+    )
     start = time.perf_counter()
     bar = progress_bar(progress, total=total_steps, desc=history.label, unit="step")
     step = 0
@@ -212,16 +274,20 @@ def _run(model, dataset, opt, step_args, device, seed, batch_size, accumulation_
             scale = scaler.get_scale() if scaler is not None else None
             try:
                 if on_oom is None:
-                    step_loss = train_step(model, opt, inputs, targets, accumulation_steps=accumulation_steps,
-                                           **step_args)
+                    step_loss = train_step(
+                        model, opt, inputs, targets, accumulation_steps=accumulation_steps, **step_args
+                    )
                 else:
-                    step_loss, accumulation_steps = _step_or_halve(model, opt, step_args, inputs, targets,
-                                                                   accumulation_steps, history, step + 1)
+                    step_loss, accumulation_steps = _step_or_halve(
+                        model, opt, step_args, inputs, targets, accumulation_steps, history, step + 1
+                    )
             except RuntimeError as error:
                 if step > 0 or isinstance(error, torch.OutOfMemoryError) or "shape" not in str(error):
                     raise
-                raise ValueError(f"dataset inputs of shape {tuple(inputs.shape[1:])} do not fit the model "
-                                 f"{type(model).__name__}: {error}") from error
+                raise ValueError(
+                    f"dataset inputs of shape {tuple(inputs.shape[1:])} do not fit the model "
+                    f"{type(model).__name__}: {error}"
+                ) from error
             step += 1
             if scaler is not None and scaler.get_scale() < scale:  # GradScaler lowers its scale only on a skip
                 history.skipped_steps.append(step)
@@ -250,9 +316,11 @@ def collate_naming(dataset: Dataset):
             first = dataset[0]
             for index in range(len(dataset)):
                 if _kind(dataset[index]) != _kind(first):
-                    raise TypeError(f"dataset item {index} is {describe(dataset[index])} "
-                                    f"{_kind(dataset[index])[1]}, but item 0 is {describe(first)} "
-                                    f"{_kind(first)[1]}: every item must have the same types and shapes") from error
+                    raise TypeError(
+                        f"dataset item {index} is {describe(dataset[index])} "
+                        f"{_kind(dataset[index])[1]}, but item 0 is {describe(first)} "
+                        f"{_kind(first)[1]}: every item must have the same types and shapes"
+                    ) from error
             raise
 
     return collate
@@ -280,8 +348,10 @@ def _step_or_halve(model, opt, step_args, inputs, targets, accumulation_steps, h
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
         accumulation_steps = 2 * parts  # uneven sizes too: twice as many micro-batches
-        note = (f"step {step}: out of memory; now {accumulation_steps} micro-batches of about "
-                f"{-(-len(targets) // accumulation_steps)} samples (the effective batch is still {len(targets)})")
+        note = (
+            f"step {step}: out of memory; now {accumulation_steps} micro-batches of about "
+            f"{-(-len(targets) // accumulation_steps)} samples (the effective batch is still {len(targets)})"
+        )
         history.notes.append(note)
         tqdm.write(note)
 
@@ -296,8 +366,10 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     check_int("batch_size", batch_size, minimum=1)
     device = check_device(device) if device is not None else device_of(model)
     if device != device_of(model) and not (device.type == device_of(model).type == "cuda"):
-        raise ValueError(f"device {str(device)!r} is not where the model is ({device_of(model)}): move the model "
-                         f"there first (model.to({str(device)!r})), or leave device=None")
+        raise ValueError(
+            f"device {str(device)!r} is not where the model is ({device_of(model)}): move the model "
+            f"there first (model.to({str(device)!r})), or leave device=None"
+        )
     modes = saved_modes(model)
     model.eval()
     correct = 0
@@ -307,8 +379,10 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
                 outputs = model(inputs.to(device))
                 if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or len(outputs) != len(inputs):
                     got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
-                    raise ValueError(f"model must return one row of class scores per sample, shape "
-                                     f"({len(inputs)}, classes), got {got}")
+                    raise ValueError(
+                        f"model must return one row of class scores per sample, shape "
+                        f"({len(inputs)}, classes), got {got}"
+                    )
                 predictions = outputs.argmax(dim=1)
                 correct += (predictions == targets.to(device)).sum().item()
     finally:
@@ -328,13 +402,15 @@ def _from_plan(plan, given: dict) -> dict:
     wanted = plan.train_kwargs()
     for name, value in wanted.items():
         if given[name] != _TRAIN_DEFAULTS[name] and given[name] != value:
-            raise ValueError(f"train got plan= and {name}={given[name]!r}, but the plan says {name}={value!r}: "
-                             f"pass one of them")
+            raise ValueError(
+                f"train got plan= and {name}={given[name]!r}, but the plan says {name}={value!r}: pass one of them"
+            )
     return {name: wanted.get(name, given[name]) for name in given}
 
 
-def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps,
-                      loss_fn, device, seed, eval_dataset):
+def _check_train_args(
+    model, dataset, batch_size, epochs, steps, optimizer, lr, accumulation_steps, loss_fn, device, seed, eval_dataset
+):
     """Check every argument of :func:`train`; return the number of steps."""
     check_model(model)
     check_dataset(dataset)
@@ -342,14 +418,14 @@ def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, 
         raise TypeError("train needs batch_size= (samples per optimizer step) or plan= (from batchlab.plan_fit)")
     check_int("batch_size", batch_size, minimum=1)
     if batch_size > len(dataset):
-        raise ValueError(
-            f"batch_size must be at most the data set size ({len(dataset)}), got {batch_size}"
-        )
+        raise ValueError(f"batch_size must be at most the data set size ({len(dataset)}), got {batch_size}")
     if isinstance(accumulation_steps, (list, tuple)):  # uneven micro-batch sizes, e.g. from batchlab.plan_fit
         sizes = [check_int("accumulation_steps[i]", size, minimum=1) for size in accumulation_steps]
         if sum(sizes) != batch_size:
-            raise ValueError(f"accumulation_steps as micro-batch sizes must add up to batch_size ({batch_size}), "
-                             f"got {list(accumulation_steps)} (sum {sum(sizes)})")
+            raise ValueError(
+                f"accumulation_steps as micro-batch sizes must add up to batch_size ({batch_size}), "
+                f"got {list(accumulation_steps)} (sum {sum(sizes)})"
+            )
     elif check_int("accumulation_steps", accumulation_steps, minimum=1) and batch_size % accumulation_steps:
         raise ValueError(
             f"accumulation_steps must divide batch_size into equal micro-batches: {batch_size} is not "
@@ -359,12 +435,18 @@ def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, 
     if (epochs is None) == (steps is None):
         raise ValueError(f"give exactly one of epochs or steps, got epochs={epochs!r}, steps={steps!r}")
     steps_per_epoch = len(dataset) // batch_size
-    total = check_int("steps", steps, minimum=1) if steps is not None else \
-        check_int("epochs", epochs, minimum=1) * steps_per_epoch
+    total = (
+        check_int("steps", steps, minimum=1)
+        if steps is not None
+        else check_int("epochs", epochs, minimum=1) * steps_per_epoch
+    )
     check_float("lr", lr)
     if lr > 10:
-        warnings.warn(f"lr={lr:g} is far larger than any the course uses (0.001 to 1): the loss will likely "
-                      "diverge", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"lr={lr:g} is far larger than any the course uses (0.001 to 1): the loss will likely diverge",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     check_optimizer(optimizer)
     check_loss_fn(loss_fn)
     check_device(device)
@@ -373,4 +455,3 @@ def _check_train_args(model, dataset, batch_size, epochs, steps, optimizer, lr, 
     if eval_dataset is not None:
         check_dataset(eval_dataset, "eval_dataset")
     return total
-

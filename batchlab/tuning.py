@@ -68,8 +68,10 @@ def check_autocast(device_type: str, precision: str) -> None:
     why = _autocast_works(device_type, precision)
     if why:
         works = [p for p in PRECISIONS if p == "fp32" or not _autocast_works(device_type, p)]
-        raise ValueError(f"precision={precision!r} cannot run on {device_type}: {why}. What works there: "
-                         f"{', '.join(repr(p) for p in works)}")
+        raise ValueError(
+            f"precision={precision!r} cannot run on {device_type}: {why}. What works there: "
+            f"{', '.join(repr(p) for p in works)}"
+        )
 
 
 # -- the cast policy of torch.autocast, for the meta device -------------------------------------------
@@ -83,34 +85,179 @@ def check_autocast(device_type: str, precision: str) -> None:
 # only the outermost torch function of a Python composite, so F.multi_head_attention_forward, which is
 # not in autocast's lists but whose inner products (projections, attention) are, is listed as "low": its
 # inputs and weights cast on entry give the dtypes autocast gives inside it (need_weights=False).
-_LOW_CUDA = ("conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-             "convolution", "_convolution", "prelu", "addmm", "addmv", "addr", "matmul", "__matmul__", "__rmatmul__",
-             "einsum", "mm", "mv", "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul",
-             "linalg_multi_dot", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
-             "scaled_dot_product_attention", "_scaled_dot_product_flash_attention", "multi_head_attention_forward")
-_FP32_CUDA = ("acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
-              "rsqrt", "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "native_layer_norm",
-              "rms_norm", "frobenius_norm",
-              "group_norm", "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss",
-              "nll_loss", "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
-              "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
-              "multi_margin_loss", "binary_cross_entropy_with_logits", "cross_entropy", "dist", "pdist", "cdist",
-              "renorm", "logsumexp", "interpolate", "norm")
-_FP32_DTYPE_CUDA = ("prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm",
-                    "linalg_matrix_norm", "sum")
-_PROMOTE_CUDA = ("addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put",
-                 "tensordot", "scatter_add")
-_LOW_CPU = ("conv1d", "conv2d", "conv3d", "bmm", "mm", "linalg_vecdot", "baddbmm", "addmm", "addbmm", "linear",
-            "_convolution", "matmul", "__matmul__", "__rmatmul__", "conv_tbc", "conv_transpose1d",
-            "conv_transpose2d", "conv_transpose3d", "prelu", "scaled_dot_product_attention",
-            "multi_head_attention_forward")
-_FP32_CPU = ("avg_pool3d", "binary_cross_entropy", "grid_sampler", "polar", "prod", "quantile", "nanquantile",
-             "stft", "cdist", "trace", "view_as_complex", "cholesky", "cholesky_inverse", "cholesky_solve",
-             "inverse", "lu_solve", "orgqr", "ormqr", "pinverse", "max_pool3d", "max_unpool2d", "max_unpool3d",
-             "adaptive_avg_pool3d", "mse_loss", "cosine_embedding_loss", "nll_loss", "hinge_embedding_loss",
-             "poisson_nll_loss", "smooth_l1_loss", "cross_entropy", "l1_loss", "huber_loss", "margin_ranking_loss",
-             "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss", "ctc_loss", "kl_div",
-             "multilabel_margin_loss", "binary_cross_entropy_with_logits")
+_LOW_CUDA = (
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_tbc",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "convolution",
+    "_convolution",
+    "prelu",
+    "addmm",
+    "addmv",
+    "addr",
+    "matmul",
+    "__matmul__",
+    "__rmatmul__",
+    "einsum",
+    "mm",
+    "mv",
+    "linalg_vecdot",
+    "linear",
+    "addbmm",
+    "baddbmm",
+    "bmm",
+    "chain_matmul",
+    "linalg_multi_dot",
+    "lstm_cell",
+    "gru_cell",
+    "rnn_tanh_cell",
+    "rnn_relu_cell",
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention",
+    "multi_head_attention_forward",
+)
+_FP32_CUDA = (
+    "acos",
+    "asin",
+    "cosh",
+    "erfinv",
+    "exp",
+    "expm1",
+    "log",
+    "log10",
+    "log2",
+    "log1p",
+    "reciprocal",
+    "rsqrt",
+    "sinh",
+    "tan",
+    "pow",
+    "__pow__",
+    "__rpow__",
+    "softplus",
+    "layer_norm",
+    "native_layer_norm",
+    "rms_norm",
+    "frobenius_norm",
+    "group_norm",
+    "nuclear_norm",
+    "cosine_similarity",
+    "poisson_nll_loss",
+    "cosine_embedding_loss",
+    "nll_loss",
+    "hinge_embedding_loss",
+    "kl_div",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "mse_loss",
+    "margin_ranking_loss",
+    "multilabel_margin_loss",
+    "soft_margin_loss",
+    "triplet_margin_loss",
+    "multi_margin_loss",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "dist",
+    "pdist",
+    "cdist",
+    "renorm",
+    "logsumexp",
+    "interpolate",
+    "norm",
+)
+_FP32_DTYPE_CUDA = (
+    "prod",
+    "softmax",
+    "log_softmax",
+    "cumprod",
+    "cumsum",
+    "linalg_vector_norm",
+    "linalg_matrix_norm",
+    "sum",
+)
+_PROMOTE_CUDA = (
+    "addcdiv",
+    "addcmul",
+    "atan2",
+    "bilinear",
+    "cross",
+    "dot",
+    "vdot",
+    "grid_sampler",
+    "index_put",
+    "tensordot",
+    "scatter_add",
+)
+_LOW_CPU = (
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "bmm",
+    "mm",
+    "linalg_vecdot",
+    "baddbmm",
+    "addmm",
+    "addbmm",
+    "linear",
+    "_convolution",
+    "matmul",
+    "__matmul__",
+    "__rmatmul__",
+    "conv_tbc",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "prelu",
+    "scaled_dot_product_attention",
+    "multi_head_attention_forward",
+)
+_FP32_CPU = (
+    "avg_pool3d",
+    "binary_cross_entropy",
+    "grid_sampler",
+    "polar",
+    "prod",
+    "quantile",
+    "nanquantile",
+    "stft",
+    "cdist",
+    "trace",
+    "view_as_complex",
+    "cholesky",
+    "cholesky_inverse",
+    "cholesky_solve",
+    "inverse",
+    "lu_solve",
+    "orgqr",
+    "ormqr",
+    "pinverse",
+    "max_pool3d",
+    "max_unpool2d",
+    "max_unpool3d",
+    "adaptive_avg_pool3d",
+    "mse_loss",
+    "cosine_embedding_loss",
+    "nll_loss",
+    "hinge_embedding_loss",
+    "poisson_nll_loss",
+    "smooth_l1_loss",
+    "cross_entropy",
+    "l1_loss",
+    "huber_loss",
+    "margin_ranking_loss",
+    "soft_margin_loss",
+    "triplet_margin_loss",
+    "multi_margin_loss",
+    "ctc_loss",
+    "kl_div",
+    "multilabel_margin_loss",
+    "binary_cross_entropy_with_logits",
+)
 _PROMOTE_CPU = ("stack", "cat", "index_copy")
 
 
@@ -257,6 +404,7 @@ def enclosing_autocast() -> str | None:
 
 # -- loss scaling ---------------------------------------------------------------------------------------
 
+
 def make_scaler(device_type: str, precision: str):
     """The loss scaler a step of ``precision`` needs: a ``torch.amp.GradScaler`` for fp16, else None.
 
@@ -302,6 +450,7 @@ class MetaGradScaler:
 
 
 # -- activation checkpointing -----------------------------------------------------------------------------
+
 
 def checkpoint_blocks(model: nn.Module) -> list:
     """The names of the blocks of ``model`` that :func:`checkpointed` can checkpoint, in forward order.
@@ -368,8 +517,9 @@ class Checkpointed(nn.Module):
         if self.use_reentrant:
             return checkpoint(segment, x, *args, use_reentrant=True, **kwargs)
         norms = [m for block in blocks for m in block.modules() if _tracks_running_stats(m)]
-        return checkpoint(segment, x, *args, use_reentrant=False, context_fn=functools.partial(_contexts, norms),
-                          **kwargs)
+        return checkpoint(
+            segment, x, *args, use_reentrant=False, context_fn=functools.partial(_contexts, norms), **kwargs
+        )
 
     def extra_repr(self) -> str:
         return f"segments={len(self.segments)}, use_reentrant={self.use_reentrant}"
@@ -433,7 +583,8 @@ def checkpointed(model: nn.Module, segments="blocks", *, use_reentrant: bool = F
             f"{type(model).__name__} has no blocks batchlab knows how to checkpoint (the children of an "
             f"nn.Sequential, a ResNet's layer1..layer4, an nn.TransformerEncoder's layers). Put the layers to "
             f"checkpoint in an nn.Sequential, or call torch.utils.checkpoint.checkpoint(layer, x, "
-            f"use_reentrant=False) in its forward yourself")
+            f"use_reentrant=False) in its forward yourself"
+        )
     if segments == "blocks":
         segments = len(names)
     elif isinstance(segments, str) or segments is None:
@@ -453,8 +604,10 @@ def check_checkpointing(model: nn.Module, checkpointing):
         if "segments must be" not in str(error):
             raise  # no blocks, or already checkpointed: the message says what to do
         count = len(checkpoint_blocks(model))
-        raise ValueError(f"checkpointing must be None, 'blocks' or a number of segments from 1 to {count} "
-                         f"(the blocks of {type(model).__name__}), got {checkpointing!r}") from None
+        raise ValueError(
+            f"checkpointing must be None, 'blocks' or a number of segments from 1 to {count} "
+            f"(the blocks of {type(model).__name__}), got {checkpointing!r}"
+        ) from None
     return checkpointing
 
 

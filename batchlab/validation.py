@@ -49,8 +49,17 @@ def check_choice(name: str, value, choices) -> str:
 
 MAX_BYTES = 2**50  # 1 PiB: a memory size above it is a typo, not a machine
 
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(name: str, value) -> int:
@@ -64,7 +73,7 @@ def parse_bytes(name: str, value) -> int:
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         number = text.rstrip("kmgtib")
-        unit = text[len(number):] or "b"
+        unit = text[len(number) :] or "b"
         try:
             size = float(number)
         except ValueError:
@@ -80,8 +89,10 @@ def parse_bytes(name: str, value) -> int:
     if size <= 0:
         raise ValueError(f"{name} must be a positive amount of memory, got {value!r}")
     if size > MAX_BYTES:
-        raise ValueError(f"{name} {value!r} is more memory than any machine has: at most 1 PiB (2**50 bytes), "
-                         f"e.g. '80GiB' for a large GPU")
+        raise ValueError(
+            f"{name} {value!r} is more memory than any machine has: at most 1 PiB (2**50 bytes), "
+            f"e.g. '80GiB' for a large GPU"
+        )
     return size
 
 
@@ -103,6 +114,7 @@ def format_bytes(nbytes: float) -> str:
 
 
 # -- the arguments every chapter passes -----------------------------------------------------------
+
 
 def check_bool(name: str, value) -> bool:
     """Return ``value`` if it is True or False (not 0, 1 or a string)."""
@@ -128,8 +140,10 @@ def check_trainable(model, name: str = "model"):
     """Return ``model`` if it is a ``torch.nn.Module`` with at least one parameter that requires a gradient."""
     check_model(model, name)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"{name} has no trainable parameters ({type(model).__name__}): a training step has "
-                         "nothing to update. Pass a model with weights, e.g. batchlab.build_model('mlp')")
+        raise ValueError(
+            f"{name} has no trainable parameters ({type(model).__name__}): a training step has "
+            "nothing to update. Pass a model with weights, e.g. batchlab.build_model('mlp')"
+        )
     return model
 
 
@@ -147,8 +161,9 @@ def check_device(device, name: str = "device"):
     device on a machine without one (or a GPU number past the last GPU), and devices torch does not know.
     """
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
-        raise TypeError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {device!r} "
-                        f"({type(device).__name__})")
+        raise TypeError(
+            f"{name} must be a torch device such as 'cpu' or 'cuda', got {device!r} ({type(device).__name__})"
+        )
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as error:
@@ -156,17 +171,22 @@ def check_device(device, name: str = "device"):
     if parsed.type == "cpu":
         return parsed
     if parsed.type == "meta":
-        raise ValueError(f"{name} 'meta' cannot train: meta tensors have shapes but no values. Use 'cpu' or "
-                         "'cuda' (batchlab.estimate_memory runs a step on the meta device for you)")
+        raise ValueError(
+            f"{name} 'meta' cannot train: meta tensors have shapes but no values. Use 'cpu' or "
+            "'cuda' (batchlab.estimate_memory runs a step on the meta device for you)"
+        )
     backend = getattr(torch, parsed.type, None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():
-        raise ValueError(f"{name} {device!r} is not available on this machine: use 'cpu'"
-                         f"{' (no CUDA GPU here)' if parsed.type == 'cuda' else ''}")
+        raise ValueError(
+            f"{name} {device!r} is not available on this machine: use 'cpu'"
+            f"{' (no CUDA GPU here)' if parsed.type == 'cuda' else ''}"
+        )
     count = getattr(backend, "device_count", lambda: 1)()
     if parsed.index is not None and parsed.index >= count:
-        raise ValueError(f"{name} {device!r} does not exist: this machine has {count} {parsed.type} device(s), "
-                         f"numbered from 0")
+        raise ValueError(
+            f"{name} {device!r} does not exist: this machine has {count} {parsed.type} device(s), numbered from 0"
+        )
     return parsed
 
 
@@ -214,18 +234,31 @@ def check_batch(batch, name: str = "batch", *, keyword_inputs: bool = False):
     keyword inputs of ``model(**inputs)`` (a tokenizer's ``input_ids`` and ``attention_mask``), each with
     the batch as its first dimension.
     """
-    keyword = (keyword_inputs and isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], dict)
-               and batch[0] and all(isinstance(t, torch.Tensor) for t in batch[0].values()))
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[1], torch.Tensor) or not (
-            keyword or isinstance(batch[0], torch.Tensor)):
+    keyword = (
+        keyword_inputs
+        and isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and isinstance(batch[0], dict)
+        and batch[0]
+        and all(isinstance(t, torch.Tensor) for t in batch[0].values())
+    )
+    if (
+        not isinstance(batch, (tuple, list))
+        or len(batch) != 2
+        or not isinstance(batch[1], torch.Tensor)
+        or not (keyword or isinstance(batch[0], torch.Tensor))
+    ):
         also = " (inputs may be a dict of tensors, the keyword inputs of model(**inputs))" if keyword_inputs else ""
-        raise TypeError(f"{name} must be a pair (inputs, targets) of tensors, as a DataLoader yields{also}, "
-                        f"got {describe(batch)}")
+        raise TypeError(
+            f"{name} must be a pair (inputs, targets) of tensors, as a DataLoader yields{also}, got {describe(batch)}"
+        )
     inputs, targets = batch
     for shape in [t.shape for t in inputs.values()] if keyword else [inputs.shape]:
         if shape[:1] != targets.shape[:1]:
-            raise ValueError(f"{name} inputs and targets must have the same number of samples, got "
-                             f"{shape_of(inputs)} and {tuple(targets.shape)}")
+            raise ValueError(
+                f"{name} inputs and targets must have the same number of samples, got "
+                f"{shape_of(inputs)} and {tuple(targets.shape)}"
+            )
     if len(targets) == 0:
         raise ValueError(f"{name} is empty: it must hold at least one sample")
     return inputs, targets

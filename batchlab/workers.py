@@ -69,7 +69,6 @@ def stop_workers(iterator) -> None:
         shutdown_workers(iterator)
 
 
-
 def seed_worker(worker_id: int) -> None:
     """A ``worker_init_fn`` that gives each worker's copy of the data set (its ``rng``) its own generator.
 
@@ -81,7 +80,6 @@ def seed_worker(worker_id: int) -> None:
     info = get_worker_info()
     if info is not None and hasattr(info.dataset, "rng"):
         info.dataset.rng = np.random.default_rng(info.seed)
-
 
 
 def worker_memory(dataset, *, batch_size: int, num_workers: int = 2) -> list[ProcessMemory]:

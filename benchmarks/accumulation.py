@@ -73,21 +73,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7, help="timed rounds over all settings (default 7)")
     parser.add_argument("--batch", type=int, default=256, help="the effective batch (default 256)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); 1 gives steadier times on a busy machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 gives steadier times on a busy machine",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
     if hasattr(os, "getloadavg"):
         print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on the machine perturb the times)")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"\n{where}: effective batch {args.batch}")
-        print(f"{'model':9} {'micro':>5} {'steps':>5} {'ms/effective batch':>19} {'x time':>7}"
-              + (f" {'peak MiB':>9} {'estimate MiB':>13}" if device.type == "cuda" else ""))
+        print(
+            f"{'model':9} {'micro':>5} {'steps':>5} {'ms/effective batch':>19} {'x time':>7}"
+            + (f" {'peak MiB':>9} {'estimate MiB':>13}" if device.type == "cuda" else "")
+        )
         for name, in_shape in CASES:
             results, (inputs, targets) = measure(name, in_shape, args.batch, device, args.runs)
             base = results[max(results)][0]
@@ -100,8 +108,10 @@ def main() -> int:
                 print(line, flush=True)
     if hasattr(os, "getloadavg"):
         print(f"\nload average after: {os.getloadavg()[0]:.2f}")
-    print(f"medians of {args.runs} rounds; the settings alternate within each round. The estimate is for one step "
-          "of the micro-batch alone; the accumulated step also holds the whole batch and one new gradient.")
+    print(
+        f"medians of {args.runs} rounds; the settings alternate within each round. The estimate is for one step "
+        "of the micro-batch alone; the accumulated step also holds the whole batch and one new gradient."
+    )
     return 0
 
 

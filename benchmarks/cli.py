@@ -33,8 +33,9 @@ def timed(args: list) -> tuple:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "batchlab", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchlab", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -49,8 +50,10 @@ def main() -> None:
         runs = [timed(command) for _ in range(args.repeats)]
         wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
         verdict = "within" if wall <= target else "OVER"
-        print(f"{name:8s} wall {wall:6.1f} s  cpu {cpu:6.1f} s  (target {target:.0f} s: {verdict}; "
-              f"os.cpu_count() = {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")
+        print(
+            f"{name:8s} wall {wall:6.1f} s  cpu {cpu:6.1f} s  (target {target:.0f} s: {verdict}; "
+            f"os.cpu_count() = {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})"
+        )
         print("  $ python -m batchlab " + " ".join(command))
         print("\n".join("  " + line for line in runs[-1][2].splitlines()[:14]))
 

@@ -82,19 +82,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     repeats = parser.parse_args().repeats
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, torch "
-          f"{torch.__version__}; medians of {repeats} runs")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, torch "
+        f"{torch.__version__}; medians of {repeats} runs"
+    )
     for method in ("fork", "spawn"):
         print(f"start-up, {method:5}: {median_of(repeats, timed_launch, method):6.2f} s for launch(nprocs=2)")
     digits = datasets.digits()
     for no_sync in (True, False):
-        runs = [batchlab.train_ddp("mlp", digits, batch_size=64, steps=STEPS, accumulation_steps=4, no_sync=no_sync)
-                for _ in range(repeats)]
+        runs = [
+            batchlab.train_ddp("mlp", digits, batch_size=64, steps=STEPS, accumulation_steps=4, no_sync=no_sync)
+            for _ in range(repeats)
+        ]
         comm = runs[0]["comm"]
-        print(f"accumulation, no_sync={no_sync!s:5}: {comm['calls'] / STEPS:.2f} all-reduces and "
-              f"{comm['bytes'] / STEPS / 2**20:.2f} MiB per step; all-reduce time "
-              f"{statistics.median(r['comm']['seconds'] for r in runs) / STEPS * 1e3:6.2f} ms per step; step "
-              f"{statistics.median(r['seconds'] for r in runs) / STEPS * 1e3:6.2f} ms")
+        print(
+            f"accumulation, no_sync={no_sync!s:5}: {comm['calls'] / STEPS:.2f} all-reduces and "
+            f"{comm['bytes'] / STEPS / 2**20:.2f} MiB per step; all-reduce time "
+            f"{statistics.median(r['comm']['seconds'] for r in runs) / STEPS * 1e3:6.2f} ms per step; step "
+            f"{statistics.median(r['seconds'] for r in runs) / STEPS * 1e3:6.2f} ms"
+        )
     for world_size in (1, 2):
         seconds = median_of(repeats, seconds_per_step, digits, world_size)
         print(f"processes: {world_size}: {seconds * 1e3:6.2f} ms per step at global batch 64")
@@ -106,8 +112,10 @@ def main() -> None:
             without = median_of(repeats, rank_uss_per_process, digits, world_size)
         finally:
             batchlab.distributed.frozen_gc = freezing
-        print(f"memory, {world_size} forked ranks: USS per rank {with_freeze / 2**20:5.0f} MiB with gc.freeze, "
-              f"{without / 2**20:5.0f} MiB without (x {without / with_freeze:.1f})")
+        print(
+            f"memory, {world_size} forked ranks: USS per rank {with_freeze / 2**20:5.0f} MiB with gc.freeze, "
+            f"{without / 2**20:5.0f} MiB without (x {without / with_freeze:.1f})"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def precision_table(batches) -> None:
         for n in batches:
             cells, peaks = [], {}
             for precision in batchlab.PRECISIONS:
-                report = batchlab.estimate_memory(model, meta_batch(name, in_shape, n), optimizer="adam",
-                                                  precision=precision)
+                report = batchlab.estimate_memory(
+                    model, meta_batch(name, in_shape, n), optimizer="adam", precision=precision
+                )
                 peaks[precision] = report.peak_bytes
                 cells.append(f"{report.peak_bytes / GiB:6.2f} / {report.reserved_bytes / GiB:5.2f}")
             print(f"{name:12} {n:>5} | {' | '.join(cells)} | {peaks['bf16'] / peaks['fp32']:.2f}")
@@ -68,11 +69,12 @@ def checkpointing_table(batch) -> None:
     for name, in_shape in MODELS:
         model = batchlab.build_model(name, in_shape=in_shape)
         blocks = len(batchlab.checkpoint_blocks(model))
-        counts = [None] + sorted({1, 2, max(1, round(blocks ** 0.5)), blocks})
+        counts = [None] + sorted({1, 2, max(1, round(blocks**0.5)), blocks})
         cells = []
         for segments in counts:
-            report = batchlab.estimate_memory(model, meta_batch(name, in_shape, batch), optimizer="adam",
-                                              precision="bf16", checkpointing=segments)
+            report = batchlab.estimate_memory(
+                model, meta_batch(name, in_shape, batch), optimizer="adam", precision="bf16", checkpointing=segments
+            )
             cells.append(f"{'none' if segments is None else segments}: {report.peak_bytes / GiB:.2f}")
         print(f"{name:12} ({blocks} blocks)  " + "   ".join(cells))
     print()
@@ -80,25 +82,35 @@ def checkpointing_table(batch) -> None:
 
 def cpu_table() -> bool:
     print("3. CPU: measured peak (profile_step) vs CPU estimate, MiB")
-    cases = [("cnn_bn", (1, 28, 28), 64), ("resnet18", (3, 64, 64), 32), ("transformer", (64,), 16),
-             ("mlp", (1, 28, 28), 2048)]
+    cases = [
+        ("cnn_bn", (1, 28, 28), 64),
+        ("resnet18", (3, 64, 64), 32),
+        ("transformer", (64,), 16),
+        ("mlp", (1, 28, 28), 2048),
+    ]
     levers = [("fp32", None), ("bf16", None), ("fp32", "blocks"), ("fp32", 2), ("bf16", "blocks")]
     all_ok = True
-    print(f"{'model':12} {'batch':>5} {'precision':9} {'checkpointing':>13} | {'measured':>8} {'estimate':>8} "
-          f"{'error':>7} ok")
+    print(
+        f"{'model':12} {'batch':>5} {'precision':9} {'checkpointing':>13} | {'measured':>8} {'estimate':>8} "
+        f"{'error':>7} ok"
+    )
     for name, in_shape, n in cases:
         model = batchlab.build_model(name, in_shape=in_shape)
         batch = real_batch(name, in_shape, n)
         for precision, checkpointing in levers:
-            measured = batchlab.profile_step(model, batch, optimizer="adam", precision=precision,
-                                             checkpointing=checkpointing)
-            estimated = batchlab.estimate_memory(model, batch, optimizer="adam", device="cpu", precision=precision,
-                                                 checkpointing=checkpointing)
+            measured = batchlab.profile_step(
+                model, batch, optimizer="adam", precision=precision, checkpointing=checkpointing
+            )
+            estimated = batchlab.estimate_memory(
+                model, batch, optimizer="adam", device="cpu", precision=precision, checkpointing=checkpointing
+            )
             error = estimated.peak_bytes / measured.peak_bytes - 1
             ok = abs(error) <= 0.03
             all_ok &= ok
-            print(f"{name:12} {n:>5} {precision:9} {str(checkpointing):>13} | {measured.peak_bytes / MiB:8.2f} "
-                  f"{estimated.peak_bytes / MiB:8.2f} {error:+7.2%} {'yes' if ok else 'NO'}")
+            print(
+                f"{name:12} {n:>5} {precision:9} {str(checkpointing):>13} | {measured.peak_bytes / MiB:8.2f} "
+                f"{estimated.peak_bytes / MiB:8.2f} {error:+7.2%} {'yes' if ok else 'NO'}"
+            )
     print(f"every row within 3%: {'yes' if all_ok else 'NO'}\n")
     return all_ok
 
@@ -115,9 +127,16 @@ def measure_gpu(name, in_shape, n, precision) -> dict:
     before = torch.cuda.memory_allocated()
     batchlab.train_step(model, opt, inputs, targets, precision=precision, scaler=scaler)
     torch.cuda.synchronize()
-    row = {"model": name, "in_shape": list(in_shape), "opt": "adam", "batch": n, "precision": precision,
-           "before_step": before, "peak_allocated": torch.cuda.max_memory_allocated(),
-           "peak_reserved": torch.cuda.max_memory_reserved()}
+    row = {
+        "model": name,
+        "in_shape": list(in_shape),
+        "opt": "adam",
+        "batch": n,
+        "precision": precision,
+        "before_step": before,
+        "peak_allocated": torch.cuda.max_memory_allocated(),
+        "peak_reserved": torch.cuda.max_memory_reserved(),
+    }
     del model, opt, inputs, targets, scaler
     torch.cuda.empty_cache()
     return row
@@ -128,31 +147,44 @@ def gpu_table() -> list:
         print("4. no CUDA GPU here: no real bf16 / fp16 measurements (run this script on a GPU to get them)")
         return []
     rows = []
-    print(f"4. real GPU steps: {torch.cuda.get_device_name()}, PyTorch {torch.__version__}, CUDA "
-          f"{torch.version.cuda}; Adam; max_memory_allocated of the second step vs the estimate, MiB")
-    cases = [("cnn_bn", (1, 28, 28), [64, 512, 4096]), ("resnet18", (3, 32, 32), [32, 256, 1024]),
-             ("resnet18", (3, 224, 224), [16, 64]), ("transformer", (224,), [16, 128])]
+    print(
+        f"4. real GPU steps: {torch.cuda.get_device_name()}, PyTorch {torch.__version__}, CUDA "
+        f"{torch.version.cuda}; Adam; max_memory_allocated of the second step vs the estimate, MiB"
+    )
+    cases = [
+        ("cnn_bn", (1, 28, 28), [64, 512, 4096]),
+        ("resnet18", (3, 32, 32), [32, 256, 1024]),
+        ("resnet18", (3, 224, 224), [16, 64]),
+        ("transformer", (224,), [16, 128]),
+    ]
     for name, in_shape, batches in cases:
         for n in batches:
             for precision in ("bf16", "fp16"):
                 row = measure_gpu(name, in_shape, n, precision)
                 rows.append(row)
                 real = row["peak_allocated"]
-                estimated = batchlab.estimate_memory(batchlab.build_model(name, in_shape=in_shape),
-                                                     meta_batch(name, in_shape, n), optimizer="adam",
-                                                     precision=precision)
+                estimated = batchlab.estimate_memory(
+                    batchlab.build_model(name, in_shape=in_shape),
+                    meta_batch(name, in_shape, n),
+                    optimizer="adam",
+                    precision=precision,
+                )
                 bar = 0.10 if real >= 256 * MiB else 0.25
                 error = estimated.peak_bytes / real - 1
-                print(f"{name:12} {str(in_shape):14} {n:>5} {precision} | {real / MiB:9.1f} "
-                      f"{estimated.peak_bytes / MiB:9.1f} {error:+7.1%} bar {bar:.0%} "
-                      f"{'yes' if abs(error) <= bar else 'NO'}")
+                print(
+                    f"{name:12} {str(in_shape):14} {n:>5} {precision} | {real / MiB:9.1f} "
+                    f"{estimated.peak_bytes / MiB:9.1f} {error:+7.1%} bar {bar:.0%} "
+                    f"{'yes' if abs(error) <= bar else 'NO'}"
+                )
     return rows
 
 
 def main():
     quick = "--quick" in sys.argv
-    print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
-          f"PyTorch {torch.__version__}\n")
+    print(
+        f"machine: {platform.machine()}, {psutil.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
+        f"PyTorch {torch.__version__}\n"
+    )
     start = time.perf_counter()
     precision_table([16, 64] if quick else [16, 64, 256])
     checkpointing_table(64)
@@ -160,11 +192,13 @@ def main():
     rows = gpu_table()
     if "--write" in sys.argv and rows:
         path = sys.argv[sys.argv.index("--write") + 1]
-        about = (f"Measured on one {torch.cuda.get_device_name()} (PyTorch {torch.__version__}, CUDA "
-                 f"{torch.version.cuda}) by benchmarks/estimate_precision.py: a model built on the GPU, one "
-                 f"batchlab.train_step (Adam, forward and loss under torch.autocast('cuda', dtype); fp16 with "
-                 f"torch.amp.GradScaler) to create the optimizer state, peak counters reset, a second step "
-                 f"measured. Inputs: torch.randn (token ids for the transformer), targets in 0..9.")
+        about = (
+            f"Measured on one {torch.cuda.get_device_name()} (PyTorch {torch.__version__}, CUDA "
+            f"{torch.version.cuda}) by benchmarks/estimate_precision.py: a model built on the GPU, one "
+            f"batchlab.train_step (Adam, forward and loss under torch.autocast('cuda', dtype); fp16 with "
+            f"torch.amp.GradScaler) to create the optimizer state, peak counters reset, a second step "
+            f"measured. Inputs: torch.randn (token ids for the transformer), targets in 0..9."
+        )
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"about": about, "rows": rows}, f, indent=1)
             f.write("\n")

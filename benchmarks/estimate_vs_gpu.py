@@ -39,13 +39,16 @@ def meta_batch(in_shape):
 
 
 def accuracy_table(reference) -> bool:
-    print(f"{'model':12} {'opt':4} {'batch':>5} | {'peak MiB':>8} {'estimate':>8} {'error':>7} {'bar':>4} ok "
-          f"| {'reserved':>8} {'estimate':>8} {'error':>7}")
+    print(
+        f"{'model':12} {'opt':4} {'batch':>5} | {'peak MiB':>8} {'estimate':>8} {'error':>7} {'bar':>4} ok "
+        f"| {'reserved':>8} {'estimate':>8} {'error':>7}"
+    )
     all_ok, reserved_errors = True, []
     for row in reference["rows"]:
         name, in_shape = MODELS[row["model"]]
-        report = batchlab.estimate_memory(batchlab.build_model(name, in_shape=in_shape),
-                                          meta_batch(in_shape)(row["batch"]), optimizer=row["opt"])
+        report = batchlab.estimate_memory(
+            batchlab.build_model(name, in_shape=in_shape), meta_batch(in_shape)(row["batch"]), optimizer=row["opt"]
+        )
         error = report.peak_bytes / row["peak_allocated"] - 1
         bar = 0.10 if row["peak_allocated"] >= 256 * MiB else 0.25
         ok = abs(error) <= bar
@@ -53,14 +56,18 @@ def accuracy_table(reference) -> bool:
         reserved_error = report.reserved_bytes / row["peak_reserved"] - 1
         if row["peak_reserved"] >= 256 * MiB:
             reserved_errors.append(reserved_error)
-        print(f"{row['model']:12} {row['opt']:4} {row['batch']:>5} | {row['peak_allocated'] / MiB:8.1f} "
-              f"{report.peak_bytes / MiB:8.1f} {error:+7.1%} {bar:4.0%} {'yes' if ok else 'NO '}"
-              f"| {row['peak_reserved'] / MiB:8.1f} {report.reserved_bytes / MiB:8.1f} {reserved_error:+7.1%}")
+        print(
+            f"{row['model']:12} {row['opt']:4} {row['batch']:>5} | {row['peak_allocated'] / MiB:8.1f} "
+            f"{report.peak_bytes / MiB:8.1f} {error:+7.1%} {bar:4.0%} {'yes' if ok else 'NO '}"
+            f"| {row['peak_reserved'] / MiB:8.1f} {report.reserved_bytes / MiB:8.1f} {reserved_error:+7.1%}"
+        )
     print(f"every row within its bar: {'yes' if all_ok else 'NO'}")
     inside = sum(abs(e) <= 0.10 for e in reserved_errors)
-    print(f"reserved, rows of 256 MiB or more: {inside} of {len(reserved_errors)} within +-10%; median "
-          f"{statistics.median(reserved_errors):+.1%}, lowest {min(reserved_errors):+.1%} (bar: >= -10%): "
-          f"{'met' if inside == len(reserved_errors) else 'NOT met'}\n")
+    print(
+        f"reserved, rows of 256 MiB or more: {inside} of {len(reserved_errors)} within +-10%; median "
+        f"{statistics.median(reserved_errors):+.1%}, lowest {min(reserved_errors):+.1%} (bar: >= -10%): "
+        f"{'met' if inside == len(reserved_errors) else 'NOT met'}\n"
+    )
     return all_ok
 
 
@@ -73,10 +80,16 @@ def budget_table(reference) -> None:
             largest[key] = row
     for (model, opt), row in largest.items():
         name, in_shape = MODELS[model]
-        n = batchlab.max_batch_size(batchlab.build_model(name, in_shape=in_shape), meta_batch(in_shape),
-                                    budget=row["peak_reserved"], optimizer=opt)
-        print(f"  {model:12} {opt:4} budget {row['peak_reserved'] / MiB:7.1f} MiB: measured batch {row['batch']:>5} "
-              f"fits; max_batch_size says {n:>6} ({n / row['batch']:.2f}x)")
+        n = batchlab.max_batch_size(
+            batchlab.build_model(name, in_shape=in_shape),
+            meta_batch(in_shape),
+            budget=row["peak_reserved"],
+            optimizer=opt,
+        )
+        print(
+            f"  {model:12} {opt:4} budget {row['peak_reserved'] / MiB:7.1f} MiB: measured batch {row['batch']:>5} "
+            f"fits; max_batch_size says {n:>6} ({n / row['batch']:.2f}x)"
+        )
     print()
 
 
@@ -107,13 +120,17 @@ def resnet18_224_timing(repeats: int = 3) -> None:
     gpu_memory = 4 * 2**30  # bytes on the card
     budget = gpu_memory - batchlab.CUDA_CONSTANTS["cuda_context"][0]  # bytes PyTorch may use of it
     answer, calls, median = timed_search(model, meta_batch((3, 224, 224)), repeats, budget=budget)
-    print(f"resnet18, 3x224x224, SGD, GPU memory {gpu_memory / 2**30:.2f} GiB = budget for PyTorch "
-          f"{budget / 2**30:.2f} GiB (CUDA context taken off, as in chapter 4): max_batch_size = {answer} "
-          f"after {calls} estimates; median {median:.2f} s of {repeats} runs (goal <= 5 s): "
-          f"{'met' if median <= 5 else 'NOT met'}")
+    print(
+        f"resnet18, 3x224x224, SGD, GPU memory {gpu_memory / 2**30:.2f} GiB = budget for PyTorch "
+        f"{budget / 2**30:.2f} GiB (CUDA context taken off, as in chapter 4): max_batch_size = {answer} "
+        f"after {calls} estimates; median {median:.2f} s of {repeats} runs (goal <= 5 s): "
+        f"{'met' if median <= 5 else 'NOT met'}"
+    )
     whole = batchlab.max_batch_size(model, meta_batch((3, 224, 224)), budget=gpu_memory)
-    print(f"resnet18, 3x224x224, SGD, budget for PyTorch {gpu_memory / 2**30:.2f} GiB (the whole card, no context "
-          f"taken off; a GPU of {(gpu_memory + gpu_memory - budget) / 2**30:.2f} GiB): max_batch_size = {whole}")
+    print(
+        f"resnet18, 3x224x224, SGD, budget for PyTorch {gpu_memory / 2**30:.2f} GiB (the whole card, no context "
+        f"taken off; a GPU of {(gpu_memory + gpu_memory - budget) / 2**30:.2f} GiB): max_batch_size = {whole}"
+    )
 
 
 class LanguageModel(torch.nn.Module):
@@ -135,18 +152,24 @@ def token_loss(logits, targets):
 
 
 def recurrent_timing(repeats: int = 3, steps: int = 128) -> None:
-    tokens = lambda n: (torch.zeros(n, steps, dtype=torch.long, device="meta"),  # noqa: E731
-                        torch.zeros(n, steps, dtype=torch.long, device="meta"))
+    tokens = lambda n: (
+        torch.zeros(n, steps, dtype=torch.long, device="meta"),  # noqa: E731
+        torch.zeros(n, steps, dtype=torch.long, device="meta"),
+    )
     for cell in (torch.nn.GRU, torch.nn.LSTM):
         answer, calls, median = timed_search(LanguageModel(cell), tokens, repeats, budget="4GiB", loss_fn=token_loss)
-        print(f"{cell.__name__} language model (2 x 512, {steps} tokens), SGD, budget 4 GiB: max_batch_size = "
-              f"{answer} after {calls} estimates; median {median:.2f} s of {repeats} runs (goal <= 5 s): "
-              f"{'met' if median <= 5 else 'NOT met'}")
+        print(
+            f"{cell.__name__} language model (2 x 512, {steps} tokens), SGD, budget 4 GiB: max_batch_size = "
+            f"{answer} after {calls} estimates; median {median:.2f} s of {repeats} runs (goal <= 5 s): "
+            f"{'met' if median <= 5 else 'NOT met'}"
+        )
 
 
 def main():
-    print(f"machine: {platform.machine()}, {psutil.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
-          f"torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()}, {psutil.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
+        f"torch {torch.__version__}"
+    )
     reference = gpu_reference()
     print(f"reference: {reference['env']['device']}, torch {reference['env']['torch']}\n")
     accuracy_table(reference)

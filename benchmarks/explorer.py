@@ -132,8 +132,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="convergence of mlp and cnn only")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.2f}, torch {torch.__version__} on 1 thread")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.2f}, torch {torch.__version__} on 1 thread"
+    )
     explorer = BatchSizeExplorer(model="mlp", batch_size=64, profile="GPU 4 GiB (simulated)")
     explorer.wait()
     print("memory panel: seconds until a change returns, the memory panel drawn")
@@ -142,22 +144,32 @@ def main() -> int:
     for what, ts in times.items():
         print(f"  {what:10}: median {statistics.median(ts):.3f} s, max {max(ts):.3f} s ({len(ts)} changes)")
     print(f"  all       : median {statistics.median(every):.3f} s (bound {BOUNDS['memory']} s)")
-    print(f"  after a device change, the largest batch that fits is shown after: median "
-          f"{statistics.median(searches):.2f} s, max {max(searches):.2f} s (searched in the background)")
+    print(
+        f"  after a device change, the largest batch that fits is shown after: median "
+        f"{statistics.median(searches):.2f} s, max {max(searches):.2f} s (searched in the background)"
+    )
     print("convergence panel: seconds from a batch-size change")
     rows = convergence_latencies(explorer, ("mlp", "cnn") if args.quick else MODEL_NAMES)
     firsts = [r[2] for r in rows if r[2] is not None]
     completes = [r[3] for r in rows if r[3] is not None]
-    print(f"  first points: median {statistics.median(firsts):.2f} s, max {max(firsts):.2f} s "
-          f"(bound {BOUNDS['first points']} s); complete: median {statistics.median(completes):.2f} s, "
-          f"max {max(completes):.2f} s (bound {BOUNDS['complete']} s); {len(rows) - len(completes)} runs failed")
+    print(
+        f"  first points: median {statistics.median(firsts):.2f} s, max {max(firsts):.2f} s "
+        f"(bound {BOUNDS['first points']} s); complete: median {statistics.median(completes):.2f} s, "
+        f"max {max(completes):.2f} s (bound {BOUNDS['complete']} s); {len(rows) - len(completes)} runs failed"
+    )
     first, complete, stray = cancellation(explorer)
-    print(f"newer change during a resnet18 run: the new run drew after {_s(first)}, complete after {_s(complete)}; "
-          f"drawings by the cancelled run after the change: {len(stray)}")
+    print(
+        f"newer change during a resnet18 run: the new run drew after {_s(first)}, complete after {_s(complete)}; "
+        f"drawings by the cancelled run after the change: {len(stray)}"
+    )
     print(f"a setting seen before, shown again after {reuse(explorer):.3f} s (cached)")
     explorer.close()
-    ok = (statistics.median(every) <= BOUNDS["memory"] and max(firsts) <= BOUNDS["first points"]
-          and max(completes) <= BOUNDS["complete"] and not stray)
+    ok = (
+        statistics.median(every) <= BOUNDS["memory"]
+        and max(firsts) <= BOUNDS["first points"]
+        and max(completes) <= BOUNDS["complete"]
+        and not stray
+    )
     print(f"load average now {os.getloadavg()[0]:.2f}; within bounds: {'yes' if ok else 'NO'}")
     return 0 if ok else 1
 

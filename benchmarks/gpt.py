@@ -38,8 +38,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, width // self.heads).unbind(2)
-        attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  is_causal=True)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
         x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
         return x + self.mlp(self.norm2(x))
 
@@ -55,5 +56,6 @@ class Head(nn.Module):
 
 def gpt_160m() -> nn.Sequential:
     """(batch, length) token ids -> (batch, length, 50257) logits; 163M parameters."""
-    return nn.Sequential(Embedding(VOCAB, WIDTH, CONTEXT), *(Block(WIDTH, HEADS) for _ in range(LAYERS)),
-                         Head(WIDTH, VOCAB))
+    return nn.Sequential(
+        Embedding(VOCAB, WIDTH, CONTEXT), *(Block(WIDTH, HEADS) for _ in range(LAYERS)), Head(WIDTH, VOCAB)
+    )

@@ -28,8 +28,13 @@ from torch import nn
 
 import batchlab
 
-CASES = [("mlp", (1, 28, 28), [64, 4096]), ("cnn_bn", (1, 28, 28), [64, 1024]), ("resnet18", (3, 32, 32), [32, 512]),
-         ("resnet18", (3, 224, 224), [16, 64]), ("transformer", (256,), [16, 128])]
+CASES = [
+    ("mlp", (1, 28, 28), [64, 4096]),
+    ("cnn_bn", (1, 28, 28), [64, 1024]),
+    ("resnet18", (3, 32, 32), [32, 512]),
+    ("resnet18", (3, 224, 224), [16, 64]),
+    ("transformer", (256,), [16, 128]),
+]
 
 
 def make_batch(in_shape, n, device):
@@ -71,10 +76,18 @@ def measure(name, in_shape, n, optimizer="sgd", cell=None):
     model = opt = inputs = targets = None  # free the GPU memory before the next case
     gc.collect()
     torch.cuda.empty_cache()
-    return {"model": name, "in_shape": list(in_shape), "batch": n, "optimizer": optimizer,
-            "peak_allocated": measured[0], "peak_reserved": measured[1], "segments": segments,
-            "estimated_allocated": estimated.peak_bytes, "estimated_reserved": estimated.reserved_bytes,
-            "warnings": estimated.warnings}
+    return {
+        "model": name,
+        "in_shape": list(in_shape),
+        "batch": n,
+        "optimizer": optimizer,
+        "peak_allocated": measured[0],
+        "peak_reserved": measured[1],
+        "segments": segments,
+        "estimated_allocated": estimated.peak_bytes,
+        "estimated_reserved": estimated.reserved_bytes,
+        "warnings": estimated.warnings,
+    }
 
 
 def real_step_fits(model, opt, in_shape, size) -> bool:
@@ -107,8 +120,11 @@ def out_of_memory_check(budget_gib=2.0):
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(budget_gib * 2**30 / total)
     in_shape = (3, 224, 224)
-    n = batchlab.max_batch_size(batchlab.build_model("resnet18", in_shape=in_shape),
-                                lambda k: make_batch(in_shape, k, "meta"), budget=f"{budget_gib}GiB")
+    n = batchlab.max_batch_size(
+        batchlab.build_model("resnet18", in_shape=in_shape),
+        lambda k: make_batch(in_shape, k, "meta"),
+        budget=f"{budget_gib}GiB",
+    )
     model = batchlab.build_model("resnet18", in_shape=in_shape).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     result = {"budget_gib": budget_gib, "max_batch_size": n}
@@ -136,16 +152,22 @@ def main() -> int:
             row = measure(name, in_shape, n)
             rows.append(row)
             error = row["estimated_allocated"] / row["peak_allocated"] - 1
-            print(f"{name:12} {str(in_shape):14} batch {n:>5}: measured {row['peak_allocated'] / 2**20:9.1f} MiB, "
-                  f"estimated {row['estimated_allocated'] / 2**20:9.1f} MiB ({error:+.1%}); reserved "
-                  f"{row['peak_reserved'] / 2**20:9.1f} vs {row['estimated_reserved'] / 2**20:9.1f} MiB", flush=True)
+            print(
+                f"{name:12} {str(in_shape):14} batch {n:>5}: measured {row['peak_allocated'] / 2**20:9.1f} MiB, "
+                f"estimated {row['estimated_allocated'] / 2**20:9.1f} MiB ({error:+.1%}); reserved "
+                f"{row['peak_reserved'] / 2**20:9.1f} vs {row['estimated_reserved'] / 2**20:9.1f} MiB",
+                flush=True,
+            )
     for cell, batches in RNN_CASES:
         for n in batches:
             row = measure(cell.__name__, (TOKENS,), n, cell=cell)
             rows.append(row)
-            print(f"{cell.__name__:12} LM {TOKENS} tokens  batch {n:>5}: measured {row['peak_allocated'] / 2**20:9.1f} "
-                  f"MiB, estimated {row['estimated_allocated'] / 2**20:9.1f} MiB; reserved "
-                  f"{row['peak_reserved'] / 2**20:9.1f} vs {row['estimated_reserved'] / 2**20:9.1f} MiB", flush=True)
+            print(
+                f"{cell.__name__:12} LM {TOKENS} tokens  batch {n:>5}: measured {row['peak_allocated'] / 2**20:9.1f} "
+                f"MiB, estimated {row['estimated_allocated'] / 2**20:9.1f} MiB; reserved "
+                f"{row['peak_reserved'] / 2**20:9.1f} vs {row['estimated_reserved'] / 2**20:9.1f} MiB",
+                flush=True,
+            )
     oom = out_of_memory_check()
     print(json.dumps(oom, indent=1))
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "batchlab": batchlab.__version__}

@@ -27,8 +27,10 @@ COMMANDS = {
     "import batchlab": ["-c", "import batchlab"],
     "ddp_train --help": ["-m", "batchlab.ddp_train", "--help"],
 }
-PROBE = ("import sys, batchlab, batchlab.ddp_train; "
-         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))")
+PROBE = (
+    "import sys, batchlab, batchlab.ddp_train; "
+    f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
+)
 
 
 def run(tree: Path, args: list) -> float:
@@ -62,8 +64,10 @@ def main() -> int:
                 for name, tree in trees.items():
                     for cmd, cmd_args in COMMANDS.items():
                         times[name, cmd].append(run(tree, cmd_args))
-            print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; median of {args.repeats} "
-                  "fresh interpreters (seconds)")
+            print(
+                f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; median of {args.repeats} "
+                "fresh interpreters (seconds)"
+            )
             print(f"{'tree':28} " + " ".join(f"{cmd:>18}" for cmd in COMMANDS) + "  heavy modules loaded")
             for name, tree in trees.items():
                 medians = [statistics.median(times[name, cmd]) for cmd in COMMANDS]

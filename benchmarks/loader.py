@@ -51,8 +51,10 @@ def _fetch(dataset, indices) -> None:
 def parallel_rate(dataset, processes: int, per_process: int) -> float:
     """Samples per second of ``processes`` forked processes fetching ``per_process`` samples each."""
     context = multiprocessing.get_context("fork")
-    jobs = [context.Process(target=_fetch, args=(dataset, range(k * per_process, (k + 1) * per_process)))
-            for k in range(processes)]
+    jobs = [
+        context.Process(target=_fetch, args=(dataset, range(k * per_process, (k + 1) * per_process)))
+        for k in range(processes)
+    ]
     start = time.perf_counter()
     for job in jobs:
         job.start()
@@ -70,11 +72,15 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=128)
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores "
-          f"({usable_cores()} usable), Python {platform.python_version()}, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores "
+        f"({usable_cores()} usable), Python {platform.python_version()}, torch {torch.__version__}"
+    )
     dataset = shapes_image_folder(image_size=args.image_size)
-    print(f"data: {len(dataset)} PNG files of {args.image_size}x{args.image_size} in {dataset.root}; "
-          f"batch size {args.batch_size}, {args.warmup} + {args.batches} batches per run, {args.repeats} rounds")
+    print(
+        f"data: {len(dataset)} PNG files of {args.image_size}x{args.image_size} in {dataset.root}; "
+        f"batch size {args.batch_size}, {args.warmup} + {args.batches} batches per run, {args.repeats} rounds"
+    )
     print("before:", load())
 
     options = dict(batch_size=args.batch_size, batches=args.batches, warmup=args.warmup, repeats=1)
@@ -95,8 +101,10 @@ def main() -> int:
     print(f"\n{'setting':44} {'median samples/s':>16} {'min':>7} {'max':>7} {'main busy':>9}")
     for stats in results.values():
         runs = stats.runs_samples_per_second
-        print(f"{stats.setting:44} {stats.samples_per_second:16,.0f} {min(runs):7,.0f} {max(runs):7,.0f} "
-              f"{stats.busy_fraction:9.0%}")
+        print(
+            f"{stats.setting:44} {stats.samples_per_second:16,.0f} {min(runs):7,.0f} {max(runs):7,.0f} "
+            f"{stats.busy_fraction:9.0%}"
+        )
 
     def ratios(a, b):
         return [x / y for x, y in zip(results[a].runs_samples_per_second, results[b].runs_samples_per_second)]
@@ -107,16 +115,24 @@ def main() -> int:
     workers_rounds, manual_rounds = ratios(2, 0), ratios("manual", 0)
     workers_ratio, manual_ratio = statistics.median(workers_rounds), statistics.median(manual_rounds)
     workers_ok, manual_ok = workers_ratio >= 1.5, abs(manual_ratio - 1) <= 0.10
-    print(f"\nnum_workers=2 / num_workers=0: {workers_ratio:.2f}x (per round: {show(workers_rounds)}; ratio of "
-          f"medians {results[2].samples_per_second / results[0].samples_per_second:.2f}); goal >= 1.5x: "
-          f"{'met' if workers_ok else 'MISSED'}")
-    print(f"ceiling, 2 plain processes / 1 process doing the same work: {statistics.median(ceiling):.2f}x "
-          f"(per round: {', '.join(f'{r:.2f}' for r in ceiling)}); below 2x means the cores were not all ours")
-    print(f"iter_batches / DataLoader(num_workers=0): {manual_ratio:.3f} (per round: {show(manual_rounds)}; ratio "
-          f"of medians {results['manual'].samples_per_second / results[0].samples_per_second:.3f}); goal within "
-          f"10%: {'met' if manual_ok else 'MISSED'}")
-    print(f"medians of {args.repeats} rounds; {statistics.median(results[0].runs_busy_fraction):.0%} of a core busy "
-          "in the main process without workers (below ~90% means other programs took CPU time from it)")
+    print(
+        f"\nnum_workers=2 / num_workers=0: {workers_ratio:.2f}x (per round: {show(workers_rounds)}; ratio of "
+        f"medians {results[2].samples_per_second / results[0].samples_per_second:.2f}); goal >= 1.5x: "
+        f"{'met' if workers_ok else 'MISSED'}"
+    )
+    print(
+        f"ceiling, 2 plain processes / 1 process doing the same work: {statistics.median(ceiling):.2f}x "
+        f"(per round: {', '.join(f'{r:.2f}' for r in ceiling)}); below 2x means the cores were not all ours"
+    )
+    print(
+        f"iter_batches / DataLoader(num_workers=0): {manual_ratio:.3f} (per round: {show(manual_rounds)}; ratio "
+        f"of medians {results['manual'].samples_per_second / results[0].samples_per_second:.3f}); goal within "
+        f"10%: {'met' if manual_ok else 'MISSED'}"
+    )
+    print(
+        f"medians of {args.repeats} rounds; {statistics.median(results[0].runs_busy_fraction):.0%} of a core busy "
+        "in the main process without workers (below ~90% means other programs took CPU time from it)"
+    )
     return 0 if workers_ok and manual_ok else 1
 
 

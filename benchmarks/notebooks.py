@@ -45,8 +45,14 @@ def tree_memory(process: psutil.Process) -> int:
 def run_notebook(path: Path, write: bool) -> tuple[float, int]:
     """Execute ``path`` in its own folder; return (seconds, peak memory of the kernel tree in bytes)."""
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", store_widget_state=False, record_timing=False,
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        store_widget_state=False,
+        record_timing=False,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     peak, done = [0], threading.Event()
 
     def sample():
@@ -76,8 +82,10 @@ def main() -> int:
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--write", action="store_true", help="save the executed notebooks in place")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-          f"Python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
     print(f"{'notebook':40} {'seconds':>8} {'peak mem':>10}  within bounds")
     ok = True
     for path in args.notebooks:

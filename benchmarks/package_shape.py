@@ -37,8 +37,11 @@ def main() -> int:
         print(f"{name:42} {n:6d}{flag}")
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom) and node.level > 0:
-                private_imports += [f"{name}: from {'.' * node.level}{node.module or ''} import {a.name}"
-                                    for a in node.names if a.name.startswith("_")]
+                private_imports += [
+                    f"{name}: from {'.' * node.level}{node.module or ''} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_")
+                ]
             elif isinstance(node, ast.ClassDef):
                 classes.append((lines(node), f"{name}::{node.name}"))
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

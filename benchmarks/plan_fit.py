@@ -33,10 +33,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     budget = GPU_GIB * GiB - batchlab.CUDA_CONSTANTS["cuda_context"][0]
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
-          f"{len(os.sched_getaffinity(0))} usable; torch {torch.__version__}")
-    print(f"budget: a {GPU_GIB} GiB GPU minus the CUDA context = {budget / GiB:.2f} GiB; effective batch "
-          f"{EFFECTIVE_BATCH}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+        f"{len(os.sched_getaffinity(0))} usable; torch {torch.__version__}"
+    )
+    print(
+        f"budget: a {GPU_GIB} GiB GPU minus the CUDA context = {budget / GiB:.2f} GiB; effective batch "
+        f"{EFFECTIVE_BATCH}\n"
+    )
     times, cpu_times = {}, {}
     for name in args.models:
         shape = memory_input_shape(name)
@@ -45,21 +49,27 @@ def main() -> None:
         for _ in range(args.repeats):
             start, start_cpu = time.perf_counter(), time.process_time()
             try:
-                plan = batchlab.plan_fit(model, lambda n, shape=shape: meta_batch(n, shape), budget=budget,
-                                         effective_batch=EFFECTIVE_BATCH)
+                plan = batchlab.plan_fit(
+                    model, lambda n, shape=shape: meta_batch(n, shape), budget=budget, effective_batch=EFFECTIVE_BATCH
+                )
             except ValueError as error:
                 plan = f"no plan: {error}"
             seconds.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
         times[name], cpu_times[name] = statistics.median(seconds), statistics.median(cpu)
-        print(f"== {name} at {'x'.join(map(str, shape))}: {times[name]:.1f} s wall, {cpu_times[name]:.1f} s "
-              f"of CPU (medians of {args.repeats}; wall > CPU when other programs share the cores)")
+        print(
+            f"== {name} at {'x'.join(map(str, shape))}: {times[name]:.1f} s wall, {cpu_times[name]:.1f} s "
+            f"of CPU (medians of {args.repeats}; wall > CPU when other programs share the cores)"
+        )
         print(plan, "\n")
     print("seconds per model (wall / CPU):", ", ".join(f"{n} {times[n]:.1f} / {cpu_times[n]:.1f}" for n in times))
     # One torch thread: on an idle core wall-clock equals CPU time, so CPU time is what this machine needs.
-    print(f"goal <= 30 s per model: {'met' if max(cpu_times.values()) <= 30 else 'NOT met'} in CPU time, "
-          f"{'met' if max(times.values()) <= 30 else 'NOT met'} in wall-clock time at load "
-          f"{os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores")
+    print(
+        f"goal <= 30 s per model: {'met' if max(cpu_times.values()) <= 30 else 'NOT met'} in CPU time, "
+        f"{'met' if max(times.values()) <= 30 else 'NOT met'} in wall-clock time at load "
+        f"{os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -67,8 +67,14 @@ def run_and_measure(command: list) -> dict:
     if child.returncode != 0:
         raise SystemExit(f"the command failed ({child.returncode}):\n{stderr[-3000:]}")
     per_process = {names[pid]: uss for pid, uss in sorted(peaks["per_process_uss"].items()) if pid in names}
-    return dict(stdout=stdout.splitlines(), seconds=round(seconds, 1), launcher_rss=me.memory_info().rss,
-                children_uss_peak=peaks["children_uss"], tree_peak=peaks["tree"], per_process_uss_peak=per_process)
+    return dict(
+        stdout=stdout.splitlines(),
+        seconds=round(seconds, 1),
+        launcher_rss=me.memory_info().rss,
+        children_uss_peak=peaks["children_uss"],
+        tree_peak=peaks["tree"],
+        per_process_uss_peak=per_process,
+    )
 
 
 def _role(process: psutil.Process) -> str:
@@ -92,19 +98,25 @@ def main() -> int:
         measured["per_process_uss_peak"][f"worker {i}"] = measured["per_process_uss_peak"].pop(key)
     record = dict(
         about="Chapter 7's torchrun command, run by benchmarks/torchrun_run.py from a process that had imported "
-              "batchlab, loaded the digits and trained with train_ddp (as the chapter's kernel has). Memory as "
-              "benchmarks/notebooks.py measures it: the launcher's RSS plus the USS of every process it started, "
-              "sampled every 50 ms; bytes.",
+        "batchlab, loaded the digits and trained with train_ddp (as the chapter's kernel has). Memory as "
+        "benchmarks/notebooks.py measures it: the launcher's RSS plus the USS of every process it started, "
+        "sampled every 50 ms; bytes.",
         command=COMMAND,
-        env=dict(date=datetime.date.today().isoformat(), machine=f"{platform.processor() or platform.machine()}, "
-                 f"{psutil.cpu_count()} cores", python=platform.python_version(), torch=torch.__version__),
+        env=dict(
+            date=datetime.date.today().isoformat(),
+            machine=f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores",
+            python=platform.python_version(),
+            torch=torch.__version__,
+        ),
         **measured,
     )
     print("\n".join(record["stdout"]))
     mib = 2**20
-    print(f"{record['seconds']} s; launcher RSS {record['launcher_rss'] / mib:.0f} MiB; started processes' USS at "
-          f"their joint peak {record['children_uss_peak'] / mib:.0f} MiB; launcher + started "
-          f"{record['tree_peak'] / 1e9:.2f} GB")
+    print(
+        f"{record['seconds']} s; launcher RSS {record['launcher_rss'] / mib:.0f} MiB; started processes' USS at "
+        f"their joint peak {record['children_uss_peak'] / mib:.0f} MiB; launcher + started "
+        f"{record['tree_peak'] / 1e9:.2f} GB"
+    )
     print("peak USS per process:", {k: f"{v / mib:.0f} MiB" for k, v in record["per_process_uss_peak"].items()})
     if args.write:
         OUT.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

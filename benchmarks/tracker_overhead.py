@@ -77,13 +77,19 @@ def measure(name, in_shape, batch_size, device, runs):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=9, help="timed runs of each step (default 9)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); 1 gives steadier times on a busy machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 gives steadier times on a busy machine",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
     if hasattr(os, "getloadavg"):
         print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on the machine perturb the times)")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -93,8 +99,11 @@ def main() -> int:
             print(f"GPU: {torch.cuda.get_device_name(device)}")
         for name, in_shape, batch_size in CASES:
             plain, tracked = measure(name, in_shape, batch_size, device, args.runs)
-            print(f"{device.type:6} {name:9} {batch_size:5d} {plain * 1e3:13.1f} {tracked * 1e3:11.1f} "
-                  f"{tracked / plain:6.2f}", flush=True)
+            print(
+                f"{device.type:6} {name:9} {batch_size:5d} {plain * 1e3:13.1f} {tracked * 1e3:11.1f} "
+                f"{tracked / plain:6.2f}",
+                flush=True,
+            )
     if hasattr(os, "getloadavg"):
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"medians of {args.runs} runs each, tracked and untracked runs alternating")

@@ -36,13 +36,25 @@ def explorers():
     digits = datasets.digits(train=False)
     shapes = datasets.shapes(96, image_size=16)
     return [
-        (BatchSizeExplorer(digits, model="mlp", batch_size=32, profile="GPU 4 GiB (simulated)"),
-         {"batch_size": [16, 32, 64], "batch_text": ["16", "32", "48"], "lr": [0.01, 0.05, 0.1],
-          "model": ["mlp", "cnn", "mlp"], "profile": None, "accumulation_steps": [1, 2, 4]}),
-        (ConvergenceExplorer(digits, model="mlp", epochs=1, batch_size=32), {"batch_size": [16, 32, 64],
-                                                                               "lr": [0.01, 0.1, 0.05]}),
-        (LoaderExplorer(shapes, batch_size=8, batches=4, warmup=1, max_workers=1),
-         {"num_workers": [0, 1, 0], "batch_size": [8, 16, 8]}),
+        (
+            BatchSizeExplorer(digits, model="mlp", batch_size=32, profile="GPU 4 GiB (simulated)"),
+            {
+                "batch_size": [16, 32, 64],
+                "batch_text": ["16", "32", "48"],
+                "lr": [0.01, 0.05, 0.1],
+                "model": ["mlp", "cnn", "mlp"],
+                "profile": None,
+                "accumulation_steps": [1, 2, 4],
+            },
+        ),
+        (
+            ConvergenceExplorer(digits, model="mlp", epochs=1, batch_size=32),
+            {"batch_size": [16, 32, 64], "lr": [0.01, 0.1, 0.05]},
+        ),
+        (
+            LoaderExplorer(shapes, batch_size=8, batches=4, warmup=1, max_workers=1),
+            {"num_workers": [0, 1, 0], "batch_size": [8, 16, 8]},
+        ),
         (AccumulationExplorer(digits, effective_batch=16, micro_batch=4, steps=4), {"micro_batch": [4, 8, 16]}),
     ]
 
@@ -74,31 +86,41 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=200, help="changes of each control (default 200)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as batchlab.setup() gives the notebooks
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-          f"torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+        f"torch {torch.__version__}"
+    )
     threads_before = threading.active_count()
     start = time.perf_counter()
     pairs = explorers()
     soak(pairs, 9)  # the warm-up: every value of every control three times (caches fill, allocators settle)
     warm = rss()
-    print(f"warm-up done after {time.perf_counter() - start:.0f} s: resident {warm / MiB:.1f} MiB, "
-          f"{threading.active_count()} threads")
+    print(
+        f"warm-up done after {time.perf_counter() - start:.0f} s: resident {warm / MiB:.1f} MiB, "
+        f"{threading.active_count()} threads"
+    )
     total = sum(len(controls) for _, controls in pairs) * args.changes
     began = time.perf_counter()
     soak(pairs, args.changes)
     after = rss()
-    print(f"{total} changes ({args.changes} of each of {total // args.changes} controls of {len(pairs)} explorers) "
-          f"in {time.perf_counter() - began:.0f} s")
-    print(f"resident memory: {warm / MiB:.1f} MiB after the warm-up, {after / MiB:.1f} MiB after the soak: "
-          f"{(after - warm) / MiB:+.1f} MiB")
+    print(
+        f"{total} changes ({args.changes} of each of {total // args.changes} controls of {len(pairs)} explorers) "
+        f"in {time.perf_counter() - began:.0f} s"
+    )
+    print(
+        f"resident memory: {warm / MiB:.1f} MiB after the warm-up, {after / MiB:.1f} MiB after the soak: "
+        f"{(after - warm) / MiB:+.1f} MiB"
+    )
     threads_open = threading.active_count()
     for explorer, _ in pairs:
         explorer.close()
     deadline = time.monotonic() + 10
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.1)  # a background job's thread ends after close() cancelled it
-    print(f"Python threads: {threads_before} before, {threads_open} with the explorers open, "
-          f"{threading.active_count()} after closing them")
+    print(
+        f"Python threads: {threads_before} before, {threads_open} with the explorers open, "
+        f"{threading.active_count()} after closing them"
+    )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -34,9 +34,10 @@ def snapshot(model):
 
 def unchanged(model, before):
     state, grads = before
-    return (all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-            and all((g is None and p.grad is None) or (g is not None and p.grad is not None and torch.equal(g, p.grad))
-                    for g, p in zip(grads, model.parameters())))
+    return all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and all(
+        (g is None and p.grad is None) or (g is not None and p.grad is not None and torch.equal(g, p.grad))
+        for g, p in zip(grads, model.parameters())
+    )
 
 
 def max_weight_difference(a, b):
@@ -44,6 +45,7 @@ def max_weight_difference(a, b):
 
 
 # -- the equivalence ------------------------------------------------------------------------------
+
 
 def test_accumulated_gradients_equal_the_full_batch_gradient(digits):
     inputs, targets = first(digits, 64)
@@ -128,8 +130,11 @@ def test_bad_micro_batches_are_refused_with_what_would_work(digits):
         accumulation.split_batch(batch, [20, 20, 10, 0])
     with pytest.raises(ValueError, match=r"must add up to the batch \(50 samples\), got \[20, 20\] \(sum 40\)"):
         accumulation.split_batch(batch, [20, 20])
-    with pytest.raises(ValueError, match=r"micro_batches=4 does not divide the batch of 50.*use one of \[1, 2, 5.*"
-                                         r"e\.g\. \[13, 13, 13, 11\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"micro_batches=4 does not divide the batch of 50.*use one of \[1, 2, 5.*"
+        r"e\.g\. \[13, 13, 13, 11\]",
+    ):
         accumulation.split_batch(batch, 4)
     with pytest.raises(ValueError, match="micro_batches must be a positive int, got 0"):
         accumulation.split_batch(batch, 0)
@@ -146,9 +151,11 @@ def test_a_model_in_eval_mode_is_refused_and_left_alone(digits):
     batch = first(digits, 32)
     model = cnn_bn().eval()
     before = snapshot(model)
-    for call in (lambda: batchlab.compare_gradients(model, batch, 2),
-                 lambda: batchlab.accumulate_weighted(model, accumulation.split_batch(batch, 2)),
-                 lambda: accumulation.batchnorm_statistics(model, batch, 2)):
+    for call in (
+        lambda: batchlab.compare_gradients(model, batch, 2),
+        lambda: batchlab.accumulate_weighted(model, accumulation.split_batch(batch, 2)),
+        lambda: accumulation.batchnorm_statistics(model, batch, 2),
+    ):
         with pytest.raises(ValueError, match=r"model is in eval mode.*Call model.train\(\) first"):
             call()
     assert unchanged(model, before) and not model.training
@@ -178,6 +185,7 @@ def test_compare_gradients_does_not_touch_the_model(digits):
 
 
 # -- BatchNorm --------------------------------------------------------------------------------------
+
 
 def test_batchnorm_breaks_the_equivalence_because_it_sees_only_the_micro_batch(digits):
     batch = first(digits, 64)
@@ -215,8 +223,9 @@ def test_ghost_batchnorm_trains_the_same_in_one_pass_and_accumulated(digits):
         runs[name] = max_weight_difference(*models)
         # Running statistics too: updated once per virtual batch, in the same order both ways.
         buffers = [dict(m.named_buffers()) for m in models]
-        runs[name + " buffers"] = max((buffers[0][k] - buffers[1][k]).abs().max().item()
-                                      for k in buffers[0] if buffers[0][k].is_floating_point())
+        runs[name + " buffers"] = max(
+            (buffers[0][k] - buffers[1][k]).abs().max().item() for k in buffers[0] if buffers[0][k].is_floating_point()
+        )
     assert runs["ghost"] < 1e-5 and runs["ghost buffers"] < 1e-5
     assert runs["batchnorm"] > 1e-3
 
@@ -240,6 +249,7 @@ def test_ghost_batchnorm_details():
 
 # -- memory and time --------------------------------------------------------------------------------
 
+
 def test_profile_accumulation_measures_train_s_own_step():
     images = datasets.shapes(64, image_size=16, channels=1)
     batch = first(images, 64)
@@ -262,6 +272,7 @@ def test_profile_accumulation_measures_train_s_own_step():
 
 
 # -- the widget and its computation -------------------------------------------------------------------
+
 
 def test_accumulation_run_trains_the_same_curve_at_any_micro_batch():
     data = datasets.digits(train=False)

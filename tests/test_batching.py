@@ -76,8 +76,9 @@ def assert_same_batches(ours, theirs):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_iter_batches_equals_dataloader(digits, shuffle, drop_last):
     seed = 7
-    sampler = (RandomSampler(digits, generator=torch.Generator().manual_seed(seed)) if shuffle
-               else SequentialSampler(digits))
+    sampler = (
+        RandomSampler(digits, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(digits)
+    )
     loader = DataLoader(digits, batch_size=100, sampler=sampler, drop_last=drop_last)
     ours = list(batchlab.iter_batches(digits, 100, shuffle=shuffle, drop_last=drop_last, seed=seed))
     assert_same_batches(ours, loader)
@@ -130,12 +131,15 @@ def test_custom_collate_fn_is_used(digits):
     assert batches == [500, 500, 438]
 
 
-@pytest.mark.parametrize(("kwargs", "error", "message"), [
-    ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
-    ({"batch_size": 2.5}, TypeError, "batch_size must be an int, got 2.5"),
-    ({"batch_size": 4, "shuffle": "yes"}, TypeError, "shuffle must be True or False, got 'yes'"),
-    ({"batch_size": 4, "collate_fn": 3}, TypeError, "collate_fn must be a function"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
+        ({"batch_size": 2.5}, TypeError, "batch_size must be an int, got 2.5"),
+        ({"batch_size": 4, "shuffle": "yes"}, TypeError, "shuffle must be True or False, got 'yes'"),
+        ({"batch_size": 4, "collate_fn": 3}, TypeError, "collate_fn must be a function"),
+    ],
+)
 def test_iter_batches_rejects_bad_arguments_when_called(digits, kwargs, error, message):
     with pytest.raises(error, match=message):
         batchlab.iter_batches(digits, **kwargs)  # no next(): checked before the first batch
@@ -216,29 +220,41 @@ def test_warmup_zero_times_the_first_batch_too(small_images):
 
 
 def test_persistent_workers_start_once(small_images):
-    stats = batchlab.loader_throughput(small_images, batch_size=16, num_workers=1, persistent_workers=True,
-                                       prefetch_factor=4, batches=2, warmup=1, repeats=3)
+    stats = batchlab.loader_throughput(
+        small_images,
+        batch_size=16,
+        num_workers=1,
+        persistent_workers=True,
+        prefetch_factor=4,
+        batches=2,
+        warmup=1,
+        repeats=3,
+    )
     assert len(stats.runs_first_batch_seconds) == 3
     assert "persistent_workers=True, prefetch_factor=4" in stats.setting
 
 
 def test_more_workers_than_cores_warning_is_kept(small_images):
     too_many = loaders.usable_cores() + 1
-    stats = batchlab.loader_throughput(small_images, batch_size=16, num_workers=too_many, batches=1, warmup=1,
-                                       repeats=1)
+    stats = batchlab.loader_throughput(
+        small_images, batch_size=16, num_workers=too_many, batches=1, warmup=1, repeats=1
+    )
     assert any("worker" in message for message in stats.warnings)
 
 
-@pytest.mark.parametrize(("kwargs", "error", "message"), [
-    ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
-    ({"batch_size": 8, "num_workers": -1}, ValueError, "num_workers must be an int >= 0, got -1"),
-    ({"batch_size": 8, "prefetch_factor": 2}, ValueError, "prefetch_factor=2 needs num_workers > 0"),
-    ({"batch_size": 8, "num_workers": 2, "prefetch_factor": 0}, ValueError, "prefetch_factor must be a positive"),
-    ({"batch_size": 8, "persistent_workers": True}, ValueError, "persistent_workers=True needs num_workers > 0"),
-    ({"batch_size": 8, "num_workers": 2, "pin_memory": 1}, TypeError, "pin_memory must be True or False"),
-    ({"batch_size": 8, "num_workers": 2, "batches": 100}, ValueError, r"dataset has 160 samples, but"),
-    ({"batch_size": 8, "num_workers": 2, "repeats": 0}, ValueError, "repeats must be a positive int"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive int, got 0"),
+        ({"batch_size": 8, "num_workers": -1}, ValueError, "num_workers must be an int >= 0, got -1"),
+        ({"batch_size": 8, "prefetch_factor": 2}, ValueError, "prefetch_factor=2 needs num_workers > 0"),
+        ({"batch_size": 8, "num_workers": 2, "prefetch_factor": 0}, ValueError, "prefetch_factor must be a positive"),
+        ({"batch_size": 8, "persistent_workers": True}, ValueError, "persistent_workers=True needs num_workers > 0"),
+        ({"batch_size": 8, "num_workers": 2, "pin_memory": 1}, TypeError, "pin_memory must be True or False"),
+        ({"batch_size": 8, "num_workers": 2, "batches": 100}, ValueError, r"dataset has 160 samples, but"),
+        ({"batch_size": 8, "num_workers": 2, "repeats": 0}, ValueError, "repeats must be a positive int"),
+    ],
+)
 def test_loader_throughput_rejects_bad_arguments_before_workers_start(small_images, kwargs, error, message):
     with pytest.raises(error, match=message):
         batchlab.loader_throughput(small_images, **kwargs)
@@ -260,8 +276,9 @@ def test_uncollatable_later_batch_fails_in_a_worker_and_stops_all_workers():
     # the first batch collates, so the check passes; a worker meets the bad samples later
     data = Ragged(n=64, change_at=40)
     before = {p.pid for p in children()}
-    with pytest.raises(ValueError, match=r"field \[0\] has tensors of different shapes \(samples\[0\] has shape"
-                       ) as error:
+    with pytest.raises(
+        ValueError, match=r"field \[0\] has tensors of different shapes \(samples\[0\] has shape"
+    ) as error:
         batchlab.loader_throughput(data, batch_size=8, num_workers=2, batches=6, warmup=1, repeats=1)
     # checked while the traceback (which keeps the loader's iterator alive) is still held
     assert error.traceback and not started_since(before)
@@ -321,8 +338,7 @@ def test_frozen_gc_freezes_only_inside_the_block():
 
 
 def test_loader_sweep_table_and_figure(small_images):
-    sweep = batchlab.loader_sweep(small_images, num_workers=(0, 1), batch_size=(8, 16), repeats=2, batches=2,
-                                  warmup=1)
+    sweep = batchlab.loader_sweep(small_images, num_workers=(0, 1), batch_size=(8, 16), repeats=2, batches=2, warmup=1)
     assert sorted((s.batch_size, s.num_workers) for s in sweep.stats) == [(8, 0), (8, 1), (16, 0), (16, 1)]
     assert all(len(s.runs_samples_per_second) == 2 for s in sweep.stats)
     assert sweep.cores == loaders.usable_cores()
@@ -330,7 +346,8 @@ def test_loader_sweep_table_and_figure(small_images):
     assert len(lines) == 5 and "samples/s" in lines[0]
     assert sweep.speedup(1, batch_size=8) == pytest.approx(
         next(s for s in sweep.stats if (s.batch_size, s.num_workers) == (8, 1)).samples_per_second
-        / next(s for s in sweep.stats if (s.batch_size, s.num_workers) == (8, 0)).samples_per_second)
+        / next(s for s in sweep.stats if (s.batch_size, s.num_workers) == (8, 0)).samples_per_second
+    )
     fig = sweep.figure(highlight=(8, 1))
     assert isinstance(fig, Figure)
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
@@ -369,17 +386,28 @@ def test_loader_stats_without_runs_print_and_explain():
     assert repr(empty).startswith("LoaderStats(loader='DataLoader', batch_size=8")
     with pytest.raises(ValueError, match=r"DataLoader\(batch_size=8, num_workers=2\) has no runs yet"):
         _ = empty.samples_per_second
-    assert str(loaders.LoaderSweep([], 2)).split() == ["batch", "size", "workers", "samples/s", "first", "batch",
-                                                       "main", "busy"]  # the header of a table without rows
+    assert str(loaders.LoaderSweep([], 2)).split() == [
+        "batch",
+        "size",
+        "workers",
+        "samples/s",
+        "first",
+        "batch",
+        "main",
+        "busy",
+    ]  # the header of a table without rows
 
 
-@pytest.mark.parametrize("call", [
-    lambda data: list(batchlab.iter_batches(data, 64)),
-    lambda data: batchlab.loader_throughput(data, batch_size=64),
-    lambda data: loaders.iter_batches_throughput(data, batch_size=64),
-    lambda data: batchlab.loader_sweep(data, batch_size=64),
-    lambda data: workers.worker_memory(data, batch_size=64),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda data: list(batchlab.iter_batches(data, 64)),
+        lambda data: batchlab.loader_throughput(data, batch_size=64),
+        lambda data: loaders.iter_batches_throughput(data, batch_size=64),
+        lambda data: batchlab.loader_sweep(data, batch_size=64),
+        lambda data: workers.worker_memory(data, batch_size=64),
+    ],
+)
 def test_every_loader_function_says_an_empty_dataset_is_empty(call):
     # not "batch_size must be at most 0, got 64": the data set is what is wrong
     with pytest.raises(ValueError, match="dataset is empty: it must hold at least one sample"):
@@ -449,8 +477,15 @@ def test_augmentation_is_reproducible_with_a_seeded_generator(tmp_path):
 def test_image_folder_works_with_spawned_workers(tmp_path):
     """On macOS and Windows workers are spawned: the data set and helpers must pickle by module name."""
     data = datasets.shapes_image_folder(8, 32, root=tmp_path / "f")
-    loader = DataLoader(data, batch_size=4, num_workers=1, multiprocessing_context="spawn", collate_fn=batching.collate,
-                        worker_init_fn=workers.seed_worker, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        data,
+        batch_size=4,
+        num_workers=1,
+        multiprocessing_context="spawn",
+        collate_fn=batching.collate,
+        worker_init_fn=workers.seed_worker,
+        generator=torch.Generator().manual_seed(0),
+    )
     batches = list(loader)
     assert [tuple(images.shape) for images, _ in batches] == [(4, 3, 28, 28)] * 2
 
@@ -494,8 +529,9 @@ def test_image_folder_arguments_are_checked(tmp_path):
 def random_numbers(worker_init_fn, seed, epochs=2):
     """The random numbers of each epoch, from a 2-worker loader over a data set that owns a generator."""
     data = datasets.SharedGeneratorDataset(8)
-    loader = DataLoader(data, batch_size=2, num_workers=2, worker_init_fn=worker_init_fn,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        data, batch_size=2, num_workers=2, worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(seed)
+    )
     return [[batch[1].tolist() for batch in loader] for _ in range(epochs)]
 
 

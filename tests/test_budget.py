@@ -5,7 +5,7 @@ import torch
 
 import batchlab
 from batchlab import datasets
-from batchlab.budget import probe_batch_size, memory_budget
+from batchlab.budget import memory_budget, probe_batch_size
 
 
 def cnn():
@@ -121,8 +121,7 @@ def test_train_halves_the_micro_batch_on_out_of_memory():
         history = batchlab.train(recovered, data, batch_size=512, steps=4, on_oom="halve", progress=False)
     assert history.notes and all("effective batch is still 512" in note for note in history.notes)
     halvings = len(history.notes)
-    expected = batchlab.train(reference, data, batch_size=512, steps=4, accumulation_steps=2**halvings,
-                              progress=False)
+    expected = batchlab.train(reference, data, batch_size=512, steps=4, accumulation_steps=2**halvings, progress=False)
     for p, q in zip(recovered.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert history.loss == pytest.approx(expected.loss, rel=1e-5)

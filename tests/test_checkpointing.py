@@ -42,12 +42,18 @@ def test_checkpointed_gradients_equal_plain_gradients(name, shape, make, segment
 def test_blocks_of_the_course_models():
     assert batchlab.checkpoint_blocks(batchlab.build_model("mlp")) == ["0", "1", "2", "3", "4", "5"]
     assert batchlab.checkpoint_blocks(batchlab.build_model("resnet18")) == [
-        f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+        f"layer{i}.{j}" for i in range(1, 5) for j in range(2)
+    ]
     assert batchlab.checkpoint_blocks(batchlab.build_model("transformer", in_shape=(8,))) == [
-        "encoder.layers.0", "encoder.layers.1"]
+        "encoder.layers.0",
+        "encoder.layers.1",
+    ]
     wrapped = batchlab.checkpointed(batchlab.build_model("resnet18"), 3)
-    assert wrapped.segments == [["layer1.0", "layer1.1", "layer2.0"], ["layer2.1", "layer3.0", "layer3.1"],
-                                ["layer4.0", "layer4.1"]]
+    assert wrapped.segments == [
+        ["layer1.0", "layer1.1", "layer2.0"],
+        ["layer2.1", "layer3.0", "layer3.1"],
+        ["layer4.0", "layer4.1"],
+    ]
     assert len(batchlab.checkpointed(batchlab.build_model("resnet18")).segments) == 8
 
 
@@ -120,8 +126,10 @@ def test_checkpointed_training_equals_plain_training():
     runs = {}
     for checkpointing in (None, "blocks", 3):
         model = batchlab.build_model("cnn_bn", in_shape=(1, 12, 12))
-        runs[checkpointing] = (batchlab.train(model, data, batch_size=16, steps=4, progress=False,
-                                              checkpointing=checkpointing), model)
+        runs[checkpointing] = (
+            batchlab.train(model, data, batch_size=16, steps=4, progress=False, checkpointing=checkpointing),
+            model,
+        )
         assert _untouched(model)
     plain, plain_model = runs[None]
     for checkpointing in ("blocks", 3):
@@ -195,6 +203,5 @@ def test_bad_checkpointing_arguments_name_the_argument(bad):
     with pytest.raises(ValueError, match=message):
         batchlab.estimate_memory(model, batch, checkpointing=bad)
     with pytest.raises(ValueError, match=message):
-        batchlab.profile_step(model, (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)),
-                              checkpointing=bad)
+        batchlab.profile_step(model, (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)), checkpointing=bad)
     assert _untouched(model)

@@ -20,13 +20,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args, stdin=None, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "batchlab", *args], cwd=cwd, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "batchlab", *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_estimate_torchvision_model_equals_estimate_memory():
-    done = run_cli("estimate", "--model", "torchvision.models:resnet18", "--input", "3x64x64", "--batch-size", "8",
-                   "--optimizer", "adam", "--gpu", "T4", "--json")
+    done = run_cli(
+        "estimate",
+        "--model",
+        "torchvision.models:resnet18",
+        "--input",
+        "3x64x64",
+        "--batch-size",
+        "8",
+        "--optimizer",
+        "adam",
+        "--gpu",
+        "T4",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     batch = (torch.empty(8, 3, 64, 64, device="meta"), torch.empty(8, dtype=torch.long, device="meta"))
@@ -39,12 +58,23 @@ def test_estimate_torchvision_model_equals_estimate_memory():
 
 
 def test_estimate_human_output_says_what_to_do_when_it_does_not_fit():
-    done = run_cli("estimate", "--model", "torchvision.models:resnet18", "--input", "3x64x64", "--batch-size", "8",
-                   "--budget", "100MiB")
+    done = run_cli(
+        "estimate",
+        "--model",
+        "torchvision.models:resnet18",
+        "--input",
+        "3x64x64",
+        "--batch-size",
+        "8",
+        "--budget",
+        "100MiB",
+    )
     assert done.returncode == 0, done.stderr
     assert "Does not fit" in done.stdout
-    assert "batchlab plan --model torchvision.models:resnet18 --input 3x64x64 --effective-batch 8 --budget 100MiB" \
+    assert (
+        "batchlab plan --model torchvision.models:resnet18 --input 3x64x64 --effective-batch 8 --budget 100MiB"
         in done.stdout
+    )
 
 
 USER_FILE = '''
@@ -88,9 +118,24 @@ def user_file(tmp_path):
 
 
 def test_plan_for_a_model_in_a_file_with_its_own_batch_and_loss(user_file):
-    done = run_cli("plan", "--model", f"{user_file}:TwoHeads", "--batch", f"{user_file}:make_batch",
-                   "--loss", f"{user_file}:loss", "--effective-batch", "40", "--budget", "2GiB", "--device", "cpu",
-                   "--precision", "fp32", "--json")
+    done = run_cli(
+        "plan",
+        "--model",
+        f"{user_file}:TwoHeads",
+        "--batch",
+        f"{user_file}:make_batch",
+        "--loss",
+        f"{user_file}:loss",
+        "--effective-batch",
+        "40",
+        "--budget",
+        "2GiB",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert sum(result["micro_batches"]) == 40
@@ -101,9 +146,24 @@ def test_plan_for_a_model_in_a_file_with_its_own_batch_and_loss(user_file):
 
 
 def test_plan_prints_a_table_and_a_progress_line(user_file):
-    done = run_cli("plan", "--model", f"{user_file}:TwoHeads", "--batch", f"{user_file}:make_batch",
-                   "--loss", f"{user_file}:loss", "--effective-batch", "16", "--budget", "1GiB", "--device", "cpu",
-                   "--precision", "fp32", "--no-checkpointing")
+    done = run_cli(
+        "plan",
+        "--model",
+        f"{user_file}:TwoHeads",
+        "--batch",
+        f"{user_file}:make_batch",
+        "--loss",
+        f"{user_file}:loss",
+        "--effective-batch",
+        "16",
+        "--budget",
+        "1GiB",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--no-checkpointing",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr.startswith("planning 16 samples per step in 1.00 GiB")
     assert "planned in" in done.stderr
@@ -114,15 +174,18 @@ def test_plan_prints_a_table_and_a_progress_line(user_file):
 
 
 def test_default_loss_on_a_dict_output_is_refused_in_one_line(user_file):
-    done = run_cli("estimate", "--model", f"{user_file}:TwoHeads", "--batch", f"{user_file}:make_batch",
-                   "--batch-size", "4")
+    done = run_cli(
+        "estimate", "--model", f"{user_file}:TwoHeads", "--batch", f"{user_file}:make_batch", "--batch-size", "4"
+    )
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "loss_fn" in done.stderr and "['pred', 'aux']" in done.stderr
 
 
-OOM = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 4.00 GiB total capacity;\n"
-       "3.40 GiB already allocated; 12.00 MiB free; 3.50 GiB reserved in total by PyTorch)\n")
+OOM = (
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 4.00 GiB total capacity;\n"
+    "3.40 GiB already allocated; 12.00 MiB free; 3.50 GiB reserved in total by PyTorch)\n"
+)
 
 
 def test_explain_reads_standard_input():
@@ -142,12 +205,15 @@ def test_explain_takes_the_message_as_arguments():
     assert done.stdout == str(batchlab.explain_oom(OOM)) + "\n"
 
 
-@pytest.mark.parametrize("args, argument, hint", [
-    (["--model", "no_such_package.models:net", "--input", "3x8x8"], "--model", "package.module:callable"),
-    (["--model", "builtins:dict", "--input", "3x8x8"], "--model", "not a torch.nn.Module"),
-    (["--model", "torchvision.models:resnet18", "--input", "3by8"], "--input", "3x224x224"),
-    (["--model", "torchvision.models:resnet18", "--input", "3x8x8", "--gpu", "GTX9999"], "--gpu", "RTX4090"),
-])
+@pytest.mark.parametrize(
+    "args, argument, hint",
+    [
+        (["--model", "no_such_package.models:net", "--input", "3x8x8"], "--model", "package.module:callable"),
+        (["--model", "builtins:dict", "--input", "3x8x8"], "--model", "not a torch.nn.Module"),
+        (["--model", "torchvision.models:resnet18", "--input", "3by8"], "--input", "3x224x224"),
+        (["--model", "torchvision.models:resnet18", "--input", "3x8x8", "--gpu", "GTX9999"], "--gpu", "RTX4090"),
+    ],
+)
 def test_bad_arguments_are_one_line_with_status_2(args, argument, hint):
     done = run_cli("estimate", *args, "--batch-size", "2")
     assert done.returncode == 2
@@ -160,8 +226,9 @@ def test_bad_arguments_are_one_line_with_status_2(args, argument, hint):
 def test_a_file_model_that_does_not_return_a_module(user_file):
     done = run_cli("estimate", "--model", f"{user_file}:not_a_model", "--input", "10", "--batch-size", "2")
     assert done.returncode == 2
-    assert done.stderr.strip().endswith("returned int, not a torch.nn.Module; give a class or function that "
-                                        "returns the model")
+    assert done.stderr.strip().endswith(
+        "returned int, not a torch.nn.Module; give a class or function that returns the model"
+    )
 
 
 def test_explain_of_text_that_is_no_oom_message():
@@ -172,8 +239,14 @@ def test_explain_of_text_that_is_no_oom_message():
 
 def test_cli_loads_no_widgets_or_plots():
     probe = "import sys, batchlab.cli; print(sorted({'ipywidgets', 'matplotlib', 'IPython'} & set(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.strip() == "[]"
 
 
@@ -196,7 +269,7 @@ def test_gpu_memory_names_and_sizes():
         gpu_memory("512MiB")
 
 
-LM_FILE = '''
+LM_FILE = """
 from torch import nn
 
 
@@ -207,7 +280,7 @@ class TinyLM(nn.Module):
 
     def forward(self, ids):
         return self.head(self.embed(ids))
-'''
+"""
 
 
 def test_tokens_use_the_token_level_loss(tmp_path, capsys):
@@ -215,16 +288,21 @@ def test_tokens_use_the_token_level_loss(tmp_path, capsys):
 
     path = tmp_path / "lm.py"
     path.write_text(LM_FILE)
-    assert main(["estimate", "--model", f"{path}:TinyLM", "--tokens", "16", "--vocab", "100", "--batch-size", "4",
-                 "--json"]) == 0
+    assert (
+        main(
+            ["estimate", "--model", f"{path}:TinyLM", "--tokens", "16", "--vocab", "100", "--batch-size", "4", "--json"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     ids, targets = (torch.empty(4, 16, dtype=torch.long, device="meta") for _ in range(2))
     model = batchlab.cli.load_model(f"{path}:TinyLM")
     assert next(model.parameters()).device.type == "meta"  # built without initialising weights
     assert result["peak_bytes"] == batchlab.estimate_memory(model, (ids, targets), loss_fn=token_loss).peak_bytes
     assert main(["estimate", "--model", f"{path}:TinyLM", "--tokens", "16", "--batch-size", "4"]) == 2
-    assert capsys.readouterr().err == ("batchlab estimate: error: --vocab: --tokens needs --vocab V, the number of "
-                                       "token ids (e.g. 50257 for GPT-2)\n")
+    assert capsys.readouterr().err == (
+        "batchlab estimate: error: --vocab: --tokens needs --vocab V, the number of token ids (e.g. 50257 for GPT-2)\n"
+    )
 
 
 def test_the_console_script_is_the_command_line():

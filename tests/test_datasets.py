@@ -92,8 +92,9 @@ def test_countdown_streams_every_item_once_per_loader():
 
 @pytest.mark.parametrize("split, expected", [(True, [0, 1, 2, 3, 4, 5]), (False, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])])
 def test_countdown_with_two_workers_splits_or_duplicates(split, expected):
-    loader = torch.utils.data.DataLoader(datasets.Countdown(6, split_between_workers=split), batch_size=3,
-                                         num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        datasets.Countdown(6, split_between_workers=split), batch_size=3, num_workers=2
+    )
     assert sorted(int(x) for batch in loader for x in batch) == expected
 
 

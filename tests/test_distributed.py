@@ -39,17 +39,26 @@ ROOT = Path(__file__).resolve().parent.parent
 def children():
     """Processes this test process started and that still exist. Python's own resource tracker, which
     the first ``spawn`` starts once and keeps for the life of the parent, is not a rank and is left out."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if "multiprocessing.resource_tracker" not in " ".join(p.cmdline())]
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "multiprocessing.resource_tracker" not in " ".join(p.cmdline())
+    ]
 
 
 # Functions the processes run. Module-level, so that spawn can import them too.
 
+
 def sum_of_ranks(rank, world_size, scale):
     t = torch.tensor([float(rank + 1)]) * scale
     dist.all_reduce(t)  # every process ends with the sum over processes
-    return {"rank": rank, "world_size": world_size, "sum": t.item(), "env_rank": os.environ["RANK"],
-            "threads": torch.get_num_threads()}
+    return {
+        "rank": rank,
+        "world_size": world_size,
+        "sum": t.item(),
+        "env_rank": os.environ["RANK"],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def fails_in_rank_1(rank, world_size):
@@ -95,6 +104,7 @@ def starts_a_child_then_fails(rank, world_size, pid_file):
 
 
 # -- launch ------------------------------------------------------------------------------------------
+
 
 def test_launch_returns_rank_0_result_after_an_all_reduce():
     torch.ones(300, 300) @ torch.ones(300, 300)  # the parent has used its thread pool before forking
@@ -162,11 +172,14 @@ def test_keyboard_interrupt_stops_every_process_and_is_raised_again():
     assert children() == []
 
 
-@pytest.mark.parametrize("nprocs, error, message", [
-    (0, ValueError, "nprocs must be a positive int, got 0"),
-    (-1, ValueError, "nprocs must be a positive int, got -1"),
-    ("2", TypeError, "nprocs must be an int, got '2'"),
-])
+@pytest.mark.parametrize(
+    "nprocs, error, message",
+    [
+        (0, ValueError, "nprocs must be a positive int, got 0"),
+        (-1, ValueError, "nprocs must be a positive int, got -1"),
+        ("2", TypeError, "nprocs must be an int, got '2'"),
+    ],
+)
 def test_bad_nprocs_is_refused_before_anything_starts(nprocs, error, message):
     with pytest.raises(error, match=re.escape(message)):
         launch(sum_of_ranks, 1.0, nprocs=nprocs)
@@ -245,6 +258,7 @@ def test_spawn_runs_an_importable_function():
 
 # -- DistributedSampler order --------------------------------------------------------------------------
 
+
 def test_samples_per_process_pads_or_drops():
     assert samples_per_process(10, 3) == 4  # 12 slots: two samples appear twice
     assert samples_per_process(10, 3, drop_last=True) == 3
@@ -283,6 +297,7 @@ def test_plot_sampler_draws_every_slot_and_hatches_the_padding():
 
 # -- DDP training ----------------------------------------------------------------------------------------
 
+
 def _max_difference(state_a, state_b):
     return max((state_a[k] - state_b[k]).abs().max().item() for k in state_a)
 
@@ -293,8 +308,9 @@ def test_ddp_on_two_processes_equals_single_process_training_on_the_same_global_
     ddp = train_ddp("mlp", digits, world_size=2, batch_size=batch_size, steps=steps, lr=0.05)
     order = global_batch_order(len(digits), world_size=2, batch_size=batch_size, steps=steps)
     model = batchlab.build_model("mlp", in_shape=(1, 8, 8), seed=0)
-    single = batchlab.train(model, Subset(digits, order), batch_size=batch_size, steps=steps, lr=0.05,
-                            shuffle=False, progress=False)
+    single = batchlab.train(
+        model, Subset(digits, order), batch_size=batch_size, steps=steps, lr=0.05, shuffle=False, progress=False
+    )
     assert _max_difference(ddp["state_dict"], model.state_dict()) < 1e-5
     assert ddp["loss"] == pytest.approx(single.loss, abs=1e-5)
     assert ddp["loss"][-1] < ddp["loss"][0]  # and it did learn
@@ -324,13 +340,16 @@ def test_no_sync_accumulation_equals_synchronous_accumulation_with_fewer_all_red
     assert lazy["micro_batch"] == 4
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(batch_size=30, accumulation_steps=4), "batch_size must split into world_size x accumulation_steps = 8"),
-    (dict(world_size=200), "world_size=200 is more processes than the 100 samples"),
-    (dict(batch_size=128), "each of the 2 processes gets 50 samples per epoch but needs 64 per step"),
-    (dict(world_size=0), "world_size must be a positive int, got 0"),
-    (dict(optimizer="lbfgs"), "optimizer must be 'sgd', 'adam'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=30, accumulation_steps=4), "batch_size must split into world_size x accumulation_steps = 8"),
+        (dict(world_size=200), "world_size=200 is more processes than the 100 samples"),
+        (dict(batch_size=128), "each of the 2 processes gets 50 samples per epoch but needs 64 per step"),
+        (dict(world_size=0), "world_size must be a positive int, got 0"),
+        (dict(optimizer="lbfgs"), "optimizer must be 'sgd', 'adam'"),
+    ],
+)
 def test_train_ddp_refuses_bad_input_before_starting_processes(kwargs, message):
     data = TensorDataset(torch.randn(100, 1, 8, 8), torch.randint(0, 10, (100,)))
     args = dict(world_size=2, batch_size=32, steps=2) | kwargs
@@ -357,6 +376,7 @@ def test_train_without_shuffle_takes_the_batches_in_order():
 
 
 # -- torchrun ---------------------------------------------------------------------------------------------
+
 
 def readme_torchrun_command():
     """The single-machine torchrun command as the README shows it."""
@@ -395,6 +415,12 @@ def test_the_recorded_torchrun_run_has_the_losses_of_train_ddp_and_the_readme_co
 
 def test_the_script_explains_that_it_needs_torchrun():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    done = subprocess.run([sys.executable, "-m", "batchlab.ddp_train", "--steps", "1"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchlab.ddp_train", "--steps", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "run this script with torchrun" in done.stderr

@@ -78,8 +78,9 @@ def conda_problems(name, parsed, project, makefile_torch):
         problems.append(f"{name}: conda installs only python and pip (the rest is pinned in pip:), got {sorted(conda)}")
     python = conda.get("python", "")
     if not re.fullmatch(r"3\.\d+", python) or python not in SpecifierSet(project["requires-python"]):
-        problems.append(f"{name}: python={python} is not a 3.x version allowed by requires-python "
-                        f"{project['requires-python']!r}")
+        problems.append(
+            f"{name}: python={python} is not a 3.x version allowed by requires-python {project['requires-python']!r}"
+        )
     options = [e for e in parsed["pip"] if e.startswith("-")]
     if options != [CPU_INDEX]:
         problems.append(f"{name}: the pip section's only option must be {CPU_INDEX!r}, got {options}")
@@ -87,11 +88,14 @@ def conda_problems(name, parsed, project, makefile_torch):
     for package, version in pins.items():
         if version is None:
             problems.append(f"{name}: {package} is not pinned with == to one version")
-    wanted = {Requirement(spec).name.lower(): Requirement(spec).specifier
-              for spec in project["dependencies"] + project["optional-dependencies"]["course"]}
+    wanted = {
+        Requirement(spec).name.lower(): Requirement(spec).specifier
+        for spec in project["dependencies"] + project["optional-dependencies"]["course"]
+    }
     if set(pins) != set(wanted):
-        problems.append(f"{name}: pip pins {sorted(set(pins) ^ set(wanted))} differ from pyproject's "
-                        f"dependencies + course extra")
+        problems.append(
+            f"{name}: pip pins {sorted(set(pins) ^ set(wanted))} differ from pyproject's dependencies + course extra"
+        )
     for package, version in pins.items():
         if version and package in wanted and version not in wanted[package]:
             problems.append(f"{name}: {package}=={version} is outside pyproject's {package}{wanted[package]}")
@@ -123,8 +127,10 @@ def makefile_problems(makefile, project):
             problems.append(f"Makefile: TORCH must pin {package}== exactly, got {make_variable(makefile, 'TORCH')}")
         lower = [s.version for s in bounds.get(package, []) if s.operator == ">="]
         if not oldest.get(package) or lower != [oldest[package]]:
-            problems.append(f"Makefile: OLDEST_TORCH {package}=={oldest.get(package)} is not pyproject's lower "
-                            f"bound {package}>={lower[0] if lower else None} (make test-oldest tests it)")
+            problems.append(
+                f"Makefile: OLDEST_TORCH {package}=={oldest.get(package)} is not pyproject's lower "
+                f"bound {package}>={lower[0] if lower else None} (make test-oldest tests it)"
+            )
     for extras in re.findall(r'-e "\.\[([^\]]*)\]"', makefile):
         for extra in extras.split(","):
             if extra not in project.get("optional-dependencies", {}):
@@ -147,8 +153,9 @@ def problems(texts, postbuild_executable=True):
     tested = versions_tested_with(texts["pyproject.toml"])
     for package, version in pinned["binder/environment.yml"].items():
         if tested.get(package) != version:
-            found.append(f"pyproject.toml says Tested with {package} {tested.get(package)}, "
-                         f"the conda files pin {version}")
+            found.append(
+                f"pyproject.toml says Tested with {package} {tested.get(package)}, the conda files pin {version}"
+            )
     python_tested = re.search(r"Tested with:.*\(Python (3\.\d+)\)", texts["pyproject.toml"])
     if not python_tested or python_tested.group(1) != pythons["binder/environment.yml"]:
         found.append(f"pyproject.toml's Tested with (Python ...) is not the conda files' {pythons}")
@@ -165,8 +172,10 @@ def test_the_real_files_pin_what_the_tests_ran_with():
     torchvision = pytest.importorskip("torchvision")
     texts = read_files()
     pins = exact_pins(e for e in parse_conda(texts["binder/environment.yml"])["pip"] if not e.startswith("-"))
-    running = {"torch": torch.__version__.split("+")[0],  # the local part (+cpu, +cu128) names the build
-               "torchvision": torchvision.__version__.split("+")[0]}
+    running = {
+        "torch": torch.__version__.split("+")[0],  # the local part (+cpu, +cu128) names the build
+        "torchvision": torchvision.__version__.split("+")[0],
+    }
     if running == exact_pins(make_variable(texts["Makefile"], "OLDEST_TORCH")):
         pytest.skip(f"make test-oldest runs with the lower bounds {running}, not the pinned versions")
     assert {package: pins[package] for package in running} == running
@@ -197,8 +206,9 @@ MUTATIONS = [  # (file, text, replacement, what the problem says)
 ]
 
 
-@pytest.mark.parametrize(("name", "old", "new", "message"), MUTATIONS,
-                         ids=[f"{m[0]}:{m[2].strip()[:30]}" for m in MUTATIONS])
+@pytest.mark.parametrize(
+    ("name", "old", "new", "message"), MUTATIONS, ids=[f"{m[0]}:{m[2].strip()[:30]}" for m in MUTATIONS]
+)
 def test_each_drift_is_caught(name, old, new, message):
     texts = read_files()
     assert old in texts[name], f"the mutation no longer applies to {name}: {old!r}"

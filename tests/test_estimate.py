@@ -8,8 +8,11 @@ import batchlab
 from batchlab.estimate import CUDA_CONSTANTS, cudnn_workspace, estimate_memory, max_batch_size
 from batchlab.reference import gpu_reference
 
-REFERENCE_MODELS = {"mlp_28": ("mlp", (1, 28, 28)), "cnn_28": ("cnn_bn", (1, 28, 28)),
-                    "resnet18_32": ("resnet18", (3, 32, 32))}
+REFERENCE_MODELS = {
+    "mlp_28": ("mlp", (1, 28, 28)),
+    "cnn_28": ("cnn_bn", (1, 28, 28)),
+    "resnet18_32": ("resnet18", (3, 32, 32)),
+}
 MiB = 2**20
 
 
@@ -18,16 +21,21 @@ def meta_batch(n, in_shape, dtype=torch.float32):
     return inputs, torch.zeros(n, dtype=torch.long, device="meta")
 
 
-@pytest.mark.parametrize("row", gpu_reference()["rows"],
-                         ids=lambda r: f"{r['model']}-{r['opt']}-{r['batch']}")
+@pytest.mark.parametrize("row", gpu_reference()["rows"], ids=lambda r: f"{r['model']}-{r['opt']}-{r['batch']}")
 def test_estimate_matches_the_h100_reference(row):
     name, in_shape = REFERENCE_MODELS[row["model"]]
-    report = estimate_memory(batchlab.build_model(name, in_shape=in_shape), meta_batch(row["batch"], in_shape),
-                             optimizer=row["opt"], device="cuda")
+    report = estimate_memory(
+        batchlab.build_model(name, in_shape=in_shape),
+        meta_batch(row["batch"], in_shape),
+        optimizer=row["opt"],
+        device="cuda",
+    )
     error = report.peak_bytes / row["peak_allocated"] - 1
     bar = 0.10 if row["peak_allocated"] >= 256 * MiB else 0.25
-    assert abs(error) <= bar, f"estimated {report.peak_bytes / MiB:.1f} MiB, measured " \
-                              f"{row['peak_allocated'] / MiB:.1f} MiB ({error:+.1%}, bar ±{bar:.0%})"
+    assert abs(error) <= bar, (
+        f"estimated {report.peak_bytes / MiB:.1f} MiB, measured "
+        f"{row['peak_allocated'] / MiB:.1f} MiB ({error:+.1%}, bar ±{bar:.0%})"
+    )
     assert report.reserved_bytes >= report.peak_bytes
 
 
@@ -113,8 +121,11 @@ def test_max_batch_size_handles_batchnorm_models_that_need_two_samples():
     [
         (dict(budget="lots"), ValueError, "budget 'lots' is not a memory size"),
         (dict(budget="60MiB"), ValueError, r"even a batch of 1 does not fit in 60.0 MiB.*workspaces 65.0 MiB"),
-        (dict(budget="4GiB", make_batch=lambda n: meta_batch(n + 1, (1, 28, 28))), ValueError,
-         r"make_batch\(1\) must return a batch of 1 samples"),
+        (
+            dict(budget="4GiB", make_batch=lambda n: meta_batch(n + 1, (1, 28, 28))),
+            ValueError,
+            r"make_batch\(1\) must return a batch of 1 samples",
+        ),
         (dict(budget="4GiB", make_batch="not callable"), TypeError, "make_batch must be a function"),
         (dict(budget="4GiB", optimizer="lbfgs"), ValueError, "optimizer must be 'sgd', 'adam' or a function"),
     ],
@@ -182,8 +193,9 @@ def test_an_estimate_warns_of_what_it_does_not_model():
     ]
     assert "warning: custom autograd function Square" in repr(report)
     # On the CPU the estimate counts tensors only, so the CUDA library note does not apply.
-    assert [w.split(":")[0] for w in estimate_memory(Unusual(), batch, device="cpu").warnings] == \
-        ["custom autograd function Square"]
+    assert [w.split(":")[0] for w in estimate_memory(Unusual(), batch, device="cpu").warnings] == [
+        "custom autograd function Square"
+    ]
 
 
 def test_an_ordinary_model_gets_no_warnings():
@@ -207,11 +219,15 @@ def test_accumulation_lowers_the_estimated_peak_as_measured_on_the_cpu():
 
 # -- chapter 8: precision and checkpointing in the estimate --------------------------------------------
 
-@pytest.mark.parametrize("name, shape, make, precision", [
-    ("cnn_bn", (1, 28, 28), lambda: torch.randn(32, 1, 28, 28), "bf16"),
-    ("cnn_bn", (1, 28, 28), lambda: torch.randn(32, 1, 28, 28), "fp16"),
-    ("transformer", (32,), lambda: torch.randint(0, 1000, (8, 32)), "bf16"),
-])
+
+@pytest.mark.parametrize(
+    "name, shape, make, precision",
+    [
+        ("cnn_bn", (1, 28, 28), lambda: torch.randn(32, 1, 28, 28), "bf16"),
+        ("cnn_bn", (1, 28, 28), lambda: torch.randn(32, 1, 28, 28), "fp16"),
+        ("transformer", (32,), lambda: torch.randint(0, 1000, (8, 32)), "bf16"),
+    ],
+)
 def test_cpu_estimate_under_precision_matches_cpu_measurement(name, shape, make, precision):
     model = batchlab.build_model(name, in_shape=shape)
     batch = (make(), torch.randint(0, 10, (len(make()),)))
@@ -262,12 +278,14 @@ def test_checkpointing_lowers_the_gpu_estimate_and_raises_the_largest_batch():
 
     large = batchlab.build_model("resnet18", in_shape=(3, 224, 224))
     plain = estimate_memory(large, meta_batch(64, (3, 224, 224)), optimizer="adam", precision="bf16")
-    blocks = estimate_memory(large, meta_batch(64, (3, 224, 224)), optimizer="adam", precision="bf16",
-                             checkpointing="blocks")
+    blocks = estimate_memory(
+        large, meta_batch(64, (3, 224, 224)), optimizer="adam", precision="bf16", checkpointing="blocks"
+    )
     assert blocks.peak_bytes < 0.9 * plain.peak_bytes
     assert blocks.breakdown["activations"] > 0  # saved segment inputs and one recomputed segment
-    assert max_batch_size(model, make, budget="1GiB", optimizer="adam", checkpointing="blocks") > \
-        max_batch_size(model, make, budget="1GiB", optimizer="adam")
+    assert max_batch_size(model, make, budget="1GiB", optimizer="adam", checkpointing="blocks") > max_batch_size(
+        model, make, budget="1GiB", optimizer="adam"
+    )
 
 
 def test_an_autocast_block_pytorch_switched_off_is_refused_not_ignored():

@@ -22,8 +22,11 @@ def test_every_chapter_check_is_re_exported_and_starts_with_your_turn():
     found = {}
     for info in pkgutil.iter_modules(exercises.__path__):
         module = importlib.import_module(f"batchlab.exercises.{info.name}")
-        found |= {name: f for name, f in vars(module).items()
-                  if name.startswith("check_") and inspect.isfunction(f) and f.__module__ == module.__name__}
+        found |= {
+            name: f
+            for name, f in vars(module).items()
+            if name.startswith("check_") and inspect.isfunction(f) and f.__module__ == module.__name__
+        }
     assert set(found) == {name for name in exercises.__all__ if name.startswith("check_")}
     for name, function in found.items():
         assert getattr(exercises, name) is function and name in exercises.__all__
@@ -91,6 +94,7 @@ def test_squares_dataset():
 
 # -- chapter 0: the explorer's largest batch ------------------------------------------------------------
 
+
 def test_the_check_of_chapter_0_does_not_give_the_answer_away(capsys):
     exercises.check_largest_batch(None)
     assert "Your turn" in capsys.readouterr().out
@@ -104,6 +108,7 @@ def test_the_check_of_chapter_0_does_not_give_the_answer_away(capsys):
 
 
 # -- chapter 3: a padding collate_fn, the fastest num_workers, persistent workers ----------------------
+
 
 def pad_collate(samples):
     tokens, labels = zip(*samples)
@@ -129,8 +134,11 @@ def test_check_padding_collate_placeholder(capsys):
 def global_max(samples):
     padded, mask, labels = pad_collate(samples)
     width = 9  # pads every batch to the longest sequence of the whole data set
-    return (torch.nn.functional.pad(padded, (0, width - padded.shape[1])),
-            torch.nn.functional.pad(mask, (0, width - mask.shape[1])), labels)
+    return (
+        torch.nn.functional.pad(padded, (0, width - padded.shape[1])),
+        torch.nn.functional.pad(mask, (0, width - mask.shape[1])),
+        labels,
+    )
 
 
 def no_mask(samples):
@@ -152,15 +160,18 @@ def not_written(samples):
     raise NotImplementedError("write the body")
 
 
-@pytest.mark.parametrize(("wrong", "message"), [
-    (no_mask, r"expected \(padded, mask, labels\), got a tuple of 2"),
-    (lambda s: pad_collate(s)[0], r"expected \(padded, mask, labels\), got a Tensor"),
-    (global_max, "longest in this batch"),
-    (inverted_mask, "mask should be True for its"),
-    (pads_with_minus_one, "should end with padding 0"),
-    (not_written, "raised NotImplementedError: write the body"),
-    (lambda s: (*pad_collate(s)[:2], torch.tensor([0] * len(s))), r"labels\[\d\] should be sample"),
-])
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        (no_mask, r"expected \(padded, mask, labels\), got a tuple of 2"),
+        (lambda s: pad_collate(s)[0], r"expected \(padded, mask, labels\), got a Tensor"),
+        (global_max, "longest in this batch"),
+        (inverted_mask, "mask should be True for its"),
+        (pads_with_minus_one, "should end with padding 0"),
+        (not_written, "raised NotImplementedError: write the body"),
+        (lambda s: (*pad_collate(s)[:2], torch.tensor([0] * len(s))), r"labels\[\d\] should be sample"),
+    ],
+)
 def test_check_padding_collate_explains_wrong_answers(wrong, message):
     with pytest.raises(AssertionError, match=message):
         exercises.check_padding_collate(wrong)
@@ -185,8 +196,10 @@ def test_check_best_num_workers_reads_the_learners_measurements(capsys, monkeypa
 
 def test_check_best_num_workers_takes_a_sweep_and_explains_a_surprise(capsys, monkeypatch):
     monkeypatch.setattr(loaders, "usable_cores", lambda: 1)
-    stats = [loaders.LoaderStats("DataLoader", 64, n, runs_samples_per_second=(rate,))
-             for n, rate in ((0, 500.0), (1, 450.0), (2, 460.0))]
+    stats = [
+        loaders.LoaderStats("DataLoader", 64, n, runs_samples_per_second=(rate,))
+        for n, rate in ((0, 500.0), (1, 450.0), (2, 460.0))
+    ]
     exercises.check_best_num_workers(0, loaders.LoaderSweep(stats, 1))
     assert "No workers came out on top" in capsys.readouterr().out
 
@@ -206,6 +219,7 @@ def test_check_persistent_prediction(capsys):
 
 # -- chapter 6: accumulation loops ----------------------------------------------------------------------
 
+
 def naive_loop(model, optimizer, inputs, targets, accumulation_steps):
     for x, y in zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)):
         (nn.functional.cross_entropy(model(x), y) / accumulation_steps).backward()
@@ -219,8 +233,11 @@ def test_loop_bug_check_tells_the_bugs_apart(capsys):
     assert capsys.readouterr().out.startswith("Your turn: name the bug of each loop")
     exercises.check_loop_bugs({bug: bug for bug in loops}, loops)
     assert capsys.readouterr().out.startswith("Correct")
-    swapped = {"missing loss scaling": "steps every micro-batch", "zero_grad in the wrong place":
-               "zero_grad in the wrong place", "steps every micro-batch": "missing loss scaling"}
+    swapped = {
+        "missing loss scaling": "steps every micro-batch",
+        "zero_grad in the wrong place": "zero_grad in the wrong place",
+        "steps every micro-batch": "missing loss scaling",
+    }
     with pytest.raises(AssertionError, match="is not its bug"):
         exercises.check_loop_bugs(swapped, loops)
     with pytest.raises(ValueError, match="one of 'missing loss scaling'"):
@@ -239,6 +256,7 @@ def test_accumulation_loop_check_wants_weighting_by_share(capsys):
 
 
 # -- chapter 9: out-of-memory messages and a plan -------------------------------------------------------
+
 
 def test_the_three_messages_have_three_causes_in_three_forms():
     from batchlab.exercises.chapter9 import OOM_MESSAGES
@@ -279,8 +297,9 @@ def small_plan():
         return torch.empty(n, 1, 28, 28, device="meta"), torch.zeros(n, dtype=torch.long, device="meta")
 
     budget = GiB - batchlab.CUDA_CONSTANTS["cuda_context"][0]
-    return batchlab.plan_fit(model, make_batch, budget=budget, effective_batch=4096, precisions="fp32",
-                             checkpointing=False, progress=False)
+    return batchlab.plan_fit(
+        model, make_batch, budget=budget, effective_batch=4096, precisions="fp32", checkpointing=False, progress=False
+    )
 
 
 def test_check_plan_accepts_the_tasks_plan(small_plan, capsys):

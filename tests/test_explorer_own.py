@@ -47,8 +47,9 @@ def test_gpu_profiles_for_cards_and_sizes():
 
 def test_own_model_memory_equals_estimate_memory_and_any_gpu_is_accepted(small_digits):
     model = TinyLM()
-    widget = BatchSizeExplorer(small_digits, model=model, make_batch=tokens, loss_fn=lm_loss, gpu="12GiB",
-                               batch_size=64)
+    widget = BatchSizeExplorer(
+        small_digits, model=model, make_batch=tokens, loss_fn=lm_loss, gpu="12GiB", batch_size=64
+    )
     try:
         state = widget.state
         assert state["model"] == "your TinyLM" and state["profile"] == "GPU 12 GiB (simulated)"

@@ -19,8 +19,10 @@ def test_import_batchlab_loads_no_widget_or_plotting_module():
 
 
 def test_the_torchrun_script_loads_no_widget_or_plotting_module():
-    code = ("import runpy, sys\nsys.argv = ['ddp_train', '--help']\n"
-            "try:\n    runpy.run_module('batchlab.ddp_train', run_name='__main__')\nexcept SystemExit:\n    pass")
+    code = (
+        "import runpy, sys\nsys.argv = ['ddp_train', '--help']\n"
+        "try:\n    runpy.run_module('batchlab.ddp_train', run_name='__main__')\nexcept SystemExit:\n    pass"
+    )
     loaded = modules_loaded_by(code)
     assert not loaded & set(HEAVY), f"python -m batchlab.ddp_train --help loaded {sorted(loaded & set(HEAVY))}"
 

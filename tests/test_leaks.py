@@ -221,14 +221,17 @@ def test_check_hook_fix_accepts_a_hook_that_keeps_a_float(capsys):
     assert not layer._forward_hooks and means == []  # the check removed its hooks and its calls' values
 
 
-@pytest.mark.parametrize(("hook", "message"), [
-    (lambda m, i, output: None, "one value to the list per forward pass: 13 passes, 0 values"),
-    ("keeps the output", "still growing: tensor memory grows"),
-    ("keeps output.mean()", "still growing: .*autograd graph nodes grow"),
-    ("keeps a detached mean", "still growing"),
-    ("keeps the max", "the mean of the layer's output"),
-    (lambda m, i, output: 1 / 0, "the step raised ZeroDivisionError"),
-])
+@pytest.mark.parametrize(
+    ("hook", "message"),
+    [
+        (lambda m, i, output: None, "one value to the list per forward pass: 13 passes, 0 values"),
+        ("keeps the output", "still growing: tensor memory grows"),
+        ("keeps output.mean()", "still growing: .*autograd graph nodes grow"),
+        ("keeps a detached mean", "still growing"),
+        ("keeps the max", "the mean of the layer's output"),
+        (lambda m, i, output: 1 / 0, "the step raised ZeroDivisionError"),
+    ],
+)
 def test_check_hook_fix_rejects_hooks_that_keep_nothing_or_a_tensor(hook, message):
     state, layer, step, means = hook_exercise()
     hooks = {

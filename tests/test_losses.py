@@ -47,9 +47,11 @@ def lm_batch(n, length=6, vocab=50):
 
 
 def test_language_model_with_the_default_loss_says_to_pass_loss_fn():
-    for call in (lambda: batchlab.estimate_memory(TinyLM(), lm_batch(4)),
-                 lambda: batchlab.max_batch_size(TinyLM(), lm_batch, budget="1GiB"),
-                 lambda: batchlab.plan_fit(TinyLM(), lm_batch, budget="1GiB", effective_batch=8)):
+    for call in (
+        lambda: batchlab.estimate_memory(TinyLM(), lm_batch(4)),
+        lambda: batchlab.max_batch_size(TinyLM(), lm_batch, budget="1GiB"),
+        lambda: batchlab.plan_fit(TinyLM(), lm_batch, budget="1GiB", effective_batch=8),
+    ):
         with pytest.raises(ValueError, match="pass loss_fn") as error:
             call()
         assert "logits (batch, length, vocab)" in str(error.value)
@@ -113,8 +115,9 @@ def test_keyword_inputs_are_cut_into_micro_batches_and_passed_as_keywords():
     model = TinyLM()
     expected = loss_fn(model(**inputs), targets).item()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    assert batchlab.train_step(model, opt, inputs, targets, loss_fn=loss_fn, accumulation_steps=[3, 2]) == \
-        pytest.approx(expected)
+    assert batchlab.train_step(
+        model, opt, inputs, targets, loss_fn=loss_fn, accumulation_steps=[3, 2]
+    ) == pytest.approx(expected)
 
 
 def test_keyword_inputs_in_the_estimator_and_the_planner():
@@ -122,8 +125,15 @@ def test_keyword_inputs_in_the_estimator_and_the_planner():
     plain = batchlab.estimate_memory(TinyLM(), lm_batch(4), loss_fn=loss_fn)
     keyword = batchlab.estimate_memory(TinyLM(), keyword_batch(4), loss_fn=loss_fn)
     assert keyword.breakdown["inputs"] == plain.breakdown["inputs"] + 4 * 6 * 4  # the float32 mask
-    plan = batchlab.plan_fit(TinyLM(), keyword_batch, budget="1GiB", effective_batch=8, loss_fn=loss_fn,
-                             checkpointing=False, precisions="fp32")
+    plan = batchlab.plan_fit(
+        TinyLM(),
+        keyword_batch,
+        budget="1GiB",
+        effective_batch=8,
+        loss_fn=loss_fn,
+        checkpointing=False,
+        precisions="fp32",
+    )
     assert sum(plan.micro_batches) == 8
     with pytest.raises(ValueError, match="same number of samples"):
         batchlab.estimate_memory(TinyLM(), ({"ids": torch.zeros(4, 6, dtype=torch.long)}, torch.zeros(3, 6)))

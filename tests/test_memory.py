@@ -58,8 +58,9 @@ def test_categories_equal_what_model_and_optimizer_hold(optimizer_name):
     param_bytes = nbytes(small_model.parameters())
     state_bytes = nbytes(state_tensors(small_opt))
     assert param_bytes == 4 * batchlab.count_parameters(small_model)
-    assert state_bytes == (2 if optimizer_name == "adam" else 1) * param_bytes + \
-        (4 * len(small_opt.state) if optimizer_name == "adam" else 0)  # Adam also keeps a float32 step count
+    assert state_bytes == (2 if optimizer_name == "adam" else 1) * param_bytes + (
+        4 * len(small_opt.state) if optimizer_name == "adam" else 0
+    )  # Adam also keeps a float32 step count
     for report, model, opt in ((small, small_model, small_opt), (large, large_model, large_opt)):
         assert report.category_peaks["parameters"] == nbytes(model.parameters()) == param_bytes
         assert report.category_peaks["gradients"] == nbytes(model.parameters())  # every .grad after backward
@@ -111,12 +112,15 @@ def allocator_peak(model, optimizer_name, inputs, targets):
     return before + peak
 
 
-@pytest.mark.parametrize("name, optimizer_name, batch_size", [
-    ("cnn_bn", "sgd", 64),
-    ("cnn_bn", "adam", 32),
-    ("cnn", "sgd", 64),
-    ("mlp", "adam", 64),
-])
+@pytest.mark.parametrize(
+    "name, optimizer_name, batch_size",
+    [
+        ("cnn_bn", "sgd", 64),
+        ("cnn_bn", "adam", 32),
+        ("cnn", "sgd", 64),
+        ("mlp", "adam", 64),
+    ],
+)
 def test_peak_agrees_with_the_allocator_within_2_percent(name, optimizer_name, batch_size):
     model = batchlab.build_model(name, in_shape=(1, 28, 28))
     inputs, targets = batch_of(batch_size)
@@ -153,8 +157,12 @@ def test_a_sliced_batch_counts_only_itself():
 
 
 def test_report_reads_in_mib():
-    report = memory.MemoryReport(peak_bytes=3 * 2**20, breakdown={"parameters": 2**20, "activations": 2 * 2**20},
-                                 peak_phase="backward", device="cpu")
+    report = memory.MemoryReport(
+        peak_bytes=3 * 2**20,
+        breakdown={"parameters": 2**20, "activations": 2 * 2**20},
+        peak_phase="backward",
+        device="cpu",
+    )
     text = repr(report)
     assert "peak 3.0 MiB on cpu, during backward" in text
     assert "parameters" in text and "1.0 MiB" in text and "2.0 MiB" in text
@@ -370,13 +378,17 @@ def test_cuda_counters_beside_the_tracked_bytes():
 
 # -- issue 16: copies inside a block (defect 3) and a Ctrl-C while a free is booked (defect 6) ----
 
+
 @pytest.mark.parametrize("block", ["track_memory", "memory_budget"])
 def test_the_model_can_be_copied_inside_a_block(block):
     model = batchlab.build_model("cnn_bn", in_shape=(3, 16, 16))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     batch = batch_of(8, (3, 16, 16))
-    opened = batchlab.track_memory(model, optimizer) if block == "track_memory" else \
-        batchlab.memory_budget("256MiB", model, optimizer)
+    opened = (
+        batchlab.track_memory(model, optimizer)
+        if block == "track_memory"
+        else batchlab.memory_budget("256MiB", model, optimizer)
+    )
     with opened as tracker:
         twin = copy.deepcopy(model)
         copy.deepcopy(optimizer)

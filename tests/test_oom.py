@@ -24,33 +24,45 @@ PYTORCH_1X = [
     pytest.param(  # https://github.com/pytorch/pytorch/issues/59778
         "CUDA out of memory. Tried to allocate 2.26 GiB (GPU 0; 6.00 GiB total capacity; 781.59 MiB already "
         "allocated; 3.03 GiB free; 1.24 GiB reserved in total by PyTorch) ",
-        (size(2.26, GiB), 6 * GiB, size(3.03, GiB), size(781.59, MiB), size(1.24, GiB)), "out_of_memory",
-        id="pytorch-59778"),
+        (size(2.26, GiB), 6 * GiB, size(3.03, GiB), size(781.59, MiB), size(1.24, GiB)),
+        "out_of_memory",
+        id="pytorch-59778",
+    ),
     pytest.param(  # https://github.com/pytorch/pytorch/issues/40863
         "RuntimeError: CUDA out of memory. Tried to allocate 60.00 MiB (GPU 0; 11.17 GiB total capacity; 505.96 MiB "
         "already allocated; 12.50 MiB free; 530.00 MiB reserved in total by PyTorch)",
-        (60 * MiB, size(11.17, GiB), size(12.5, MiB), size(505.96, MiB), 530 * MiB), "other_processes",
-        id="pytorch-40863"),
+        (60 * MiB, size(11.17, GiB), size(12.5, MiB), size(505.96, MiB), 530 * MiB),
+        "other_processes",
+        id="pytorch-40863",
+    ),
     pytest.param(  # https://github.com/junyanz/pytorch-CycleGAN-and-pix2pix/issues/962
         "RuntimeError: CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 10.76 GiB total capacity; 2.42 GiB "
         "already allocated; 26.12 MiB free; 2.75 GiB reserved in total by PyTorch).",
-        (20 * MiB, size(10.76, GiB), size(26.12, MiB), size(2.42, GiB), size(2.75, GiB)), "other_processes",
-        id="cyclegan-962"),
+        (20 * MiB, size(10.76, GiB), size(26.12, MiB), size(2.42, GiB), size(2.75, GiB)),
+        "other_processes",
+        id="cyclegan-962",
+    ),
     pytest.param(  # https://github.com/pytorch/pytorch/issues/35901
         "CUDA out of memory. Tried to allocate 10.84 GiB (GPU 0; 23.65 GiB total capacity; 1.06 GiB already "
         "allocated; 10.26 GiB free; 12.53 GiB reserved in total by PyTorch)",
-        (size(10.84, GiB), size(23.65, GiB), size(10.26, GiB), size(1.06, GiB), size(12.53, GiB)), "fragmentation",
-        id="pytorch-35901"),
+        (size(10.84, GiB), size(23.65, GiB), size(10.26, GiB), size(1.06, GiB), size(12.53, GiB)),
+        "fragmentation",
+        id="pytorch-35901",
+    ),
     pytest.param(  # https://stackoverflow.com/questions/70074789/cuda-oom-but-the-numbers-dont-add-upp
         "RuntimeError: CUDA out of memory. Tried to allocate 5.37 GiB (GPU 0; 7.79 GiB total capacity; 742.54 MiB "
         "already allocated; 5.13 GiB free; 792.00 MiB reserved in total by PyTorch)",
-        (size(5.37, GiB), size(7.79, GiB), size(5.13, GiB), size(742.54, MiB), 792 * MiB), "single_allocation",
-        id="stackoverflow-70074789"),
+        (size(5.37, GiB), size(7.79, GiB), size(5.13, GiB), size(742.54, MiB), 792 * MiB),
+        "single_allocation",
+        id="stackoverflow-70074789",
+    ),
     pytest.param(  # https://github.com/pytorch/pytorch/issues/16417 (PyTorch 1.0: "cached" is reserved - allocated)
         "RuntimeError: CUDA out of memory. Tried to allocate 12.50 MiB (GPU 0; 10.92 GiB total capacity; 8.57 MiB "
         "already allocated; 9.28 GiB free; 4.68 MiB cached)",
         (size(12.5, MiB), size(10.92, GiB), size(9.28, GiB), size(8.57, MiB), size(8.57, MiB) + size(4.68, MiB)),
-        "out_of_memory", id="pytorch-16417-cached"),
+        "out_of_memory",
+        id="pytorch-16417-cached",
+    ),
 ]
 
 PYTORCH_2_0_2_1 = [
@@ -59,16 +71,20 @@ PYTORCH_2_0_2_1 = [
         "capacity; 649.97 MiB already allocated; 1.31 GiB free; 1.01 GiB reserved in total by PyTorch) If reserved "
         "memory is >> allocated memory try setting max_split_size_mb to avoid fragmentation.  See documentation for "
         "Memory Management and PYTORCH_CUDA_ALLOC_CONF",
-        (size(1.69, GiB), size(14.56, GiB), size(1.31, GiB), size(649.97, MiB), size(1.01, GiB)), "other_processes",
-        id="one2345-25"),
+        (size(1.69, GiB), size(14.56, GiB), size(1.31, GiB), size(649.97, MiB), size(1.01, GiB)),
+        "other_processes",
+        id="one2345-25",
+    ),
     pytest.param(  # https://github.com/carolchenyx/MGFN./issues/35
         "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.70 GiB. GPU 0 has a total capacty of "
         "6.00 GiB of which 0 bytes is free. Of the allocated memory 2.93 GiB is allocated by PyTorch, and 2.30 GiB is "
         "reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
         "max_split_size_mb to avoid fragmentation.  See documentation for Memory Management and "
         "PYTORCH_CUDA_ALLOC_CONF",
-        (size(1.7, GiB), 6 * GiB, 0, size(2.93, GiB), size(2.93, GiB) + size(2.3, GiB)), "fragmentation",
-        id="mgfn-35"),
+        (size(1.7, GiB), 6 * GiB, 0, size(2.93, GiB), size(2.93, GiB) + size(2.3, GiB)),
+        "fragmentation",
+        id="mgfn-35",
+    ),
     pytest.param(  # https://github.com/wxian3/NeuroLens/issues/2
         "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 55.57 GiB. GPU 0 has a total capacty of "
         "12.00 GiB of which 9.02 GiB is free. Of the allocated memory 984.52 MiB is allocated by PyTorch, and 463.48 "
@@ -76,7 +92,9 @@ PYTORCH_2_0_2_1 = [
         "max_split_size_mb to avoid fragmentation.  See documentation for Memory Management and "
         "PYTORCH_CUDA_ALLOC_CONF",
         (size(55.57, GiB), 12 * GiB, size(9.02, GiB), size(984.52, MiB), size(984.52, MiB) + size(463.48, MiB)),
-        "single_allocation", id="neurolens-2"),
+        "single_allocation",
+        id="neurolens-2",
+    ),
     pytest.param(  # https://github.com/kerrj/lerf/issues/73
         "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacty of "
         "23.65 GiB of which 1.66 GiB is free. Including non-PyTorch memory, this process has 20.81 GiB memory in use. "
@@ -84,15 +102,19 @@ PYTORCH_2_0_2_1 = [
         "unallocated. If reserved but unallocated memory is large try setting max_split_size_mb to avoid "
         "fragmentation.  See documentation for Memory Management and PYTORCH_CUDA_ALLOC_CONF",
         (3 * GiB, size(23.65, GiB), size(1.66, GiB), size(12.09, GiB), size(12.09, GiB) + size(4.84, GiB)),
-        "fragmentation", id="lerf-73"),
+        "fragmentation",
+        id="lerf-73",
+    ),
     pytest.param(  # https://github.com/Synthintel0/MyGirlGPT/issues/11
         "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 32.00 MiB. GPU 0 has a total capacty of "
         "4.00 GiB of which 41.56 MiB is free. Including non-PyTorch memory, this process has 3.44 GiB memory in use. "
         "Of the allocated memory 2.58 GiB is allocated by PyTorch, and 1.90 MiB is reserved by PyTorch but "
         "unallocated. If reserved but unallocated memory is large try setting max_split_size_mb to avoid "
         "fragmentation.  See documentation for Memory Management and PYTORCH_CUDA_ALLOC_CONF.",
-        (32 * MiB, 4 * GiB, size(41.56, MiB), size(2.58, GiB), size(2.58, GiB) + size(1.9, MiB)), "out_of_memory",
-        id="mygirlgpt-11"),
+        (32 * MiB, 4 * GiB, size(41.56, MiB), size(2.58, GiB), size(2.58, GiB) + size(1.9, MiB)),
+        "out_of_memory",
+        id="mygirlgpt-11",
+    ),
     pytest.param(  # https://github.com/vllm-project/vllm/issues/2140 (a comment; PyTorch 2.1.2)
         "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 518.00 MiB. GPU 0 has a total capacty of "
         "21.67 GiB of which 4.06 MiB is free. Process 2417585 has 21.65 GiB memory in use. Of the allocated memory "
@@ -100,7 +122,9 @@ PYTORCH_2_0_2_1 = [
         "unallocated memory is large try setting max_split_size_mb to avoid fragmentation.  See documentation for "
         "Memory Management and PYTORCH_CUDA_ALLOC_CONF",
         (518 * MiB, size(21.67, GiB), size(4.06, MiB), size(21.32, GiB), size(21.32, GiB) + 1018 * KiB),
-        "out_of_memory", id="vllm-2140"),
+        "out_of_memory",
+        id="vllm-2140",
+    ),
 ]
 
 PYTORCH_2_2 = [
@@ -112,7 +136,9 @@ PYTORCH_2_2 = [
         "avoid fragmentation.  See documentation for Memory Management  "
         "(https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
         (size(22.78, GiB), size(31.47, GiB), size(12.73, GiB), size(9.08, GiB), size(9.08, GiB) + size(9.35, GiB)),
-        "single_allocation", id="cads-4"),
+        "single_allocation",
+        id="cads-4",
+    ),
     pytest.param(  # https://github.com/pytorch/pytorch/issues/16417 (a comment of 2024)
         "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 22.00 MiB. GPU 0 has a total capacity of "
         "23.65 GiB of which 11.06 MiB is free. Including non-PyTorch memory, this process has 23.60 GiB memory in "
@@ -121,15 +147,19 @@ PYTORCH_2_2 = [
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for Memory "
         "Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
         (22 * MiB, size(23.65, GiB), size(11.06, MiB), size(22.9, GiB), size(22.9, GiB) + size(194.87, MiB)),
-        "out_of_memory", id="pytorch-16417-2024"),
+        "out_of_memory",
+        id="pytorch-16417-2024",
+    ),
     pytest.param(  # https://github.com/huggingface/meshgen/issues/7 (more allocated than the GPU has: Windows)
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1002.00 MiB. GPU 0 has a total capacity of "
         "8.00 GiB of which 0 bytes is free. Of the allocated memory 13.98 GiB is allocated by PyTorch, and 129.48 MiB "
         "is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for Memory "
         "Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
-        (1002 * MiB, 8 * GiB, 0, size(13.98, GiB), size(13.98, GiB) + size(129.48, MiB)), "out_of_memory",
-        id="meshgen-7"),
+        (1002 * MiB, 8 * GiB, 0, size(13.98, GiB), size(13.98, GiB) + size(129.48, MiB)),
+        "out_of_memory",
+        id="meshgen-7",
+    ),
     pytest.param(  # https://github.com/kaito-project/kaito/issues/976 (with private pools, CUDA Graphs)
         "ERROR 04-01 23:46:56 [engine.py:160] torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 546.00 "
         "MiB. GPU 0 has a total capacity of 15.77 GiB of which 514.19 MiB is free. Process 562167 has 15.25 GiB "
@@ -139,14 +169,18 @@ PYTORCH_2_2 = [
         "fragmentation.  See documentation for Memory Management  "
         "(https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
         (546 * MiB, size(15.77, GiB), size(514.19, MiB), size(13.73, GiB), size(13.73, GiB) + size(736.86, MiB)),
-        "out_of_memory", id="kaito-976"),
+        "out_of_memory",
+        id="kaito-976",
+    ),
     pytest.param(  # https://github.com/rhymes-ai/Aria/issues/24 (NVML saw 0 bytes for this process)
         "(VllmWorkerProcess pid=2421) ERROR 10-14 12:32:47 multiproc_worker_utils.py:233] torch.OutOfMemoryError: "
         "CUDA out of memory. Tried to allocate 1.88 GiB. GPU 3 has a total capacity of 21.96 GiB of which 1.29 GiB "
         "is free. Including non-PyTorch memory, this process has 0 bytes memory in use. Of the allocated memory 19.02 "
         "GiB is allocated by PyTorch, and 1.32 GiB is reserved by PyTorch but unallocated.",
         (size(1.88, GiB), size(21.96, GiB), size(1.29, GiB), size(19.02, GiB), size(19.02, GiB) + size(1.32, GiB)),
-        "out_of_memory", id="aria-24"),
+        "out_of_memory",
+        id="aria-24",
+    ),
     pytest.param(  # https://github.com/jhc13/taggui/issues/188
         "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of "
         "4.00 GiB of which 2.35 GiB is free. Of the allocated memory 825.15 MiB is allocated by PyTorch, and 24.85 "
@@ -154,15 +188,16 @@ PYTORCH_2_2 = [
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation. See documentation for Memory "
         "Management",
         (20 * MiB, 4 * GiB, size(2.35, GiB), size(825.15, MiB), size(825.15, MiB) + size(24.85, MiB)),
-        "out_of_memory", id="taggui-188"),
+        "out_of_memory",
+        id="taggui-188",
+    ),
 ]
 
 
 @pytest.mark.parametrize("text, numbers, cause", PYTORCH_1X + PYTORCH_2_0_2_1 + PYTORCH_2_2)
 def test_real_messages_are_read_exactly(text, numbers, cause):
     report = explain_oom(text)
-    got = (report.requested_bytes, report.total_bytes, report.free_bytes, report.allocated_bytes,
-           report.reserved_bytes)
+    got = (report.requested_bytes, report.total_bytes, report.free_bytes, report.allocated_bytes, report.reserved_bytes)
     assert got == numbers
     assert report.cause == cause
     assert report.missing == () and report.text == text and not report.simulated
@@ -217,28 +252,39 @@ def test_a_request_of_exactly_half_the_gpu_is_not_a_single_allocation():
     report = explain_oom(
         "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacty of "
         "4.00 GiB of which 2.80 GiB is free. Of the allocated memory 0 bytes is allocated by PyTorch, and 0 bytes is "
-        "reserved by PyTorch but unallocated.")
+        "reserved by PyTorch but unallocated."
+    )
     assert (report.requested_bytes, report.total_bytes, report.allocated_bytes, report.reserved_bytes) == (
-        2 * GiB, 4 * GiB, 0, 0)
+        2 * GiB,
+        4 * GiB,
+        0,
+        0,
+    )
     assert report.cause == "out_of_memory"
     assert any("at least the request" in note for note in report.notes)  # 2.80 GiB free, yet it failed
 
 
 def test_the_first_cause_that_holds_wins():
     # Made up to hold for every rule: 3 GiB asked of 4 GiB; 3.5 GiB outside; 0.4 GiB reserved, none used.
-    text = ("CUDA out of memory. Tried to allocate 3.00 GiB (GPU 0; 4.00 GiB total capacity; 0 bytes already "
-            "allocated; 100.00 MiB free; 400.00 MiB reserved in total by PyTorch)")
+    text = (
+        "CUDA out of memory. Tried to allocate 3.00 GiB (GPU 0; 4.00 GiB total capacity; 0 bytes already "
+        "allocated; 100.00 MiB free; 400.00 MiB reserved in total by PyTorch)"
+    )
     assert explain_oom(text).cause == "single_allocation"
     assert explain_oom(text.replace("3.00 GiB (", "300.00 MiB (")).cause == "other_processes"
-    fragmented = ("CUDA out of memory. Tried to allocate 300.00 MiB (GPU 0; 4.00 GiB total capacity; 1.00 GiB "
-                  "already allocated; 100.00 MiB free; 3.50 GiB reserved in total by PyTorch)")
+    fragmented = (
+        "CUDA out of memory. Tried to allocate 300.00 MiB (GPU 0; 4.00 GiB total capacity; 1.00 GiB "
+        "already allocated; 100.00 MiB free; 3.50 GiB reserved in total by PyTorch)"
+    )
     assert explain_oom(fragmented).cause == "fragmentation"
 
 
 def test_missing_numbers_skip_their_rules_and_are_named():
     # https://github.com/Morizeyao/GPT2-Chinese/issues/215 (a comment that pasted only the parenthesis)
-    report = explain_oom("(GPU 0; 15.75 GiB total capacity; 79.11 MiB already allocated; 3.62 MiB free; 86.00 MiB "
-                         "reserved in total by PyTorch)")
+    report = explain_oom(
+        "(GPU 0; 15.75 GiB total capacity; 79.11 MiB already allocated; 3.62 MiB free; 86.00 MiB "
+        "reserved in total by PyTorch)"
+    )
     assert report.requested_bytes is None and report.missing == ("requested",)
     assert report.cause == "other_processes"  # checked without the request: 15.6 GiB held elsewhere
     assert any(note.startswith("single_allocation was not checked") for note in report.notes)
@@ -253,19 +299,23 @@ def test_missing_numbers_skip_their_rules_and_are_named():
 def test_a_memory_fraction_is_the_gpu_the_rules_measure_against():
     # The 1.x wording with PyTorch's "X allowed; " (set_per_process_memory_fraction); the allowed and reserved
     # numbers are those quoted in https://github.com/pytorch/pytorch/issues/111729, the rest made up.
-    text = ("CUDA out of memory. Tried to allocate 3.00 GiB (GPU 0; 12.20 GiB total capacity; 4.50 GiB already "
-            "allocated; 7.20 GiB free; 4.77 GiB allowed; 4.74 GiB reserved in total by PyTorch)")
+    text = (
+        "CUDA out of memory. Tried to allocate 3.00 GiB (GPU 0; 12.20 GiB total capacity; 4.50 GiB already "
+        "allocated; 7.20 GiB free; 4.77 GiB allowed; 4.74 GiB reserved in total by PyTorch)"
+    )
     report = explain_oom(text)
     assert report.allowed_bytes == size(4.77, GiB) and report.reserved_bytes == size(4.74, GiB)
     assert report.cause == "single_allocation"  # 3 GiB is less than half of 12.2 GiB, but more than half of 4.77
     assert any("set_per_process_memory_fraction" in note for note in report.notes)
     assert "(4.77 GiB allowed)" in str(report)
     # The same in the 2.2+ wording, pieced together from the strings of torch 2.14's libc10_cuda.so.
-    current = ("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 12.20 GiB of which "
-               "7.20 GiB is free. Including non-PyTorch memory, this process has 5.10 GiB memory in use. 4.77 GiB "
-               "allowed; Of the allocated memory 4.50 GiB is allocated by PyTorch, and 245.76 MiB is reserved by "
-               "PyTorch but unallocated. If reserved but unallocated memory is large try setting "
-               "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+    current = (
+        "CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 12.20 GiB of which "
+        "7.20 GiB is free. Including non-PyTorch memory, this process has 5.10 GiB memory in use. 4.77 GiB "
+        "allowed; Of the allocated memory 4.50 GiB is allocated by PyTorch, and 245.76 MiB is reserved by "
+        "PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+    )
     report = explain_oom(current)
     assert report.allowed_bytes == size(4.77, GiB) and report.process_bytes == size(5.1, GiB)
     assert report.reserved_bytes == size(4.5, GiB) + size(245.76, MiB) and report.cause == "single_allocation"
@@ -276,9 +326,13 @@ def test_apple_mps_messages_give_what_they_have():
     report = explain_oom(
         "MPS backend out of memory (MPS allocated: 9.57 GiB, other allocations: 17.35 GiB, max allowed: 27.20 GiB). "
         "Tried to allocate 292.50 MiB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper "
-        "limit for memory allocations (may cause system failure).")
+        "limit for memory allocations (may cause system failure)."
+    )
     assert (report.requested_bytes, report.total_bytes, report.allocated_bytes) == (
-        size(292.5, MiB), size(27.2, GiB), size(9.57, GiB))
+        size(292.5, MiB),
+        size(27.2, GiB),
+        size(9.57, GiB),
+    )
     assert report.missing == ("free", "reserved") and report.cause == "out_of_memory"
 
 
@@ -307,7 +361,7 @@ def test_the_advice_is_ordered_and_names_a_chapter_in_every_step(text, numbers, 
 
 def test_the_ladder_goes_from_batch_to_optimizer():
     advice = explain_oom(PYTORCH_1X[0].values[0]).advice
-    order = ["leak_check", "max_batch_size", "accumulation_steps", "precision=\"bf16\"", "checkpoint", "make_optimizer"]
+    order = ["leak_check", "max_batch_size", "accumulation_steps", 'precision="bf16"', "checkpoint", "make_optimizer"]
     positions = [next(i for i, step in enumerate(advice) if key in step) for key in order]
     assert positions == sorted(positions)
     fragmented = explain_oom(PYTORCH_1X[3].values[0]).advice
@@ -316,6 +370,7 @@ def test_the_ladder_goes_from_batch_to_optimizer():
 
 
 # -- batchlab's own simulated errors ---------------------------------------------------------------
+
 
 def test_memory_budget_error():
     model = batchlab.build_model("cnn_bn", in_shape=(3, 32, 32), num_classes=5)
@@ -335,17 +390,25 @@ def test_memory_budget_error():
 
 def test_the_cuda_like_simulated_wording_reads_the_same():
     # memory_budget's and the CPU estimator's messages as they read once they open with CUDA's words.
-    budget = ("CUDA out of memory. Tried to allocate 64.00 MiB. (Simulated by batchlab.memory_budget: the tensors "
-              "would pass its budget; no GPU ran out of memory.) Of the 40.00 MiB budget, 8.08 MiB is in use by "
-              "tensors (parameters 2.08 MiB, buffers 0.00 MiB, inputs 6.00 MiB) and 31.92 MiB is free. The 64.00 "
-              "MiB were not allocated. Free memory outside the except block, then try a smaller batch or gradient "
-              "accumulation (chapter 6).")
+    budget = (
+        "CUDA out of memory. Tried to allocate 64.00 MiB. (Simulated by batchlab.memory_budget: the tensors "
+        "would pass its budget; no GPU ran out of memory.) Of the 40.00 MiB budget, 8.08 MiB is in use by "
+        "tensors (parameters 2.08 MiB, buffers 0.00 MiB, inputs 6.00 MiB) and 31.92 MiB is free. The 64.00 "
+        "MiB were not allocated. Free memory outside the except block, then try a smaller batch or gradient "
+        "accumulation (chapter 6)."
+    )
     report = explain_oom(budget)
     assert (report.requested_bytes, report.total_bytes, report.allocated_bytes, report.free_bytes) == (
-        64 * MiB, 40 * MiB, size(8.08, MiB), size(31.92, MiB))
+        64 * MiB,
+        40 * MiB,
+        size(8.08, MiB),
+        size(31.92, MiB),
+    )
     assert report.simulated and report.cause == "single_allocation"
-    estimate = ("CUDA out of memory. (Simulated by batchlab.estimate_memory for device 'cpu': the step needs "
-                "316.16 MiB of tensors at its peak, more than the 20.00 MiB budget; no GPU ran out of memory.)")
+    estimate = (
+        "CUDA out of memory. (Simulated by batchlab.estimate_memory for device 'cpu': the step needs "
+        "316.16 MiB of tensors at its peak, more than the 20.00 MiB budget; no GPU ran out of memory.)"
+    )
     report = explain_oom(estimate)
     assert (report.needed_bytes, report.total_bytes, report.requested_bytes) == (size(316.16, MiB), 20 * MiB, None)
     assert report.simulated and report.cause == "out_of_memory" and "15.81 times" in report.reason
@@ -377,14 +440,26 @@ def test_gpu_estimator_and_simulated_allocator_errors():
         allocator.malloc(30 * MiB)
     report = explain_oom(caught.value)
     assert (report.requested_bytes, report.allocated_bytes, report.reserved_bytes, report.total_bytes) == (
-        30 * MiB, 40 * MiB, 40 * MiB, 64 * MiB)
+        30 * MiB,
+        40 * MiB,
+        40 * MiB,
+        64 * MiB,
+    )
     assert report.free_bytes == 24 * MiB and report.cause == "out_of_memory"
 
 
 # -- bad input --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text", ["", "hello", "RuntimeError: Expected all tensors to be on the same device",
-                                  "CUDA error: device-side assert triggered"])
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello",
+        "RuntimeError: Expected all tensors to be on the same device",
+        "CUDA error: device-side assert triggered",
+    ],
+)
 def test_text_that_is_not_an_out_of_memory_message_is_refused(text):
     with pytest.raises(ValueError, match="error must be an out-of-memory error or its message.*got"):
         explain_oom(text)
@@ -418,6 +493,7 @@ def test_the_report_is_exported():
 
 # -- generated messages: every wording, sizes in every unit ------------------------------------------
 
+
 def printed(nbytes):
     """A size as PyTorch's format_size prints it (c10/cuda/CUDACachingAllocator.cpp)."""
     if nbytes <= 1024:
@@ -437,17 +513,17 @@ def read_back(text):
 
 WORDINGS = {
     "1.x": "RuntimeError: CUDA out of memory. Tried to allocate {req} (GPU 0; {total} total capacity; {alloc} already "
-           "allocated; {free} free; {reserved} reserved in total by PyTorch)",
+    "allocated; {free} free; {reserved} reserved in total by PyTorch)",
     "2.1": "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate {req}. GPU 0 has a total capacty of "
-           "{total} of which {free} is free. Including non-PyTorch memory, this process has {process} memory in "
-           "use. Of the allocated memory {alloc} is allocated by PyTorch, and {unalloc} is reserved by PyTorch but "
-           "unallocated. If reserved but unallocated memory is large try setting max_split_size_mb to avoid "
-           "fragmentation.  See documentation for Memory Management and PYTORCH_CUDA_ALLOC_CONF",
+    "{total} of which {free} is free. Including non-PyTorch memory, this process has {process} memory in "
+    "use. Of the allocated memory {alloc} is allocated by PyTorch, and {unalloc} is reserved by PyTorch but "
+    "unallocated. If reserved but unallocated memory is large try setting max_split_size_mb to avoid "
+    "fragmentation.  See documentation for Memory Management and PYTORCH_CUDA_ALLOC_CONF",
     "2.2": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {req}. GPU 0 has a total capacity of "
-           "{total} of which {free} is free. Process 4242 has {other} memory in use. Including non-PyTorch memory, "
-           "this process has {process} memory in use. Of the allocated memory {alloc} is allocated by PyTorch, and "
-           "{unalloc} is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try "
-           "setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.",
+    "{total} of which {free} is free. Process 4242 has {other} memory in use. Including non-PyTorch memory, "
+    "this process has {process} memory in use. Of the allocated memory {alloc} is allocated by PyTorch, and "
+    "{unalloc} is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try "
+    "setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.",
 }
 
 
@@ -475,14 +551,26 @@ def test_generated_messages_read_back_exactly(wording):
         other = rng.randrange(0, max(total - alloc - unalloc, 1))
         free = total - alloc - unalloc - other
         req = rng.choice([512, rng.randrange(1, 2 * MiB), rng.randrange(1, total), rng.randrange(total, 4 * total)])
-        fields = {"req": printed(req), "total": printed(total), "free": printed(free), "alloc": printed(alloc),
-                  "unalloc": printed(unalloc), "reserved": printed(alloc + unalloc),
-                  "process": printed(alloc + unalloc + 300 * MiB), "other": printed(other)}
+        fields = {
+            "req": printed(req),
+            "total": printed(total),
+            "free": printed(free),
+            "alloc": printed(alloc),
+            "unalloc": printed(unalloc),
+            "reserved": printed(alloc + unalloc),
+            "process": printed(alloc + unalloc + 300 * MiB),
+            "other": printed(other),
+        }
         report = explain_oom(WORDINGS[wording].format(**fields))
         r, t, f, a = (read_back(fields[k]) for k in ("req", "total", "free", "alloc"))
         reserved = read_back(fields["reserved"]) if wording == "1.x" else a + read_back(fields["unalloc"])
-        assert (report.requested_bytes, report.total_bytes, report.free_bytes, report.allocated_bytes,
-                report.reserved_bytes) == (r, t, f, a, reserved)
+        assert (
+            report.requested_bytes,
+            report.total_bytes,
+            report.free_bytes,
+            report.allocated_bytes,
+            report.reserved_bytes,
+        ) == (r, t, f, a, reserved)
         assert report.cause == expected_cause(r, t, f, a, reserved)
         if wording == "2.2":
             assert report.other_processes == ((4242, read_back(fields["other"])),)

@@ -66,8 +66,9 @@ def test_the_simulated_errors_read_like_cuda_and_say_who_simulated_them(source):
 @pytest.mark.parametrize("source", ["memory_budget", "estimate_memory"])
 def test_accelerate_and_lightning_recognise_the_simulated_errors(source):
     accelerate_memory = pytest.importorskip("accelerate.utils.memory", reason="needs accelerate (the peers extra)")
-    lightning_memory = pytest.importorskip("lightning.pytorch.utilities.memory",
-                                           reason="needs lightning (the peers extra)")
+    lightning_memory = pytest.importorskip(
+        "lightning.pytorch.utilities.memory", reason="needs lightning (the peers extra)"
+    )
     error = simulated_errors()[source]
     assert accelerate_memory.should_reduce_batch_size(error)
     assert lightning_memory.is_oom_error(error)
@@ -129,8 +130,16 @@ def test_lightning_scale_batch_size_settles_inside_the_budget(mode, tmp_path):
     from lightning.pytorch.tuner import Tuner
 
     module = lightning_module(pl)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with memory_budget(BUDGET, module):
         found = Tuner(trainer).scale_batch_size(module, mode=mode, steps_per_trial=1, init_val=16, max_trials=12)
         assert found == module.batch_size

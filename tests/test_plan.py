@@ -52,8 +52,15 @@ def test_every_option_keeps_the_effective_batch_exactly(plan):
 
 
 def test_uneven_micro_batches_when_no_divisor_fits(make_batch):
-    plan = batchlab.plan_fit(cnn(), make_batch, budget=BUDGET, effective_batch=EFFECTIVE, device="cpu",
-                             precisions="fp32", checkpointing=False)
+    plan = batchlab.plan_fit(
+        cnn(),
+        make_batch,
+        budget=BUDGET,
+        effective_batch=EFFECTIVE,
+        device="cpu",
+        precisions="fp32",
+        checkpointing=False,
+    )
     assert plan.options[0].max_micro_batch == 91  # 250 / 91 -> 3 micro-batches, and 3 does not divide 250
     assert plan.micro_batches == [84, 83, 83]
     assert plan.micro_batch == 84 and plan.accumulation_steps == 3
@@ -70,13 +77,25 @@ def test_every_option_fits_its_estimate_and_uses_the_fewest_micro_batches(plan, 
         if option.accumulation_steps > 1:
             assert math.ceil(EFFECTIVE / (option.accumulation_steps - 1)) > option.max_micro_batch
         # the accumulated step, estimated again, fits the budget (estimate_memory raises if not)
-        batchlab.estimate_memory(model, make_batch(2 * option.micro_batch), device="cpu", budget=BUDGET,
-                                 accumulation_steps=2, precision=option.precision,
-                                 checkpointing="blocks" if option.checkpointing else None)
+        batchlab.estimate_memory(
+            model,
+            make_batch(2 * option.micro_batch),
+            device="cpu",
+            budget=BUDGET,
+            accumulation_steps=2,
+            precision=option.precision,
+            checkpointing="blocks" if option.checkpointing else None,
+        )
     first = plan.options[0]
     assert first.max_micro_batch == batchlab.max_batch_size(
-        model, make_batch, budget=BUDGET, device="cpu", limit=EFFECTIVE, precision=first.precision,
-        checkpointing="blocks" if first.checkpointing else None)
+        model,
+        make_batch,
+        budget=BUDGET,
+        device="cpu",
+        limit=EFFECTIVE,
+        precision=first.precision,
+        checkpointing="blocks" if first.checkpointing else None,
+    )
 
 
 def test_options_are_ranked_by_the_cost_model(plan):
@@ -84,8 +103,13 @@ def test_options_are_ranked_by_the_cost_model(plan):
     assert costs == sorted(costs)
     whole = micro_step_seconds(EFFECTIVE)
     for option in plan.options:
-        expected = sum(micro_step_seconds(n, precision=option.precision, checkpointing=option.checkpointing)
-                       for n in option.micro_batches) / whole
+        expected = (
+            sum(
+                micro_step_seconds(n, precision=option.precision, checkpointing=option.checkpointing)
+                for n in option.micro_batches
+            )
+            / whole
+        )
         assert option.cost == pytest.approx(expected)
     assert plan.options[0] is plan.chosen and plan.precision == plan.options[0].precision
     assert [o.checkpointing for o in plan.options[-2:]] == [True, True]  # recomputation costs a third more
@@ -97,16 +121,22 @@ def test_cost_model_numbers():
     assert fixed + 64 * per_sample == pytest.approx(0.014572668075561523)
     assert fixed + 256 * per_sample == pytest.approx(0.05246574878692627)
     assert micro_step_seconds(1) == floor == pytest.approx(0.006504130363464355)
-    assert micro_step_seconds(256, checkpointing=True) == pytest.approx(fixed + 256 * per_sample
-                                                                        * RECOMPUTE)
+    assert micro_step_seconds(256, checkpointing=True) == pytest.approx(fixed + 256 * per_sample * RECOMPUTE)
     assert split_evenly(256, 3) == (86, 85, 85) and split_evenly(256, 2) == (128, 128)
     assert describe_micro_batches((128, 128)) == "128 x 2"
 
 
 def test_the_plan_trains_without_oom_and_equals_the_large_batch(make_batch, digits):
     model, large, refused = cnn(), cnn(), cnn()
-    plan = batchlab.plan_fit(model, make_batch, budget=BUDGET, effective_batch=EFFECTIVE, device="cpu",
-                             precisions="fp32", checkpointing=False)
+    plan = batchlab.plan_fit(
+        model,
+        make_batch,
+        budget=BUDGET,
+        effective_batch=EFFECTIVE,
+        device="cpu",
+        precisions="fp32",
+        checkpointing=False,
+    )
     run = dict(steps=2, progress=False, lr=0.05)
     with pytest.raises(torch.OutOfMemoryError):  # the large batch does not fit the budget
         with batchlab.memory_budget(BUDGET, refused):
@@ -148,8 +178,17 @@ def test_train_kwargs_and_learning_rate(plan):
 def test_plan_prints_as_a_table_with_the_chosen_one_marked(plan):
     lines = repr(plan).splitlines()
     assert lines[0].startswith(f"FitPlan: effective batch {EFFECTIVE} in 3.0 MiB on cpu (4 options")
-    assert lines[1].split() == ["micro-batches", "steps", "largest", "fitting", "precision", "checkpointing",
-                                "peak", "reserved", "cost"]
+    assert lines[1].split() == [
+        "micro-batches",
+        "steps",
+        "largest",
+        "fitting",
+        "precision",
+        "checkpointing",
+        "peak",
+        "reserved",
+        "cost",
+    ]
     assert lines[2].startswith("*") and not any(line.startswith("*") for line in lines[3:])
     assert len(lines) == 2 + 4 + 1  # title, header, one row per option, the learning-rate note
     assert [line.split()[-1] for line in lines[2:6]] == [f"{o.cost:.2f}" for o in plan.options]
@@ -163,6 +202,7 @@ def test_train_refuses_micro_batch_sizes_that_do_not_add_up(digits):
 def test_gpu_plan_reserved_memory_fits(make_batch):
     def meta_batch(n):
         return torch.empty(n, 3, 224, 224, device="meta"), torch.empty(n, dtype=torch.long, device="meta")
+
     with torch.device("meta"):
         model = batchlab.build_model("mlp", in_shape=(3, 224, 224))
     budget = 4 * 2**30 - batchlab.CUDA_CONSTANTS["cuda_context"][0]
@@ -175,12 +215,17 @@ def test_gpu_plan_reserved_memory_fits(make_batch):
 def test_nothing_fits_when_only_the_whole_batchs_inputs_do_not():
     def meta_batch(n):
         return torch.empty(n, 3, 224, 224, device="meta"), torch.empty(n, dtype=torch.long, device="meta")
+
     with torch.device("meta"):
         model = batchlab.build_model("mlp", in_shape=(3, 224, 224))
-    with pytest.raises(ValueError, match=r"a micro-batch of 1 fits budget .* alone .* but a step of 4096 samples "
-                                         r"keeps the whole batch's inputs alive"):
-        batchlab.plan_fit(model, meta_batch, budget="3.25GiB", effective_batch=4096, checkpointing=False,
-                          progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"a micro-batch of 1 fits budget .* alone .* but a step of 4096 samples "
+        r"keeps the whole batch's inputs alive",
+    ):
+        batchlab.plan_fit(
+            model, meta_batch, budget="3.25GiB", effective_batch=4096, checkpointing=False, progress=False
+        )
 
 
 def test_nothing_fits_says_what_batch_one_needs_and_the_lever(make_batch):
@@ -212,41 +257,65 @@ def test_model_without_blocks(make_batch):
     assert {o.checkpointing for o in plan.options} == {False}
     assert "NoBlocks has no blocks" in repr(plan)
     with pytest.raises(ValueError, match="checkpointing=True needs a model with blocks"):
-        batchlab.plan_fit(NoBlocks(), make_batch, budget="1MiB", effective_batch=32, device="cpu",
-                          checkpointing=True)
+        batchlab.plan_fit(NoBlocks(), make_batch, budget="1MiB", effective_batch=32, device="cpu", checkpointing=True)
 
 
-@pytest.mark.parametrize("change, error, match", [
-    (dict(effective_batch=0), ValueError, "effective_batch must be a positive int, got 0"),
-    (dict(effective_batch=-8), ValueError, "effective_batch must be a positive int, got -8"),
-    (dict(effective_batch=64.0), TypeError, r"effective_batch must be an int, got 64.0 \(float\)"),
-    (dict(effective_batch=True), TypeError, "effective_batch must be an int, got True"),
-    (dict(effective_batch=5000), ValueError, "effective_batch 5000 is larger than make_batch can make: "
-                                             r"make_batch\(5000\) returned inputs of shape \(1438, 1, 8, 8\)"),
-    (dict(effective_batch=1400), ValueError, r"make_batch must make 1470 samples \(effective_batch 1400 plus "
-                                             r"max_batch_size's 5% safety margin\)"),
-    (dict(make_batch=lambda n: (torch.zeros(n, 1, 8, 8 if n == 1 else 9), torch.zeros(n, dtype=torch.long))),
-     ValueError, r"make_batch must build samples of one shape, but it gave \{1: \(1, 8, 8\), 64: \(1, 8, 9\)"),
-    (dict(budget="lots"), ValueError, "budget 'lots' is not a memory size"),
-    (dict(budget=0), ValueError, "budget must be a positive amount of memory, got 0"),
-    (dict(budget="100 KiB"), ValueError, r"budget 100.0 KiB is smaller than the model's weights and gradients "
-                                         r"alone \(414.1 KiB\)"),
-    (dict(precisions="fp8"), ValueError, "precisions must be one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
-    (dict(precisions=("fp32", "half")), ValueError, "precisions must be one of .*got 'half'"),
-    (dict(precisions=()), ValueError, r"precisions must be one setting or a non-empty tuple of them \('fp32'"),
-    (dict(checkpointing="yes"), ValueError, "checkpointing must be one setting or a non-empty tuple"),
-    (dict(checkpointing=(False, 1)), TypeError, "checkpointing must be True or False, got 1"),
-    (dict(device="tpu"), ValueError, "device must be one of 'cuda', 'cpu', got 'tpu'"),
-    (dict(optimizer="lion"), ValueError, "optimizer must be 'sgd', 'adam' or a function"),
-    (dict(make_batch="digits"), TypeError, "make_batch must be a function n -> .inputs, targets., got 'digits'"),
-    (dict(make_batch=lambda n: (torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))), ValueError,
-     r"make_batch\(1\) must return 1 samples: make_batch\(1\) returned inputs of shape \(8, 1, 8, 8\)"),
-    (dict(make_batch=lambda n: (torch.zeros(n, 1, 8, 8), torch.zeros(n + 1, dtype=torch.long))), ValueError,
-     r"make_batch\(1\) inputs and targets must have the same number of samples"),
-])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(effective_batch=0), ValueError, "effective_batch must be a positive int, got 0"),
+        (dict(effective_batch=-8), ValueError, "effective_batch must be a positive int, got -8"),
+        (dict(effective_batch=64.0), TypeError, r"effective_batch must be an int, got 64.0 \(float\)"),
+        (dict(effective_batch=True), TypeError, "effective_batch must be an int, got True"),
+        (
+            dict(effective_batch=5000),
+            ValueError,
+            "effective_batch 5000 is larger than make_batch can make: "
+            r"make_batch\(5000\) returned inputs of shape \(1438, 1, 8, 8\)",
+        ),
+        (
+            dict(effective_batch=1400),
+            ValueError,
+            r"make_batch must make 1470 samples \(effective_batch 1400 plus "
+            r"max_batch_size's 5% safety margin\)",
+        ),
+        (
+            dict(make_batch=lambda n: (torch.zeros(n, 1, 8, 8 if n == 1 else 9), torch.zeros(n, dtype=torch.long))),
+            ValueError,
+            r"make_batch must build samples of one shape, but it gave \{1: \(1, 8, 8\), 64: \(1, 8, 9\)",
+        ),
+        (dict(budget="lots"), ValueError, "budget 'lots' is not a memory size"),
+        (dict(budget=0), ValueError, "budget must be a positive amount of memory, got 0"),
+        (
+            dict(budget="100 KiB"),
+            ValueError,
+            r"budget 100.0 KiB is smaller than the model's weights and gradients "
+            r"alone \(414.1 KiB\)",
+        ),
+        (dict(precisions="fp8"), ValueError, "precisions must be one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
+        (dict(precisions=("fp32", "half")), ValueError, "precisions must be one of .*got 'half'"),
+        (dict(precisions=()), ValueError, r"precisions must be one setting or a non-empty tuple of them \('fp32'"),
+        (dict(checkpointing="yes"), ValueError, "checkpointing must be one setting or a non-empty tuple"),
+        (dict(checkpointing=(False, 1)), TypeError, "checkpointing must be True or False, got 1"),
+        (dict(device="tpu"), ValueError, "device must be one of 'cuda', 'cpu', got 'tpu'"),
+        (dict(optimizer="lion"), ValueError, "optimizer must be 'sgd', 'adam' or a function"),
+        (dict(make_batch="digits"), TypeError, "make_batch must be a function n -> .inputs, targets., got 'digits'"),
+        (
+            dict(make_batch=lambda n: (torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))),
+            ValueError,
+            r"make_batch\(1\) must return 1 samples: make_batch\(1\) returned inputs of shape \(8, 1, 8, 8\)",
+        ),
+        (
+            dict(make_batch=lambda n: (torch.zeros(n, 1, 8, 8), torch.zeros(n + 1, dtype=torch.long))),
+            ValueError,
+            r"make_batch\(1\) inputs and targets must have the same number of samples",
+        ),
+    ],
+)
 def test_bad_input_is_refused_before_anything_runs(make_batch, monkeypatch, change, error, match):
     def no_estimate(*args, **kwargs):
         raise AssertionError("an estimate ran before the arguments were checked")
+
     monkeypatch.setattr(batchlab.plan, "estimate_memory", no_estimate)
     monkeypatch.setattr(batchlab.plan, "max_batch_size", no_estimate)
     args = dict(budget=BUDGET, effective_batch=64, device="cpu", make_batch=make_batch) | change
@@ -257,8 +326,12 @@ def test_bad_input_is_refused_before_anything_runs(make_batch, monkeypatch, chan
 def test_make_batch_of_the_wrong_sample_shape(make_batch):
     def images_12x12(n):
         return torch.zeros(n, 1, 12, 12), torch.zeros(n, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"make_batch returned inputs of shape \(1, 1, 12, 12\), which the model "
-                                         r"cannot take: .* make_batch\(n\) must build n samples of the shape"):
+
+    with pytest.raises(
+        ValueError,
+        match=r"make_batch returned inputs of shape \(1, 1, 12, 12\), which the model "
+        r"cannot take: .* make_batch\(n\) must build n samples of the shape",
+    ):
         batchlab.plan_fit(cnn(), images_12x12, budget=BUDGET, effective_batch=64, device="cpu")
 
 
@@ -276,13 +349,21 @@ def test_each_estimate_runs_once_and_max_batch_size_once_per_setting(make_batch,
     real_estimate, real_search = batchlab.plan.estimate_memory, batchlab.plan.max_batch_size
 
     def estimate(model, batch, **kwargs):
-        estimates.append((len(batch[0]), kwargs["accumulation_steps"], kwargs["precision"], kwargs["checkpointing"],
-                          kwargs["budget"]))
+        estimates.append(
+            (
+                len(batch[0]),
+                kwargs["accumulation_steps"],
+                kwargs["precision"],
+                kwargs["checkpointing"],
+                kwargs["budget"],
+            )
+        )
         return real_estimate(model, batch, **kwargs)
 
     def search(*args, **kwargs):
         searches.append((kwargs["precision"], kwargs["checkpointing"]))
         return real_search(*args, **kwargs)
+
     monkeypatch.setattr(batchlab.plan, "estimate_memory", estimate)
     monkeypatch.setattr(batchlab.plan, "max_batch_size", search)
     with pytest.raises(ValueError, match="nothing fits"):  # the error reuses the batch-1 estimates
@@ -294,10 +375,12 @@ def test_each_estimate_runs_once_and_max_batch_size_once_per_setting(make_batch,
 def test_train_halves_uneven_micro_batches_on_oom(digits):
     model = cnn()
     with batchlab.memory_budget(BUDGET, model):
-        history = batchlab.train(model, digits, batch_size=EFFECTIVE, accumulation_steps=[200, 50], steps=1,
-                                 progress=False, on_oom="halve")
-    assert history.notes == [f"step 1: out of memory; now 4 micro-batches of about 63 samples (the effective batch "
-                             f"is still {EFFECTIVE})"]
+        history = batchlab.train(
+            model, digits, batch_size=EFFECTIVE, accumulation_steps=[200, 50], steps=1, progress=False, on_oom="halve"
+        )
+    assert history.notes == [
+        f"step 1: out of memory; now 4 micro-batches of about 63 samples (the effective batch is still {EFFECTIVE})"
+    ]
 
 
 def test_a_plan_of_many_micro_batches_is_estimated_as_the_whole_step_train_runs():
@@ -308,8 +391,15 @@ def test_a_plan_of_many_micro_batches_is_estimated_as_the_whole_step_train_runs(
         return torch.empty(n, 1, 28, 28, device="meta"), torch.empty(n, dtype=torch.long, device="meta")
 
     whole = batchlab.estimate_memory(model, make(4096), device="cuda")
-    plan = batchlab.plan_fit(model, make, budget=int(whole.peak_bytes * 0.4), effective_batch=4096,
-                             precisions="fp32", checkpointing=False, progress=False)
+    plan = batchlab.plan_fit(
+        model,
+        make,
+        budget=int(whole.peak_bytes * 0.4),
+        effective_batch=4096,
+        precisions="fp32",
+        checkpointing=False,
+        progress=False,
+    )
     assert plan.accumulation_steps > 2
     real = batchlab.estimate_memory(model, make(4096), accumulation_steps=list(plan.micro_batches), device="cuda")
     assert plan.peak_bytes == real.peak_bytes

@@ -13,8 +13,12 @@ def small_digits():
 
 
 def test_plot_histories_draws_one_panel_per_axis(small_digits):
-    runs = [batchlab.train(batchlab.build_model("mlp", in_shape=(1, 8, 8)), small_digits, batch_size=b,
-                           epochs=1, progress=False) for b in (16, 64)]
+    runs = [
+        batchlab.train(
+            batchlab.build_model("mlp", in_shape=(1, 8, 8)), small_digits, batch_size=b, epochs=1, progress=False
+        )
+        for b in (16, 64)
+    ]
     fig = batchlab.plot_histories(runs, x=("steps", "samples"))
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     assert [len(line.get_xdata()) for line in fig.axes[0].lines] == [len(r.loss) for r in runs]

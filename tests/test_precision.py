@@ -25,8 +25,9 @@ def _mlp():
 
 def _train(precision, **kwargs):
     model = _mlp()
-    history = batchlab.train(model, _data(), batch_size=16, steps=6, optimizer="adam", lr=1e-3, progress=False,
-                             precision=precision, **kwargs)
+    history = batchlab.train(
+        model, _data(), batch_size=16, steps=6, optimizer="adam", lr=1e-3, progress=False, precision=precision, **kwargs
+    )
     return model, history
 
 
@@ -40,9 +41,12 @@ def test_bad_precision_is_refused_with_the_choices(bad):
         lambda: train_step(model, make_optimizer("sgd", model.parameters()), *batch, precision=bad),
         lambda: batchlab.profile_step(model, batch, precision=bad),
         lambda: batchlab.estimate_memory(model, batch, precision=bad),
-        lambda: batchlab.max_batch_size(model, lambda n: (torch.empty(n, 1, 8, 8, device="meta"),
-                                                          torch.empty(n, dtype=torch.long, device="meta")),
-                                        budget="1GiB", precision=bad),
+        lambda: batchlab.max_batch_size(
+            model,
+            lambda n: (torch.empty(n, 1, 8, 8, device="meta"), torch.empty(n, dtype=torch.long, device="meta")),
+            budget="1GiB",
+            precision=bad,
+        ),
     ]
     for call in calls:
         with pytest.raises(ValueError, match=r"precision must be one of 'fp32', 'bf16', 'fp16', got"):
@@ -92,8 +96,13 @@ def test_train_step_runs_forward_in_low_precision_and_keeps_fp32_state(precision
 def test_fp16_without_a_scaler_is_refused():
     model = _mlp()
     with pytest.raises(ValueError, match="precision='fp16' needs a scaler"):
-        train_step(model, make_optimizer("sgd", model.parameters()), torch.randn(4, 1, 8, 8),
-                   torch.randint(0, 10, (4,)), precision="fp16")
+        train_step(
+            model,
+            make_optimizer("sgd", model.parameters()),
+            torch.randn(4, 1, 8, 8),
+            torch.randint(0, 10, (4,)),
+            precision="fp16",
+        )
 
 
 def _inf_on_call(k):
@@ -135,8 +144,11 @@ def test_a_dtype_the_device_cannot_run_is_refused(monkeypatch):
     tuning._autocast_works.cache_clear()
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
     try:
-        with pytest.raises(ValueError, match=r"precision='bf16' cannot run on cpu: PyTorch has no autocast .*"
-                                             r"What works there: 'fp32'"):
+        with pytest.raises(
+            ValueError,
+            match=r"precision='bf16' cannot run on cpu: PyTorch has no autocast .*"
+            r"What works there: 'fp32'",
+        ):
             batchlab.train(_mlp(), _data(), batch_size=16, steps=1, progress=False, precision="bf16")
     finally:
         tuning._autocast_works.cache_clear()
@@ -144,11 +156,15 @@ def test_a_dtype_the_device_cannot_run_is_refused(monkeypatch):
 
 def _output_dtypes(model, x, y, region):
     dtypes = {}
+
     def note(name, out):
         dtypes[name] = tuple(o.dtype for o in out if o is not None) if isinstance(out, tuple) else out.dtype
 
-    handles = [m.register_forward_hook(lambda m, i, out, name=name: note(name, out))
-               for name, m in model.named_modules() if name]
+    handles = [
+        m.register_forward_hook(lambda m, i, out, name=name: note(name, out))
+        for name, m in model.named_modules()
+        if name
+    ]
     with region:
         dtypes["loss"] = F.cross_entropy(model(x), y).dtype
     for handle in handles:
@@ -156,11 +172,14 @@ def _output_dtypes(model, x, y, region):
     return dtypes
 
 
-@pytest.mark.parametrize("name, shape, make", [
-    ("mlp", (1, 8, 8), lambda: torch.randn(4, 1, 8, 8)),
-    ("cnn_bn", (1, 8, 8), lambda: torch.randn(4, 1, 8, 8)),
-    ("transformer", (12,), lambda: torch.randint(0, 1000, (4, 12))),
-])
+@pytest.mark.parametrize(
+    "name, shape, make",
+    [
+        ("mlp", (1, 8, 8), lambda: torch.randn(4, 1, 8, 8)),
+        ("cnn_bn", (1, 8, 8), lambda: torch.randn(4, 1, 8, 8)),
+        ("transformer", (12,), lambda: torch.randint(0, 1000, (4, 12))),
+    ],
+)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_simulated_autocast_gives_the_dtypes_real_cpu_autocast_gives(name, shape, make, precision):
     model = batchlab.build_model(name, in_shape=shape)
@@ -195,14 +214,21 @@ def test_cuda_policy_lists_every_public_op_of_the_installed_torch_autocast_heade
     if not header.exists():
         pytest.skip(f"this PyTorch build ships no {header.name}")
     text = header.read_text()
-    lists = {"AT_FORALL_LOWER_PRECISION_FP": "low", "AT_FORALL_FP32": "fp32",
-             "AT_FORALL_FP32_SET_OPT_DTYPE": "fp32_dtype", "AT_FORALL_PROMOTE": "promote"}
+    lists = {
+        "AT_FORALL_LOWER_PRECISION_FP": "low",
+        "AT_FORALL_FP32": "fp32",
+        "AT_FORALL_FP32_SET_OPT_DTYPE": "fp32_dtype",
+        "AT_FORALL_PROMOTE": "promote",
+    }
     checked = 0
     for macro, policy in lists.items():
         body = text.split(f"#define {macro}(_)")[1].split("\n\n")[0]
         for name in re.findall(r"_\((\w+)", body):
-            public = hasattr(torch.linalg, name[7:]) if name.startswith("linalg_") else \
-                hasattr(torch, name) or hasattr(F, name) or hasattr(torch.Tensor, name)
+            public = (
+                hasattr(torch.linalg, name[7:])
+                if name.startswith("linalg_")
+                else hasattr(torch, name) or hasattr(F, name) or hasattr(torch.Tensor, name)
+            )
             if public:
                 checked += 1
                 assert tuning.AUTOCAST_POLICIES["cuda"].get(name) == policy, (macro, name)

@@ -82,8 +82,9 @@ def test_progress_false_makes_no_bar_and_the_same_history(bars):
 def test_probe_batch_size_bar_counts_its_trials(bars):
     model = batchlab.build_model("cnn_bn", in_shape=(3, 32, 32), num_classes=5)
     with memory_budget("48MiB", model):
-        search = batchlab.probe_batch_size(model, lambda n: (torch.randn(n, 3, 32, 32), torch.randint(0, 5, (n,))),
-                                          mode="power")
+        search = batchlab.probe_batch_size(
+            model, lambda n: (torch.randn(n, 3, 32, 32), torch.randint(0, 5, (n,))), mode="power"
+        )
     bar = only_bar(bars)
     assert bar.n == len(search.trials) >= 3
     assert bar.postfix == {"batch": search.trials[-1][0]}
@@ -95,8 +96,11 @@ def test_max_batch_size_bar_counts_its_estimates(bars, monkeypatch):
     calls = []
     real_fits = estimate._fits
     monkeypatch.setattr(estimate, "_fits", lambda *args: calls.append(args[2]) or real_fits(*args))
-    n = batchlab.max_batch_size(mlp(), lambda n: (torch.empty(n, 1, 8, 8, device="meta"),
-                                                  torch.empty(n, dtype=torch.long, device="meta")), budget="512MiB")
+    n = batchlab.max_batch_size(
+        mlp(),
+        lambda n: (torch.empty(n, 1, 8, 8, device="meta"), torch.empty(n, dtype=torch.long, device="meta")),
+        budget="512MiB",
+    )
     bar = only_bar(bars)
     assert bar.n == len(calls) >= 3 and n in calls
 
@@ -106,15 +110,17 @@ def meta_batch(n):
 
 
 def test_plan_fit_bar_counts_its_settings_and_its_searches_draw_none(bars):
-    plan = batchlab.plan_fit(mlp(), meta_batch, budget="512MiB", effective_batch=256, precisions=("fp32", "bf16"),
-                             checkpointing=False)
+    plan = batchlab.plan_fit(
+        mlp(), meta_batch, budget="512MiB", effective_batch=256, precisions=("fp32", "bf16"), checkpointing=False
+    )
     bar = only_bar(bars)  # max_batch_size inside draws no bar of its own
     assert bar.n == bar.options["total"] == 2 and plan.micro_batches == [256]
 
 
 def test_loader_sweep_bar_counts_its_runs(bars):
-    batchlab.loader_sweep(datasets.shapes(64, image_size=8), num_workers=(0,), batch_size=(8, 16), repeats=2,
-                          batches=2, warmup=1)
+    batchlab.loader_sweep(
+        datasets.shapes(64, image_size=8), num_workers=(0,), batch_size=(8, 16), repeats=2, batches=2, warmup=1
+    )
     bar = only_bar(bars)
     assert (bar.options["total"], bar.n) == (4, 4)
     assert bar.postfix == {"batch_size": 16, "num_workers": 0}
@@ -146,19 +152,33 @@ def test_launch_bar_counts_the_finished_processes(bars):
     assert (bar.options["total"], bar.n) == (2, 2)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: batchlab.train(mlp(), datasets.digits(), batch_size=32, steps=1, progress="yes"),
-    lambda: batchlab.probe_batch_size(mlp(), lambda n: (torch.randn(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)),
-                                     progress=1),
-    lambda: batchlab.max_batch_size(mlp(), lambda n: (torch.randn(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)),
-                                    budget="1GiB", progress=None),
-    lambda: batchlab.loader_sweep(datasets.shapes(16, image_size=8), num_workers=(0,), progress="no"),
-    lambda: batchlab.leak_check(lambda: None, progress=0),
-    lambda: batchlab.launch(rank_plus_one, progress="on"),
-    lambda: batchlab.train_ddp("mlp", datasets.digits(), batch_size=32, steps=1, progress=2),
-    lambda: batchlab.plan_fit(mlp(), meta_batch, budget="1GiB", effective_batch=64, progress="yes"),
-], ids=["train", "probe_batch_size", "max_batch_size", "loader_sweep", "leak_check", "launch", "train_ddp",
-        "plan_fit"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: batchlab.train(mlp(), datasets.digits(), batch_size=32, steps=1, progress="yes"),
+        lambda: batchlab.probe_batch_size(
+            mlp(), lambda n: (torch.randn(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)), progress=1
+        ),
+        lambda: batchlab.max_batch_size(
+            mlp(), lambda n: (torch.randn(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)), budget="1GiB", progress=None
+        ),
+        lambda: batchlab.loader_sweep(datasets.shapes(16, image_size=8), num_workers=(0,), progress="no"),
+        lambda: batchlab.leak_check(lambda: None, progress=0),
+        lambda: batchlab.launch(rank_plus_one, progress="on"),
+        lambda: batchlab.train_ddp("mlp", datasets.digits(), batch_size=32, steps=1, progress=2),
+        lambda: batchlab.plan_fit(mlp(), meta_batch, budget="1GiB", effective_batch=64, progress="yes"),
+    ],
+    ids=[
+        "train",
+        "probe_batch_size",
+        "max_batch_size",
+        "loader_sweep",
+        "leak_check",
+        "launch",
+        "train_ddp",
+        "plan_fit",
+    ],
+)
 def test_progress_must_be_a_bool(call, bars):
     with pytest.raises(TypeError, match="progress must be True or False, got"):
         call()
@@ -183,9 +203,11 @@ def test_the_nbval_rule_blanks_a_bars_meter_and_nothing_else():
     rules = configparser.ConfigParser()
     rules.read(Path(__file__).parent / "nbval_sanitize.cfg")
     rule = rules["progress bars"]
-    meters = [tqdm.format_meter(0, 40, 0, prefix="batch 64, lr 0.05", unit="step", ascii=False),  # as a widget shows
-              tqdm.format_meter(0, None, 0, prefix="probe_batch_size (power)", unit="trial"),  # no total known
-              tqdm.format_meter(7, 40, 3725.0, prefix="train", unit="step", postfix="loss=0.123")]
+    meters = [
+        tqdm.format_meter(0, 40, 0, prefix="batch 64, lr 0.05", unit="step", ascii=False),  # as a widget shows
+        tqdm.format_meter(0, None, 0, prefix="probe_batch_size (power)", unit="trial"),  # no total known
+        tqdm.format_meter(7, 40, 3725.0, prefix="train", unit="step", postfix="loss=0.123"),
+    ]
     for meter in meters:
         assert re.sub(rule["regex"], rule["replace"], meter) == "(progress bar)", meter
     lesson = "epoch [1/2]: loss 0.512 [after 32 steps]\nbatch 94 after 13 trials: 2, 4, 8 (OOM)"

@@ -44,9 +44,16 @@ def token_batch(n=4, steps=12, device="cpu"):
     return tuple(t.to(device) for t in batch)
 
 
-@pytest.mark.parametrize("cell, kwargs", [(nn.GRU, {}), (nn.GRU, {"num_layers": 2, "dropout": 0.2}),
-                                          (nn.GRU, {"bidirectional": True}), (nn.RNN, {"num_layers": 2})],
-                         ids=["gru", "gru2-dropout", "bigru", "rnn2"])
+@pytest.mark.parametrize(
+    "cell, kwargs",
+    [
+        (nn.GRU, {}),
+        (nn.GRU, {"num_layers": 2, "dropout": 0.2}),
+        (nn.GRU, {"bidirectional": True}),
+        (nn.RNN, {"num_layers": 2}),
+    ],
+    ids=["gru", "gru2-dropout", "bigru", "rnn2"],
+)
 def test_a_cpu_rnn_estimate_matches_the_cpu_measurement(cell, kwargs):
     torch.manual_seed(0)
     model, batch = Tagger(cell, **kwargs), token_batch()
@@ -58,8 +65,10 @@ def test_a_cpu_rnn_estimate_matches_the_cpu_measurement(cell, kwargs):
 
 def test_a_cpu_lstm_estimate_says_what_it_does_not_model():
     report = batchlab.estimate_memory(Tagger(nn.LSTM), token_batch(), loss_fn=per_token_loss, device="cpu")
-    assert report.warnings == ["rnn (nn.LSTM) runs on the CPU through oneDNN (mkldnn_rnn_layer), whose workspace "
-                               "this estimate does not model: measure it with batchlab.profile_step"]
+    assert report.warnings == [
+        "rnn (nn.LSTM) runs on the CPU through oneDNN (mkldnn_rnn_layer), whose workspace "
+        "this estimate does not model: measure it with batchlab.profile_step"
+    ]
 
 
 def test_the_kernel_returns_what_the_module_returns():
@@ -101,8 +110,10 @@ def test_layers_the_kernel_does_not_model_keep_the_replay():
 def test_a_cuda_rnn_estimate_runs_the_kernel_and_says_so():
     model = Tagger(nn.LSTM)
     report = batchlab.estimate_memory(model, token_batch(device="meta"), loss_fn=per_token_loss, device="cuda")
-    assert "rnn is modelled as one cuDNN call whose reserve space and workspace sizes are batchlab's model " \
-           "(batchlab.rnn_kernels), not numbers measured from cuDNN" in report.warnings
+    assert (
+        "rnn is modelled as one cuDNN call whose reserve space and workspace sizes are batchlab's model "
+        "(batchlab.rnn_kernels), not numbers measured from cuDNN" in report.warnings
+    )
     assert not any("custom autograd function" in w for w in report.warnings)
     longer = batchlab.estimate_memory(model, token_batch(steps=24, device="meta"), loss_fn=per_token_loss)
     assert longer.peak_bytes > report.peak_bytes

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import batchlab
-from batchlab.budget import probe_batch_size, memory_budget
+from batchlab.budget import memory_budget, probe_batch_size
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -38,6 +38,7 @@ def same_weights(model, saved):
 
 
 # -- defect 2 and 10: devices ----------------------------------------------------------------------
+
 
 def test_train_refuses_the_meta_device_before_touching_the_model():
     model = small_model()
@@ -77,6 +78,7 @@ def test_an_unknown_device_names_the_argument(device):
 
 # -- defect 4: every module's train/eval flag ------------------------------------------------------
 
+
 def frozen_bn_model():
     model = small_model().train()
     model[1].eval()  # a BatchNorm frozen on purpose
@@ -107,6 +109,7 @@ def test_evaluate_and_probe_batch_size_give_back_every_modules_flag():
 
 # -- defect 7: the global random state -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["evaluate", "gradient_noise", "step_times", "probe_batch_size"])
 def test_tools_do_not_advance_the_global_generator(name):
     model, data = small_model().train(), small_data()
@@ -123,6 +126,7 @@ def test_tools_do_not_advance_the_global_generator(name):
 
 
 # -- defect 8: gradients ---------------------------------------------------------------------------
+
 
 def with_gradients(model):
     nn.CrossEntropyLoss()(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
@@ -158,13 +162,16 @@ def test_train_gives_back_the_gradients_after_a_failure():
 
 # -- defect 9: the CPU without a budget, and the CPU allocator's own error -------------------------
 
+
 def test_a_cpu_allocation_failure_counts_as_does_not_fit():
     model = small_model()
 
     def loss_fn(outputs, targets):
         if len(targets) > 8:
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: not enough memory: "
-                               "you tried to allocate 123456789 bytes.")
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: not enough memory: "
+                "you tried to allocate 123456789 bytes."
+            )
         return nn.functional.cross_entropy(outputs, targets)
 
     with memory_budget("1GiB", model):
@@ -174,8 +181,10 @@ def test_a_cpu_allocation_failure_counts_as_does_not_fit():
 
 # -- defect 12: what train checks ------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss_fn", [lambda out, t: 1.5, lambda out, t: nn.functional.cross_entropy(
-    out, t, reduction="none")])
+
+@pytest.mark.parametrize(
+    "loss_fn", [lambda out, t: 1.5, lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")]
+)
 def test_train_checks_what_loss_fn_returns(loss_fn):
     model = small_model()
     saved = weights(model)
@@ -207,29 +216,41 @@ def test_a_bad_item_past_the_first_is_named():
 def test_labels_out_of_range_and_inputs_of_the_wrong_shape_name_the_dataset():
     inputs = torch.randn(16, 4)
     with pytest.raises(ValueError, match="dataset has label 7, but the model has 3 outputs"):
-        batchlab.train(small_model(), TensorDataset(inputs, torch.full((16,), 7)), batch_size=8, steps=1,
-                       progress=False)
+        batchlab.train(
+            small_model(), TensorDataset(inputs, torch.full((16,), 7)), batch_size=8, steps=1, progress=False
+        )
     with pytest.raises(ValueError, match=r"dataset inputs of shape \(6,\) do not fit the model"):
-        batchlab.train(small_model(), TensorDataset(torch.randn(16, 6), torch.zeros(16, dtype=torch.long)),
-                       batch_size=8, steps=1, progress=False)
+        batchlab.train(
+            small_model(),
+            TensorDataset(torch.randn(16, 6), torch.zeros(16, dtype=torch.long)),
+            batch_size=8,
+            steps=1,
+            progress=False,
+        )
 
 
 # -- defect 13: seeds ------------------------------------------------------------------------------
 
+
 def test_a_seed_too_large_for_numpy_and_torch_is_refused_up_front():
     model, data = small_model(), small_data()
     huge = 2**64
-    for call in (lambda: batchlab.train(model, data, batch_size=8, steps=1, seed=huge, progress=False),
-                 lambda: batchlab.build_model("mlp", seed=huge),
-                 lambda: batchlab.compare_gradients(model.train(), make_batch(8), 2, seed=huge),
-                 lambda: batchlab.gradient_noise(model, data, [4], seed=huge)):
+    for call in (
+        lambda: batchlab.train(model, data, batch_size=8, steps=1, seed=huge, progress=False),
+        lambda: batchlab.build_model("mlp", seed=huge),
+        lambda: batchlab.compare_gradients(model.train(), make_batch(8), 2, seed=huge),
+        lambda: batchlab.gradient_noise(model, data, [4], seed=huge),
+    ):
         with pytest.raises(ValueError, match="seed must be at most 4294967295"):
             call()
 
 
 def test_setup_refuses_a_bad_seed_before_changing_anything():
-    threads, state, deterministic = torch.get_num_threads(), torch.get_rng_state(), \
-        torch.are_deterministic_algorithms_enabled()
+    threads, state, deterministic = (
+        torch.get_num_threads(),
+        torch.get_rng_state(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
     torch.set_num_threads(2)
     try:
         with pytest.raises(ValueError, match="seed must be at most"):
@@ -243,6 +264,7 @@ def test_setup_refuses_a_bad_seed_before_changing_anything():
 
 # -- defect 14: nonsense that used to be accepted --------------------------------------------------
 
+
 def test_nonsense_is_refused():
     model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
     with pytest.raises(TypeError, match="batch inputs have dtype torch.int64"):
@@ -251,8 +273,9 @@ def test_nonsense_is_refused():
         with memory_budget("1e99GB"):
             pass
     with pytest.raises(ValueError, match="budget '1e99GB' is more memory"):
-        batchlab.max_batch_size(model, lambda n: (torch.zeros(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)),
-                                budget="1e99GB")
+        batchlab.max_batch_size(
+            model, lambda n: (torch.zeros(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)), budget="1e99GB"
+        )
     with pytest.raises(TypeError, match="progress must be True or False"):
         batchlab.train(small_model(), small_data(), batch_size=8, steps=1, progress="no")
     with pytest.raises(TypeError, match="no_sync must be True or False"):

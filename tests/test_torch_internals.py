@@ -45,7 +45,8 @@ def test_dispatch_mode_base_still_sees_aten_operations():
     with Recorder() as recorder:
         torch.ones(3).add(1)
     assert "add" in recorder.seen and "ones" in recorder.seen, (
-        f"a TorchDispatchMode no longer sees aten operations: {recorder.seen}")
+        f"a TorchDispatchMode no longer sees aten operations: {recorder.seen}"
+    )
 
 
 def test_lift_fresh_still_carries_tensors_built_from_data():
@@ -53,14 +54,16 @@ def test_lift_fresh_still_carries_tensors_built_from_data():
         torch.tensor([1.0, 2.0])
     assert torch_internals.LIFT_FRESH.__name__ in recorder.seen, (
         f"torch.tensor(data) no longer passes through aten.lift_fresh (saw {recorder.seen}): the memory tracker "
-        "would miss tensors built from Python data")
+        "would miss tensors built from Python data"
+    )
 
 
 def test_dataloader_worker_shutdown_still_exists():
     iterator = iter(DataLoader(TensorDataset(torch.arange(32.0)), batch_size=8, num_workers=1))
     try:
         assert torch_internals.has_workers(iterator) and callable(getattr(iterator, "_shutdown_workers", None)), (
-            "torch changed DataLoader's private _workers / _shutdown_workers: adapt shutdown_workers")
+            "torch changed DataLoader's private _workers / _shutdown_workers: adapt shutdown_workers"
+        )
         next(iterator)
         assert any(w.is_alive() for w in iterator._workers)
     finally:
@@ -79,8 +82,9 @@ def test_the_gpu_attention_kernels_still_run_on_the_meta_device(dtype):
     out = torch_internals.fused_attention(query, key, value)
     assert out.shape == query.shape and out.dtype == dtype
     with Recorder() as recorder:
-        torch_internals.fused_attention(query, key, value, attn_mask=torch.ones(64, 64, dtype=torch.bool,
-                                                                                device="meta"))
+        torch_internals.fused_attention(
+            query, key, value, attn_mask=torch.ones(64, 64, dtype=torch.bool, device="meta")
+        )
     assert "_scaled_dot_product_efficient_attention" in recorder.seen, recorder.seen
 
 
@@ -88,7 +92,8 @@ def test_half_precision_attention_takes_the_flash_kernel():
     with Recorder() as recorder:
         torch_internals.fused_attention(*qkv(torch.bfloat16))
     assert "_scaled_dot_product_flash_attention" in recorder.seen, (
-        f"bf16 attention without a mask should run FlashAttention, as on an NVIDIA GPU: {recorder.seen}")
+        f"bf16 attention without a mask should run FlashAttention, as on an NVIDIA GPU: {recorder.seen}"
+    )
     with Recorder() as recorder:
         torch_internals.fused_attention(*qkv(torch.float32))
     assert "_scaled_dot_product_efficient_attention" in recorder.seen, recorder.seen
@@ -134,6 +139,7 @@ def activations(model, length, device, dtype=None):
 
 def test_the_estimator_takes_the_dropout_free_cpu_attention_path():
     # Without dropout a CPU runs its flash kernel: saved memory grows with the sequence, not its square.
-    growth = activations(transformer_without_dropout(1024), 1024, "cpu") / \
-        activations(transformer_without_dropout(1024), 512, "cpu")
+    growth = activations(transformer_without_dropout(1024), 1024, "cpu") / activations(
+        transformer_without_dropout(1024), 512, "cpu"
+    )
     assert 1.8 < growth < 2.2, growth

@@ -22,7 +22,7 @@ REPLACED = ["--node_rank", "--master_addr", "--master_port"]
 def readme_text():
     text = (ROOT / "README.md").read_text()
     start = text.index("## Distributed training with torchrun")
-    return text[start:text.index("\n## ", start + 1)]
+    return text[start : text.index("\n## ", start + 1)]
 
 
 def notebook_text():
@@ -50,7 +50,7 @@ def rendezvous(text):
     flat = " ".join(text.split())
     flags = re.search(r"`+(--rdzv-backend=\S+ --rdzv-endpoint=\S+ --rdzv-id=[^`\s]+)`+", flat)
     assert flags, "the rendezvous flags are not shown"
-    after = flat[flags.end():flags.end() + 200]
+    after = flat[flags.end() : flags.end() + 200]
     replaced = re.match(r"\s*in place of `+(--\w+)`+, `+(--\w+)`+ and `+(--\w+)`+", after)
     assert replaced, f"the text after the rendezvous flags does not say what they replace: {after!r}"
     return flags.group(1).split(), list(replaced.groups())

@@ -31,8 +31,9 @@ def test_same_seed_gives_same_history_and_weights(digits):
 
 
 def test_history_records_each_step(digits):
-    h = batchlab.train(small_mlp(), digits, batch_size=100, epochs=2, progress=False,
-                       eval_dataset=datasets.digits(train=False))
+    h = batchlab.train(
+        small_mlp(), digits, batch_size=100, epochs=2, progress=False, eval_dataset=datasets.digits(train=False)
+    )
     steps_per_epoch = len(digits) // 100
     assert len(h.loss) == 2 * steps_per_epoch and h.steps[-1] == 2 * steps_per_epoch
     assert h.samples == [100 * (i + 1) for i in range(2 * steps_per_epoch)]
@@ -59,8 +60,14 @@ def test_accumulation_gives_the_same_weights(digits):
 def test_optimizers_by_name_and_by_function(digits):
     adam = batchlab.train(small_mlp(), digits, batch_size=64, steps=15, optimizer="adam", lr=1e-3, progress=False)
     assert adam.loss[-1] < adam.loss[0]
-    custom = batchlab.train(small_mlp(), digits, batch_size=64, steps=15, progress=False,
-                            optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    custom = batchlab.train(
+        small_mlp(),
+        digits,
+        batch_size=64,
+        steps=15,
+        progress=False,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
     assert custom.loss[-1] < custom.loss[0]
 
 
@@ -68,8 +75,15 @@ def test_cnn_learns_shapes_to_90_percent():
     # The chapters rely on this: a small CNN learns the procedural shapes well in a few epochs
     # (benchmarks/shapes_accuracy.py times the same run).
     model = batchlab.build_model("cnn_bn", in_shape=(3, 32, 32), num_classes=5)
-    h = batchlab.train(model, datasets.shapes(8000, seed=0), batch_size=64, epochs=3, lr=0.02,
-                       eval_dataset=datasets.shapes(1000, seed=1), progress=False)
+    h = batchlab.train(
+        model,
+        datasets.shapes(8000, seed=0),
+        batch_size=64,
+        epochs=3,
+        lr=0.02,
+        eval_dataset=datasets.shapes(1000, seed=1),
+        progress=False,
+    )
     assert h.eval_accuracy[-1] >= 0.9, h.eval_accuracy
 
 

@@ -69,13 +69,16 @@ def test_noise_scale_is_reproducible_and_leaves_the_model_and_random_state_alone
     assert "B_simple" in repr(a) and a.batch_sizes == (8, 256)
 
 
-@pytest.mark.parametrize("batch_sizes, message", [
-    ((8,), "batch_sizes must be two batch sizes"),
-    (8, "batch_sizes must be two batch sizes"),
-    ((64, 8), r"small < big, got \(64, 8\)"),
-    ((8, 8), r"small < big, got \(8, 8\)"),
-    ((0, 8), "batch_sizes item must be a positive int, got 0"),
-])
+@pytest.mark.parametrize(
+    "batch_sizes, message",
+    [
+        ((8,), "batch_sizes must be two batch sizes"),
+        (8, "batch_sizes must be two batch sizes"),
+        ((64, 8), r"small < big, got \(64, 8\)"),
+        ((8, 8), r"small < big, got \(8, 8\)"),
+        ((0, 8), "batch_sizes item must be a positive int, got 0"),
+    ],
+)
 def test_noise_scale_refuses_bad_batch_sizes(batch_sizes, message):
     model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
     with pytest.raises(ValueError, match=message):

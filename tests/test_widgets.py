@@ -40,6 +40,7 @@ def explorer_threads():
 
 # -- the computations (batchlab.explorer) --------------------------------------------------------
 
+
 def test_batch_sizes_are_a_log_scale_and_typed_values_are_clamped_or_refused():
     assert ex.batch_size_options(1438) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1438)
     assert ex.batch_size_options(4096)[-2:] == (2048, 4096)
@@ -97,11 +98,13 @@ def test_an_accumulated_step_is_estimated_as_batchlab_train_runs_it():
 def test_training_losses_are_the_losses_of_batchlab_train(small_digits):
     for accumulation in (1, 2):
         model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
-        history = batchlab.train(model, small_digits, batch_size=32, steps=14, lr=0.05,
-                                 accumulation_steps=accumulation, progress=False)
+        history = batchlab.train(
+            model, small_digits, batch_size=32, steps=14, lr=0.05, accumulation_steps=accumulation, progress=False
+        )
         model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
-        losses = list(ex.training_losses(model, small_digits, batch_size=32, lr=0.05, steps=14,
-                                         accumulation_steps=accumulation))
+        losses = list(
+            ex.training_losses(model, small_digits, batch_size=32, lr=0.05, steps=14, accumulation_steps=accumulation)
+        )
         assert losses == history.loss  # same loop: the same numbers, bit for bit
 
 
@@ -133,8 +136,16 @@ GPU4 = ex.Profile("GPU 4 GiB (simulated)", "cuda", 4 * 2**30, 300 * 2**20)
 def a_point(peak_gib, *, fits, cached_gib=0.0, batch=64, profile=GPU4, verdict=None):
     peak = int(peak_gib * 2**30)
     verdict = verdict or ("fits" if fits else "tensors")
-    return ex.MemoryPoint(batch, peak, {"parameters": peak // 4, "activations": peak - peak // 4}, profile, fits,
-                          int(cached_gib * 2**30), verdict, ex.margin_batch(batch))
+    return ex.MemoryPoint(
+        batch,
+        peak,
+        {"parameters": peak // 4, "activations": peak - peak // 4},
+        profile,
+        fits,
+        int(cached_gib * 2**30),
+        verdict,
+        ex.margin_batch(batch),
+    )
 
 
 def a_run(label_batch, losses, *, steps=1, model="mlp", done=True, seconds=None):
@@ -149,19 +160,25 @@ def a_run(label_batch, losses, *, steps=1, model="mlp", done=True, seconds=None)
 def test_memory_text_says_the_verdict_and_the_numbers_behind_it():
     s = ex.RunSetting("cnn", 64, 0.05)
     fits = say.memory_text(s, a_point(2.0, fits=True, cached_gib=0.5), 98, (3, 224, 224))
-    assert fits.startswith("<b>Fits.</b> One training step of cnn on 3x224x224 images at batch 64 needs 2.00 GiB of "
-                           "tensors at its peak; with the allocator's cache (512 MiB) that is within the 3.71 GiB")
+    assert fits.startswith(
+        "<b>Fits.</b> One training step of cnn on 3x224x224 images at batch 64 needs 2.00 GiB of "
+        "tensors at its peak; with the allocator's cache (512 MiB) that is within the 3.71 GiB"
+    )
     assert "whose other 300 MiB are the CUDA context" in fits
     assert "context, the tensors and the cache: 2.79 GiB." in fits
     assert fits.endswith("The largest batch that fits in one step: <b>98</b> (estimated, with a 5% margin).")
     over = say.memory_text(ex.RunSetting("cnn", 256, 0.05), a_point(5.0, fits=False, batch=256), 98, (3, 224, 224))
-    assert "Out of memory.</b>" in over and "needs 5.00 GiB of tensors at its peak: 1.29 GiB more than the 3.71 GiB" \
-        in over
+    assert (
+        "Out of memory.</b>" in over
+        and "needs 5.00 GiB of tensors at its peak: 1.29 GiB more than the 3.71 GiB" in over
+    )
     assert "accumulate 3 micro-batches of 85" not in over and "accumulate 4 micro-batches of 64" in over
     assert say.memory_text(s, a_point(2.0, fits=True), None, (3, 224, 224)).endswith(
-        "Searching for the largest batch that fits…")
+        "Searching for the largest batch that fits…"
+    )
     assert say.memory_text(s, a_point(5.0, fits=False), 0, (3, 224, 224)).endswith(
-        "Not even the smallest batch fits this device.")
+        "Not even the smallest batch fits this device."
+    )
     cpu = ex.Profile(ex.CPU_PROFILE, "cpu", 8 * 2**30)
     text = say.memory_text(ex.RunSetting("transformer", 8, 0.05), a_point(0.25, fits=True, profile=cpu), 512, (512,))
     assert "transformer on sequences of 512 tokens at batch 8 needs 256 MiB" in text and "free RAM" in text
@@ -184,23 +201,49 @@ def test_the_verdict_follows_chapter_4s_rule_and_says_which_number_decided_it():
         assert point.peak_bytes + point.cached_bytes <= max(profile.budget, point.peak_bytes)
     s = ex.RunSetting("cnn", largest, 0.05)
     text = say.memory_text(s, points[largest], largest, shape)
-    assert f"and a batch 5% larger ({ex.margin_batch(largest)} samples) fits too: the margin chapter 4 asks for " \
-           f"decided it." in text
+    assert (
+        f"and a batch 5% larger ({ex.margin_batch(largest)} samples) fits too: the margin chapter 4 asks for "
+        f"decided it." in text
+    )
     margin = a_point(3.0, fits=False, batch=100, verdict="margin")
     text = say.memory_text(ex.RunSetting("cnn", 100, 0.05), margin, 98, shape)
     assert text.startswith("<b style='color:#C44E52'>Too close to the limit.</b>")
-    assert "but a batch 5% larger (105 samples) does not fit: aim a few per cent below the limit (chapter 4). The 5% " \
-           "margin decided it." in text
+    assert (
+        "but a batch 5% larger (105 samples) does not fit: aim a few per cent below the limit (chapter 4). The 5% "
+        "margin decided it." in text
+    )
     allocator = a_point(3.0, fits=False, batch=128, verdict="allocator")
     text = say.memory_text(ex.RunSetting("cnn", 128, 0.05), allocator, 98, shape)
-    assert "but even after releasing its cache the caching allocator cannot place the step's blocks there " \
-           "(fragmentation). The simulated allocator decided it, not the tensors." in text
+    assert (
+        "but even after releasing its cache the caching allocator cannot place the step's blocks there "
+        "(fragmentation). The simulated allocator decided it, not the tensors." in text
+    )
     assert "would reserve" not in text
 
 
 def test_the_slider_gets_finer_stops_around_the_largest_batch_that_fits(small_digits):
-    assert ex.batch_size_options(1438, 98) == (1, 2, 4, 8, 16, 32, 64, 88, 93, 96, 98, 100, 102, 104, 108, 128, 256,
-                                               512, 1024, 1438)
+    assert ex.batch_size_options(1438, 98) == (
+        1,
+        2,
+        4,
+        8,
+        16,
+        32,
+        64,
+        88,
+        93,
+        96,
+        98,
+        100,
+        102,
+        104,
+        108,
+        128,
+        256,
+        512,
+        1024,
+        1438,
+    )
     assert ex.batch_size_options(100, 98)[-4:] == (93, 96, 98, 100)  # never beyond the limit
     widget = BatchSizeExplorer(small_digits, model="cnn", batch_size=64, profile="4 GiB", panels="memory")
     largest = widget.state["largest_batch"]
@@ -218,14 +261,19 @@ def test_run_texts_say_the_progress_the_result_and_whether_twins_coincide():
     whole, split = a_run(64, [2.0, 1.5, 1.0]), a_run(64, [2.0, 1.5, 1.0 + 1e-6], steps=4)
     assert say.run_text(a_run(64, [2.0], done=False), []) == "Training <b>mlp, batch 64, lr 0.05</b>: step 1 of 1…"
     text = say.run_text(split, [whole, split])
-    assert text.startswith("<b>mlp, batch 64 (4x16), lr 0.05</b>: 3 steps, 192 samples, final loss 1.000 (a short "
-                           "run: 2 epochs, at most 300 steps).")
-    assert "Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> lie on each other: the losses differ by " \
-           "at most 1.0e-06" in text
+    assert text.startswith(
+        "<b>mlp, batch 64 (4x16), lr 0.05</b>: 3 steps, 192 samples, final loss 1.000 (a short "
+        "run: 2 epochs, at most 300 steps)."
+    )
+    assert (
+        "Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> lie on each other: the losses differ by "
+        "at most 1.0e-06" in text
+    )
     apart = a_run(64, [2.0, 1.4, 0.9], steps=4)
     assert say.twin_text(apart, [whole, apart], batch_norm=True) == (
         " Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> differ by up to 0.100 in loss: BatchNorm "
-        "normalises each micro-batch with its own statistics (chapter 6).")
+        "normalises each micro-batch with its own statistics (chapter 6)."
+    )
     assert "rounded differently" in say.twin_text(whole, [apart, whole])
     assert say.twin_text(whole, [a_run(32, [1.0, 1.0, 1.0], steps=2), whole]) == ""  # not the same batch
     assert ex.has_batch_norm(batchlab.build_model("cnn_bn", in_shape=(1, 8, 8)))
@@ -234,8 +282,9 @@ def test_run_texts_say_the_progress_the_result_and_whether_twins_coincide():
 
 def test_speed_text_and_points_come_from_the_finished_runs():
     run = a_run(64, [1.0, 0.9], seconds=[0.01, 0.02])
-    assert say.speed_text(run) == ("<b>6,400 samples/s</b> at batch 64 (10.0 ms per step), measured on this "
-                                  "machine's CPU.")
+    assert say.speed_text(run) == (
+        "<b>6,400 samples/s</b> at batch 64 (10.0 ms per step), measured on this machine's CPU."
+    )
     others = [run, a_run(32, [1.0], done=False), a_run(16, [1.0], steps=2), a_run(8, [1.0], model="cnn")]
     assert ex.speed_points(others, run.setting) == {64: 6400.0}
     assert say.notes_html(["a < b"]) == "<div style='color:#C44E52'>⚠ a &lt; b</div>"
@@ -250,8 +299,12 @@ def test_plot_memory_draws_context_tensors_and_cache_against_the_device():
     assert widths == pytest.approx([300 / 1024, 0.5, 1.5, 0.5])  # context, parameters, activations, cache
     assert sum(widths) == pytest.approx((2.0 * 2**30 + 300 * 2**20 + 0.5 * 2**30) / 2**30)
     assert [line.get_xdata()[0] for line in ax.get_lines()] == [4.0]  # the device's size, dashed
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["CUDA context", "parameters", "activations",
-                                                                  "allocator cache"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "CUDA context",
+        "parameters",
+        "activations",
+        "allocator cache",
+    ]
     assert fig._suptitle.get_text() == "cnn: fits"
 
 
@@ -284,8 +337,10 @@ def test_the_explorer_inputs_are_read_by_plain_functions():
     profiles = ex.device_profiles()
     assert say.profile_name(16, profiles) == say.profile_name("16GB", profiles) == "GPU 16 GiB (simulated)"
     assert say.profile_name("cpu", profiles) == ex.CPU_PROFILE and say.profile_name("5 GiB", profiles) is None
-    assert say.read_profile("tpu", profiles)[0] is None and "'tpu' is not one of the profiles" in \
-        say.read_profile("tpu", profiles)[1][0]
+    assert (
+        say.read_profile("tpu", profiles)[0] is None
+        and "'tpu' is not one of the profiles" in say.read_profile("tpu", profiles)[1][0]
+    )
     assert say.read_lr("2", 0.05) == (1.0, ["learning rate 2 is outside 0.001 to 1; using 1."])
     assert say.read_lr("nan", 0.05) == (0.05, ["learning rate: 'nan' is not a finite number; kept 0.05."])
     assert say.read_model("vgg")[0] is None and say.read_model("cnn") == ("cnn", [])
@@ -294,6 +349,7 @@ def test_the_explorer_inputs_are_read_by_plain_functions():
 
 
 # -- the shared machinery ------------------------------------------------------------------------
+
 
 def test_jobs_run_the_newest_work_only_and_never_two_at_once():
     jobs, log, started = Jobs(background=True), [], threading.Event()
@@ -308,6 +364,7 @@ def test_jobs_run_the_newest_work_only_and_never_two_at_once():
                 time.sleep(0.005)
             running.remove(name)
             job.publish(lambda: log.append(name))
+
         return work
 
     jobs.submit(slow("old"))
@@ -329,6 +386,7 @@ def test_jobs_show_errors_instead_of_raising():
 
 
 # -- the explorer --------------------------------------------------------------------------------
+
 
 def test_explorer_shows_memory_convergence_and_speed(explorer):
     state = explorer.state
@@ -352,8 +410,9 @@ def test_explorer_output_carries_a_still_png_of_its_panels_after_the_live_widget
     # JupyterLab renders the widget view; GitHub and nbviewer, which cannot, show the PNG; nbval compares text.
     assert list(bundle) == ["application/vnd.jupyter.widget-view+json", "image/png", "text/plain"]
     still = Image.open(io.BytesIO(bundle["image/png"]))
-    panels = [Image.open(io.BytesIO(bytes(p.image.value))) for p in (explorer.memory, explorer.convergence,
-                                                                      explorer.speed)]
+    panels = [
+        Image.open(io.BytesIO(bytes(p.image.value))) for p in (explorer.memory, explorer.convergence, explorer.speed)
+    ]
     assert still.format == "PNG"
     assert still.size == (max(p.width for p in panels), sum(p.height for p in panels))  # the three, stacked
     top = panels[0].convert("RGB")
@@ -383,12 +442,16 @@ def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does
     # The text names what is compared with the budget (the tensors) and what else the bar holds.
     point = widget._memory[0]
     over = (point.peak_bytes - state["budget_bytes"]) / 2**30
-    assert f"One training step of cnn on 3x224x224 images at batch 256 needs {point.peak_bytes / 2**30:.2f} GiB " \
-           f"of tensors at its peak: {over:.2f} GiB more than the {state['budget_bytes'] / 2**30:.2f} GiB PyTorch " \
-           f"can use" in text
+    assert (
+        f"One training step of cnn on 3x224x224 images at batch 256 needs {point.peak_bytes / 2**30:.2f} GiB "
+        f"of tensors at its peak: {over:.2f} GiB more than the {state['budget_bytes'] / 2**30:.2f} GiB PyTorch "
+        f"can use" in text
+    )
     assert point.verdict == "tensors" and point.cached_bytes == 0  # the allocator released its cache before failing
-    assert f"The tensors alone decided it. The bar shows the context and the tensors: " \
-           f"{point.device_bytes / 2**30:.2f} GiB." in text
+    assert (
+        f"The tensors alone decided it. The bar shows the context and the tensors: "
+        f"{point.device_bytes / 2**30:.2f} GiB." in text
+    )
     state = widget.set(accumulation_steps=4)  # the way out that the panel suggests
     assert state["fits"] and state["micro_batch"] == 64
     state = widget.set(profile=80, accumulation_steps=1)
@@ -398,8 +461,10 @@ def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does
 
 def test_state_reads_the_notes_not_the_html_it_shows(explorer):
     state = explorer.set(batch_size="lots", lr=5)
-    assert explorer.notes == ["batch size: 'lots' is not a number; type a whole number from 1 to 359.",
-                              "learning rate 5 is outside 0.001 to 1; using 1."]
+    assert explorer.notes == [
+        "batch size: 'lots' is not a number; type a whole number from 1 to 359.",
+        "learning rate 5 is outside 0.001 to 1; using 1.",
+    ]
     assert state["message"] == "\n".join(explorer.notes)
     assert explorer.message.value == say.notes_html(explorer.notes)
     explorer.message.value = "<div>something else</div>"  # what is shown is drawn from the notes, never read back
@@ -409,26 +474,33 @@ def test_state_reads_the_notes_not_the_html_it_shows(explorer):
 def test_an_accumulated_run_is_drawn_dashed_and_said_to_lie_on_the_whole_batch(explorer):
     explorer.set(batch_size=64)
     explorer.set(accumulation_steps=4)
-    whole, split = (explorer.runs.runs[key].history.loss for key in sorted(explorer.runs.runs)
-                    if key[1] == 64 and key[3] in (1, 4))
+    whole, split = (
+        explorer.runs.runs[key].history.loss for key in sorted(explorer.runs.runs) if key[1] == 64 and key[3] in (1, 4)
+    )
     gap = max(abs(a - b) for a, b in zip(whole, split))
     assert gap < 1e-4  # the mlp has no BatchNorm: the same updates
-    assert "Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> lie on each other" \
+    assert (
+        "Its curve (dashed) and the one of <b>mlp, batch 64, lr 0.05</b> lie on each other"
         in explorer.convergence.text.value
+    )
     assert f"differ by at most {gap:.1e}" in explorer.convergence.text.value
     explorer.set(accumulation_steps=1)  # back to the whole batch: its text names the dashed twin
-    assert "The dashed curve of <b>mlp, batch 64 (4x16), lr 0.05</b> and this one lie on each other" \
+    assert (
+        "The dashed curve of <b>mlp, batch 64 (4x16), lr 0.05</b> and this one lie on each other"
         in explorer.convergence.text.value
+    )
     from batchlab.plots import plot_convergence
 
     shown = explorer.training.shown_runs  # what the panel draws
-    fig = plot_convergence([r.history for r in shown],
-                           dashed={r.history.label for r in shown if r.setting.accumulation_steps > 1})
+    fig = plot_convergence(
+        [r.history for r in shown], dashed={r.history.label for r in shown if r.setting.accumulation_steps > 1}
+    )
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
     assert styles["mlp, batch 64 (4x16), lr 0.05"] == "--" and styles["mlp, batch 64, lr 0.05"] == "-"
     legend = fig.axes[0].get_legend()
     assert {t.get_text(): h.get_linestyle() for t, h in zip(legend.get_texts(), legend.legend_handles)}[
-        "mlp, batch 64 (4x16), lr 0.05"] == "--"
+        "mlp, batch 64 (4x16), lr 0.05"
+    ] == "--"
     assert all(ax.get_yscale() == "linear" for ax in fig.axes)
 
 
@@ -442,8 +514,12 @@ def test_bad_input_is_clamped_or_refused_with_a_message(explorer):
     explorer.batch_text.value = "100"  # a size between two stops of the slider
     assert explorer.batch_size.value == 100 and explorer.state["message"] == ""
     state = explorer.set(lr="fast", model="vgg", profile="0.5 GiB", accumulation_steps="two")
-    assert (state["lr"], state["model"], state["profile"], state["accumulation_steps"]) == \
-        (0.05, "mlp", "GPU 4 GiB (simulated)", 1)
+    assert (state["lr"], state["model"], state["profile"], state["accumulation_steps"]) == (
+        0.05,
+        "mlp",
+        "GPU 4 GiB (simulated)",
+        1,
+    )
     for words in ("'fast' is not a number", "'vgg' does not exist", "'0.5 GiB' is not one of", "'two'"):
         assert words in state["message"]
     state = explorer.set(lr=50, accumulation_steps=-3)
@@ -460,8 +536,10 @@ def test_a_newer_change_cancels_the_older_run_and_only_it_draws(small_digits):
         widget.model.value = "resnet18"
     widget.batch_size.value = 2  # a resnet18 run of 40 steps starts in the background
     deadline = time.monotonic() + 60
-    while not (widget.state["run"] == "resnet18, batch 2, lr 0.05" and widget.state["steps"] >= 2) \
-            and time.monotonic() < deadline:  # it has drawn its first points
+    while (
+        not (widget.state["run"] == "resnet18, batch 2, lr 0.05" and widget.state["steps"] >= 2)
+        and time.monotonic() < deadline
+    ):  # it has drawn its first points
         time.sleep(0.05)
     assert widget.state["running"]
     with widget.jobs.drawing:  # no drawing can slip in between the change and the mark
@@ -472,8 +550,11 @@ def test_a_newer_change_cancels_the_older_run_and_only_it_draws(small_digits):
     assert widget.wait(60)
     state = widget.state
     assert state["run"] == "mlp, batch 16, lr 0.05" and not state["running"]
-    assert set(list(widget.training.draws)[mark:]) <= {"mlp, batch 4, lr 0.05", "mlp, batch 8, lr 0.05",
-                                               "mlp, batch 16, lr 0.05"}
+    assert set(list(widget.training.draws)[mark:]) <= {
+        "mlp, batch 4, lr 0.05",
+        "mlp, batch 8, lr 0.05",
+        "mlp, batch 16, lr 0.05",
+    }
     assert {key[0] for key in widget.runs.runs} == {"mlp"}  # the cancelled resnet18 run was dropped
     assert not explorer_threads()
     widget.close()
@@ -504,8 +585,12 @@ def test_failed_runs_are_shown_not_raised(small_digits):
 def test_two_hundred_changes_leave_memory_and_threads_as_they_were(small_digits):
     widget = BatchSizeExplorer(small_digits, model="mlp", batch_size=32, profile="GPU 4 GiB (simulated)")
     sizes, lrs = (16, 32, 64, 128, 256), [0.01 * 1.05**i for i in range(60)]
-    controls = [(widget.batch_size, sizes), (widget.lr, lrs), (widget.profile, list(widget.profiles)[:3]),
-                (widget.model, ("mlp", "cnn", "mlp", "cnn_bn"))]
+    controls = [
+        (widget.batch_size, sizes),
+        (widget.lr, lrs),
+        (widget.profile, list(widget.profiles)[:3]),
+        (widget.model, ("mlp", "cnn", "mlp", "cnn_bn")),
+    ]
 
     def change(i):  # one control at a time, as fast as the kernel takes them; a pause now and then
         control, values = controls[i % len(controls)]
@@ -564,18 +649,23 @@ def test_close_closes_only_the_explorers_own_widgets_and_refuses_work_after(smal
 
 @pytest.mark.parametrize("shape", [None, (3,), (3, 224), (3, 0, 224), "3x224x224", (3.0, 224, 224)])
 def test_a_bad_image_shape_is_refused_when_the_explorer_is_built(small_digits, shape):
-    with pytest.raises(ValueError, match=r"image_shape must be \(channels, height, width\), three positive whole "
-                                         r"numbers such as \(3, 224, 224\), got "):
+    with pytest.raises(
+        ValueError,
+        match=r"image_shape must be \(channels, height, width\), three positive whole "
+        r"numbers such as \(3, 224, 224\), got ",
+    ):
         BatchSizeExplorer(small_digits, panels="memory", image_shape=shape)
 
 
 def test_resnet18_at_batch_1_says_why_it_cannot_train_and_the_memory_search_ends(small_digits):
     widget = BatchSizeExplorer(small_digits, model="resnet18", batch_size=1, profile="4 GiB")
     state = widget.state
-    assert state["error"] == ("could not train resnet18, batch 1, lr 0.05: resnet18 cannot train on batches of 1 "
-                              "sample: its BatchNorm layers need 2 or more samples per (micro-)batch in training, to "
-                              "compute a mean and a variance over the batch. Choose a batch of 2 or more (or fewer "
-                              "accumulation steps).")
+    assert state["error"] == (
+        "could not train resnet18, batch 1, lr 0.05: resnet18 cannot train on batches of 1 "
+        "sample: its BatchNorm layers need 2 or more samples per (micro-)batch in training, to "
+        "compute a mean and a variance over the batch. Choose a batch of 2 or more (or fewer "
+        "accumulation steps)."
+    )
     assert "BatchNorm layers need 2 or more samples" in widget.convergence.text.value
     assert state["fits"] and state["largest_batch"] > 1  # the search ended...
     assert "Searching" not in widget.memory.text.value and "The largest batch that fits" in widget.memory.text.value
@@ -590,8 +680,9 @@ def test_every_explorer_is_built_from_the_shared_machinery():
     for cls in (widgets.ConvergenceExplorer, widgets.LoaderExplorer, widgets.AccumulationExplorer, BatchSizeExplorer):
         assert issubclass(cls, widgets.Explorer)
     assert batchlab.BatchSizeExplorer is BatchSizeExplorer
-    accumulation = widgets.AccumulationExplorer(datasets.digits(train=False), effective_batch=16, micro_batch=4,
-                                                steps=2)
+    accumulation = widgets.AccumulationExplorer(
+        datasets.digits(train=False), effective_batch=16, micro_batch=4, steps=2
+    )
     assert isinstance(accumulation.jobs, Jobs) and accumulation.panel.image is accumulation.image
     assert accumulation.set(micro_batch=8)["accumulation_steps"] == 2
 
@@ -605,15 +696,20 @@ def test_precision_and_checkpointing_change_the_memory_panel_as_the_estimator_sa
         shape = (32, 3, 224, 224)
         model = batchlab.explorer.meta_model("resnet18", shape[1:])
         batch = ex.meta_batch(32, shape[1:])
-        for state, kwargs in ((fp32, {}), (bf16, dict(precision="bf16")),
-                              (both, dict(precision="bf16", checkpointing="blocks"))):
+        for state, kwargs in (
+            (fp32, {}),
+            (bf16, dict(precision="bf16")),
+            (both, dict(precision="bf16", checkpointing="blocks")),
+        ):
             assert state["peak_bytes"] == batchlab.estimate_memory(model, batch, **kwargs).peak_bytes
         assert both["peak_bytes"] < bf16["peak_bytes"] < fp32["peak_bytes"]
         assert (both["precision"], both["checkpointing"]) == ("bf16", "every block")
         assert both["largest_batch"] > fp32["largest_batch"]  # the levers let a larger batch fit
         refused = widget.set(precision="fp8")
-        assert refused["precision"] == "bf16" and "precision 'fp8' is not one of 'fp32', 'bf16', 'fp16'" in \
-            refused["message"]
+        assert (
+            refused["precision"] == "bf16"
+            and "precision 'fp8' is not one of 'fp32', 'bf16', 'fp16'" in refused["message"]
+        )
     finally:
         widget.close()
     with pytest.raises(ValueError, match="precision must be one of"):

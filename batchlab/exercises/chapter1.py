@@ -13,22 +13,28 @@ from .turn import your_turn
 
 def check_steps_per_epoch(answer, *, n: int = 1438, batch_size: int = 100, drop_last: bool = False):
     """Chapter 1: optimizer steps in one epoch of ``n`` samples at ``batch_size``."""
-    if your_turn(f"how many steps is one epoch of {n} samples at batch size {batch_size} "
-                 f"(drop_last={drop_last})?", answer):
+    if your_turn(
+        f"how many steps is one epoch of {n} samples at batch size {batch_size} (drop_last={drop_last})?", answer
+    ):
         return
     expected = n // batch_size if drop_last else math.ceil(n / batch_size)
     assert answer == expected, (
         f"{answer} is not right. Every step uses one batch; think about the last, partial batch "
         f"({n % batch_size} samples) and whether drop_last keeps it."
     )
-    print(f"Correct: {expected} steps, the last one with {n % batch_size or batch_size} samples"
-          + (" (dropped)." if drop_last and n % batch_size else "."))
+    print(
+        f"Correct: {expected} steps, the last one with {n % batch_size or batch_size} samples"
+        + (" (dropped)." if drop_last and n % batch_size else ".")
+    )
 
 
 def check_scaled_lr(answer, *, base_lr: float = 0.05, base_batch: int = 32, batch: int = 256):
     """Chapter 1: the learning rate for ``batch`` by the linear scaling rule."""
-    if your_turn(f"by the linear scaling rule, what learning rate goes with batch {batch} "
-                 f"if lr {base_lr} suits batch {base_batch}?", answer):
+    if your_turn(
+        f"by the linear scaling rule, what learning rate goes with batch {batch} "
+        f"if lr {base_lr} suits batch {base_batch}?",
+        answer,
+    ):
         return
     expected = base_lr * batch / base_batch
     assert isinstance(answer, (int, float)) and math.isclose(answer, expected, rel_tol=1e-6), (

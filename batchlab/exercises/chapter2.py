@@ -25,8 +25,10 @@ def check_normalize_stats(mean, std, dataset: Dataset):
     assert torch.allclose(std, expected_std, atol=1e-3), (
         "std is off: it is the spread of all pixels of a channel, not the average of per-image stds"
     )
-    print(f"Correct: mean {[round(m, 3) for m in expected_mean.tolist()]}, "
-          f"std {[round(s, 3) for s in expected_std.tolist()]}")
+    print(
+        f"Correct: mean {[round(m, 3) for m in expected_mean.tolist()]}, "
+        f"std {[round(s, 3) for s in expected_std.tolist()]}"
+    )
 
 
 def check_squares_dataset(dataset_class):

@@ -42,9 +42,11 @@ def check_padding_collate(collate_fn) -> None:
     if not callable(collate_fn):
         raise TypeError(f"collate_fn must be a function from a list of samples to a batch, got {collate_fn!r}")
     data = token_sequences(40, max_length=9, seed=3)
-    cases = [("a batch of sequences of different lengths", [data[i] for i in range(8)]),
-             ("a batch of one sequence", [data[5]]),
-             ("a batch whose sequences all have the same length", _same_length(data))]
+    cases = [
+        ("a batch of sequences of different lengths", [data[i] for i in range(8)]),
+        ("a batch of one sequence", [data[5]]),
+        ("a batch whose sequences all have the same length", _same_length(data)),
+    ]
     for name, samples in cases:
         problem = _padding_problem(collate_fn, samples)
         assert problem is None, f"{name}: {problem}"
@@ -56,9 +58,12 @@ def check_padding_collate(collate_fn) -> None:
     for number, (batch, samples) in enumerate(zip(batches, iter_batches(data, 6, collate_fn=list))):
         problem = _padding_problem(lambda _, b=batch: b, samples)
         assert problem is None, f"batch {number} of DataLoader(data, batch_size=6, collate_fn=...): {problem}"
-    print("Correct:\n" + "\n".join(f"  ✓ {name}" for name, _ in cases)
-          + f"\n  ✓ all {len(batches)} batches of a DataLoader over {len(data)} sequences, each padded to "
-          "its own longest")
+    print(
+        "Correct:\n"
+        + "\n".join(f"  ✓ {name}" for name, _ in cases)
+        + f"\n  ✓ all {len(batches)} batches of a DataLoader over {len(data)} sequences, each padded to "
+        "its own longest"
+    )
 
 
 def _same_length(data):
@@ -76,8 +81,11 @@ def _padding_problem(collate_fn, samples) -> str | None:
     except Exception as error:  # the learner's code
         return f"it raised {type(error).__name__}: {error}"
     if not isinstance(result, (tuple, list)) or len(result) != 3:
-        got = f"a {type(result).__name__} of {len(result)}" if isinstance(result, (tuple, list)) else (
-            f"a {type(result).__name__}")
+        got = (
+            f"a {type(result).__name__} of {len(result)}"
+            if isinstance(result, (tuple, list))
+            else (f"a {type(result).__name__}")
+        )
         return f"expected (padded, mask, labels), got {got}"
     padded, mask, labels = result
     for name, value in (("padded", padded), ("mask", mask), ("labels", labels)):
@@ -86,8 +94,7 @@ def _padding_problem(collate_fn, samples) -> str | None:
     longest = max(len(tokens) for tokens, _ in samples)
     expected_shape = (len(samples), longest)
     if tuple(padded.shape) != expected_shape:
-        return (f"padded should have shape (batch, longest in this batch) = {expected_shape}, "
-                f"got {tuple(padded.shape)}")
+        return f"padded should have shape (batch, longest in this batch) = {expected_shape}, got {tuple(padded.shape)}"
     if padded.dtype != torch.int64:
         return f"padded should keep the tokens' dtype torch.int64, got {padded.dtype}"
     if mask.dtype != torch.bool or tuple(mask.shape) != expected_shape:
@@ -107,7 +114,6 @@ def _padding_problem(collate_fn, samples) -> str | None:
     return None
 
 
-
 def check_best_num_workers(answer, measured, *, batch_size: int = 64) -> None:
     """Check exercise 2 of chapter 3: the ``num_workers`` that delivered the most samples/s at ``batch_size``.
 
@@ -117,8 +123,11 @@ def check_best_num_workers(answer, measured, *, batch_size: int = 64) -> None:
     are compared too. The right answer is the fastest setting in those measurements, not a number
     fixed in advance: on a busy machine it changes from run to run. ``None`` prints the task.
     """
-    if your_turn(f"measure num_workers from 0 to one more than your usable cores at batch size {batch_size}, "
-                 "then give the num_workers that delivered the most samples per second.", answer):
+    if your_turn(
+        f"measure num_workers from 0 to one more than your usable cores at batch size {batch_size}, "
+        "then give the num_workers that delivered the most samples per second.",
+        answer,
+    ):
         return
     rates = _rates_at(measured, batch_size)
     cores = loaders.usable_cores()
@@ -126,21 +135,30 @@ def check_best_num_workers(answer, measured, *, batch_size: int = 64) -> None:
     assert not missing, (
         f"measure num_workers={', '.join(map(str, missing))} at batch size {batch_size} first: this machine "
         f"has {cores} usable cores, so compare 0 to {cores + 1} workers (move the explorer's sliders, or run "
-        f"loader_sweep(images, num_workers=range({cores + 2}), batch_size={batch_size}))")
+        f"loader_sweep(images, num_workers=range({cores + 2}), batch_size={batch_size}))"
+    )
     assert isinstance(answer, int) and not isinstance(answer, bool), (
-        f"the answer should be a number of workers (an int), got {answer!r}")
+        f"the answer should be a number of workers (an int), got {answer!r}"
+    )
     best = max(rates, key=rates.get)
     assert answer == best, (
         f"num_workers={answer} is not the fastest in your measurements at batch size {batch_size}: "
-        "compare the samples per second of every setting")
-    print(f"Correct: num_workers={best} delivered {rates[best]:,.0f} samples/s, "
-          f"{rates[best] / rates[0]:.2f}x num_workers=0; this machine has {cores} usable cores.")
+        "compare the samples per second of every setting"
+    )
+    print(
+        f"Correct: num_workers={best} delivered {rates[best]:,.0f} samples/s, "
+        f"{rates[best] / rates[0]:.2f}x num_workers=0; this machine has {cores} usable cores."
+    )
     if best > cores:
-        print("More workers than cores came out on top: they cannot add CPU, so the settings from "
-              f"{cores} workers up differ by noise. Measure again with more repeats to see it.")
+        print(
+            "More workers than cores came out on top: they cannot add CPU, so the settings from "
+            f"{cores} workers up differ by noise. Measure again with more repeats to see it."
+        )
     elif best == 0:
-        print("No workers came out on top: the cores were busy with other work, so the workers had no "
-              "spare CPU and only added their costs. Measure again when the machine is idle.")
+        print(
+            "No workers came out on top: the cores were busy with other work, so the workers had no "
+            "spare CPU and only added their costs. Measure again when the machine is idle."
+        )
 
 
 def _rates_at(measured, batch_size: int) -> dict:
@@ -150,8 +168,10 @@ def _rates_at(measured, batch_size: int) -> dict:
     elif isinstance(measured, dict):
         pairs = measured
     else:
-        raise TypeError("measured must be a LoaderSweep or the explorer's state['measured'] (a dict from "
-                        f"(batch_size, num_workers) to samples/s), got {type(measured).__name__}")
+        raise TypeError(
+            "measured must be a LoaderSweep or the explorer's state['measured'] (a dict from "
+            f"(batch_size, num_workers) to samples/s), got {type(measured).__name__}"
+        )
     return {workers: rate for (size, workers), rate in pairs.items() if size == batch_size}
 
 
@@ -161,8 +181,13 @@ def persistent_worker_numbers(epochs: int = 2) -> list:
     No ``worker_init_fn``, batches of 2: one list of 4 batches per epoch, each batch the 2 numbers
     drawn for it (batches 0 and 2 come from worker 0, batches 1 and 3 from worker 1).
     """
-    loader = DataLoader(SharedGeneratorDataset(8), batch_size=2, num_workers=2, persistent_workers=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        SharedGeneratorDataset(8),
+        batch_size=2,
+        num_workers=2,
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     # The persistent workers stop when the loader, which holds their iterator, is freed on return.
     return [[[round(r, 3) for r in batch[1].tolist()] for batch in loader] for _ in range(epochs)]
 
@@ -175,21 +200,35 @@ def check_persistent_prediction(epoch_2_repeats_epoch_1, workers_draw_the_same) 
     same numbers as each other? The check runs it (:func:`persistent_worker_numbers`) and compares.
     ``None`` prints the task.
     """
-    if your_turn("predict, True or False, whether epoch 2 repeats epoch 1 and whether the two workers draw the "
-                 "same numbers, with persistent_workers=True and no worker_init_fn.",
-                 epoch_2_repeats_epoch_1, workers_draw_the_same):
+    if your_turn(
+        "predict, True or False, whether epoch 2 repeats epoch 1 and whether the two workers draw the "
+        "same numbers, with persistent_workers=True and no worker_init_fn.",
+        epoch_2_repeats_epoch_1,
+        workers_draw_the_same,
+    ):
         return
-    for name, value in (("epoch_2_repeats_epoch_1", epoch_2_repeats_epoch_1),
-                        ("workers_draw_the_same", workers_draw_the_same)):
+    for name, value in (
+        ("epoch_2_repeats_epoch_1", epoch_2_repeats_epoch_1),
+        ("workers_draw_the_same", workers_draw_the_same),
+    ):
         assert isinstance(value, bool), f"{name} should be True or False, got {value!r}"
     first, second = persistent_worker_numbers(epochs=2)
     repeats = first == second
     same = all(epoch[0] == epoch[1] and epoch[2] == epoch[3] for epoch in (first, second))
-    hint = ("run numbers_per_epoch with persistent_workers=True added to its DataLoader and compare the "
-            "batches; remember which copy of the data set each worker uses")
+    hint = (
+        "run numbers_per_epoch with persistent_workers=True added to its DataLoader and compare the "
+        "batches; remember which copy of the data set each worker uses"
+    )
     assert epoch_2_repeats_epoch_1 == repeats, f"not what happens for epoch 2 against epoch 1: {hint}"
     assert workers_draw_the_same == same, f"not what happens for the two workers: {hint}"
     print(f"Correct. epoch 1: {first}\n         epoch 2: {second}")
-    print("Persistent workers keep their copy of the data set, generator included, from one epoch to the "
-          "next, so each copy moves on" + (" - but both copies started in the same state, so the workers "
-          "still agree with each other: only a worker_init_fn gives each its own generator." if same else "."))
+    print(
+        "Persistent workers keep their copy of the data set, generator included, from one epoch to the "
+        "next, so each copy moves on"
+        + (
+            " - but both copies started in the same state, so the workers "
+            "still agree with each other: only a worker_init_fn gives each its own generator."
+            if same
+            else "."
+        )
+    )

@@ -20,9 +20,9 @@ from .turn import your_turn
 BUGS = ("missing loss scaling", "zero_grad in the wrong place", "steps every micro-batch")
 
 
-
 def reference_loop(bug: str | None):
     """The right loop (``bug=None``) or the same loop with one of :data:`BUGS`, as the checks run it."""
+
     def loop(model, optimizer, inputs, targets, accumulation_steps):
         for x, y in zip(inputs.chunk(accumulation_steps), targets.chunk(accumulation_steps)):
             if bug == "zero_grad in the wrong place":
@@ -36,6 +36,7 @@ def reference_loop(bug: str | None):
         if bug != "steps every micro-batch":
             optimizer.step()
             optimizer.zero_grad()
+
     return loop
 
 
@@ -91,18 +92,25 @@ def check_accumulation_loop(loop) -> None:
     if your_turn("write my_loop so that uneven micro-batches give the full batch's update.", loop):
         return
     if not callable(loop):
-        raise TypeError(f"loop must be a function (model, optimizer, inputs, targets, accumulation_steps), "
-                        f"got {loop!r}")
+        raise TypeError(
+            f"loop must be a function (model, optimizer, inputs, targets, accumulation_steps), got {loop!r}"
+        )
     mine = _final_weights(loop, 50, 4, steps=3, momentum=0.9)
     full = _final_weights(reference_loop(None), 50, 1, steps=3, momentum=0.9)
     difference = (mine - full).abs().max().item()
     if not torch.allclose(mine, full, rtol=1e-4, atol=1e-6):
         found = _diagnose(loop)
-        hint = ("With equal micro-batches your loop is right, so look at what changes when they are not: "
-                "the last micro-batch here has 11 samples, the others 13." if found == "correct" else
-                "Even with four equal micro-batches of 16 it does not match the full batch: compare it with "
-                "train's loop line by line.")
-        raise AssertionError(f"After 3 batches your weights differ from the full batch's by up to {difference:.2g}. "
-                             f"{hint}")
-    print(f"Correct: after 3 batches of 50 in micro-batches of 13, 13, 13 and 11, your weights match the full batch's "
-          f"(largest difference {difference:.1e}).")
+        hint = (
+            "With equal micro-batches your loop is right, so look at what changes when they are not: "
+            "the last micro-batch here has 11 samples, the others 13."
+            if found == "correct"
+            else "Even with four equal micro-batches of 16 it does not match the full batch: compare it with "
+            "train's loop line by line."
+        )
+        raise AssertionError(
+            f"After 3 batches your weights differ from the full batch's by up to {difference:.2g}. {hint}"
+        )
+    print(
+        f"Correct: after 3 batches of 50 in micro-batches of 13, 13, 13 and 11, your weights match the full batch's "
+        f"(largest difference {difference:.1e})."
+    )

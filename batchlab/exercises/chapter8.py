@@ -16,8 +16,7 @@ def check_bytes_per_parameter(answer, *, optimizer: str = "adam"):
     if optimizer not in _FP32_BYTES_PER_PARAMETER:
         names = ", ".join(repr(n) for n in _FP32_BYTES_PER_PARAMETER)
         raise ValueError(f"optimizer must be one of {names}, got {optimizer!r}")
-    if your_turn(f"how many bytes per parameter do the fp32 weights, gradients and {optimizer}'s "
-                        "state take?", answer):
+    if your_turn(f"how many bytes per parameter do the fp32 weights, gradients and {optimizer}'s state take?", answer):
         return
     expected = _FP32_BYTES_PER_PARAMETER[optimizer]
     assert answer == expected, (
@@ -32,8 +31,10 @@ def check_checkpoint_segments(answer, *, layers: int = 16):
     equal layers alive (segment boundaries are kept all along; one segment is recomputed at a time)."""
     if not isinstance(layers, int) or layers < 1:
         raise ValueError(f"layers must be a positive int, got {layers!r}")
-    if your_turn(f"into how many segments should a chain of {layers} equal layers be cut to keep "
-                        "the fewest activations alive?", answer):
+    if your_turn(
+        f"into how many segments should a chain of {layers} equal layers be cut to keep the fewest activations alive?",
+        answer,
+    ):
         return
     cost = {k: k + math.ceil(layers / k) for k in range(1, layers + 1)}  # boundaries + one segment's inside
     best = min(cost.values())
@@ -41,8 +42,10 @@ def check_checkpoint_segments(answer, *, layers: int = 16):
         f"{answer} is not right. Count what is alive at the peak: one saved input per segment, plus the "
         "activations of the one segment being recomputed. Which number of segments makes that sum smallest?"
     )
-    print(f"Correct: {answer} segments keep {best} layers' activations instead of {layers}: about "
-          f"2 sqrt(n) = {2 * math.sqrt(layers):.1f}, for one extra forward pass.")
+    print(
+        f"Correct: {answer} segments keep {best} layers' activations instead of {layers}: about "
+        f"2 sqrt(n) = {2 * math.sqrt(layers):.1f}, for one extra forward pass."
+    )
 
 
 def check_critical_batch(answer, *, gradient_norm_sq: float = 0.25, trace_covariance: float = 40.0):
@@ -54,5 +57,7 @@ def check_critical_batch(answer, *, gradient_norm_sq: float = 0.25, trace_covari
         f"{answer} is not right. B_simple is the batch at which the mini-batch noise, tr(Sigma) / B, is as "
         "large as the squared gradient |G|^2."
     )
-    print(f"Correct: B_simple = {expected:g} samples. Well below it, doubling the batch nearly halves the "
-          "steps; well above it, a larger batch saves few steps.")
+    print(
+        f"Correct: B_simple = {expected:g} samples. Well below it, doubling the batch nearly halves the "
+        "steps; well above it, a larger batch saves few steps."
+    )

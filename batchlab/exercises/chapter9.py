@@ -33,21 +33,27 @@ OOM_MESSAGES = (
     "and 152.37 MiB is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try "
     "setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.",
 )
-_RULES = {"single_allocation": "is the request more than half the GPU?",
-          "other_processes": "is more than half the GPU held outside PyTorch's reservation (total - free - reserved)?",
-          "fragmentation": "is the reserved-but-unallocated memory at least the request and a tenth of the GPU?",
-          "out_of_memory": "none of the three rules above holds"}
+_RULES = {
+    "single_allocation": "is the request more than half the GPU?",
+    "other_processes": "is more than half the GPU held outside PyTorch's reservation (total - free - reserved)?",
+    "fragmentation": "is the reserved-but-unallocated memory at least the request and a tenth of the GPU?",
+    "out_of_memory": "none of the three rules above holds",
+}
 
 
 def check_oom_causes(answers, *, messages=OOM_MESSAGES):
     """Chapter 9: the cause of each message of ``messages`` (default :data:`OOM_MESSAGES`), in order."""
     labels = [chr(ord("A") + i) for i in range(len(messages))]
-    if your_turn(f"name the cause of each of the messages {', '.join(labels)}: a list of {len(messages)} of "
-                 f"{', '.join(repr(c) for c in CAUSES)}.", answers):
+    if your_turn(
+        f"name the cause of each of the messages {', '.join(labels)}: a list of {len(messages)} of "
+        f"{', '.join(repr(c) for c in CAUSES)}.",
+        answers,
+    ):
         return
     if not isinstance(answers, (list, tuple)) or len(answers) != len(messages):
-        raise ValueError(f"answers must be a list of {len(messages)} causes, one per message ({', '.join(labels)}), "
-                         f"got {answers!r}")
+        raise ValueError(
+            f"answers must be a list of {len(messages)} causes, one per message ({', '.join(labels)}), got {answers!r}"
+        )
     unknown = [a for a in answers if a not in CAUSES]
     if unknown:
         raise ValueError(f"each cause must be one of {', '.join(repr(c) for c in CAUSES)}, got {unknown!r}")
@@ -56,19 +62,28 @@ def check_oom_causes(answers, *, messages=OOM_MESSAGES):
     assert not wrong, (
         f"message{'s' if len(wrong) > 1 else ''} {', '.join(wrong)}: not right. Turn every number into bytes (the "
         "2.2+ form gives reserved as allocated plus 'reserved but unallocated'), then ask the checklist's questions "
-        "in order and stop at the first that holds: " + " ".join(
-            f"({i}) {_RULES[c]}" for i, c in enumerate(CAUSES, 1)))
+        "in order and stop at the first that holds: " + " ".join(f"({i}) {_RULES[c]}" for i, c in enumerate(CAUSES, 1))
+    )
     print("Correct:")
     for label, cause in zip(labels, expected):
         print(f"  {label}: {cause} ({_RULES[cause]})" if cause != "out_of_memory" else f"  {label}: {cause}")
 
 
-def check_plan(plan, *, model_name: str = "cnn_bn", in_shape=(3, 128, 128), effective_batch: int = 1024,
-               optimizer: str = "adam", gpu_gib: int = 2):
+def check_plan(
+    plan,
+    *,
+    model_name: str = "cnn_bn",
+    in_shape=(3, 128, 128),
+    effective_batch: int = 1024,
+    optimizer: str = "adam",
+    gpu_gib: int = 2,
+):
     """Chapter 9: a :class:`~batchlab.plan.FitPlan` for ``model_name`` on ``in_shape`` inputs, ``effective_batch``
     samples per step with ``optimizer``, on a ``gpu_gib`` GiB GPU."""
-    task = (f"plan build_model({model_name!r}, in_shape={tuple(in_shape)}) with {optimizer!r}, {effective_batch} "
-            f"samples per optimizer step, on a {gpu_gib} GiB GPU, with batchlab.plan_fit, and give its FitPlan.")
+    task = (
+        f"plan build_model({model_name!r}, in_shape={tuple(in_shape)}) with {optimizer!r}, {effective_batch} "
+        f"samples per optimizer step, on a {gpu_gib} GiB GPU, with batchlab.plan_fit, and give its FitPlan."
+    )
     if your_turn(task, plan):
         return
     assert isinstance(plan, FitPlan), f"give the FitPlan that batchlab.plan_fit returns, got {type(plan).__name__}"
@@ -76,12 +91,15 @@ def check_plan(plan, *, model_name: str = "cnn_bn", in_shape=(3, 128, 128), effe
     assert plan.device == "cuda", f"the plan is for {plan.device!r}: the task's GPU is a CUDA device"
     assert plan.budget != gpu_gib * GiB, (
         f"budget {format_bytes(plan.budget)} is the whole card: PyTorch does not get all of it. What does a CUDA "
-        "process hold outside PyTorch's allocator?")
+        "process hold outside PyTorch's allocator?"
+    )
     assert plan.budget == gpu_gib * GiB - context, (
         f"budget {format_bytes(plan.budget)} is not what a {gpu_gib} GiB GPU leaves PyTorch as this chapter counts "
-        "it (the GPU's memory minus batchlab.CUDA_CONSTANTS['cuda_context'])")
+        "it (the GPU's memory minus batchlab.CUDA_CONSTANTS['cuda_context'])"
+    )
     assert plan.effective_batch == effective_batch and sum(plan.micro_batches) == effective_batch, (
-        f"the plan runs {plan.effective_batch} samples per step; the task asks for {effective_batch}")
+        f"the plan runs {plan.effective_batch} samples per step; the task asks for {effective_batch}"
+    )
     assert plan.optimizer == optimizer, f"the plan is for optimizer {plan.optimizer!r}; the task's is {optimizer!r}"
     # The plan's own estimate of its accumulated step (two of its largest micro-batches, or the whole
     # batch in one) must be the task model's: another model or input size gives other bytes.
@@ -89,16 +107,27 @@ def check_plan(plan, *, model_name: str = "cnn_bn", in_shape=(3, 128, 128), effe
     n, steps = (effective_batch, 1) if plan.accumulation_steps == 1 else (min(effective_batch, 2 * plan.micro_batch), 2)
     batch = torch.empty(n, *in_shape, device="meta"), torch.zeros(n, dtype=torch.long, device="meta")
     try:  # inside the budget, as plan_fit estimates (the simulated allocator frees its cache before giving up)
-        report = estimate_memory(model, batch, optimizer=optimizer, device="cuda", accumulation_steps=steps,
-                                 budget=plan.budget, precision=plan.precision,
-                                 checkpointing="blocks" if plan.checkpointing else None)
+        report = estimate_memory(
+            model,
+            batch,
+            optimizer=optimizer,
+            device="cuda",
+            accumulation_steps=steps,
+            budget=plan.budget,
+            precision=plan.precision,
+            checkpointing="blocks" if plan.checkpointing else None,
+        )
     except torch.OutOfMemoryError:
-        raise AssertionError("this plan's step does not fit the task's model in the budget: check the model and "
-                             "its input shape") from None
+        raise AssertionError(
+            "this plan's step does not fit the task's model in the budget: check the model and its input shape"
+        ) from None
     assert report.peak_bytes == plan.peak_bytes, (
         f"the plan's peak ({format_bytes(plan.peak_bytes)}) is not the task model's "
-        f"({format_bytes(report.peak_bytes)} for this micro-batch): check the model and its input shape")
-    print(f"Correct: {len(plan.options)} ways fit; the best runs {plan.accumulation_steps} micro-batches "
-          f"({' + '.join(map(str, plan.micro_batches))}) in {plan.precision}"
-          f"{' with checkpointing' if plan.checkpointing else ''}, peak {format_bytes(plan.peak_bytes)} of the "
-          f"{format_bytes(plan.budget)} budget.")
+        f"({format_bytes(report.peak_bytes)} for this micro-batch): check the model and its input shape"
+    )
+    print(
+        f"Correct: {len(plan.options)} ways fit; the best runs {plan.accumulation_steps} micro-batches "
+        f"({' + '.join(map(str, plan.micro_batches))}) in {plan.precision}"
+        f"{' with checkpointing' if plan.checkpointing else ''}, peak {format_bytes(plan.peak_bytes)} of the "
+        f"{format_bytes(plan.budget)} budget."
+    )

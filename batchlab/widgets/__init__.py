@@ -21,5 +21,14 @@ from .convergence import ConvergenceExplorer
 from .jobs import Job, Jobs
 from .loader import LoaderExplorer
 
-__all__ = ["AccumulationExplorer", "BATCH_SIZES", "BatchSizeExplorer", "ConvergenceExplorer", "Explorer", "Job", "Jobs",
-           "LoaderExplorer", "Panel"]
+__all__ = [
+    "AccumulationExplorer",
+    "BATCH_SIZES",
+    "BatchSizeExplorer",
+    "ConvergenceExplorer",
+    "Explorer",
+    "Job",
+    "Jobs",
+    "LoaderExplorer",
+    "Panel",
+]

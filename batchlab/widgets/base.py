@@ -75,8 +75,10 @@ class Explorer:
     def set(self, **values) -> dict:
         """Move controls as a learner would; return :attr:`state` once the panels have updated."""
         if self.closed:
-            raise RuntimeError(f"{type(self).__name__} is closed: close() stopped its work and removed its widgets; "
-                               f"create a new one to explore again")
+            raise RuntimeError(
+                f"{type(self).__name__} is closed: close() stopped its work and removed its widgets; "
+                f"create a new one to explore again"
+            )
         for name, value in values.items():
             if name not in self.settable:
                 raise ValueError(f"set() takes {and_list(self.settable)}, got {name!r}")

@@ -56,11 +56,26 @@ class BatchSizeExplorer(Explorer):
 
     settable = ("batch_size", "lr", "model", "profile", "accumulation_steps", "precision", "checkpointing")
 
-    def __init__(self, dataset=None, *, model="cnn", batch_size: int = 64, lr: float = 0.05,
-                 profile="GPU 8 GiB (simulated)", accumulation_steps: int = 1, optimizer: str = "sgd",
-                 panels=say.PANELS, keep: int = 4, image_shape=ex.IMAGE_SHAPE,
-                 sequence_length: int = ex.SEQUENCE_LENGTH, make_batch=None, loss_fn=None, gpu=None,
-                 precision: str = "fp32", checkpointing: str = "off"):
+    def __init__(
+        self,
+        dataset=None,
+        *,
+        model="cnn",
+        batch_size: int = 64,
+        lr: float = 0.05,
+        profile="GPU 8 GiB (simulated)",
+        accumulation_steps: int = 1,
+        optimizer: str = "sgd",
+        panels=say.PANELS,
+        keep: int = 4,
+        image_shape=ex.IMAGE_SHAPE,
+        sequence_length: int = ex.SEQUENCE_LENGTH,
+        make_batch=None,
+        loss_fn=None,
+        gpu=None,
+        precision: str = "fp32",
+        checkpointing: str = "off",
+    ):
         own = ex.own_model(model, make_batch, loss_fn) if isinstance(model, nn.Module) else None
         if own is None and (make_batch is not None or loss_fn is not None):
             raise ValueError("make_batch and loss_fn are for your own model: pass model=<your nn.Module> with them")
@@ -74,14 +89,16 @@ class BatchSizeExplorer(Explorer):
         self.limit = min(ex.MAX_BATCH, len(self.dataset))
         model = own.name if own is not None else check_choice("model", model, MODEL_NAMES)
         self.profiles = ex.device_profiles()
-        profile_name = say.check_start(batch_size, self.limit, lr, profile, gpu, accumulation_steps, precision,
-                                       checkpointing, self.profiles)
+        profile_name = say.check_start(
+            batch_size, self.limit, lr, profile, gpu, accumulation_steps, precision, checkpointing, self.profiles
+        )
         self.models = ((own.name,) if own is not None else ()) + MODEL_NAMES
         self._build_controls(model, batch_size, lr, profile_name, accumulation_steps)
         self.precision.value, self.checkpointing.value = precision, checkpointing
         self._batch, self._notes, self.notes = batch_size, [], []  # notes: what the message line says now
-        self.cache = ex.MemoryCache(optimizer=self.optimizer, image_shape=self.image_shape,
-                                    sequence_length=self.sequence_length)
+        self.cache = ex.MemoryCache(
+            optimizer=self.optimizer, image_shape=self.image_shape, sequence_length=self.sequence_length
+        )
         if own is not None:
             self.cache.add_own(own)
         self.training = TrainingView(self.dataset, self.keep, self.panels)
@@ -94,24 +111,35 @@ class BatchSizeExplorer(Explorer):
     # -- building ---------------------------------------------------------------------------------
     def _build_controls(self, model, batch_size, lr, profile_name, accumulation_steps):
         options = tuple(sorted(set(ex.batch_size_options(self.limit)) | {batch_size}))
-        controls = _controls(options, batch_size, lr, (self.models, model), list(self.profiles), profile_name,
-                             accumulation_steps)
+        controls = _controls(
+            options, batch_size, lr, (self.models, model), list(self.profiles), profile_name, accumulation_steps
+        )
         for name, control in controls.items():
             setattr(self, name, control)
         self.message = widgets.HTML()
         self.memory = Panel()
 
     def _control_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "batch_text": self.batch_text, "lr": self.lr, "model": self.model,
-                "profile": self.profile, "accumulation_steps": self.accumulation_steps, "precision": self.precision,
-                "checkpointing": self.checkpointing}
+        return {
+            "batch_size": self.batch_size,
+            "batch_text": self.batch_text,
+            "lr": self.lr,
+            "model": self.model,
+            "profile": self.profile,
+            "accumulation_steps": self.accumulation_steps,
+            "precision": self.precision,
+            "checkpointing": self.checkpointing,
+        }
 
     def _layout(self) -> list:
         trains = "convergence" in self.panels or "speed" in self.panels
         memory = [self.profile, self.precision, self.checkpointing] if "memory" in self.panels else []
         second = [self.model] + memory + ([self.lr] if trains else []) + [self.accumulation_steps]
-        rows = [widgets.HBox([self.batch_size, self.batch_text]),
-                widgets.HBox(second, layout=widgets.Layout(flex_flow="row wrap")), self.message]
+        rows = [
+            widgets.HBox([self.batch_size, self.batch_text]),
+            widgets.HBox(second, layout=widgets.Layout(flex_flow="row wrap")),
+            self.message,
+        ]
         if "memory" in self.panels:
             rows.append(self.memory.box)
         shown = [getattr(self, p).box for p in ("convergence", "speed") if p in self.panels]
@@ -121,8 +149,11 @@ class BatchSizeExplorer(Explorer):
 
     def _batch_options(self, batch_size: int) -> tuple:
         """The slider's stops: the log scale, the current size, and finer stops near the largest that fits."""
-        near = self.cache.known_largest(self.model.value, self.profiles[self.profile.value], self._levers()) \
-            if "memory" in self.panels else None
+        near = (
+            self.cache.known_largest(self.model.value, self.profiles[self.profile.value], self._levers())
+            if "memory" in self.panels
+            else None
+        )
         return tuple(sorted(set(ex.batch_size_options(self.limit, near)) | {batch_size}))
 
     # -- reacting to a change ---------------------------------------------------------------------
@@ -135,11 +166,14 @@ class BatchSizeExplorer(Explorer):
         if name == "batch_size":
             self.batch_text.value = str(value)
             return self._correct("batch_text")
-        read = {"lr": lambda: say.read_lr(value, self.lr.value), "model": lambda: say.read_model(value, self.models),
-                "profile": lambda: say.read_profile(value, self.profiles),
-                "accumulation_steps": lambda: say.read_steps(value, self.accumulation_steps.value),
-                "precision": lambda: say.read_choice("precision", value, PRECISIONS),
-                "checkpointing": lambda: say.read_choice("checkpointing", value, tuple(ex.CHECKPOINTING))}[name]
+        read = {
+            "lr": lambda: say.read_lr(value, self.lr.value),
+            "model": lambda: say.read_model(value, self.models),
+            "profile": lambda: say.read_profile(value, self.profiles),
+            "accumulation_steps": lambda: say.read_steps(value, self.accumulation_steps.value),
+            "precision": lambda: say.read_choice("precision", value, PRECISIONS),
+            "checkpointing": lambda: say.read_choice("checkpointing", value, tuple(ex.CHECKPOINTING)),
+        }[name]
         used, notes = read()
         if used is None:
             return notes
@@ -193,8 +227,9 @@ class BatchSizeExplorer(Explorer):
         self.message.value = say.notes_html(notes)
 
     def _setting(self) -> ex.RunSetting:
-        return ex.RunSetting(self.model.value, self._batch, float(self.lr.value), self.accumulation_steps.value,
-                             self.optimizer)
+        return ex.RunSetting(
+            self.model.value, self._batch, float(self.lr.value), self.accumulation_steps.value, self.optimizer
+        )
 
     def _levers(self) -> tuple:
         """Chapter 8's levers for the memory panel: (precision, checkpointing) as estimate_memory takes them."""
@@ -265,12 +300,18 @@ class BatchSizeExplorer(Explorer):
         point, largest = memory if memory is not None else (None, None)
         profile = self.profiles[self.profile.value]
         return {
-            "batch_size": self._batch, "lr": self.lr.value, "model": self.model.value,
-            "profile": profile.name, "accumulation_steps": self.accumulation_steps.value,
-            "precision": self.precision.value, "checkpointing": self.checkpointing.value,
+            "batch_size": self._batch,
+            "lr": self.lr.value,
+            "model": self.model.value,
+            "profile": profile.name,
+            "accumulation_steps": self.accumulation_steps.value,
+            "precision": self.precision.value,
+            "checkpointing": self.checkpointing.value,
             "micro_batch": self._batch // self.accumulation_steps.value,
-            **ex.memory_state(point, largest, profile), **ex.run_state(run, shown),
-            "error": error, "message": "\n".join(notes),
+            **ex.memory_state(point, largest, profile),
+            **ex.run_state(run, shown),
+            "error": error,
+            "message": "\n".join(notes),
         }
 
     def _run_failed(self, error: Exception) -> None:
@@ -298,10 +339,23 @@ class TrainingView:
         """Train ``s`` step by step, drawing now and then; None if a newer change cancelled it."""
         data, initial = template
         run = ex.Run(s, ex.run_length(s.model, s.batch_size, len(data)))
-        losses = ex.training_losses(copy.deepcopy(initial), data, batch_size=s.batch_size, lr=s.lr, steps=run.steps,
-                                    accumulation_steps=s.accumulation_steps, optimizer=s.optimizer, seed=s.seed)
-        if not ex.record_run(run, losses, cancelled=lambda: job.cancelled, interval=DRAW_INTERVAL,
-                             draw=lambda: job.publish(lambda: self.show(run))):
+        losses = ex.training_losses(
+            copy.deepcopy(initial),
+            data,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            steps=run.steps,
+            accumulation_steps=s.accumulation_steps,
+            optimizer=s.optimizer,
+            seed=s.seed,
+        )
+        if not ex.record_run(
+            run,
+            losses,
+            cancelled=lambda: job.cancelled,
+            interval=DRAW_INTERVAL,
+            draw=lambda: job.publish(lambda: self.show(run)),
+        ):
             return None
         self.runs.add(run)
         return run
@@ -310,42 +364,80 @@ class TrainingView:
         """Draw ``run`` (finished or not) beside the last finished runs; called by the newest job only."""
         shown = self.runs.shown_with(run)
         if "convergence" in self.panels and run.history.loss:
-            self.convergence.draw(plot_convergence([r.history for r in shown], dashed={
-                r.history.label for r in shown if r.setting.accumulation_steps > 1}))
+            self.convergence.draw(
+                plot_convergence(
+                    [r.history for r in shown],
+                    dashed={r.history.label for r in shown if r.setting.accumulation_steps > 1},
+                )
+            )
         self.convergence.say(say.run_text(run, shown, batch_norm=self.runs.has_batch_norm(run.setting.model)))
         if "speed" in self.panels and run.done:
             s = run.setting
-            self.speed.draw(plot_speed(ex.speed_points(self.runs.finished(), s), current=s.batch_size,
-                                       title=f"{s.model}: speed against batch size"))
+            self.speed.draw(
+                plot_speed(
+                    ex.speed_points(self.runs.finished(), s),
+                    current=s.batch_size,
+                    title=f"{s.model}: speed against batch size",
+                )
+            )
             self.speed.say(say.speed_text(run))
         self.run_shown, self.shown_runs, self.error = run, shown, None
         self.draws.append(run.setting.label)
 
     def failed(self, label: str, error: Exception) -> None:
         self.error = f"could not train {label}: {error}"
-        self.convergence.say(f"<b style='color:#C44E52'>Could not train {html.escape(label)}:</b> "
-                             f"{html.escape(str(error))}")
+        self.convergence.say(
+            f"<b style='color:#C44E52'>Could not train {html.escape(label)}:</b> {html.escape(str(error))}"
+        )
 
 
 def _controls(batch_options, batch_size, lr, model, profiles, profile, accumulation_steps) -> dict:
     """The explorer's controls, ``{attribute: widget}``, set to the given values (``model``: (names, chosen))."""
     wide = {"description_width": "initial"}
     return {
-        "batch_size": widgets.SelectionSlider(options=batch_options, value=batch_size, description="batch size",
-                                              continuous_update=False, style=wide,
-                                              layout=widgets.Layout(width="420px")),
-        "batch_text": widgets.Text(value=str(batch_size), description="or type", continuous_update=False, style=wide,
-                                   layout=widgets.Layout(width="150px")),
-        "lr": widgets.FloatLogSlider(value=lr, base=10, min=-3, max=0, step=0.25, description="learning rate",
-                                     continuous_update=False, readout_format=".3g", style=wide),
-        "model": widgets.Dropdown(options=model[0], value=model[1], description="model", style=wide,
-                                  layout=widgets.Layout(width="200px")),
-        "profile": widgets.Dropdown(options=profiles, value=profile, description="device", style=wide,
-                                    layout=widgets.Layout(width="300px")),
-        "accumulation_steps": widgets.IntText(value=accumulation_steps, description="accumulation steps", style=wide,
-                                              layout=widgets.Layout(width="190px")),
-        "precision": widgets.Dropdown(options=PRECISIONS, value="fp32", description="precision", style=wide,
-                                      layout=widgets.Layout(width="160px")),
-        "checkpointing": widgets.Dropdown(options=list(ex.CHECKPOINTING), value="off", description="checkpointing",
-                                          style=wide, layout=widgets.Layout(width="220px")),
+        "batch_size": widgets.SelectionSlider(
+            options=batch_options,
+            value=batch_size,
+            description="batch size",
+            continuous_update=False,
+            style=wide,
+            layout=widgets.Layout(width="420px"),
+        ),
+        "batch_text": widgets.Text(
+            value=str(batch_size),
+            description="or type",
+            continuous_update=False,
+            style=wide,
+            layout=widgets.Layout(width="150px"),
+        ),
+        "lr": widgets.FloatLogSlider(
+            value=lr,
+            base=10,
+            min=-3,
+            max=0,
+            step=0.25,
+            description="learning rate",
+            continuous_update=False,
+            readout_format=".3g",
+            style=wide,
+        ),
+        "model": widgets.Dropdown(
+            options=model[0], value=model[1], description="model", style=wide, layout=widgets.Layout(width="200px")
+        ),
+        "profile": widgets.Dropdown(
+            options=profiles, value=profile, description="device", style=wide, layout=widgets.Layout(width="300px")
+        ),
+        "accumulation_steps": widgets.IntText(
+            value=accumulation_steps, description="accumulation steps", style=wide, layout=widgets.Layout(width="190px")
+        ),
+        "precision": widgets.Dropdown(
+            options=PRECISIONS, value="fp32", description="precision", style=wide, layout=widgets.Layout(width="160px")
+        ),
+        "checkpointing": widgets.Dropdown(
+            options=list(ex.CHECKPOINTING),
+            value="off",
+            description="checkpointing",
+            style=wide,
+            layout=widgets.Layout(width="220px"),
+        ),
     }

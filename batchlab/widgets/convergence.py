@@ -25,8 +25,16 @@ class ConvergenceExplorer(Explorer):
 
     settable = ("batch_size", "lr")
 
-    def __init__(self, dataset=None, model: str = "mlp", *, epochs: int = 2, batch_size: int = 64,
-                 lr: float = 0.05, keep: int = 4):
+    def __init__(
+        self,
+        dataset=None,
+        model: str = "mlp",
+        *,
+        epochs: int = 2,
+        batch_size: int = 64,
+        lr: float = 0.05,
+        keep: int = 4,
+    ):
         self.dataset = dataset if dataset is not None else digits(train=True)
         self.model_name = model
         self.epochs = check_int("epochs", epochs, minimum=1)
@@ -36,27 +44,48 @@ class ConvergenceExplorer(Explorer):
         self.in_shape = tuple(self.dataset[0][0].shape)
         images = [name for name in MODEL_NAMES if name != "transformer"]
         if model not in images:
-            raise ValueError(f"model name must be one of {', '.join(map(repr, images))} (models of images, "
-                             f"like the digits), got {model!r}")
+            raise ValueError(
+                f"model name must be one of {', '.join(map(repr, images))} (models of images, "
+                f"like the digits), got {model!r}"
+            )
         build_model(model, in_shape=self.in_shape)  # fail now, with a clear message, on an unusable shape
-        self.batch_size = widgets.SelectionSlider(options=sizes, value=batch_size, description="batch size",
-                                                  continuous_update=False)
-        self.lr = widgets.FloatLogSlider(value=lr, base=10, min=-3, max=0, step=0.25, description="learning rate",
-                                         continuous_update=False, readout_format=".3g")
+        self.batch_size = widgets.SelectionSlider(
+            options=sizes, value=batch_size, description="batch size", continuous_update=False
+        )
+        self.lr = widgets.FloatLogSlider(
+            value=lr,
+            base=10,
+            min=-3,
+            max=0,
+            step=0.25,
+            description="learning rate",
+            continuous_update=False,
+            readout_format=".3g",
+        )
         self.panel = Panel()
         self.image, self.summary = self.panel.image, self.panel.text
         self._cache: dict = {}
         self._shown: list = []
-        super().__init__({"batch_size": self.batch_size, "lr": self.lr},
-                         [widgets.HBox([self.batch_size, self.lr]), self.panel.box], background=False)
+        super().__init__(
+            {"batch_size": self.batch_size, "lr": self.lr},
+            [widgets.HBox([self.batch_size, self.lr]), self.panel.box],
+            background=False,
+        )
         self._changed()
 
     def _run(self, batch_size: int, lr: float):
         key = (batch_size, round(lr, 6))
         if key not in self._cache:
             model = build_model(self.model_name, in_shape=self.in_shape)
-            self._cache[key] = train(model, self.dataset, batch_size=batch_size, epochs=self.epochs, lr=lr,
-                                     progress=False, label=f"batch {batch_size}, lr {lr:.3g}")
+            self._cache[key] = train(
+                model,
+                self.dataset,
+                batch_size=batch_size,
+                epochs=self.epochs,
+                lr=lr,
+                progress=False,
+                label=f"batch {batch_size}, lr {lr:.3g}",
+            )
         return self._cache[key]
 
     def _changed(self, name=None):
@@ -67,11 +96,14 @@ class ConvergenceExplorer(Explorer):
         job.publish(lambda: self._show(history))
 
     def _show(self, history):
-        self._shown = [h for h in self._shown if h is not history][-(self.keep - 1):] + [history]
+        self._shown = [h for h in self._shown if h is not history][-(self.keep - 1) :] + [history]
         self.panel.draw(plot_histories(self._shown, x=("steps", "samples", "seconds")))
-        self.panel.say(html_table(("run", "steps", "final loss", "samples/s"),
-                              [(h.label, len(h.loss), f"{h.loss[-1]:.3f}", f"{h.samples_per_second:,.0f}")
-                               for h in self._shown]))
+        self.panel.say(
+            html_table(
+                ("run", "steps", "final loss", "samples/s"),
+                [(h.label, len(h.loss), f"{h.loss[-1]:.3f}", f"{h.samples_per_second:,.0f}") for h in self._shown],
+            )
+        )
 
     def _check(self, name, value):
         if name == "batch_size":
@@ -83,8 +115,12 @@ class ConvergenceExplorer(Explorer):
         self.wait()
         return {
             "runs": [
-                {"label": h.label, "steps": len(h.loss), "final_loss": h.loss[-1],
-                 "samples_per_second": h.samples_per_second}
+                {
+                    "label": h.label,
+                    "steps": len(h.loss),
+                    "final_loss": h.loss[-1],
+                    "samples_per_second": h.samples_per_second,
+                }
                 for h in self._shown
             ]
         }

@@ -76,8 +76,7 @@ class Jobs:
             self.latest = job
             if self.background:
                 previous = self._thread
-                self._thread = threading.Thread(target=job.run, args=(previous,), name="batchlab-explorer",
-                                                daemon=True)
+                self._thread = threading.Thread(target=job.run, args=(previous,), name="batchlab-explorer", daemon=True)
                 self._thread.start()
         if not self.background:
             job.run()
@@ -120,4 +119,3 @@ def _stop_all_jobs() -> None:
         jobs.cancel()
     for jobs in list(_all_jobs):
         jobs.wait(timeout=5)
-

@@ -24,8 +24,16 @@ class LoaderExplorer(Explorer):
 
     settable = ("num_workers", "batch_size")
 
-    def __init__(self, dataset=None, *, num_workers: int = 0, batch_size: int = 32, batches: int = 10,
-                 warmup: int = 2, max_workers: int | None = None):
+    def __init__(
+        self,
+        dataset=None,
+        *,
+        num_workers: int = 0,
+        batch_size: int = 32,
+        batches: int = 10,
+        warmup: int = 2,
+        max_workers: int | None = None,
+    ):
         from ..datasets import shapes_image_folder
         from ..loaders import usable_cores
 
@@ -37,18 +45,25 @@ class LoaderExplorer(Explorer):
         check_int("num_workers", num_workers, minimum=0, maximum=max_workers)
         sizes = [b for b in LOADER_BATCH_SIZES if (self.warmup + self.batches) * b <= len(self.dataset)]
         if not sizes:
-            raise ValueError(f"dataset has {len(self.dataset)} samples: too few for {self.warmup + self.batches} "
-                             f"batches of {LOADER_BATCH_SIZES[0]}")
+            raise ValueError(
+                f"dataset has {len(self.dataset)} samples: too few for {self.warmup + self.batches} "
+                f"batches of {LOADER_BATCH_SIZES[0]}"
+            )
         check_choice("batch_size", batch_size, sizes)
-        self.num_workers = widgets.IntSlider(value=num_workers, min=0, max=max_workers, description="num_workers",
-                                             continuous_update=False)
-        self.batch_size = widgets.SelectionSlider(options=sizes, value=batch_size, description="batch size",
-                                                  continuous_update=False)
+        self.num_workers = widgets.IntSlider(
+            value=num_workers, min=0, max=max_workers, description="num_workers", continuous_update=False
+        )
+        self.batch_size = widgets.SelectionSlider(
+            options=sizes, value=batch_size, description="batch size", continuous_update=False
+        )
         self.panel = Panel()
         self.image, self.summary = self.panel.image, self.panel.text
         self._results: dict = {}
-        super().__init__({"num_workers": self.num_workers, "batch_size": self.batch_size},
-                         [widgets.HBox([self.num_workers, self.batch_size]), self.panel.box], background=False)
+        super().__init__(
+            {"num_workers": self.num_workers, "batch_size": self.batch_size},
+            [widgets.HBox([self.num_workers, self.batch_size]), self.panel.box],
+            background=False,
+        )
         self._changed()
 
     def _measure(self, batch_size: int, num_workers: int):
@@ -56,8 +71,14 @@ class LoaderExplorer(Explorer):
 
         key = (batch_size, num_workers)
         if key not in self._results:
-            self._results[key] = loader_throughput(self.dataset, batch_size=batch_size, num_workers=num_workers,
-                                                   batches=self.batches, warmup=self.warmup, repeats=1)
+            self._results[key] = loader_throughput(
+                self.dataset,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                batches=self.batches,
+                warmup=self.warmup,
+                repeats=1,
+            )
         return self._results[key]
 
     def _changed(self, name=None):
@@ -74,8 +95,11 @@ class LoaderExplorer(Explorer):
         sweep = LoaderSweep(list(self._results.values()), self.cores)
         self.panel.draw(sweep.figure(highlight=key))
         baseline = self._results.get((key[0], 0))
-        speedup = (f", {stats.samples_per_second / baseline.samples_per_second:.2f}× the speed of num_workers=0"
-                   if baseline is not None and key[1] > 0 else "")
+        speedup = (
+            f", {stats.samples_per_second / baseline.samples_per_second:.2f}× the speed of num_workers=0"
+            if baseline is not None and key[1] > 0
+            else ""
+        )
         self.panel.say(
             f"<b>This machine: {self.cores} usable CPU cores.</b> "
             f"batch size {key[0]}, num_workers {key[1]}: <b>{stats.samples_per_second:,.0f} samples/s</b>"

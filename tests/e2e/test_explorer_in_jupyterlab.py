@@ -30,14 +30,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 RESULTS = ROOT / "test-results" / "e2e"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-quic", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+]
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason="Debian's Chromium is not installed at /usr/bin/chromium "
-           "(apt-get update && apt-get install -y chromium; .ci/run does this in CI)",
+    "(apt-get update && apt-get install -y chromium; .ci/run does this in CI)",
 )
 
 
@@ -51,19 +59,39 @@ def write_config(home: Path) -> dict:
     """A Jupyter configuration of this test's own: no token, nothing fetched from the internet."""
     config = home / "config"
     (config / "labconfig").mkdir(parents=True)
-    (config / "jupyter_server_config.json").write_text(json.dumps({
-        "IdentityProvider": {"token": ""},
-        "ServerApp": {"ip": "127.0.0.1", "open_browser": False, "port_retries": 0, "password": "",
-                      "allow_root": os.geteuid() == 0},
-        "LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate"},
-    }))
+    (config / "jupyter_server_config.json").write_text(
+        json.dumps(
+            {
+                "IdentityProvider": {"token": ""},
+                "ServerApp": {
+                    "ip": "127.0.0.1",
+                    "open_browser": False,
+                    "port_retries": 0,
+                    "password": "",
+                    "allow_root": os.geteuid() == 0,
+                },
+                "LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate"},
+            }
+        )
+    )
     # The announcements plugin would ask about news; no language packs or extension manager lookups.
-    (config / "labconfig" / "page_config.json").write_text(json.dumps({"disabledExtensions": {
-        "@jupyterlab/apputils-extension:announcements": True,
-        "@jupyterlab/extensionmanager-extension": True,
-    }}))
-    return {**os.environ, "JUPYTER_CONFIG_DIR": str(config), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-            "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"), "JUPYTER_PLATFORM_DIRS": "1"}
+    (config / "labconfig" / "page_config.json").write_text(
+        json.dumps(
+            {
+                "disabledExtensions": {
+                    "@jupyterlab/apputils-extension:announcements": True,
+                    "@jupyterlab/extensionmanager-extension": True,
+                }
+            }
+        )
+    )
+    return {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(config),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+        "JUPYTER_PLATFORM_DIRS": "1",
+    }
 
 
 @pytest.fixture
@@ -75,9 +103,20 @@ def lab(tmp_path):
     port = free_port()
     env = write_config(tmp_path / "jupyter")
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", f"--ServerApp.port={port}", f"--ServerApp.root_dir={notebooks}",
-         f"--LabApp.workspaces_dir={tmp_path / 'jupyter' / 'workspaces'}"],
-        cwd=notebooks, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            f"--ServerApp.port={port}",
+            f"--ServerApp.root_dir={notebooks}",
+            f"--LabApp.workspaces_dir={tmp_path / 'jupyter' / 'workspaces'}",
+        ],
+        cwd=notebooks,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(server, url)
@@ -102,8 +141,11 @@ def wait_for_server(server, url: str, timeout: float = 120) -> None:
 
 def stop(server) -> None:
     """Stop the server (it shuts its kernels down), then anything it left behind."""
-    family = [server.pid] + [p.pid for p in psutil.Process(server.pid).children(recursive=True)] \
-        if server.poll() is None else [server.pid]
+    family = (
+        [server.pid] + [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
+        if server.poll() is None
+        else [server.pid]
+    )
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGTERM)
     try:
@@ -149,8 +191,10 @@ def test_moving_the_batch_size_slider_updates_memory_up_to_out_of_memory(lab, pa
     page.get_by_text("batch 256 fits the 4 GiB GPU: False").wait_for(timeout=180_000)
     readout = memory_readout(page)
     readout.wait_for(timeout=60_000)
-    page.wait_for_function("() => [...document.querySelectorAll('.widget-html')].some("
-                           "e => e.textContent.includes('at batch 64 needs'))", timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.widget-html')].some(e => e.textContent.includes('at batch 64 needs'))",
+        timeout=60_000,
+    )
     before = (readout.inner_text(), memory_figure_src(page))
     assert "Fits." in before[0]
 
@@ -158,17 +202,24 @@ def test_moving_the_batch_size_slider_updates_memory_up_to_out_of_memory(lab, pa
     handle = slider.locator(".noUi-handle")
     handle.focus()
     handle.press("Home")  # the smallest batch, as a person at the keyboard
-    page.wait_for_function("() => [...document.querySelectorAll('.widget-html')].some("
-                           "e => e.textContent.includes('at batch 1 needs'))", timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.widget-html')].some(e => e.textContent.includes('at batch 1 needs'))",
+        timeout=60_000,
+    )
     at_one = (readout.inner_text(), memory_figure_src(page))
     assert "Fits." in at_one[0] and at_one[0] != before[0] and at_one[1] != before[1]
     assert slider.locator(".widget-readout").inner_text().strip() == "1"
 
     handle.press("End")  # the whole data set in one batch: far more than a 4 GiB GPU holds
-    page.wait_for_function("() => [...document.querySelectorAll('.widget-html')].some("
-                           "e => e.textContent.includes('Out of memory.'))", timeout=60_000)
-    page.wait_for_function("() => [...document.querySelectorAll('.widget-html')].some("
-                           "e => e.textContent.includes('The largest batch that fits'))", timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.widget-html')].some(e => e.textContent.includes('Out of memory.'))",
+        timeout=60_000,
+    )
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.widget-html')].some("
+        "e => e.textContent.includes('The largest batch that fits'))",
+        timeout=60_000,
+    )
     full = (readout.inner_text(), memory_figure_src(page))
     assert "at batch 1438 needs" in full[0] and "The largest batch that fits in one step: 98" in full[0]
     assert full[1] != at_one[1]
@@ -176,12 +227,17 @@ def test_moving_the_batch_size_slider_updates_memory_up_to_out_of_memory(lab, pa
 
     for _ in range(3):  # back down, one stop at a time: 1024, 512, 256, still too large
         handle.press("ArrowLeft")
-    page.wait_for_function("() => [...document.querySelectorAll('.widget-html')].some("
-                           "e => e.textContent.includes('at batch 256 needs'))", timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.widget-html')].some(e => e.textContent.includes('at batch 256 needs'))",
+        timeout=60_000,
+    )
     assert "Out of memory." in readout.inner_text()
     # The convergence panel shows this setting's run too (trained by the notebook's own cells: cached).
-    page.wait_for_function("() => [...document.querySelectorAll('.widget-html')].some("
-                           "e => e.textContent.startsWith('cnn, batch 256, lr 0.05: 10 steps'))", timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.widget-html')].some("
+        "e => e.textContent.startsWith('cnn, batch 256, lr 0.05: 10 steps'))",
+        timeout=60_000,
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     page.locator(".jp-OutputArea-output", has=readout).screenshot(path=str(RESULTS / "explorer_out_of_memory.png"))
     page.screenshot(path=str(RESULTS / "jupyterlab.png"), full_page=True)
