@@ -104,7 +104,7 @@ class BatchSizeExplorer(Explorer):
         self.training = TrainingView(self.dataset, self.keep, self.panels)
         self.runs, self.convergence, self.speed = self.training.runs, self.training.convergence, self.training.speed
         self._memory = self._memory_key = self._submitted = None
-        super().__init__(self._control_dict(), self._layout(), background=True, on_error=self._run_failed)
+        super().__init__(self._controls, self._layout(), background=True, on_error=self._run_failed)
         self._changed()
         self.wait()  # the first panels are complete when the explorer appears; later changes run in the background
 
@@ -116,20 +116,9 @@ class BatchSizeExplorer(Explorer):
         )
         for name, control in controls.items():
             setattr(self, name, control)
+        self._controls = controls  # what Explorer observes: every control's change calls _changed(name)
         self.message = widgets.HTML()
         self.memory = Panel()
-
-    def _control_dict(self) -> dict:
-        return {
-            "batch_size": self.batch_size,
-            "batch_text": self.batch_text,
-            "lr": self.lr,
-            "model": self.model,
-            "profile": self.profile,
-            "accumulation_steps": self.accumulation_steps,
-            "precision": self.precision,
-            "checkpointing": self.checkpointing,
-        }
 
     def _layout(self) -> list:
         trains = "convergence" in self.panels or "speed" in self.panels
