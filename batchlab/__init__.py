@@ -21,8 +21,9 @@ from .batching import iter_batches
 from .batchsize import gradient_noise, step_times
 from .budget import BatchSizeSearch, memory_budget, probe_batch_size
 from .course import setup
-from .distributed import RankError, launch, train_ddp
+from .distributed import train_ddp
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
+from .launch import RankError, launch
 from .leaks import LeakReport, leak_check
 from .memory import MemoryReport, profile_step, track_memory
 from .models import MODEL_NAMES, build_model, count_parameters

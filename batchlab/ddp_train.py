@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from . import datasets
-from .distributed import BACKENDS, train_process
+from .distributed import train_process
+from .launch import BACKENDS
 from .models import MODEL_NAMES
 
 DATASETS = {"digits": lambda: datasets.digits(train=True), "shapes": lambda: datasets.shapes(2048, image_size=32)}

@@ -22,16 +22,8 @@ from torch.utils.data import DistributedSampler, Subset, TensorDataset
 import batchlab
 from batchlab import datasets
 from batchlab.ddp_train import recorded_run
-from batchlab.distributed import (
-    RankError,
-    default_start_method,
-    free_port,
-    global_batch_order,
-    launch,
-    plot_sampler,
-    samples_per_process,
-    train_ddp,
-)
+from batchlab.distributed import global_batch_order, plot_sampler, samples_per_process, train_ddp
+from batchlab.launch import RankError, default_start_method, free_port, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
