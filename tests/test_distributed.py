@@ -98,6 +98,16 @@ def starts_a_child_then_fails(rank, world_size, pid_file):
 # -- launch ------------------------------------------------------------------------------------------
 
 
+def test_batchlab_launch_is_the_function_although_its_module_has_the_same_name():
+    # batchlab/__init__.py imports launch() from batchlab/launch.py eagerly, which rebinds the attribute the
+    # submodule import set; the module itself stays reachable through sys.modules (benchmarks/ddp.py patches it).
+    import batchlab.launch  # noqa: F401  (a second import must not bring the module back over the function)
+
+    assert batchlab.launch is launch
+    assert sys.modules["batchlab.launch"].launch is launch
+    assert batchlab.RankError is RankError
+
+
 def test_launch_returns_rank_0_result_after_an_all_reduce():
     torch.ones(300, 300) @ torch.ones(300, 300)  # the parent has used its thread pool before forking
     result = launch(sum_of_ranks, 10.0, nprocs=2)
