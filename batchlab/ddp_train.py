@@ -35,8 +35,8 @@ import torch.distributed as dist
 
 from . import datasets
 from .distributed import train_process
-from .launch import BACKENDS
 from .models import MODEL_NAMES
+from .processes import BACKENDS
 
 DATASETS = {"digits": lambda: datasets.digits(train=True), "shapes": lambda: datasets.shapes(2048, image_size=32)}
 

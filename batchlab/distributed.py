@@ -1,14 +1,14 @@
 """Data parallelism over processes with ``torch.distributed`` (chapter 7).
 
 Two pieces, each small enough to read in one go (the processes themselves are started by
-:func:`batchlab.launch.launch`):
+:func:`batchlab.processes.launch`):
 
 * :func:`global_batch_order` asks ``DistributedSampler`` which samples each process gets, and lists
   them in the order of the *global* batches, so that one process can replay exactly what the group saw;
   :func:`plot_sampler` draws that assignment.
 * :func:`train_process` is the code every process runs: ``DistributedSampler``, ``DistributedDataParallel``,
   gradient accumulation with ``no_sync``, and :class:`CommStats` counting the gradient all-reduces.
-  :func:`train_ddp` runs it under :func:`~batchlab.launch.launch`; the script ``python -m batchlab.ddp_train``
+  :func:`train_ddp` runs it under :func:`~batchlab.processes.launch`; the script ``python -m batchlab.ddp_train``
   runs the same function under ``torchrun``.
 """
 
@@ -24,8 +24,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .launch import launch
 from .models import MODEL_NAMES, build_model
+from .processes import launch
 from .steps import check_optimizer, make_optimizer, train_step
 from .training import History
 from .validation import check_bool, check_choice, check_dataset, check_float, check_int, check_seed

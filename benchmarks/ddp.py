@@ -34,8 +34,7 @@ import torch.distributed as dist
 import batchlab
 from batchlab import datasets
 
-# The module, not the function: batchlab.launch is launch() itself, which hides its module's name.
-launching = importlib.import_module("batchlab.launch")
+launching = importlib.import_module("batchlab.processes")
 
 STEPS = 40
 

@@ -23,7 +23,7 @@ import batchlab
 from batchlab import datasets
 from batchlab.ddp_train import recorded_run
 from batchlab.distributed import global_batch_order, plot_sampler, samples_per_process, train_ddp
-from batchlab.launch import RankError, default_start_method, free_port, launch
+from batchlab.processes import RankError, default_start_method, free_port, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,13 +98,10 @@ def starts_a_child_then_fails(rank, world_size, pid_file):
 # -- launch ------------------------------------------------------------------------------------------
 
 
-def test_batchlab_launch_is_the_function_although_its_module_has_the_same_name():
-    # batchlab/__init__.py imports launch() from batchlab/launch.py eagerly, which rebinds the attribute the
-    # submodule import set; the module itself stays reachable through sys.modules (benchmarks/ddp.py patches it).
-    import batchlab.launch  # noqa: F401  (a second import must not bring the module back over the function)
+def test_batchlab_launch_is_the_function_from_batchlab_processes():
+    import batchlab.processes
 
-    assert batchlab.launch is launch
-    assert sys.modules["batchlab.launch"].launch is launch
+    assert batchlab.launch is launch is batchlab.processes.launch
     assert batchlab.RankError is RankError
 
 
