@@ -21,7 +21,7 @@ from .batching import iter_batches
 from .batchsize import gradient_noise, step_times
 from .budget import BatchSizeSearch, memory_budget, probe_batch_size
 from .course import setup
-from .distributed import RankError, launch, train_ddp
+from .distributed import train_ddp
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
 from .leaks import LeakReport, leak_check
 from .memory import MemoryReport, profile_step, track_memory
@@ -29,6 +29,7 @@ from .models import MODEL_NAMES, build_model, count_parameters
 from .oom import OOMReport, explain_oom
 from .plan import FitPlan, plan_fit
 from .process import ProcessMemory, process_memory
+from .processes import RankError, launch
 from .reference import gpu_reference
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train

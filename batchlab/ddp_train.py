@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from . import datasets
-from .distributed import BACKENDS, train_process
+from .distributed import train_process
 from .models import MODEL_NAMES
+from .processes import BACKENDS
 
 DATASETS = {"digits": lambda: datasets.digits(train=True), "shapes": lambda: datasets.shapes(2048, image_size=32)}
 

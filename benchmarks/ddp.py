@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import platform
 import statistics
 import threading
@@ -32,6 +33,8 @@ import torch.distributed as dist
 
 import batchlab
 from batchlab import datasets
+
+launching = importlib.import_module("batchlab.processes")
 
 STEPS = 40
 
@@ -104,14 +107,14 @@ def main() -> None:
     for world_size in (1, 2):
         seconds = median_of(repeats, seconds_per_step, digits, world_size)
         print(f"processes: {world_size}: {seconds * 1e3:6.2f} ms per step at global batch 64")
-    freezing = batchlab.distributed.frozen_gc
+    freezing = launching.frozen_gc
     for world_size in (2, 4):
         with_freeze = median_of(repeats, rank_uss_per_process, digits, world_size)
-        batchlab.distributed.frozen_gc = contextlib.nullcontext
+        launching.frozen_gc = contextlib.nullcontext
         try:
             without = median_of(repeats, rank_uss_per_process, digits, world_size)
         finally:
-            batchlab.distributed.frozen_gc = freezing
+            launching.frozen_gc = freezing
         print(
             f"memory, {world_size} forked ranks: USS per rank {with_freeze / 2**20:5.0f} MiB with gc.freeze, "
             f"{without / 2**20:5.0f} MiB without (x {without / with_freeze:.1f})"

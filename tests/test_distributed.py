@@ -22,16 +22,8 @@ from torch.utils.data import DistributedSampler, Subset, TensorDataset
 import batchlab
 from batchlab import datasets
 from batchlab.ddp_train import recorded_run
-from batchlab.distributed import (
-    RankError,
-    default_start_method,
-    free_port,
-    global_batch_order,
-    launch,
-    plot_sampler,
-    samples_per_process,
-    train_ddp,
-)
+from batchlab.distributed import global_batch_order, plot_sampler, samples_per_process, train_ddp
+from batchlab.processes import RankError, default_start_method, free_port, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +96,13 @@ def starts_a_child_then_fails(rank, world_size, pid_file):
 
 
 # -- launch ------------------------------------------------------------------------------------------
+
+
+def test_batchlab_launch_is_the_function_from_batchlab_processes():
+    import batchlab.processes
+
+    assert batchlab.launch is launch is batchlab.processes.launch
+    assert batchlab.RankError is RankError
 
 
 def test_launch_returns_rank_0_result_after_an_all_reduce():
