@@ -1,4 +1,4 @@
-"""Mixed precision, chapter 8's first lever (and the precision the estimator of chapter 5 simulates).
+"""Mixed precision, chapter 8's first lever (and the precision the estimator of chapter 4 simulates).
 
 This module holds :data:`PRECISIONS` and :func:`check_precision`, the autocast context a step runs
 under (:func:`autocast`, :func:`check_autocast`, :func:`enclosing_autocast`, :func:`autocast_depth`), the
