@@ -20,6 +20,7 @@ from .accumulation import (
 from .batching import iter_batches
 from .batchsize import gradient_noise, step_times
 from .budget import BatchSizeSearch, memory_budget, probe_batch_size
+from .checkpointing import checkpoint_blocks, checkpointed
 from .course import setup
 from .distributed import train_ddp
 from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
@@ -28,12 +29,12 @@ from .memory import MemoryReport, profile_step, track_memory
 from .models import MODEL_NAMES, build_model, count_parameters
 from .oom import OOMReport, explain_oom
 from .plan import FitPlan, plan_fit
+from .precision import PRECISIONS
 from .process import ProcessMemory, process_memory
 from .processes import RankError, launch
 from .reference import gpu_reference
 from .steps import OPTIMIZERS, make_optimizer, train_step
 from .training import History, evaluate, train
-from .tuning import PRECISIONS, checkpoint_blocks, checkpointed
 
 __version__ = "0.1.0"
 

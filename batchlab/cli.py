@@ -31,8 +31,8 @@ from .estimate import estimate_memory
 from .memory import CATEGORIES
 from .oom import explain_oom
 from .plan import describe_micro_batches, plan_fit
+from .precision import PRECISIONS
 from .reference import GPUS, gpu_memory
-from .tuning import PRECISIONS
 from .validation import format_bytes, parse_bytes
 
 

@@ -16,7 +16,7 @@ allocated. :func:`batchlab.track_memory` watches the step as it would on a real 
 
 With ``precision="bf16"`` / ``"fp16"`` (chapter 8) the forward pass and the loss follow the cast
 policy of ``torch.autocast`` on the estimated device, simulated for meta tensors (which autocast does
-not serve) by :class:`batchlab.tuning.SimulatedAutocast`: products and convolutions get low-precision
+not serve) by :class:`batchlab.precision.SimulatedAutocast`: products and convolutions get low-precision
 inputs and one cached low-precision copy of each weight (counted where backward saves it, in
 ``activations``), softmax, losses and norms run in float32, and everything else runs in the dtype of
 its inputs. With ``checkpointing`` the model runs through :func:`batchlab.checkpointed`; what its
@@ -37,21 +37,19 @@ import torch
 from torch import nn
 
 from .allocator import CachingAllocator
+from .checkpointing import apply_checkpointing, check_checkpointing, tuning_label
 from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
-from .progress import progress_bar
-from .rnn_kernels import use_cpu_layers, use_cudnn_kernels
-from .steps import check_accumulation, check_optimizer, make_optimizer, train_step
-from .torch_internals import attention_kernels
-from .tuning import (
-    apply_checkpointing,
+from .precision import (
     autocast_depth,
-    check_checkpointing,
     check_precision,
     enclosing_autocast,
     make_scaler,
     simulate_autocast_for,
-    tuning_label,
 )
+from .progress import progress_bar
+from .rnn_kernels import use_cpu_layers, use_cudnn_kernels
+from .steps import check_accumulation, check_optimizer, make_optimizer, train_step
+from .torch_internals import attention_kernels
 from .validation import (
     MiB,
     batch_length,
@@ -370,7 +368,7 @@ def estimate_memory(
     accumulated, as ``batchlab.train`` does.
 
     ``precision`` (chapter 8): ``"bf16"`` / ``"fp16"`` run forward and loss under the cast policy of
-    ``torch.autocast`` on ``device`` (:data:`batchlab.tuning.AUTOCAST_POLICIES`): products and
+    ``torch.autocast`` on ``device`` (:data:`batchlab.precision.AUTOCAST_POLICIES`): products and
     convolutions in low precision, with one low-precision copy of each weight kept while the graph
     needs it; softmax, losses and norms in float32; weights, gradients and optimizer state float32;
     fp16 adds GradScaler's tensors. A call inside a ``torch.autocast`` block takes its precision (see

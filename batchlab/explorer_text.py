@@ -27,7 +27,7 @@ from .explorer import (
     profile_for,
 )
 from .models import MODEL_NAMES
-from .tuning import PRECISIONS
+from .precision import PRECISIONS
 from .validation import GiB, MiB, check_choice, check_float, check_int, parse_bytes
 
 PANELS = ("memory", "convergence", "speed")

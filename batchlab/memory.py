@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .checkpointing import apply_checkpointing, check_checkpointing, tuning_label
+from .precision import check_autocast, check_precision, make_scaler
 from .steps import check_optimizer, make_optimizer, train_step
 from .torch_internals import LIFT_FRESH, dispatch_mode_base
-from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler, tuning_label
 from .validation import (
     MiB,
     check_batch,

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .checkpointing import checkpoint_blocks
 from .estimate import SAFETY_MARGIN, estimate_memory, max_batch_size
+from .precision import PRECISIONS, check_precision
 from .progress import progress_bar
 from .reference import gpu_reference
 from .steps import check_optimizer
-from .tuning import PRECISIONS, check_precision, checkpoint_blocks
 from .validation import (
     batch_length,
     check_batch,

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from .tuning import autocast, check_precision
+from .precision import autocast, check_precision
 from .validation import check_float, check_int, check_loss_fn
 
 # The optimizers the course names, with their default settings. A learner passes the name, or a

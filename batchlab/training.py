@@ -18,10 +18,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from .checkpointing import apply_checkpointing, check_checkpointing
+from .precision import check_autocast, check_precision, make_scaler
 from .progress import progress_bar
 from .state import forked_rng, restore_grads, restore_modes, saved_modes, stash_grads, train_mode
 from .steps import check_optimizer, make_optimizer, train_step
-from .tuning import apply_checkpointing, check_autocast, check_checkpointing, check_precision, make_scaler
 from .validation import (
     check_bool,
     check_dataset,

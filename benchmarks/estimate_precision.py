@@ -24,7 +24,7 @@ import psutil
 import torch
 
 import batchlab
-import batchlab.tuning
+import batchlab.precision
 
 MiB, GiB = 2**20, 2**30
 MODELS = [("mlp", (3, 224, 224)), ("cnn_bn", (3, 224, 224)), ("resnet18", (3, 224, 224)), ("transformer", (224,))]
@@ -120,7 +120,7 @@ def measure_gpu(name, in_shape, n, precision) -> dict:
     model = batchlab.build_model(name, in_shape=in_shape).cuda()
     inputs, targets = real_batch(name, in_shape, n, "cuda")
     opt = batchlab.make_optimizer("adam", model.parameters())
-    scaler = batchlab.tuning.make_scaler("cuda", precision)
+    scaler = batchlab.precision.make_scaler("cuda", precision)
     batchlab.train_step(model, opt, inputs, targets, precision=precision, scaler=scaler)  # optimizer state
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import batchlab
-from batchlab import tuning
+from batchlab import precision as mixed_precision
 from batchlab.steps import make_optimizer, train_step
 
 
@@ -56,7 +56,7 @@ def test_bad_precision_is_refused_with_the_choices(bad):
 
 def test_half_gets_a_hint():
     with pytest.raises(ValueError, match="say 'fp16' or 'bf16'"):
-        tuning.check_precision("half")
+        mixed_precision.check_precision("half")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -83,10 +83,10 @@ def test_train_step_runs_forward_in_low_precision_and_keeps_fp32_state(precision
     opt = make_optimizer("adam", model.parameters())
     seen = {}
     model[1].register_forward_hook(lambda m, i, out: seen.update(linear=out.dtype))
-    scaler = tuning.make_scaler("cpu", precision)
+    scaler = mixed_precision.make_scaler("cpu", precision)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     loss = train_step(model, opt, x, y, precision=precision, scaler=scaler)
-    assert seen["linear"] == tuning.DTYPES[precision]
+    assert seen["linear"] == mixed_precision.DTYPES[precision]
     assert math.isfinite(loss)
     state = [t for s in opt.state.values() for t in s.values() if t.dim() > 0]
     assert state and all(t.dtype == torch.float32 for t in state)
@@ -141,7 +141,7 @@ def test_train_reports_skipped_steps_in_history():
 
 
 def test_a_dtype_the_device_cannot_run_is_refused(monkeypatch):
-    tuning._autocast_works.cache_clear()
+    mixed_precision._autocast_works.cache_clear()
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
     try:
         with pytest.raises(
@@ -151,7 +151,7 @@ def test_a_dtype_the_device_cannot_run_is_refused(monkeypatch):
         ):
             batchlab.train(_mlp(), _data(), batch_size=16, steps=1, progress=False, precision="bf16")
     finally:
-        tuning._autocast_works.cache_clear()
+        mixed_precision._autocast_works.cache_clear()
 
 
 def _output_dtypes(model, x, y, region):
@@ -184,27 +184,27 @@ def _output_dtypes(model, x, y, region):
 def test_simulated_autocast_gives_the_dtypes_real_cpu_autocast_gives(name, shape, make, precision):
     model = batchlab.build_model(name, in_shape=shape)
     x, y = make(), torch.randint(0, 10, (4,))
-    real = _output_dtypes(model, x, y, torch.autocast("cpu", dtype=tuning.DTYPES[precision]))
+    real = _output_dtypes(model, x, y, torch.autocast("cpu", dtype=mixed_precision.DTYPES[precision]))
     meta = batchlab.estimate._meta_copy(model)
-    with tuning.simulate_autocast_for("cpu"):
-        simulated = _output_dtypes(meta, x.to("meta"), y.to("meta"), tuning.autocast("meta", precision))
+    with mixed_precision.simulate_autocast_for("cpu"):
+        simulated = _output_dtypes(meta, x.to("meta"), y.to("meta"), mixed_precision.autocast("meta", precision))
     assert simulated == real
-    assert tuning.DTYPES[precision] in real.values()
+    assert mixed_precision.DTYPES[precision] in real.values()
 
 
 def test_cuda_policy_keeps_softmax_and_norms_in_fp32_unlike_cpu():
-    cuda, cpu = tuning.AUTOCAST_POLICIES["cuda"], tuning.AUTOCAST_POLICIES["cpu"]
+    cuda, cpu = mixed_precision.AUTOCAST_POLICIES["cuda"], mixed_precision.AUTOCAST_POLICIES["cpu"]
     assert cuda["linear"] == cpu["linear"] == cuda["conv2d"] == "low"
     assert cuda["softmax"] == "fp32_dtype" and "softmax" not in cpu
     assert cuda["layer_norm"] == "fp32" and "layer_norm" not in cpu
     assert cuda["cross_entropy"] == cpu["cross_entropy"] == "fp32"
     x = torch.randn(2, 3, device="meta", dtype=torch.bfloat16)
-    with tuning.SimulatedAutocast("cuda", torch.bfloat16):
+    with mixed_precision.SimulatedAutocast("cuda", torch.bfloat16):
         assert x.softmax(-1).dtype == torch.float32
         assert F.layer_norm(x, (3,)).dtype == torch.float32
         assert (x @ torch.randn(3, 3, device="meta")).dtype == torch.bfloat16
         assert torch.addcmul(x, x, torch.randn(2, 3, device="meta")).dtype == torch.float32  # promote
-    with tuning.SimulatedAutocast("cpu", torch.bfloat16):
+    with mixed_precision.SimulatedAutocast("cpu", torch.bfloat16):
         assert x.softmax(-1).dtype == torch.bfloat16
 
 
@@ -231,21 +231,21 @@ def test_cuda_policy_lists_every_public_op_of_the_installed_torch_autocast_heade
             )
             if public:
                 checked += 1
-                assert tuning.AUTOCAST_POLICIES["cuda"].get(name) == policy, (macro, name)
+                assert mixed_precision.AUTOCAST_POLICIES["cuda"].get(name) == policy, (macro, name)
     assert checked > 60
 
 
 def test_simulated_autocast_caches_one_copy_per_weight_per_region():
     layer = nn.Linear(4, 4, device="meta")
     x = torch.randn(2, 4, device="meta")
-    with tuning.SimulatedAutocast("cuda", torch.bfloat16) as region:
+    with mixed_precision.SimulatedAutocast("cuda", torch.bfloat16) as region:
         layer(layer(x))
         assert len(region.cache) == 2  # weight and bias, cast once although used twice
         copy = region.cache[id(layer.weight)][1]
         assert copy.dtype == torch.bfloat16 and copy.requires_grad
     assert region.cache == {}  # emptied when the region ends, like autocast's cache
-    with tuning.SimulatedAutocast("cuda", torch.bfloat16) as outer:
-        with tuning.SimulatedAutocast("cuda", torch.bfloat16):
+    with mixed_precision.SimulatedAutocast("cuda", torch.bfloat16) as outer:
+        with mixed_precision.SimulatedAutocast("cuda", torch.bfloat16):
             layer(x)
         assert len(outer.cache) == 2  # a nested region shares the outermost one's cache and leaves it
     assert outer.cache == {}

@@ -20,7 +20,7 @@ from ..datasets import digits
 from ..memory_plots import plot_memory
 from ..models import MODEL_NAMES
 from ..plots import plot_convergence, plot_speed
-from ..tuning import PRECISIONS
+from ..precision import PRECISIONS
 from ..validation import check_choice, check_int
 from .base import Explorer, Panel
 from .jobs import Job
