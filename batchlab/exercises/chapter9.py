@@ -101,10 +101,10 @@ def check_plan(
         f"the plan runs {plan.effective_batch} samples per step; the task asks for {effective_batch}"
     )
     assert plan.optimizer == optimizer, f"the plan is for optimizer {plan.optimizer!r}; the task's is {optimizer!r}"
-    # The plan's own estimate of its accumulated step (two of its largest micro-batches, or the whole
-    # batch in one) must be the task model's: another model or input size gives other bytes.
+    # The plan's own estimate of its accumulated step (the whole batch in its micro-batches, as train runs
+    # it) must be the task model's: another model or input size gives other bytes.
     model = build_model(model_name, in_shape=tuple(in_shape))
-    n, steps = (effective_batch, 1) if plan.accumulation_steps == 1 else (min(effective_batch, 2 * plan.micro_batch), 2)
+    n, steps = effective_batch, (1 if plan.accumulation_steps == 1 else list(plan.micro_batches))
     batch = torch.empty(n, *in_shape, device="meta"), torch.zeros(n, dtype=torch.long, device="meta")
     try:  # inside the budget, as plan_fit estimates (the simulated allocator frees its cache before giving up)
         report = estimate_memory(
@@ -123,7 +123,7 @@ def check_plan(
         ) from None
     assert report.peak_bytes == plan.peak_bytes, (
         f"the plan's peak ({format_bytes(plan.peak_bytes)}) is not the task model's "
-        f"({format_bytes(report.peak_bytes)} for this micro-batch): check the model and its input shape"
+        f"({format_bytes(report.peak_bytes)} for this step): check the model and its input shape"
     )
     print(
         f"Correct: {len(plan.options)} ways fit; the best runs {plan.accumulation_steps} micro-batches "
