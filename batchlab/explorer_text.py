@@ -4,10 +4,10 @@
 (a learning rate, a model, a device profile, accumulation steps): each returns the value to use and
 the notes that explain a correction, never raising for what a control may hold.
 
-**Saying**, from :mod:`batchlab.explorer`'s results: each returns the HTML of one panel's line of text
-(``widgets.HTML``): the memory verdict and the numbers behind it, the progress and result of a
-convergence run (and whether an accumulated run lies on its whole-batch twin), the speed measured,
-the notes under the controls. Sizes are in bytes.
+**Saying**, from the results of :mod:`batchlab.explorer` and :mod:`batchlab.explorer_runs`: each returns
+the HTML of one panel's line of text (``widgets.HTML``): the memory verdict and the numbers behind it,
+the progress and result of a convergence run (and whether an accumulated run lies on its whole-batch
+twin), the speed measured, the notes under the controls. Sizes are in bytes.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from .explorer import (
     CHECKPOINTING,
     CPU_PROFILE,
     IMAGE_SHAPE,
-    RUNS,
     MemoryPoint,
-    Run,
-    RunSetting,
     fit_accumulation,
     profile_for,
 )
+from .explorer_runs import RUNS, Run, RunSetting
 from .models import MODEL_NAMES
 from .precision import PRECISIONS
 from .validation import GiB, MiB, check_choice, check_float, check_int, parse_bytes

@@ -17,6 +17,7 @@ import torch
 import batchlab
 from batchlab import datasets
 from batchlab import explorer as ex
+from batchlab import explorer_runs as er
 from batchlab import explorer_text as say
 from batchlab.widgets import BatchSizeExplorer, Jobs
 
@@ -103,29 +104,29 @@ def test_training_losses_are_the_losses_of_batchlab_train(small_digits):
         )
         model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
         losses = list(
-            ex.training_losses(model, small_digits, batch_size=32, lr=0.05, steps=14, accumulation_steps=accumulation)
+            er.training_losses(model, small_digits, batch_size=32, lr=0.05, steps=14, accumulation_steps=accumulation)
         )
         assert losses == history.loss  # same loop: the same numbers, bit for bit
 
 
 def test_training_runs_touch_no_global_random_state(small_digits):
-    data = ex.training_data("transformer", small_digits)
+    data = er.training_data("transformer", small_digits)
     tokens, label = data[0]
     assert tokens.shape == (8,) and tokens.dtype == torch.long and 0 <= int(tokens.min()) <= int(tokens.max()) < 256
-    model = ex.training_model("transformer", data)
+    model = er.training_model("transformer", data)
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     before = torch.get_rng_state()
-    first = list(ex.training_losses(model, data, batch_size=32, lr=0.01, steps=3))
+    first = list(er.training_losses(model, data, batch_size=32, lr=0.01, steps=3))
     assert torch.equal(torch.get_rng_state(), before)
-    again = list(ex.training_losses(ex.training_model("transformer", data), data, batch_size=32, lr=0.01, steps=3))
+    again = list(er.training_losses(er.training_model("transformer", data), data, batch_size=32, lr=0.01, steps=3))
     assert first == again
 
 
 def test_run_length_is_short_for_every_model():
-    assert ex.run_length("mlp", 64, 1438) == 2 * (1438 // 64)
-    assert ex.run_length("mlp", 1, 1438) == ex.RUNS["mlp"][1]
-    assert ex.run_length("resnet18", 16, 1438) == min(1438 // 16, ex.RUNS["resnet18"][1])
-    assert ex.run_length("cnn", 1438, 1438) == 2
+    assert er.run_length("mlp", 64, 1438) == 2 * (1438 // 64)
+    assert er.run_length("mlp", 1, 1438) == er.RUNS["mlp"][1]
+    assert er.run_length("resnet18", 16, 1438) == min(1438 // 16, er.RUNS["resnet18"][1])
+    assert er.run_length("cnn", 1438, 1438) == 2
 
 
 # -- what the panels say and draw (pure functions) ----------------------------------------------
@@ -149,7 +150,7 @@ def a_point(peak_gib, *, fits, cached_gib=0.0, batch=64, profile=GPU4, verdict=N
 
 
 def a_run(label_batch, losses, *, steps=1, model="mlp", done=True, seconds=None):
-    run = ex.Run(ex.RunSetting(model, label_batch, 0.05, steps), len(losses))
+    run = er.Run(er.RunSetting(model, label_batch, 0.05, steps), len(losses))
     run.history.loss[:] = losses
     run.history.samples[:] = [label_batch * (i + 1) for i in range(len(losses))]
     run.history.seconds[:] = seconds or [0.01 * (i + 1) for i in range(len(losses))]
@@ -158,7 +159,7 @@ def a_run(label_batch, losses, *, steps=1, model="mlp", done=True, seconds=None)
 
 
 def test_memory_text_says_the_verdict_and_the_numbers_behind_it():
-    s = ex.RunSetting("cnn", 64, 0.05)
+    s = er.RunSetting("cnn", 64, 0.05)
     fits = say.memory_text(s, a_point(2.0, fits=True, cached_gib=0.5), 98, (3, 224, 224))
     assert fits.startswith(
         "<b>Fits.</b> One training step of cnn on 3x224x224 images at batch 64 needs 2.00 GiB of "
@@ -167,7 +168,7 @@ def test_memory_text_says_the_verdict_and_the_numbers_behind_it():
     assert "whose other 300 MiB are the CUDA context" in fits
     assert "context, the tensors and the cache: 2.79 GiB." in fits
     assert fits.endswith("The largest batch that fits in one step: <b>98</b> (estimated, with a 5% margin).")
-    over = say.memory_text(ex.RunSetting("cnn", 256, 0.05), a_point(5.0, fits=False, batch=256), 98, (3, 224, 224))
+    over = say.memory_text(er.RunSetting("cnn", 256, 0.05), a_point(5.0, fits=False, batch=256), 98, (3, 224, 224))
     assert (
         "Out of memory.</b>" in over
         and "needs 5.00 GiB of tensors at its peak: 1.29 GiB more than the 3.71 GiB" in over
@@ -180,7 +181,7 @@ def test_memory_text_says_the_verdict_and_the_numbers_behind_it():
         "Not even the smallest batch fits this device."
     )
     cpu = ex.Profile(ex.CPU_PROFILE, "cpu", 8 * 2**30)
-    text = say.memory_text(ex.RunSetting("transformer", 8, 0.05), a_point(0.25, fits=True, profile=cpu), 512, (512,))
+    text = say.memory_text(er.RunSetting("transformer", 8, 0.05), a_point(0.25, fits=True, profile=cpu), 512, (512,))
     assert "transformer on sequences of 512 tokens at batch 8 needs 256 MiB" in text and "free RAM" in text
     assert "cache" not in text and "context" not in text
 
@@ -199,21 +200,21 @@ def test_the_verdict_follows_chapter_4s_rule_and_says_which_number_decided_it():
     assert points[256].verdict == "tensors" and points[256].peak_bytes > profile.budget
     for point in points.values():  # the allocator releases its cache before it gives up: never above the budget
         assert point.peak_bytes + point.cached_bytes <= max(profile.budget, point.peak_bytes)
-    s = ex.RunSetting("cnn", largest, 0.05)
+    s = er.RunSetting("cnn", largest, 0.05)
     text = say.memory_text(s, points[largest], largest, shape)
     assert (
         f"and a batch 5% larger ({ex.margin_batch(largest)} samples) fits too: the margin chapter 4 asks for "
         f"decided it." in text
     )
     margin = a_point(3.0, fits=False, batch=100, verdict="margin")
-    text = say.memory_text(ex.RunSetting("cnn", 100, 0.05), margin, 98, shape)
+    text = say.memory_text(er.RunSetting("cnn", 100, 0.05), margin, 98, shape)
     assert text.startswith("<b style='color:#C44E52'>Too close to the limit.</b>")
     assert (
         "but a batch 5% larger (105 samples) does not fit: aim a few per cent below the limit (chapter 4). The 5% "
         "margin decided it." in text
     )
     allocator = a_point(3.0, fits=False, batch=128, verdict="allocator")
-    text = say.memory_text(ex.RunSetting("cnn", 128, 0.05), allocator, 98, shape)
+    text = say.memory_text(er.RunSetting("cnn", 128, 0.05), allocator, 98, shape)
     assert (
         "but even after releasing its cache the caching allocator cannot place the step's blocks there "
         "(fragmentation). The simulated allocator decided it, not the tensors." in text
@@ -276,8 +277,8 @@ def test_run_texts_say_the_progress_the_result_and_whether_twins_coincide():
     )
     assert "rounded differently" in say.twin_text(whole, [apart, whole])
     assert say.twin_text(whole, [a_run(32, [1.0, 1.0, 1.0], steps=2), whole]) == ""  # not the same batch
-    assert ex.has_batch_norm(batchlab.build_model("cnn_bn", in_shape=(1, 8, 8)))
-    assert not ex.has_batch_norm(batchlab.build_model("mlp", in_shape=(1, 8, 8)))
+    assert er.has_batch_norm(batchlab.build_model("cnn_bn", in_shape=(1, 8, 8)))
+    assert not er.has_batch_norm(batchlab.build_model("mlp", in_shape=(1, 8, 8)))
 
 
 def test_speed_text_and_points_come_from_the_finished_runs():
@@ -286,7 +287,7 @@ def test_speed_text_and_points_come_from_the_finished_runs():
         "<b>6,400 samples/s</b> at batch 64 (10.0 ms per step), measured on this machine's CPU."
     )
     others = [run, a_run(32, [1.0], done=False), a_run(16, [1.0], steps=2), a_run(8, [1.0], model="cnn")]
-    assert ex.speed_points(others, run.setting) == {64: 6400.0}
+    assert er.speed_points(others, run.setting) == {64: 6400.0}
     assert say.notes_html(["a < b"]) == "<div style='color:#C44E52'>⚠ a &lt; b</div>"
 
 
@@ -328,7 +329,10 @@ def test_the_explorer_model_imports_no_plotting_or_widgets():
     import subprocess
     import sys
 
-    code = "import sys, batchlab.explorer; print(sorted(m for m in ('matplotlib', 'ipywidgets') if m in sys.modules))"
+    code = (
+        "import sys, batchlab.explorer, batchlab.explorer_runs; "
+        "print(sorted(m for m in ('matplotlib', 'ipywidgets') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -670,7 +674,7 @@ def test_resnet18_at_batch_1_says_why_it_cannot_train_and_the_memory_search_ends
     assert state["fits"] and state["largest_batch"] > 1  # the search ended...
     assert "Searching" not in widget.memory.text.value and "The largest batch that fits" in widget.memory.text.value
     other = RuntimeError("boom")
-    assert say.explain_training_error(other, ex.RunSetting("mlp", 1, 0.05)) is other
+    assert say.explain_training_error(other, er.RunSetting("mlp", 1, 0.05)) is other
     widget.close()
 
 

@@ -1,8 +1,9 @@
 """Interactive explorers for the chapter notebooks (ipywidgets), one module per explorer.
 
 Model / view split: the computation is an ordinary function elsewhere in batchlab
-(:func:`batchlab.train`, :mod:`batchlab.explorer`, :func:`batchlab.loaders.loader_throughput`); a
-widget only wires controls to it and draws. Every explorer is built from the same three parts:
+(:func:`batchlab.train`, :mod:`batchlab.explorer`, :mod:`batchlab.explorer_runs`,
+:func:`batchlab.loaders.loader_throughput`); a widget only wires controls to it and draws. Every explorer is
+built from the same three parts:
 
 * :class:`Explorer`, the base: controls whose changes call the widget's ``_changed``, ``set(**values)``
   (move the controls as a learner would and return when the panels have updated), ``state`` (what

@@ -15,6 +15,7 @@ import ipywidgets as widgets
 from torch import nn
 
 from .. import explorer as ex
+from .. import explorer_runs as er
 from .. import explorer_text as say
 from ..datasets import digits
 from ..memory_plots import plot_memory
@@ -43,7 +44,7 @@ class BatchSizeExplorer(Explorer):
       sequences (``sequence_length``): a GPU's memory runs out on real input sizes;
     * ``"convergence"``: loss against steps and samples for the current setting and the ``keep`` - 1
       before it, trained on ``dataset`` (default: the 8x8 digits) in a background thread; a newer change
-      cancels an older run;
+      cancels an older run (:func:`batchlab.explorer_runs.training_losses`);
     * ``"speed"``: samples per second of the runs measured so far, against the batch size.
 
     Results are cached. Bad input is clamped or refused with a message under the controls, never
@@ -215,8 +216,8 @@ class BatchSizeExplorer(Explorer):
         self.notes = notes
         self.message.value = say.notes_html(notes)
 
-    def _setting(self) -> ex.RunSetting:
-        return ex.RunSetting(
+    def _setting(self) -> er.RunSetting:
+        return er.RunSetting(
             self.model.value, self._batch, float(self.lr.value), self.accumulation_steps.value, self.optimizer
         )
 
@@ -224,7 +225,7 @@ class BatchSizeExplorer(Explorer):
         """Chapter 8's levers for the memory panel: (precision, checkpointing) as estimate_memory takes them."""
         return self.precision.value, ex.CHECKPOINTING[self.checkpointing.value]
 
-    def _start_background(self, s: ex.RunSetting, levers: tuple) -> None:
+    def _start_background(self, s: er.RunSetting, levers: tuple) -> None:
         """Start the slow part of a change in the background: the convergence run (unless cached), then
         the search for the largest batch that fits (unless cached)."""
         trains = "convergence" in self.panels or "speed" in self.panels
@@ -238,7 +239,7 @@ class BatchSizeExplorer(Explorer):
         self._submitted = s
         self.jobs.submit(functools.partial(self._background, s, profile, levers, trains, run, template))
 
-    def _background(self, s: ex.RunSetting, profile: ex.Profile, levers, trains: bool, run, template, job: Job):
+    def _background(self, s: er.RunSetting, profile: ex.Profile, levers, trains: bool, run, template, job: Job):
         if trains:
             try:
                 run = run if run is not None else self.training.train(s, template, job)
@@ -256,7 +257,7 @@ class BatchSizeExplorer(Explorer):
             job.publish(lambda: self._draw_memory(s, profile, point, largest, levers))
 
     # -- memory -----------------------------------------------------------------------------------
-    def _update_memory(self, s: ex.RunSetting, levers: tuple) -> None:
+    def _update_memory(self, s: er.RunSetting, levers: tuple) -> None:
         """Draw the memory panel from one estimate, with the largest batch if it is known already."""
         profile = self.profiles[self.profile.value]
         key = (s.model, profile.name, s.batch_size, s.accumulation_steps, self.optimizer, levers)
@@ -298,7 +299,7 @@ class BatchSizeExplorer(Explorer):
             "checkpointing": self.checkpointing.value,
             "micro_batch": self._batch // self.accumulation_steps.value,
             **ex.memory_state(point, largest, profile),
-            **ex.run_state(run, shown),
+            **er.run_state(run, shown),
             "error": error,
             "message": "\n".join(notes),
         }
@@ -319,16 +320,16 @@ class TrainingView:
 
     def __init__(self, dataset, keep: int, panels: tuple):
         self.panels = panels
-        self.runs = ex.RunCache(dataset, keep=keep)
+        self.runs = er.RunCache(dataset, keep=keep)
         self.convergence, self.speed = Panel(), Panel()
         self.run_shown, self.shown_runs, self.error = None, [], None
         self.draws = collections.deque(maxlen=100)
 
-    def train(self, s: ex.RunSetting, template, job: Job):
+    def train(self, s: er.RunSetting, template, job: Job):
         """Train ``s`` step by step, drawing now and then; None if a newer change cancelled it."""
         data, initial = template
-        run = ex.Run(s, ex.run_length(s.model, s.batch_size, len(data)))
-        losses = ex.training_losses(
+        run = er.Run(s, er.run_length(s.model, s.batch_size, len(data)))
+        losses = er.training_losses(
             copy.deepcopy(initial),
             data,
             batch_size=s.batch_size,
@@ -338,7 +339,7 @@ class TrainingView:
             optimizer=s.optimizer,
             seed=s.seed,
         )
-        if not ex.record_run(
+        if not er.record_run(
             run,
             losses,
             cancelled=lambda: job.cancelled,
@@ -349,7 +350,7 @@ class TrainingView:
         self.runs.add(run)
         return run
 
-    def show(self, run: ex.Run) -> None:
+    def show(self, run: er.Run) -> None:
         """Draw ``run`` (finished or not) beside the last finished runs; called by the newest job only."""
         shown = self.runs.shown_with(run)
         if "convergence" in self.panels and run.history.loss:
@@ -364,7 +365,7 @@ class TrainingView:
             s = run.setting
             self.speed.draw(
                 plot_speed(
-                    ex.speed_points(self.runs.finished(), s),
+                    er.speed_points(self.runs.finished(), s),
                     current=s.batch_size,
                     title=f"{s.model}: speed against batch size",
                 )
