@@ -530,7 +530,10 @@ def test_bad_input_is_clamped_or_refused_with_a_message(explorer):
     assert state["lr"] == 1.0 and state["accumulation_steps"] == 1 and "using 1." in state["message"]
     state = explorer.set(batch_size=90, accumulation_steps=4)
     assert state["accumulation_steps"] == 3 and "micro-batches of 30" in state["message"]
-    with pytest.raises(ValueError, match="set\\(\\) takes batch_size, lr, model, profile and accumulation_steps"):
+    with pytest.raises(
+        ValueError,
+        match="set\\(\\) takes batch_size, lr, model, profile, accumulation_steps, precision and checkpointing",
+    ):
         explorer.set(colour="red")  # a misspelt name is a programming error
 
 
