@@ -266,9 +266,8 @@ def _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, ch
     check_choice("device", device, ("cuda", "cpu"))
     check_precision(precision)
     check_checkpointing(model, checkpointing)  # a model without blocks is refused before anything runs
-    if not (inputs.is_floating_point() or inputs.is_complex()) and not any(
-        isinstance(m, nn.Embedding) for m in model.modules()
-    ):
+    integers = isinstance(inputs, torch.Tensor) and not (inputs.is_floating_point() or inputs.is_complex())
+    if integers and not any(isinstance(m, nn.Embedding) for m in model.modules()):
         # The meta device does not check dtypes: without this, a step that cannot run gets an estimate.
         raise TypeError(
             f"batch inputs have dtype {inputs.dtype}, but {type(model).__name__} has no nn.Embedding "
