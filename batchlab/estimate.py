@@ -37,11 +37,12 @@ import torch
 from torch import nn
 
 from .allocator import CachingAllocator
-from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
+from .memory import CATEGORIES, MemoryReport, profile_step
 from .progress import progress_bar
 from .rnn_kernels import use_cpu_layers, use_cudnn_kernels
 from .steps import check_accumulation, check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
+from .tracker import track_storages
 from .tuning import (
     apply_checkpointing,
     autocast_depth,
@@ -202,7 +203,7 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 
 
 class _AllocatorReplay:
-    """Replays what a :class:`~batchlab.memory.MemoryTracker` sees through a CUDA caching allocator model.
+    """Replays what a :class:`~batchlab.tracker.MemoryTracker` sees through a CUDA caching allocator model.
 
     The tracker calls :meth:`allocated`, :meth:`freed` and :meth:`after_op`; the replay adds the
     library workspaces and remembers which tensors were alive at the highest allocated moment.

@@ -541,7 +541,7 @@ def _contexts(norms):
     normalise with the batch's statistics again but must not update their running statistics a second
     time. A memory tracker is told that what the recomputation makes is activations.
     """
-    from .memory import recomputation  # memory imports steps, which imports this module
+    from .tracker import recomputation  # the tracker imports memory, which imports steps, which imports this module
 
     active = getattr(_simulated, "active", None)
     simulated = SimulatedAutocast(active.target, active.dtype) if active is not None else nullcontext()
