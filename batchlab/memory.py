@@ -11,14 +11,13 @@ nothing), and sorts its bytes into the categories of :data:`CATEGORIES`:
 * ``inputs``: the batch given to the model (and, in :func:`profile_step`, its targets),
 * ``temporaries``: everything else, e.g. the output of a layer that backward does not need.
 
-How it sees (the machinery is in :mod:`batchlab.tracker`): a ``TorchDispatchMode`` is called in place of
-every tensor operation; it runs the operation, then notes the storages that the operation's outputs did not
-share with its inputs (new memory); a weak reference to each
-storage reports the moment it is freed. Saved-tensor hooks tell which tensors autograd keeps for
-backward, and model / optimizer hooks mark the phases of a step (forward, loss, backward, optimizer
-step). Each storage is counted once (views share their storage) by its ``nbytes``. Parameters,
-buffers, gradients and optimizer state that already exist when the block starts are counted as live
-from the start, so a step's peak includes them.
+How it sees (the machinery is in :mod:`batchlab.tracker`): a ``TorchDispatchMode`` is called in place of every
+tensor operation; it runs the operation, then notes the storages that the operation's outputs did not share
+with its inputs (new memory); a weak reference to each storage reports the moment it is freed. Saved-tensor
+hooks tell which tensors autograd keeps for backward, and model / optimizer hooks mark the phases of a step
+(forward, loss, backward, optimizer step). Each storage is counted once (views share their storage) by its
+``nbytes``. Parameters, buffers, gradients and optimizer state that already exist when the block starts are
+counted as live from the start, so a step's peak includes them.
 
 What it does not see: scratch memory that a single operation allocates and frees inside itself (a
 cuDNN workspace, for instance) and memory that is not a tensor (the CUDA context, the allocator's
