@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .memory import CATEGORIES, track_storages
+from .memory import CATEGORIES
 from .progress import progress_bar
 from .state import forked_rng, restore_grads, restore_modes, saved_modes, stash_grads, train_mode
 from .steps import check_optimizer, make_optimizer, train_step
+from .tracker import track_storages
 from .validation import (
     MiB,
     check_batch,
@@ -88,7 +89,7 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
     optimizer state of ``model`` and ``optimizer`` when given (pass them: on a GPU they take memory
     too). The operation that would exceed the budget raises ``torch.OutOfMemoryError``, and the memory
     it asked for is not kept, as on a GPU; catch it, let the ``except`` block end, free what you can, and
-    carry on. ``with memory_budget(...) as tracker`` gives the :class:`~batchlab.memory.MemoryTracker`
+    carry on. ``with memory_budget(...) as tracker`` gives the :class:`~batchlab.tracker.MemoryTracker`
     that counts: ``tracker.current()`` by category, with what autograd saved for backward as activations.
     """
     budget = parse_bytes("budget", budget)

@@ -111,7 +111,7 @@ def _contexts(norms):
     normalise with the batch's statistics again but must not update their running statistics a second
     time. A memory tracker is told that what the recomputation makes is activations.
     """
-    from .memory import recomputation  # memory imports this module
+    from .tracker import recomputation  # tracker imports memory, which imports this module
 
     active = active_simulated_autocast()
     simulated = SimulatedAutocast(active.target, active.dtype) if active is not None else nullcontext()

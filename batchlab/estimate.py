@@ -38,7 +38,7 @@ from torch import nn
 
 from .allocator import CachingAllocator
 from .checkpointing import apply_checkpointing, check_checkpointing, tuning_label
-from .memory import CATEGORIES, MemoryReport, profile_step, track_storages
+from .memory import CATEGORIES, MemoryReport, profile_step
 from .precision import (
     autocast_depth,
     check_precision,
@@ -50,6 +50,7 @@ from .progress import progress_bar
 from .rnn_kernels import use_cpu_layers, use_cudnn_kernels
 from .steps import check_accumulation, check_optimizer, make_optimizer, train_step
 from .torch_internals import attention_kernels
+from .tracker import track_storages
 from .validation import (
     MiB,
     batch_length,
@@ -200,7 +201,7 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 
 
 class _AllocatorReplay:
-    """Replays what a :class:`~batchlab.memory.MemoryTracker` sees through a CUDA caching allocator model.
+    """Replays what a :class:`~batchlab.tracker.MemoryTracker` sees through a CUDA caching allocator model.
 
     The tracker calls :meth:`allocated`, :meth:`freed` and :meth:`after_op`; the replay adds the
     library workspaces and remembers which tensors were alive at the highest allocated moment.

@@ -21,9 +21,9 @@ import gc
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .memory import track_storages
 from .process import python_tensors
 from .progress import progress_bar
+from .tracker import track_storages
 from .validation import MiB, check_bool, check_int
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import batchlab
-from batchlab.memory import recomputation
+from batchlab.tracker import recomputation
 
 
 def _grads(model, x, y, seed=0):

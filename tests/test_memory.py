@@ -12,6 +12,7 @@ from torch import nn
 import batchlab
 from batchlab import memory
 from batchlab.memory_plots import plot_peak_breakdown, plot_step_timeline
+from batchlab.tracker import track_storages
 
 
 def nbytes(tensors):
@@ -310,7 +311,7 @@ def test_an_observer_sees_every_event_and_measurement_can_restart():
     optimizer = make_optimizer("adam", model.parameters())
     inputs, targets = batch_of(16, (1, 8, 8))
     observer = Recorder()
-    with memory.track_storages(model, optimizer, record=True, observer=observer) as tracker:
+    with track_storages(model, optimizer, record=True, observer=observer) as tracker:
         step(model, optimizer, inputs, targets)  # the first step creates Adam's state
         live = tracker.current_bytes  # frees are booked (and told) when the tracker is next asked or allocates
         assert sum(observer.live.values()) == live
@@ -402,7 +403,7 @@ def test_the_model_can_be_copied_inside_a_block(block):
 
 
 def test_a_free_is_booked_without_python_code_in_the_weakref_callback():
-    with memory.track_storages(None, None, record=False) as tracker:
+    with track_storages(None, None, record=False) as tracker:
         x = torch.ones(10)
         ref = next(iter(tracker._live.values()))
         assert type(ref.__callback__).__name__ == "builtin_function_or_method"  # a deque's append: no frame
@@ -424,7 +425,7 @@ class InterruptedOnce(Recorder):
 
 def test_an_interrupt_while_a_free_is_booked_is_raised_and_the_counts_stay_right():
     observer = InterruptedOnce()
-    with memory.track_storages(None, None, record=False, observer=observer) as tracker:
+    with track_storages(None, None, record=False, observer=observer) as tracker:
         a, b = torch.ones(100), torch.ones(200)
         del a
         with pytest.raises(KeyboardInterrupt):
