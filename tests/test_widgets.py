@@ -444,7 +444,7 @@ def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does
     assert (widget.memory.text.value, bytes(widget.memory.image.value)) != first
     assert "accumulate 4 micro-batches of 64" in widget.memory.text.value
     # The text names what is compared with the budget (the tensors) and what else the bar holds.
-    point = widget._memory[0]
+    point = widget.memory_view.shown[0]
     over = (point.peak_bytes - state["budget_bytes"]) / 2**30
     assert (
         f"One training step of cnn on 3x224x224 images at batch 256 needs {point.peak_bytes / 2**30:.2f} GiB "
@@ -574,10 +574,10 @@ def test_results_already_computed_are_reused(explorer):
     state = explorer.set(batch_size=32)
     assert explorer.training.run_shown is first  # not trained again
     assert state["runs"] == ["mlp, batch 64, lr 0.05", "mlp, batch 32, lr 0.05"]
-    point = explorer._memory[0]
+    point = explorer.memory_view.shown[0]
     explorer.set(batch_size=64)
     explorer.set(batch_size=32)
-    assert explorer._memory[0] is point
+    assert explorer.memory_view.shown[0] is point
 
 
 def test_failed_runs_are_shown_not_raised(small_digits):

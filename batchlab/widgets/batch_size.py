@@ -26,6 +26,7 @@ from ..validation import check_choice, check_int
 from .base import Explorer, Panel
 from .jobs import Job
 
+LEVERS = ("precision", "checkpointing")  # chapter 8's controls, for the memory panel
 DRAW_INTERVAL = 0.5  # seconds between two drawings of a run in progress; the first after that long too,
 # so that a run that ends sooner is drawn once
 
@@ -104,7 +105,8 @@ class BatchSizeExplorer(Explorer):
             self.cache.add_own(own)
         self.training = TrainingView(self.dataset, self.keep, self.panels)
         self.runs, self.convergence, self.speed = self.training.runs, self.training.convergence, self.training.speed
-        self._memory = self._memory_key = self._submitted = None
+        self.memory_view = MemoryView(self.cache)
+        self.memory, self._submitted = self.memory_view.panel, None
         super().__init__(self._controls, self._layout(), background=True, on_error=self._run_failed)
         self._changed()
         self.wait()  # the first panels are complete when the explorer appears; later changes run in the background
@@ -119,11 +121,10 @@ class BatchSizeExplorer(Explorer):
             setattr(self, name, control)
         self._controls = controls  # what Explorer observes: every control's change calls _changed(name)
         self.message = widgets.HTML()
-        self.memory = Panel()
 
     def _layout(self) -> list:
         trains = "convergence" in self.panels or "speed" in self.panels
-        memory = [self.profile, self.precision, self.checkpointing] if "memory" in self.panels else []
+        memory = [self.profile] + [self._controls[n] for n in LEVERS] if "memory" in self.panels else []
         second = [self.model] + memory + ([self.lr] if trains else []) + [self.accumulation_steps]
         rows = [
             widgets.HBox([self.batch_size, self.batch_text]),
@@ -209,7 +210,8 @@ class BatchSizeExplorer(Explorer):
             self.jobs.cancel()  # what an older job would still draw is out of date now
             if "memory" in self.panels:
                 with self.jobs.drawing:
-                    self._update_memory(setting, levers)
+                    self.memory_view.update(setting, self.profiles[self.profile.value], levers)
+                    self._sync_stops()
             self._start_background(setting, levers)
         except Exception as error:  # a control's callback must never raise into the notebook
             notes.append(f"could not update the explorer: {error}")
@@ -250,53 +252,33 @@ class BatchSizeExplorer(Explorer):
                     return  # cancelled by a newer change
                 job.publish(lambda: self.training.show(run))
         if "memory" in self.panels and not job.cancelled:
-            largest = self.cache.largest_batch(s.model, profile, levers)
-            point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps, levers)
-            if largest:
-                self.cache.point(s.model, profile, largest, levers=levers)  # the bar beside it
-            job.publish(lambda: self._draw_memory(s, profile, point, largest, levers))
+            point, largest = self.memory_view.compute(s, profile, levers)
+            job.publish(lambda: (self.memory_view.draw(s, profile, point, largest, levers), self._sync_stops()))
 
-    # -- memory -----------------------------------------------------------------------------------
-    def _update_memory(self, s: er.RunSetting, levers: tuple) -> None:
-        """Draw the memory panel from one estimate, with the largest batch if it is known already."""
-        profile = self.profiles[self.profile.value]
-        key = (s.model, profile.name, s.batch_size, s.accumulation_steps, self.optimizer, levers)
-        if key == self._memory_key:
-            return
-        point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps, levers)
-        self._draw_memory(s, profile, point, self.cache.known_largest(s.model, profile, levers), levers)
-        self._memory_key = key
-
-    def _draw_memory(self, s, profile, point, largest, levers) -> None:
-        micro = say.micro_text(s) + say.levers_text(levers)
-        bars = {f"batch {s.batch_size}{micro}": point}
-        if largest and largest != s.batch_size // s.accumulation_steps:
-            bars[f"batch {largest}\n(largest that fits)"] = self.cache.point(s.model, profile, largest, levers=levers)
-        title = {"fits": "fits", "margin": "too close to the limit"}.get(point.verdict, "out of memory")
-        if largest and self._batch_options(self._batch) != self.batch_size.options:  # stops near the limit
+    def _sync_stops(self) -> None:
+        """Once the largest batch is known, the slider gets finer stops near it."""
+        if self._batch_options(self._batch) != self.batch_size.options:
             with self.quietly():
                 self._set_batch(self._batch)
-        self.memory.draw(plot_memory(bars, title=f"{s.model}, batch {s.batch_size}{micro}: {title}"))
-        self.memory.say(say.memory_text(s, point, largest, self.cache.input_shape(s.model)))
-        self._memory = (point, largest)
 
     # -- what is shown ----------------------------------------------------------------------------
     @property
     def state(self) -> dict:
         """What the panels show now: the setting, the memory estimate, the run drawn and its speed, the notes."""
         with self.jobs.drawing:
-            memory, run, error, notes = self._memory, self.training.run_shown, self.training.error, list(self.notes)
+            memory, run, error, notes = (
+                self.memory_view.shown,
+                self.training.run_shown,
+                self.training.error,
+                list(self.notes),
+            )
             shown = list(self.training.shown_runs)
         point, largest = memory if memory is not None else (None, None)
         profile = self.profiles[self.profile.value]
         return {
+            **{name: self._controls[name].value for name in ("lr", "model", "accumulation_steps") + LEVERS},
             "batch_size": self._batch,
-            "lr": self.lr.value,
-            "model": self.model.value,
             "profile": profile.name,
-            "accumulation_steps": self.accumulation_steps.value,
-            "precision": self.precision.value,
-            "checkpointing": self.checkpointing.value,
             "micro_batch": self._batch // self.accumulation_steps.value,
             **ex.memory_state(point, largest, profile),
             **er.run_state(run, shown),
@@ -309,6 +291,42 @@ class BatchSizeExplorer(Explorer):
 
     def __repr__(self) -> str:
         return f"BatchSizeExplorer(panels={self.panels!r})"
+
+
+class MemoryView:
+    """The explorer's memory panel: one estimate drawn at once, the largest batch searched in the background.
+
+    ``shown`` is ``(MemoryPoint, largest batch or None)`` as drawn now (None before the first drawing).
+    """
+
+    def __init__(self, cache: ex.MemoryCache):
+        self.cache, self.panel, self.shown, self._key = cache, Panel(), None, None
+
+    def update(self, s: er.RunSetting, profile: ex.Profile, levers: tuple) -> None:
+        """Draw ``s`` from one estimate, with the largest batch if it is known already (once per setting)."""
+        key = (s.model, profile.name, s.batch_size, s.accumulation_steps, levers)
+        if key != self._key:
+            point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps, levers)
+            self.draw(s, profile, point, self.cache.known_largest(s.model, profile, levers), levers)
+            self._key = key
+
+    def compute(self, s: er.RunSetting, profile: ex.Profile, levers: tuple) -> tuple:
+        """The slow part, for the background job: ``(point, largest batch)``, with the largest batch's bar cached."""
+        largest = self.cache.largest_batch(s.model, profile, levers)
+        point = self.cache.point(s.model, profile, s.batch_size, s.accumulation_steps, levers)
+        if largest:
+            self.cache.point(s.model, profile, largest, levers=levers)  # the bar beside it
+        return point, largest
+
+    def draw(self, s: er.RunSetting, profile: ex.Profile, point, largest, levers: tuple) -> None:
+        micro = say.micro_text(s) + say.levers_text(levers)
+        bars = {f"batch {s.batch_size}{micro}": point}
+        if largest and largest != s.batch_size // s.accumulation_steps:
+            bars[f"batch {largest}\n(largest that fits)"] = self.cache.point(s.model, profile, largest, levers=levers)
+        title = {"fits": "fits", "margin": "too close to the limit"}.get(point.verdict, "out of memory")
+        self.panel.draw(plot_memory(bars, title=f"{s.model}, batch {s.batch_size}{micro}: {title}"))
+        self.panel.say(say.memory_text(s, point, largest, self.cache.input_shape(s.model)))
+        self.shown = (point, largest)
 
 
 class TrainingView:
