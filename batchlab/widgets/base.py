@@ -162,6 +162,21 @@ def still_png(widget) -> bytes | None:
     return out.getvalue()
 
 
+def lr_slider(lr: float, **style) -> widgets.FloatLogSlider:
+    """The learning-rate slider every explorer shows: 0.001 to 1 on a log scale, in quarter decades."""
+    return widgets.FloatLogSlider(
+        value=lr,
+        base=10,
+        min=-3,
+        max=0,
+        step=0.25,
+        description="learning rate",
+        continuous_update=False,
+        readout_format=".3g",
+        **style,
+    )
+
+
 def and_list(names) -> str:
     names = list(names)
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

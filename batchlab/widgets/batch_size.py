@@ -23,7 +23,7 @@ from ..models import MODEL_NAMES
 from ..plots import plot_convergence, plot_speed
 from ..precision import PRECISIONS
 from ..validation import check_choice, check_int
-from .base import Explorer, Panel
+from .base import Explorer, Panel, lr_slider
 from .jobs import Job
 
 LEVERS = ("precision", "checkpointing")  # chapter 8's controls, for the memory panel
@@ -418,17 +418,7 @@ def _controls(batch_options, batch_size, lr, model, profiles, profile, accumulat
             style=wide,
             layout=widgets.Layout(width="150px"),
         ),
-        "lr": widgets.FloatLogSlider(
-            value=lr,
-            base=10,
-            min=-3,
-            max=0,
-            step=0.25,
-            description="learning rate",
-            continuous_update=False,
-            readout_format=".3g",
-            style=wide,
-        ),
+        "lr": lr_slider(lr, style=wide),
         "model": widgets.Dropdown(
             options=model[0], value=model[1], description="model", style=wide, layout=widgets.Layout(width="200px")
         ),

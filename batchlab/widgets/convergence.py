@@ -9,7 +9,7 @@ from ..models import MODEL_NAMES, build_model
 from ..plots import plot_histories
 from ..training import train
 from ..validation import check_choice, check_int
-from .base import BATCH_SIZES, Explorer, Panel, html_table
+from .base import BATCH_SIZES, Explorer, Panel, html_table, lr_slider
 from .jobs import Job
 
 
@@ -52,16 +52,7 @@ class ConvergenceExplorer(Explorer):
         self.batch_size = widgets.SelectionSlider(
             options=sizes, value=batch_size, description="batch size", continuous_update=False
         )
-        self.lr = widgets.FloatLogSlider(
-            value=lr,
-            base=10,
-            min=-3,
-            max=0,
-            step=0.25,
-            description="learning rate",
-            continuous_update=False,
-            readout_format=".3g",
-        )
+        self.lr = lr_slider(lr)
         self.panel = Panel()
         self.image, self.summary = self.panel.image, self.panel.text
         self._cache: dict = {}
