@@ -129,7 +129,7 @@ def _describe(types: dict, limit: int = 6) -> str:
     return text
 
 
-def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "", progress: bool = True) -> LeakReport:
+def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "", progress: bool = False) -> LeakReport:
     """Call ``fn()`` ``warmup`` times, then ``iterations`` times while measuring what stays alive.
 
     ``fn`` is one iteration of a loop (a training or evaluation step) taking no arguments. A function
@@ -138,8 +138,9 @@ def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "", pr
     (optimizer state, caches) happen before measuring. Returns a :class:`LeakReport`.
 
     Garbage collection is paused while measuring and restored afterwards. Tensors that ``fn`` keeps
-    stay alive (they are the caller's); clear them before calling again. ``progress`` draws a bar over
-    the calls; it is made before the first count, so its own objects are not counted as growth.
+    stay alive (they are the caller's); clear them before calling again. ``progress=True`` draws a bar over
+    the calls, for a slow ``fn``. It is off by default: a live bar in a notebook makes Python objects
+    each time it redraws, and the check, which counts objects per iteration, would see them as growth.
     """
     if not callable(fn):
         raise TypeError(f"fn must be a function taking no arguments (one loop iteration), got {fn!r}")

@@ -1,7 +1,7 @@
 """Progress bars where a learner waits: one place that makes them, so that every bar behaves alike.
 
 Every function that runs for more than a few seconds (``train``, ``probe_batch_size``, ``max_batch_size``,
-``loader_sweep``, ``leak_check``, ``launch``) takes ``progress: bool`` and draws a ``tqdm.auto`` bar:
+``loader_sweep``, ``launch``, and ``leak_check`` when asked) takes ``progress: bool`` and draws a ``tqdm.auto`` bar:
 a widget in Jupyter, text on stderr in a terminal. ``progress=False`` draws nothing. With
 ``progress=True`` tqdm's own settings still apply: ``TQDM_DISABLE=1`` in the environment (tqdm >= 4.66)
 quiets every bar, which is how the test suite stays quiet.

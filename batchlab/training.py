@@ -296,7 +296,7 @@ def _run(
             history.samples.append(step * batch_size)
             history.seconds.append(time.perf_counter() - start)
             bar.update()
-            bar.set_postfix(loss=f"{step_loss:.3f}")
+            bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)  # redrawn at tqdm's own pace, not every step
             if step == total_steps:
                 break
         if eval_dataset is not None:

@@ -134,7 +134,7 @@ def test_leak_check_bar_counts_its_calls_and_does_not_look_like_a_leak(bars):
         model(x).sum().backward()
         model.zero_grad(set_to_none=True)
 
-    report = batchlab.leak_check(step, iterations=10, warmup=2, label="clean")
+    report = batchlab.leak_check(step, iterations=10, warmup=2, label="clean", progress=True)
     bar = only_bar(bars)
     assert (bar.options["total"], bar.n, bar.options["desc"]) == (12, 12, "leak_check clean")
     assert not report.leaking, report.message
