@@ -23,8 +23,9 @@ from .budget import BatchSizeSearch, memory_budget, probe_batch_size
 from .checkpointing import checkpoint_blocks, checkpointed
 from .course import setup
 from .distributed import train_ddp
-from .estimate import CUDA_CONSTANTS, estimate_memory, max_batch_size
+from .estimate import CUDA_CONSTANTS, estimate_memory
 from .leaks import LeakReport, leak_check
+from .max_batch import max_batch_size
 from .memory import MemoryReport, profile_step, track_memory
 from .models import MODEL_NAMES, build_model, count_parameters
 from .oom import OOMReport, explain_oom

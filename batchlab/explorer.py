@@ -31,7 +31,8 @@ import psutil
 import torch
 from torch import nn
 
-from .estimate import CUDA_CONSTANTS, SAFETY_MARGIN, estimate_memory, max_batch_size
+from .estimate import CUDA_CONSTANTS, estimate_memory
+from .max_batch import has_room, max_batch_size
 from .models import MODEL_NAMES, build_model
 from .reference import GPUS, gpu_memory
 from .validation import GiB, check_choice, check_int, check_loss_fn, check_model
@@ -196,10 +197,10 @@ def meta_batch(n: int, input_shape: tuple):
 
 # Why a step does or does not fit, in the order they are checked (:func:`memory_point`).
 VERDICTS = {
-    "fits": "the step fits, and so does a batch SAFETY_MARGIN larger",
+    "fits": "the step fits, with room for one more block of its largest tensor (max_batch_size's margin)",
     "tensors": "the tensors alive at the step's peak alone are more than the budget",
     "allocator": "the tensors fit, but the caching allocator cannot place their blocks even after releasing its cache",
-    "margin": "the step fits, but a batch SAFETY_MARGIN larger does not: too close to the limit",
+    "margin": "the step fits, but without room for one more block of its largest tensor: too close to the limit",
 }
 
 
@@ -214,7 +215,7 @@ class MemoryPoint:
     fits: bool
     cached_bytes: int = 0  # held by the caching allocator beyond the tensors at the peak (GPU only)
     verdict: str = "fits"  # a key of VERDICTS: the number that decided ``fits``
-    margin_batch: int = 0  # the larger batch that had to fit too (SAFETY_MARGIN more samples per micro-batch)
+    margin_bytes: int = 0  # the room that had to stay free at the worst moment (MemoryReport.margin_bytes)
 
     @property
     def device_bytes(self) -> int:
@@ -232,14 +233,6 @@ def lever_kwargs(levers) -> dict:
     """``(precision, checkpointing)`` as the keyword arguments of :func:`batchlab.estimate_memory`."""
     precision, checkpointing = levers
     return {"precision": precision, "checkpointing": checkpointing}
-
-
-def margin_batch(batch_size: int, accumulation_steps: int = 1) -> int:
-    """The batch that must fit too for ``batch_size`` to count as fitting: each micro-batch SAFETY_MARGIN
-    (5%) larger, rounded up, as :func:`batchlab.max_batch_size` pads its answers (chapter 4: aim a few per
-    cent below the limit)."""
-    micro = batch_size // accumulation_steps
-    return accumulation_steps * math.ceil(micro * (1 + SAFETY_MARGIN))
 
 
 def memory_point(
@@ -260,7 +253,8 @@ def memory_point(
     verdict follows chapter 4's rule, the one :func:`batchlab.max_batch_size` applies: short of memory
     the allocator releases its unused cache before it gives up, so what must fit the budget is the
     tensors and the blocks it cannot release (the simulated allocator decides); and a step counts as
-    fitting only if one with micro-batches SAFETY_MARGIN larger fits too. ``input_shape`` is one sample's
+    fitting only if, at its worst moment, one more block of its largest tensor would fit too
+    (:func:`batchlab.max_batch.has_room`). ``input_shape`` is one sample's
     shape, or a learner's ``make_batch`` (:func:`batch_from`), with its ``loss_fn``. ``levers``: the
     ``(precision, checkpointing)`` of chapter 8 (:data:`NO_LEVERS`: float32, no checkpointing).
     """
@@ -274,54 +268,47 @@ def memory_point(
         loss_fn=loss_fn,
         **lever_kwargs(levers),
     )
-    padded = margin_batch(batch_size, accumulation_steps)
-    verdict = _verdict(
-        model, input_shape, batch_size, padded, profile, optimizer, accumulation_steps, report, loss_fn, levers
-    )
+    verdict = _verdict(model, input_shape, batch_size, profile, optimizer, accumulation_steps, report, loss_fn, levers)
     reserved = report.reserved_bytes or report.peak_bytes
     # Short of memory, the allocator releases its unused cache before it gives up: the device never holds
     # more than the budget for PyTorch, whether the step then runs or not.
     cached = max(0, min(reserved, profile.budget) - report.peak_bytes)
     return MemoryPoint(
-        batch_size, report.peak_bytes, dict(report.breakdown), profile, verdict == "fits", cached, verdict, padded
+        batch_size,
+        report.peak_bytes,
+        dict(report.breakdown),
+        profile,
+        verdict == "fits",
+        cached,
+        verdict,
+        report.margin_bytes,
     )
 
 
 def _verdict(
-    model,
-    input_shape,
-    batch_size,
-    padded,
-    profile,
-    optimizer,
-    accumulation_steps,
-    report,
-    loss_fn=None,
-    levers=NO_LEVERS,
+    model, input_shape, batch_size, profile, optimizer, accumulation_steps, report, loss_fn=None, levers=NO_LEVERS
 ) -> str:
     """The key of :data:`VERDICTS` for one step: sure answers from the estimate, the simulated allocator between."""
     if report.peak_bytes > profile.budget:
         return "tensors"
-
-    def runs(n: int) -> bool:
-        try:
-            estimate_memory(
-                model,
-                batch_from(input_shape, n),
-                optimizer=optimizer,
-                device=profile.device,
-                budget=profile.budget,
-                accumulation_steps=accumulation_steps,
-                loss_fn=loss_fn,
-                **lever_kwargs(levers),
-            )
-        except torch.OutOfMemoryError:
-            return False
-        return True
-
-    if profile.device == "cuda" and (report.reserved_bytes or 0) > profile.budget and not runs(batch_size):
+    if has_room(report, profile.budget):
+        return "fits"
+    if profile.device != "cuda":
+        return "margin"
+    try:  # short of memory the allocator releases its cache: what it then holds is what must leave room
+        constrained = estimate_memory(
+            model,
+            batch_from(input_shape, batch_size),
+            optimizer=optimizer,
+            device=profile.device,
+            budget=profile.budget,
+            accumulation_steps=accumulation_steps,
+            loss_fn=loss_fn,
+            **lever_kwargs(levers),
+        )
+    except torch.OutOfMemoryError:
         return "allocator"
-    return "fits" if padded == batch_size or runs(padded) else "margin"
+    return "fits" if has_room(constrained, profile.budget) else "margin"
 
 
 def largest_batch(

@@ -199,19 +199,16 @@ def memory_text(s: RunSetting, point: MemoryPoint, largest: int | None, input_sh
     budget = size_text(profile.budget)
     within = f"within the {budget} PyTorch can use of {where}"
     cache = f" with the allocator's cache ({size_text(point.cached_bytes)})" if profile.device == "cuda" else ""
-    margin = (
-        f"a batch 5% larger ({point.margin_batch:,}{micro_text(s) and ' in ' + str(s.accumulation_steps)} "
-        f"{'micro-batches' if s.accumulation_steps > 1 else 'samples'})"
-    )
+    margin = f"room for one more block of its largest tensor ({size_text(point.margin_bytes)})"
     if point.verdict == "fits":
         head = (
-            f"<b>Fits.</b> {need};{cache} that is {within}, and {margin} fits too: the margin chapter 4 asks for "
+            f"<b>Fits.</b> {need};{cache} that is {within}, with {margin} to spare: the margin chapter 4 asks for "
             f"decided it."
         )
     elif point.verdict == "margin":
         head = (
-            f"<b style='color:#C44E52'>Too close to the limit.</b> {need};{cache} that is {within}, but {margin} "
-            f"does not fit: aim a few per cent below the limit (chapter 4). The 5% margin decided it."
+            f"<b style='color:#C44E52'>Too close to the limit.</b> {need};{cache} that is {within}, but without "
+            f"{margin}: aim below the limit (chapter 4). The margin decided it."
         )
     elif point.verdict == "allocator":
         head = (
@@ -240,7 +237,7 @@ def largest_text(s: RunSetting, point: MemoryPoint, largest: int | None) -> str:
         return "Searching for the largest batch that fits…"
     if not largest:
         return "Not even the smallest batch fits this device."
-    text = f"The largest batch that fits in one step: <b>{largest:,}</b> (estimated, with a 5% margin)."
+    text = f"The largest batch that fits in one step: <b>{largest:,}</b> (estimated, with max_batch_size's margin)."
     if not point.fits:
         k = next(
             (k for k in range(2, s.batch_size + 1) if s.batch_size % k == 0 and s.batch_size // k <= largest), None

@@ -116,6 +116,9 @@ class MemoryReport:
       ``cuda_reserved``: ``torch.cuda``'s counters after the step (None off CUDA).
     * ``reserved_bytes``: the most bytes a CUDA caching allocator reserved during the step
       (``torch.cuda.max_memory_reserved`` when measured; an estimator's prediction otherwise; None on CPU).
+    * ``margin_bytes``: the room :func:`batchlab.max_batch_size` wants free at the step's worst moment for
+      it to count as fitting: one more block of its largest allocation (:func:`batchlab.estimate.margin_bytes`;
+      0 when measured).
     * ``warnings``: what an estimate did not model and so may have missed (an operation whose GPU library
       scratch memory is unknown, a custom autograd function, a fallback to measuring); empty when measured.
     """
@@ -131,6 +134,7 @@ class MemoryReport:
     cuda_reserved: int | None = None
     label: str = ""
     reserved_bytes: int | None = None
+    margin_bytes: int = 0
     warnings: list = field(default_factory=list)
 
     def __repr__(self) -> str:

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from .checkpointing import checkpoint_blocks
-from .estimate import SAFETY_MARGIN, estimate_memory, max_batch_size
+from .estimate import estimate_memory
+from .max_batch import has_room, max_batch_size
 from .precision import PRECISIONS, check_precision
 from .progress import progress_bar
 from .reference import gpu_reference
@@ -235,22 +236,21 @@ def plan_fit(
 ) -> FitPlan:
     """The ways to train ``model`` with exactly ``effective_batch`` samples per optimizer step in ``budget``.
 
-    ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors cost nothing);
-    it is called for up to about 5% more than ``effective_batch`` (:func:`batchlab.max_batch_size`'s
-    safety margin). ``budget``: bytes or a string ("4GiB") that PyTorch may use on ``device`` (a GPU's
-    size minus the CUDA context, ``CUDA_CONSTANTS["cuda_context"]``). ``precisions`` and
-    ``checkpointing``: the settings to try (a single one is accepted too); checkpointing means every
-    block (:func:`batchlab.checkpointed`), and is skipped, with a note, for a model without blocks.
+    ``make_batch(n)`` returns a batch (inputs, targets) of ``n`` samples (meta tensors cost nothing); it is
+    called for batches of 1 up to ``effective_batch`` samples. ``budget``: bytes or a string ("4GiB") that
+    PyTorch may use on ``device`` (a GPU's size minus the CUDA context, ``CUDA_CONSTANTS["cuda_context"]``).
+    ``precisions`` and ``checkpointing``: the settings to try (a single one is accepted too); checkpointing
+    means every block (:func:`batchlab.checkpointed`), and is skipped, with a note, for a model without blocks.
 
-    For each setting: the largest micro-batch :func:`batchlab.max_batch_size` allows, the fewest
-    micro-batches of at most that size (sizes as equal as possible, adding up to ``effective_batch``),
-    and the accumulated step estimated by :func:`batchlab.estimate_memory` in ``budget``, which must
-    fit too (else one micro-batch more). ``peak_bytes``: its allocated peak; ``reserved_bytes``: what
-    the caching allocator holds at most when it frees its cache at the budget, as a GPU that size would.
-    Options are ranked by predicted cost (see :mod:`batchlab.plan`), then fewer micro-batches, fp32
-    before lower precision, no checkpointing first. Nothing fits: a ``ValueError`` with what a batch
-    of one needs, by category, and the levers that would help. Estimates are cached (same micro-batch,
-    precision and checkpointing); ``model`` is only read. ``progress`` draws a bar over the settings.
+    For each setting: the largest micro-batch :func:`batchlab.max_batch_size` allows, the fewest micro-batches
+    of at most that size (sizes as equal as possible, adding up to ``effective_batch``), and the accumulated
+    step estimated by :func:`batchlab.estimate_memory` in ``budget``, which must fit too, with max_batch_size's
+    margin (:func:`batchlab.max_batch.has_room`; else one micro-batch more). ``peak_bytes``: its allocated peak;
+    ``reserved_bytes``: what the caching allocator holds at most when it frees its cache at the budget, as a GPU
+    that size would. Options are ranked by predicted cost (see :mod:`batchlab.plan`), then fewer micro-batches,
+    fp32 before lower precision, no checkpointing first. Nothing fits: a ``ValueError`` with what a batch of one
+    needs, by category, and the levers that would help. Estimates are cached (same micro-batch, precision and
+    checkpointing); ``model`` is only read. ``progress`` draws a bar over the settings.
     """
     check_bool("progress", progress)
     budget, effective_batch, levers, notes = _check_plan_args(
@@ -329,7 +329,7 @@ def _plan_for(model, make_batch, budget, effective_batch, smallest, precision, c
         # gradients of the earlier micro-batches while the next one runs.
         n, accumulation = effective_batch, (1 if parts == 1 else tuple(sizes))
         report = _estimate(model, make_batch, n, accumulation, precision, checkpoint, common, cache, budget)
-        if report is not None:
+        if report is not None and has_room(report, budget):
             break
         if sizes[0] <= smallest:
             return None
@@ -412,16 +412,11 @@ def _settings(name, value, kind, check, works) -> tuple:
 
 
 def _check_make_batch(make_batch, effective_batch: int) -> None:
-    """make_batch(n) returns n samples of one shape for n = 1, ``effective_batch`` and that plus the margin.
-
-    :func:`batchlab.max_batch_size` asks for up to ``SAFETY_MARGIN`` (5%) more samples than the batch
-    it checks, so a make_batch that slices a data set must be able to make that many.
-    """
+    """make_batch(n) returns n samples of one shape for n = 1 and ``effective_batch`` (the sizes the plan asks for)."""
     if not callable(make_batch):
         raise TypeError(f"make_batch must be a function n -> (inputs, targets), got {make_batch!r}")
-    padded = math.ceil(effective_batch * (1 + SAFETY_MARGIN))
     shapes = {}
-    for n in dict.fromkeys((1, effective_batch, padded)):
+    for n in dict.fromkeys((1, effective_batch)):
         try:
             inputs, targets = check_batch(make_batch(n), f"make_batch({n})", keyword_inputs=True)
         except (IndexError, RuntimeError) as error:
@@ -431,12 +426,7 @@ def _check_make_batch(make_batch, effective_batch: int) -> None:
             ) from error
         made = batch_length(inputs)
         if made != n:
-            if n == padded > made >= effective_batch:
-                what = (
-                    f"make_batch must make {padded} samples (effective_batch {effective_batch} plus "
-                    f"max_batch_size's {SAFETY_MARGIN:.0%} safety margin) to plan it"
-                )
-            elif n == effective_batch > made:
+            if n == effective_batch > made:
                 what = f"effective_batch {effective_batch} is larger than make_batch can make"
             else:
                 what = f"make_batch({n}) must return {n} samples"

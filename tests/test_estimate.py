@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import batchlab
-from batchlab.estimate import CUDA_CONSTANTS, cudnn_workspace, estimate_memory, max_batch_size
+from batchlab.estimate import CUDA_CONSTANTS, cudnn_workspace, estimate_memory
+from batchlab.max_batch import has_room, max_batch_size
 from batchlab.reference import gpu_reference
 
 REFERENCE_MODELS = {
@@ -102,13 +103,33 @@ def test_simulated_capacity_raises_out_of_memory():
         estimate_memory(model, meta_batch(1024, (3, 64, 64)), budget="1GiB")
 
 
-def test_max_batch_size_fits_and_is_near_the_largest_that_fits():
+def test_max_batch_size_answers_the_largest_batch_that_leaves_room_for_its_margin():
     model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
     make = lambda n: meta_batch(n, (1, 28, 28))  # noqa: E731
-    n = max_batch_size(model, make, budget="512MiB")
-    estimate_memory(model, make(n), budget="512MiB")  # it fits...
-    with pytest.raises(torch.OutOfMemoryError):  # ...and 20% more does not (fragmentation makes what
-        estimate_memory(model, make(int(n * 1.2)), budget="512MiB")  # fits jagged near the limit)
+    budget = 512 * MiB
+    n = max_batch_size(model, make, budget=budget)
+    report = estimate_memory(model, make(n), budget=budget)  # it runs...
+    assert has_room(report, budget)  # ...with one more block of its largest tensor free at the worst moment
+    bigger = n + max(1, n // 100) + 1  # the search stops within 1%
+    try:
+        assert not has_room(estimate_memory(model, make(bigger), budget=budget), budget)
+    except torch.OutOfMemoryError:
+        pass
+
+
+def test_the_margin_is_one_more_segment_of_the_steps_largest_allocation():
+    from batchlab.allocator import block_size, segment_size
+
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    for n in (512, 1024):  # conv1's output is the largest tensor; cuDNN's modelled workspaces are smaller here
+        conv1_output = n * 32 * 28 * 28 * 4
+        cuda = estimate_memory(model, meta_batch(n, (1, 28, 28)))
+        assert cuda.margin_bytes == segment_size(block_size(conv1_output))
+        assert estimate_memory(model, meta_batch(n, (1, 28, 28)), device="cpu").margin_bytes == conv1_output
+    measured = batchlab.profile_step(model, (torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
+    assert measured.margin_bytes == 0  # a measurement has no margin
+    assert has_room(cuda, cuda.reserved_bytes + cuda.margin_bytes)
+    assert not has_room(cuda, cuda.reserved_bytes + cuda.margin_bytes - 1)
 
 
 def test_max_batch_size_handles_batchnorm_models_that_need_two_samples():

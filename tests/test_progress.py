@@ -91,7 +91,7 @@ def test_probe_batch_size_bar_counts_its_trials(bars):
 
 
 def test_max_batch_size_bar_counts_its_estimates(bars, monkeypatch):
-    import batchlab.estimate as estimate
+    import batchlab.max_batch as estimate
 
     calls = []
     real_fits = estimate._fits

@@ -19,6 +19,7 @@ from batchlab import datasets
 from batchlab import explorer as ex
 from batchlab import explorer_runs as er
 from batchlab import explorer_text as say
+from batchlab.max_batch import has_room
 from batchlab.widgets import BatchSizeExplorer, Jobs
 
 
@@ -145,7 +146,7 @@ def a_point(peak_gib, *, fits, cached_gib=0.0, batch=64, profile=GPU4, verdict=N
         fits,
         int(cached_gib * 2**30),
         verdict,
-        ex.margin_batch(batch),
+        batch * 3 * 2**20,  # one more block of its largest tensor, 3 MiB a sample
     )
 
 
@@ -167,7 +168,7 @@ def test_memory_text_says_the_verdict_and_the_numbers_behind_it():
     )
     assert "whose other 300 MiB are the CUDA context" in fits
     assert "context, the tensors and the cache: 2.79 GiB." in fits
-    assert fits.endswith("The largest batch that fits in one step: <b>98</b> (estimated, with a 5% margin).")
+    assert fits.endswith("The largest batch that fits in one step: <b>98</b> (estimated, with max_batch_size's margin).")
     over = say.memory_text(er.RunSetting("cnn", 256, 0.05), a_point(5.0, fits=False, batch=256), 98, (3, 224, 224))
     assert (
         "Out of memory.</b>" in over
@@ -192,10 +193,10 @@ def test_the_verdict_follows_chapter_4s_rule_and_says_which_number_decided_it():
     model = ex.meta_model("cnn", shape)
     largest = ex.largest_batch(model, shape, profile)
     points = {n: ex.memory_point(model, shape, n, profile) for n in (largest, largest + 4, 256)}
-    assert ex.margin_batch(98) == 103 and ex.margin_batch(256, 4) == 4 * 68
     assert points[largest].verdict == "fits" and points[largest].fits
-    assert points[largest].margin_batch == ex.margin_batch(largest)
-    close = points[largest + 4]  # the step itself would run, but a batch 5% larger would not: aim lower
+    report = batchlab.estimate_memory(model, ex.batch_from(shape, largest), budget=profile.budget)
+    assert points[largest].margin_bytes == report.margin_bytes > 0 and has_room(report, profile.budget)
+    close = points[largest + 4]  # the step itself may run, but not with its margin free: aim lower
     assert close.verdict in ("margin", "allocator") and not close.fits
     assert points[256].verdict == "tensors" and points[256].peak_bytes > profile.budget
     for point in points.values():  # the allocator releases its cache before it gives up: never above the budget
@@ -203,15 +204,15 @@ def test_the_verdict_follows_chapter_4s_rule_and_says_which_number_decided_it():
     s = er.RunSetting("cnn", largest, 0.05)
     text = say.memory_text(s, points[largest], largest, shape)
     assert (
-        f"and a batch 5% larger ({ex.margin_batch(largest)} samples) fits too: the margin chapter 4 asks for "
-        f"decided it." in text
+        f"with room for one more block of its largest tensor ({say.size_text(report.margin_bytes)}) to spare: "
+        f"the margin chapter 4 asks for decided it." in text
     )
     margin = a_point(3.0, fits=False, batch=100, verdict="margin")
     text = say.memory_text(er.RunSetting("cnn", 100, 0.05), margin, 98, shape)
     assert text.startswith("<b style='color:#C44E52'>Too close to the limit.</b>")
     assert (
-        "but a batch 5% larger (105 samples) does not fit: aim a few per cent below the limit (chapter 4). The 5% "
-        "margin decided it." in text
+        "but without room for one more block of its largest tensor (300 MiB): aim below the limit (chapter 4). "
+        "The margin decided it." in text
     )
     allocator = a_point(3.0, fits=False, batch=128, verdict="allocator")
     text = say.memory_text(er.RunSetting("cnn", 128, 0.05), allocator, 98, shape)

@@ -32,5 +32,5 @@ def check_largest_batch(
     )
     print(
         f"Correct: {expected} images of {'x'.join(map(str, memory_input_shape(model)))} per step, the largest "
-        f"batch whose estimated step fits with a 5% margin."
+        f"batch whose estimated step fits with max_batch_size's margin (room for one more block of its largest tensor)."
     )
