@@ -168,7 +168,9 @@ def test_memory_text_says_the_verdict_and_the_numbers_behind_it():
     )
     assert "whose other 300 MiB are the CUDA context" in fits
     assert "context, the tensors and the cache: 2.79 GiB." in fits
-    assert fits.endswith("The largest batch that fits in one step: <b>98</b> (estimated, with max_batch_size's margin).")
+    assert fits.endswith(
+        "The largest batch that fits in one step: <b>98</b> (estimated, with max_batch_size's margin)."
+    )
     over = say.memory_text(er.RunSetting("cnn", 256, 0.05), a_point(5.0, fits=False, batch=256), 98, (3, 224, 224))
     assert (
         "Out of memory.</b>" in over
