@@ -540,11 +540,12 @@ def margin_bytes(largest: int, device: str) -> int:
     It is one more block for the step's ``largest`` allocation, as big as the memory it would take: on CUDA the
     segment the caching allocator asks the driver for (:func:`batchlab.allocator.segment_size`), on the CPU the
     bytes. Why this much: the replay places every block where PyTorch's allocator rules put it, for the order in
-    which this estimate allocates, but a real run allocates a little differently (cuDNN's engine trials in the
-    first step, library workspaces, the kernels' own temporaries), and where a cached block the replay reused is
-    not free, the real allocator needs a new segment. One such miss costs at most one segment of the largest
-    request; on the H100 reference rows of 256 MiB or more, the real reserved memory was above the replay's by
-    0.1x to 1.2x the segment of the step's largest request, and below replay + margin in all but two
-    (benchmarks/estimate_vs_gpu.py prints them).
+    which this estimate allocates; a real run allocates a little differently (the kernels' own temporaries, where
+    library workspaces land), and where the replay reused a cached block that is not free in the real run, the
+    real allocator needs a new segment. One such miss costs at most one segment of the largest request, so the
+    margin grows with the batch. What it does not cover: cuDNN's convolution workspaces on a large GPU, which the
+    replay does not know (on the H100 reference they leave the real reserved memory up to 240 MiB above the
+    replay's); they shrink when memory is short, as PyTorch then tries cuDNN's next engine, so they weigh on a
+    large card's reserved memory more than on the largest batch of a small one (benchmarks/estimate_vs_gpu.py).
     """
     return segment_size(block_size(largest)) if device == "cuda" and largest else largest

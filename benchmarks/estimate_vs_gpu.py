@@ -28,6 +28,7 @@ import torch
 
 import batchlab
 import batchlab.estimate as estimate
+import batchlab.max_batch as max_batch
 from batchlab.reference import gpu_reference
 
 MiB = 2**20
@@ -93,6 +94,7 @@ def budget_table(reference) -> None:
             meta_batch(in_shape),
             budget=row["peak_reserved"],
             optimizer=opt,
+            progress=False,
         )
         print(
             f"  {model:12} {opt:4} budget {row['peak_reserved'] / MiB:7.1f} MiB: measured batch {row['batch']:>5} "
@@ -104,22 +106,22 @@ def budget_table(reference) -> None:
 def timed_search(model, make_batch, repeats: int = 3, **kwargs):
     """max_batch_size(model, make_batch, **kwargs): (answer, estimates it made, median seconds)."""
     calls = []
-    original = estimate.estimate_memory
+    original = max_batch.estimate_memory
 
     def counted(*args, **kw):
         calls.append(1)
         return original(*args, **kw)
 
-    estimate.estimate_memory = counted
+    max_batch.estimate_memory = counted
     try:
         times, answer = [], None
         for _ in range(repeats):
             calls.clear()
             start = time.perf_counter()
-            answer = batchlab.max_batch_size(model, make_batch, **kwargs)
+            answer = batchlab.max_batch_size(model, make_batch, progress=False, **kwargs)
             times.append(time.perf_counter() - start)
     finally:
-        estimate.estimate_memory = original
+        max_batch.estimate_memory = original
     return answer, len(calls), statistics.median(times)
 
 
@@ -134,7 +136,7 @@ def resnet18_224_timing(repeats: int = 3) -> None:
         f"after {calls} estimates; median {median:.2f} s of {repeats} runs (goal <= 5 s): "
         f"{'met' if median <= 5 else 'NOT met'}"
     )
-    whole = batchlab.max_batch_size(model, meta_batch((3, 224, 224)), budget=gpu_memory)
+    whole = batchlab.max_batch_size(model, meta_batch((3, 224, 224)), budget=gpu_memory, progress=False)
     print(
         f"resnet18, 3x224x224, SGD, budget for PyTorch {gpu_memory / 2**30:.2f} GiB (the whole card, no context "
         f"taken off; a GPU of {(gpu_memory + gpu_memory - budget) / 2**30:.2f} GiB): max_batch_size = {whole}"
@@ -173,6 +175,52 @@ def recurrent_timing(repeats: int = 3, steps: int = 128) -> None:
         )
 
 
+def convolution_slack(name, in_shape, row) -> float:
+    """The most cuDNN workspace (MiB) any one convolution of the measured step could have taken without raising
+    the real peak: the real peak minus what the replay holds when that convolution runs (its output included)."""
+    allocated = []
+    original = estimate._AllocatorReplay.after_op  # the replay's per-operation hook: read the allocator at convolutions
+
+    def watched(self, func, args, out):
+        if self.measuring and func.overloadpacket.__name__ in ("convolution", "convolution_backward"):
+            allocated.append(self.allocator.allocated)
+        return original(self, func, args, out)
+
+    estimate._AllocatorReplay.after_op = watched
+    try:
+        batchlab.estimate_memory(
+            batchlab.build_model(name, in_shape=in_shape), meta_batch(in_shape)(row["batch"]), optimizer=row["opt"]
+        )
+    finally:
+        estimate._AllocatorReplay.after_op = original
+    return (row["peak_allocated"] - min(allocated)) / MiB if allocated else 0.0
+
+
+def workspace_table(reference) -> None:
+    print(
+        "Where the missing reserved memory can come from: cuDNN picks its convolution engines on the GPU, and each\n"
+        "takes a workspace for the call. The real peak bounds it: at the convolution where the replay holds least,\n"
+        "a workspace up to 'room' MiB would not have raised the measured peak, yet needs a segment of its own if no\n"
+        "cached block is that large. Rows of 256 MiB or more where the replay reserves less than the real GPU:"
+    )
+    for row in reference["rows"]:
+        name, in_shape = MODELS[row["model"]]
+        if row["peak_reserved"] < 256 * MiB:
+            continue
+        report = batchlab.estimate_memory(
+            batchlab.build_model(name, in_shape=in_shape), meta_batch(in_shape)(row["batch"]), optimizer=row["opt"]
+        )
+        missed = (row["peak_reserved"] - report.reserved_bytes) / MiB
+        if missed <= 0:
+            continue
+        room = convolution_slack(name, in_shape, row)
+        print(
+            f"  {row['model']:12} {row['opt']:4} {row['batch']:5}: real reserved {missed:+6.1f} MiB beyond the replay; "
+            f"room for a cuDNN workspace {room:6.1f} MiB: {'could be one workspace' if missed <= room else 'more'}"
+        )
+    print()
+
+
 def main():
     print(
         f"machine: {platform.machine()}, {psutil.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
@@ -181,6 +229,7 @@ def main():
     reference = gpu_reference()
     print(f"reference: {reference['env']['device']}, torch {reference['env']['torch']}\n")
     accuracy_table(reference)
+    workspace_table(reference)
     budget_table(reference)
     resnet18_224_timing()
     recurrent_timing()
