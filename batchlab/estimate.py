@@ -255,7 +255,10 @@ class _AllocatorReplay(_LargestRequest):
         workspace = cudnn_workspace(func, args)
         if workspace:  # cuDNN's scratch memory lives only while the convolution runs
             super().allocated(-1, workspace)
-            block = self.allocator.malloc(workspace)
+            try:
+                block = self.allocator.malloc(workspace)
+            except torch.OutOfMemoryError:
+                return  # PyTorch then tries cuDNN's next engine: we assume one that needs no workspace
             self._note_peak(block.size)
             self.allocator.free(block)
 

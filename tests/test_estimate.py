@@ -96,6 +96,21 @@ def test_cudnn_workspace_model():
     assert cudnn_workspace(torch.ops.aten.relu.default, (x,)) == 0
 
 
+def test_a_cudnn_workspace_that_does_not_fit_falls_back_to_an_engine_without_one(monkeypatch):
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    with_workspaces = estimate_memory(model, meta_batch(64, (1, 28, 28)))
+    assert with_workspaces.breakdown["workspaces"] > 64 * MiB + 1 * MiB  # cuBLAS's 65 MiB and cuDNN's on top
+    limit = CUDA_CONSTANTS["cudnn_gemm_workspace_limit"]
+    monkeypatch.setitem(CUDA_CONSTANTS, "cudnn_gemm_workspace_limit", (0, limit[1]))
+    without = estimate_memory(model, meta_batch(64, (1, 28, 28)))
+    monkeypatch.setitem(CUDA_CONSTANTS, "cudnn_gemm_workspace_limit", limit)
+    # Only the workspace-free step fits this budget; PyTorch then runs cuDNN's next engine, and so does the replay.
+    budget = without.reserved_bytes
+    assert with_workspaces.reserved_bytes > budget
+    squeezed = estimate_memory(model, meta_batch(64, (1, 28, 28)), budget=budget)
+    assert squeezed.reserved_bytes <= budget and squeezed.peak_bytes <= with_workspaces.peak_bytes
+
+
 def test_simulated_capacity_raises_out_of_memory():
     model = batchlab.build_model("resnet18", in_shape=(3, 64, 64))
     estimate_memory(model, meta_batch(64, (3, 64, 64)), budget="1GiB")
