@@ -13,7 +13,11 @@ finds the true largest batch under that budget by real out-of-memory trials (a b
 records the sizes of the allocator's segments after the step (``torch.cuda.memory_snapshot``), to compare
 with the segments of ``batchlab.CachingAllocator``, and recurrent language models (nn.GRU, nn.LSTM, one
 cuDNN call each on the GPU; ``batchlab.rnn_kernels`` models their reserve space and workspaces) are
-measured like the course models. Exits with status 2 when no GPU is present (nothing to check).
+measured like the course models. For the two steps whose reserved memory the replay misses most on the
+H100 reference (cnn_bn at batch 2048, resnet18 at 3x32x32 and batch 1024), it records the allocator's own
+history of both steps (``torch.cuda.memory._record_memory_history``): every allocation, free and new segment
+of 1 MiB or more, with the operator that asked for it, so that cuDNN's workspaces (the likeliest cause,
+chapter 4) can be read off rather than guessed. Exits with status 2 when no GPU is present (nothing to check).
 """
 
 import argparse
@@ -87,6 +91,40 @@ def measure(name, in_shape, n, optimizer="sgd", cell=None):
         "estimated_allocated": estimated.peak_bytes,
         "estimated_reserved": estimated.reserved_bytes,
         "warnings": estimated.warnings,
+    }
+
+
+def allocator_history(name, in_shape, n) -> dict:
+    """Both training steps of ``name`` at batch ``n`` as the allocator saw them: events of 1 MiB or more."""
+    model = batchlab.build_model(name, in_shape=in_shape).cuda().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    inputs, targets = make_batch(in_shape, n, "cuda")
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    marks = []
+    for _ in range(2):
+        marks.append(torch.cuda.memory_reserved())
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = []
+    for event in snapshot["device_traces"][0]:
+        if event["size"] >= 2**20:
+            frames = [f["name"][:80] for f in event.get("frames", [])][:6]  # innermost first: the C++ operator
+            events.append([event["action"], event["size"], " < ".join(frames)])
+    model = opt = inputs = targets = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {
+        "model": name,
+        "in_shape": list(in_shape),
+        "batch": n,
+        "reserved_before_each_step": marks,
+        "peak_reserved": torch.cuda.max_memory_reserved(),
+        "cudnn": torch.backends.cudnn.version(),
+        "events": events,
     }
 
 
@@ -168,11 +206,15 @@ def main() -> int:
                 f"{row['peak_reserved'] / 2**20:9.1f} vs {row['estimated_reserved'] / 2**20:9.1f} MiB",
                 flush=True,
             )
+    histories = [allocator_history("cnn_bn", (1, 28, 28), 2048), allocator_history("resnet18", (3, 32, 32), 1024)]
+    for history in histories:
+        news = [size for action, size, _ in history["events"] if action == "segment_alloc"]
+        print(f"{history['model']} batch {history['batch']}: new segments (MiB) {[round(s / 2**20) for s in news]}")
     oom = out_of_memory_check()
     print(json.dumps(oom, indent=1))
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "batchlab": batchlab.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"env": env, "rows": rows, "out_of_memory": oom}, indent=1))
+    args.out.write_text(json.dumps({"env": env, "rows": rows, "histories": histories, "out_of_memory": oom}, indent=1))
     print(f"written to {args.out}")
     return 0
 
