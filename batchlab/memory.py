@@ -161,9 +161,11 @@ def track_memory(model: nn.Module | None = None, optimizer: torch.optim.Optimize
     mark the forward pass and the optimizer step; their memory that exists already is counted from
     the start. Memory made before the block and not passed in (a data set, say) is not counted.
 
-    The tracker always removes its hooks when the block ends, also when it ends with an error. One
-    tracker at a time: nesting raises ``RuntimeError``. On CUDA it resets the peak counter of
-    ``torch.cuda`` at the start, so ``report().cuda_max_allocated`` belongs to this block.
+    The tracker always removes its hooks when the block ends, also when it ends with an error. Blocks
+    nest (a :func:`profile_step` or a second ``track_memory`` inside one, or inside a
+    :func:`batchlab.memory_budget` block): each tracker sees every operation of its own block, so the outer
+    one counts what the inner block allocates. On CUDA it resets the peak counter of ``torch.cuda`` at the
+    start, so ``report().cuda_max_allocated`` belongs to this block (an outer tracker keeps its own peak).
     """
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")

@@ -136,3 +136,48 @@ def test_train_without_on_oom_lets_the_error_through_and_restores_the_model():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="on_oom must be None"):
         batchlab.train(model, datasets.digits(), batch_size=64, steps=1, on_oom="skip", progress=False)
+
+
+# -- issue 16 defect 3: batchlab's tools inside a budget ------------------------------------------------
+
+
+def test_profile_step_inside_a_budget_reports_and_its_memory_counts_against_the_budget():
+    model = cnn()
+    batch = make_batch(8)
+    alone = batchlab.profile_step(model, batch)
+    with memory_budget("40MiB", model) as tracker:
+        before = tracker.current()
+        nested = batchlab.profile_step(model, batch)
+        assert tracker.current() == before  # what the nested step made is freed, and booked as freed
+        # A budget too small for the nested step (its model copy, optimizer state and activations) refuses it.
+        with pytest.raises(torch.OutOfMemoryError, match="Simulated by batchlab.memory_budget") as caught:
+            batchlab.profile_step(model, make_batch(512))
+        assert "Of the 40.00 MiB budget" in str(caught.value)
+        del caught
+        assert tracker.current() == before  # once the error is gone, nothing of the failed step is counted
+        assert tracker.active and tracker._observer.live == sum(before.values())  # the budget's own count too
+    assert (nested.peak_bytes, nested.breakdown) == (alone.peak_bytes, alone.breakdown)
+    assert before["parameters"] == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_the_nested_step_alone_passes_a_budget_that_the_model_fits():
+    """The budget counts profile_step's copy of the model and its step: a budget with room for the model
+    and not for the copy plus the step raises, though the model alone fits."""
+    model = cnn()
+    batch = make_batch(8)
+    step_peak = batchlab.profile_step(model, batch).peak_bytes
+    model_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    with memory_budget(model_bytes + step_peak // 2, model):
+        with pytest.raises(torch.OutOfMemoryError):
+            batchlab.profile_step(model, batch)
+    with memory_budget(model_bytes + 2 * step_peak, model):
+        batchlab.profile_step(model, batch)
+
+
+def test_the_estimators_meta_step_inside_a_budget_costs_nothing():
+    model, batch = cnn(), make_batch(4096)  # made before the block: its 48 MiB do not count
+    with memory_budget("3MiB", model) as tracker:
+        before = tracker.current()
+        report = batchlab.estimate_memory(model, batch, device="cpu")
+        assert tracker.current() == before
+    assert report.peak_bytes > 3 * 2**20  # far more than the budget, estimated on meta tensors

@@ -12,7 +12,7 @@ from torch import nn
 import batchlab
 from batchlab import memory
 from batchlab.memory_plots import plot_peak_breakdown, plot_step_timeline
-from batchlab.tracker import track_storages
+from batchlab.tracker import active_trackers, track_storages
 
 
 def nbytes(tensors):
@@ -226,7 +226,8 @@ def tracker_is_gone(model, optimizer):
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
     assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
-    with batchlab.track_memory() as fresh:  # would raise if the old one were still active
+    assert not active_trackers()
+    with batchlab.track_memory() as fresh:
         torch.ones(3) * 2
     assert fresh.report().peak_bytes == 24  # the ones and the product, alive together
 
@@ -244,17 +245,35 @@ def test_an_error_inside_the_block_uninstalls_the_tracker():
     assert len(tracker.report().timeline) == events
 
 
-def test_nested_trackers_are_refused_clearly():
+def test_nested_trackers_each_count_their_own_block():
     model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
     optimizer = make_optimizer("sgd", model.parameters())
     with batchlab.track_memory(model, optimizer) as outer:
-        with pytest.raises(RuntimeError, match="cannot be nested"):
-            with batchlab.track_memory():
-                pass
-        x = torch.zeros(10)
-        assert outer.current()["temporaries"] == 40
+        before = outer.current()
+        with batchlab.track_memory() as inner:
+            x = torch.zeros(10)
+            assert inner.current()["temporaries"] == 40 and outer.current()["temporaries"] == 40
+        assert inner.report().peak_bytes == 40 and active_trackers() == [outer]
+        del x
+        assert outer.current() == before  # the inner block's tensors are freed and booked in the outer one
+        assert outer.report().peak_bytes == sum(before.values()) + 40
     tracker_is_gone(model, optimizer)
-    del x
+
+
+def test_profile_step_inside_a_tracker_gives_the_same_report_and_leaves_the_counts():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    batch = batch_of(16)
+    alone = batchlab.profile_step(model, batch)
+    optimizer = make_optimizer("sgd", model.parameters())
+    with batchlab.track_memory(model, optimizer) as outer:
+        before = outer.current()
+        nested = batchlab.profile_step(model, batch)
+        assert outer.current() == before  # no reference cycle keeps profile_step's copy of the model alive
+    assert (nested.peak_bytes, nested.breakdown) == (alone.peak_bytes, alone.breakdown)
+    # The outer tracker saw the copy of the model and its whole step, on top of what existed before; all
+    # but the copy's buffers, which deepcopy copies storage to storage, out of a dispatch mode's sight.
+    assert outer.report().peak_bytes >= sum(before.values()) + alone.peak_bytes - nbytes(model.buffers())
+    tracker_is_gone(model, optimizer)
 
 
 def test_bad_arguments_get_clear_errors():
