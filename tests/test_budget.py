@@ -127,6 +127,36 @@ def test_train_halves_the_micro_batch_on_out_of_memory():
     assert history.loss == pytest.approx(expected.loss, rel=1e-5)
 
 
+def test_halving_stops_at_one_sample_per_micro_batch():
+    """Batch 3: 1 micro-batch, then 2 (of 2 and 1 samples), then 3 of one sample each, not 4 (more micro-batches
+    than samples, which train_step refuses). Small weights, large activations: only the activations halve."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 5, (6,), generator=g)
+    data = torch.utils.data.TensorDataset(images, labels)
+
+    def net():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return torch.nn.Sequential(
+                torch.nn.Conv2d(3, 32, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(32, 32, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1),
+                torch.nn.Flatten(),
+                torch.nn.Linear(32, 5),
+            )
+
+    recovered, reference = net(), net()
+    weights = sum(p.numel() * 4 for p in recovered.parameters())
+    with memory_budget(weights + 900 * 2**10, recovered):  # room for one sample's activations, not two
+        history = batchlab.train(recovered, data, batch_size=3, steps=1, on_oom="halve", progress=False)
+    assert [note.split("; now ")[1].split(" of")[0] for note in history.notes] == ["2 micro-batches", "3 micro-batches"]
+    batchlab.train(reference, data, batch_size=3, steps=1, accumulation_steps=3, progress=False)
+    for p, q in zip(recovered.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
 def test_train_without_on_oom_lets_the_error_through_and_restores_the_model():
     model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
