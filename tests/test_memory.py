@@ -11,6 +11,7 @@ from torch import nn
 
 import batchlab
 from batchlab import memory
+from batchlab import tracker as memory_tracker
 from batchlab.memory_plots import plot_peak_breakdown, plot_step_timeline
 from batchlab.tracker import active_trackers, track_storages
 
@@ -258,6 +259,49 @@ def test_nested_trackers_each_count_their_own_block():
         assert outer.current() == before  # the inner block's tensors are freed and booked in the outer one
         assert outer.report().peak_bytes == sum(before.values()) + 40
     tracker_is_gone(model, optimizer)
+
+
+class FakeCuda:
+    """torch.cuda's counters for one device, driven by hand: what a tracker on "cuda:0" reads."""
+
+    def __init__(self):
+        self.allocated = self.peak = 0
+
+    def use(self, nbytes):
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+
+    def reset(self):
+        self.peak = self.allocated
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: self.reset())
+        for name in ("memory_allocated", "memory_reserved"):
+            monkeypatch.setattr(torch.cuda, name, lambda device=None: self.allocated)
+        for name in ("max_memory_allocated", "max_memory_reserved"):
+            monkeypatch.setattr(torch.cuda, name, lambda device=None: self.peak)
+
+
+def test_a_nested_tracker_leaves_the_outer_trackers_cuda_peak(monkeypatch):
+    """Each tracker on CUDA resets torch.cuda's peak counter as it starts; the outer one keeps the peak it saw."""
+    cuda = FakeCuda()
+    cuda.install(monkeypatch)
+
+    class OnCuda(memory_tracker.MemoryTracker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.device = "cuda:0"
+
+    monkeypatch.setattr(memory_tracker, "MemoryTracker", OnCuda)
+    with track_storages(None, None, record=True) as outer:
+        cuda.use(100)
+        cuda.use(-100)
+        with track_storages(None, None, record=True) as inner:
+            cuda.use(30)
+        cuda.use(-30)
+    assert inner.report().cuda_max_allocated == inner.report().reserved_bytes == 30  # its own block's peak
+    assert outer.report().cuda_max_allocated == outer.report().reserved_bytes == 100  # not the inner one's 30
 
 
 def test_profile_step_inside_a_tracker_gives_the_same_report_and_leaves_the_counts():
