@@ -173,7 +173,10 @@ def track_memory(model: nn.Module | None = None, optimizer: torch.optim.Optimize
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     from .tracker import track_storages  # the tracker imports this module's categories and reports
 
-    return track_storages(model, optimizer, record=True)
+    # Meta tensors take no memory: with a model on a real device they are not counted (estimate_memory inside
+    # the block); without a model every tensor is, so that the meta device can be watched too.
+    count_meta = model is None or device_of(model).type == "meta"
+    return track_storages(model, optimizer, record=True, count_meta=count_meta)
 
 
 def profile_step(

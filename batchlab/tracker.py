@@ -54,7 +54,7 @@ def _stack() -> list:
     return _active.trackers
 
 
-def reset_cuda_peak(tracker, device: str) -> None:
+def _reset_cuda_peak(tracker, device: str) -> None:
     """Reset ``torch.cuda``'s peak counters of ``device`` for ``tracker``; the outer trackers remember the
     peaks so far, so that their own reports still cover their whole block."""
     torch.cuda.synchronize(device)
@@ -218,7 +218,7 @@ class MemoryTracker:
             self._events = [(ref.serial, ref.nbytes, "start", "existing") for ref in self._live.values()]
             self.phase = "start"
         if self.active and self.device.startswith("cuda"):
-            reset_cuda_peak(self, self.device)
+            _reset_cuda_peak(self, self.device)
 
     def category_of(self, serial: int) -> str:
         """The category of the storage numbered ``serial`` (the numbers an observer is given)."""
@@ -242,7 +242,7 @@ class MemoryTracker:
     def _install(self) -> None:
         self.active = True
         if self.device.startswith("cuda"):
-            reset_cuda_peak(self, self.device)
+            _reset_cuda_peak(self, self.device)
         if self.model is not None:
             self.adopt(list(self.model.parameters()), "parameters")
             self.adopt(list(self.model.buffers()), "buffers")
@@ -459,7 +459,7 @@ def replay_events(events, categories: dict, phase: str = "start"):
     return timeline, peak, timeline[peak_index], category_peaks
 
 
-class StorageWatcher(dispatch_mode_base()):
+class _StorageWatcher(dispatch_mode_base()):
     """The dispatch mode of one tracker: called in place of every tensor operation, it runs the operation and
     tells the tracker. One class for all trackers (a class made per block would be a reference cycle, and
     would keep the tracker, its model and its optimizer alive until the garbage collector ran)."""
@@ -515,7 +515,7 @@ def track_storages(
             if saved_tensors
             else nullcontext()
         )
-        with StorageWatcher(tracker), hooks:
+        with _StorageWatcher(tracker), hooks:
             yield tracker
     finally:
         try:

@@ -304,6 +304,19 @@ def test_a_nested_tracker_leaves_the_outer_trackers_cuda_peak(monkeypatch):
     assert outer.report().cuda_max_allocated == outer.report().reserved_bytes == 100  # not the inner one's 30
 
 
+def test_estimate_memory_inside_a_tracker_counts_no_meta_tensors():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    batch = batch_of(256)
+    optimizer = make_optimizer("sgd", model.parameters())
+    with batchlab.track_memory(model, optimizer) as outer:
+        before = outer.current()
+        estimate = batchlab.estimate_memory(model, batch, device="cpu")
+        assert outer.current() == before
+    # The estimate's step ran on meta tensors, which take no memory: the outer tracker saw no part of it.
+    assert outer.report().peak_bytes < sum(before.values()) + estimate.peak_bytes // 10
+    tracker_is_gone(model, optimizer)
+
+
 def test_profile_step_inside_a_tracker_gives_the_same_report_and_leaves_the_counts():
     model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
     batch = batch_of(16)
