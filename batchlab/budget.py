@@ -91,6 +91,10 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
     it asked for is not kept, as on a GPU; catch it, let the ``except`` block end, free what you can, and
     carry on. ``with memory_budget(...) as tracker`` gives the :class:`~batchlab.tracker.MemoryTracker`
     that counts: ``tracker.current()`` by category, with what autograd saved for backward as activations.
+
+    Batchlab's tools work inside the block and what they allocate counts: :func:`batchlab.profile_step`
+    measures its step with a tracker of its own while the budget counts the step (and the model copy it
+    runs on), and raises the budget's ``OutOfMemoryError`` if they do not fit. Budgets do not nest.
     """
     budget = parse_bytes("budget", budget)
     if model is not None:
@@ -107,8 +111,9 @@ def memory_budget(budget, model: nn.Module | None = None, optimizer: torch.optim
         )
     guard = _BudgetGuard(budget)
     # No timeline (only what is alive now counts), but the saved-tensor hooks, so that what the forward
-    # pass keeps for backward is counted as activations.
-    with track_storages(model, optimizer, record=False, observer=guard, saved_tensors=True) as tracker:
+    # pass keeps for backward is counted as activations; meta tensors (estimate_memory's step) take no memory.
+    tracking = track_storages(model, optimizer, record=False, observer=guard, saved_tensors=True, count_meta=False)
+    with tracking as tracker:
         guard.tracker = tracker
         if guard.live > budget:
             raise ValueError(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .process import python_tensors
 from .progress import progress_bar
-from .tracker import track_storages
+from .tracker import active_trackers, track_storages
 from .validation import MiB, check_bool, check_int
 
 
@@ -152,6 +152,11 @@ def leak_check(fn, iterations: int = 20, *, warmup: int = 3, label: str = "", pr
     check_int("iterations", iterations, minimum=2)
     check_int("warmup", warmup, minimum=0)
     check_bool("progress", progress)
+    if active_trackers():
+        raise RuntimeError(
+            "leak_check cannot run inside a track_memory or memory_budget block: the outer block's "
+            "bookkeeping would be counted as objects that fn leaves behind. Run leak_check outside the block"
+        )
     with progress_bar(progress, total=warmup + iterations, desc=f"leak_check {label}".strip(), unit="call") as bar:
         return _leak_check(fn, iterations, warmup, label, bar)
 

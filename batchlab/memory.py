@@ -165,9 +165,11 @@ def track_memory(model: nn.Module | None = None, optimizer: torch.optim.Optimize
     mark the forward pass and the optimizer step; their memory that exists already is counted from
     the start. Memory made before the block and not passed in (a data set, say) is not counted.
 
-    The tracker always removes its hooks when the block ends, also when it ends with an error. One
-    tracker at a time: nesting raises ``RuntimeError``. On CUDA it resets the peak counter of
-    ``torch.cuda`` at the start, so ``report().cuda_max_allocated`` belongs to this block.
+    The tracker always removes its hooks when the block ends, also when it ends with an error. Blocks
+    nest (a :func:`profile_step` or a second ``track_memory`` inside one, or inside a
+    :func:`batchlab.memory_budget` block): each tracker sees every operation of its own block, so the outer
+    one counts what the inner block allocates. On CUDA it resets the peak counter of ``torch.cuda`` at the
+    start, so ``report().cuda_max_allocated`` belongs to this block (an outer tracker keeps its own peak).
     """
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
@@ -175,7 +177,10 @@ def track_memory(model: nn.Module | None = None, optimizer: torch.optim.Optimize
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     from .tracker import track_storages  # the tracker imports this module's categories and reports
 
-    return track_storages(model, optimizer, record=True)
+    # Meta tensors take no memory: with a model on a real device they are not counted (estimate_memory inside
+    # the block); without a model every tensor is, so that the meta device can be watched too.
+    count_meta = model is None or device_of(model).type == "meta"
+    return track_storages(model, optimizer, record=True, count_meta=count_meta)
 
 
 def profile_step(

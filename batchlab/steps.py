@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .precision import autocast, check_precision
-from .validation import check_float, check_int, check_loss_fn
+from .validation import check_batch, check_float, check_int, check_loss_fn, check_trainable, describe
 
 # The optimizers the course names, with their default settings. A learner passes the name, or a
 # function ``params -> torch.optim.Optimizer`` for anything else.
@@ -124,14 +124,14 @@ def train_step(
     ``scaler`` (``torch.amp.GradScaler``): the loss is multiplied by its scale before backward so that
     small gradients do not underflow, and ``scaler.step`` unscales them and skips the update when one
     is inf or nan (``scaler.get_scale()`` is then lowered: :func:`batchlab.train` reports such steps).
+
+    A wrong argument (an optimizer built for another model, targets of another length, more micro-batches
+    than samples) raises ``ValueError`` or ``TypeError`` naming it, before the model or optimizer change.
     """
-    loss_fn = check_loss_fn(loss_fn)
-    check_precision(precision)
-    if precision == "fp16" and scaler is None:
-        raise ValueError(
-            "precision='fp16' needs a scaler (torch.amp.GradScaler(device_type)): without loss "
-            "scaling small gradients underflow to zero in float16; or use precision='bf16'"
-        )
+    # Every argument is checked before anything changes (cheaply: nothing is read from the device).
+    loss_fn = check_step_args(
+        model, optimizer, inputs, targets, loss_fn, accumulation_steps, no_sync, precision, scaler
+    )
     step_loss = 0.0
     parts = micro_batches(inputs, targets, accumulation_steps)
     for i, (micro_inputs, micro_targets) in enumerate(parts):
@@ -157,6 +157,53 @@ def train_step(
         scaler.update()  # lowers the scale after a skipped step, raises it after many good ones
     optimizer.zero_grad(set_to_none=True)  # free the gradients until the next batch's first backward
     return step_loss
+
+
+def check_step_args(model, optimizer, inputs, targets, loss_fn, accumulation_steps, no_sync, precision, scaler):
+    """The arguments of :func:`train_step`, checked before the step changes anything; returns ``loss_fn``
+    (cross-entropy when None). Cheap enough for every step: nothing is read from a device, and the
+    optimizer is matched to the model by its first parameter (found among the model's by identity)."""
+    check_trainable(model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer over the model's parameters, e.g. "
+            f"batchlab.make_optimizer('sgd', model.parameters()), got {_shown(optimizer)}"
+        )
+    first = next((p for group in optimizer.param_groups for p in group["params"]), None)
+    if first is None or not any(p is first for p in model.parameters()):
+        raise ValueError(
+            f"optimizer does not update model ({type(model).__name__}): its parameters belong to another model "
+            f"(or to a copy of this one). Build it over this model's: torch.optim.SGD(model.parameters(), lr=0.01)"
+        )
+    keyword = isinstance(inputs, dict) and inputs and all(isinstance(v, torch.Tensor) for v in inputs.values())
+    if not (keyword or isinstance(inputs, torch.Tensor)):
+        raise TypeError(
+            f"inputs must be a tensor with the samples along dim 0, or a dict of such tensors (the keyword "
+            f"inputs of model(**inputs)), got {describe(inputs)}"
+        )
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor with one target per sample along dim 0, got {describe(targets)}")
+    if targets.dim() == 0:
+        raise ValueError("targets must have one target per sample along dim 0, got a 0-d tensor (a single value)")
+    check_batch((inputs, targets), keyword_inputs=True)  # the same number of samples, and at least one
+    check_accumulation(accumulation_steps, len(targets))
+    if no_sync is not None and not callable(no_sync):
+        raise TypeError(f"no_sync must be None or DDP's model.no_sync (a context manager), got {_shown(no_sync)}")
+    check_precision(precision)
+    if precision == "fp16" and scaler is None:
+        raise ValueError(
+            "precision='fp16' needs a scaler (torch.amp.GradScaler(device_type)): without loss "
+            "scaling small gradients underflow to zero in float16; or use precision='bf16'"
+        )
+    if scaler is not None and not all(callable(getattr(scaler, name, None)) for name in ("scale", "step", "update")):
+        raise TypeError(f"scaler must be None or a torch.amp.GradScaler, got {_shown(scaler)}")
+    return check_loss_fn(loss_fn)
+
+
+def _shown(value) -> str:
+    """``value`` for a message: its repr, cut short (a model's repr would fill the screen)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {type(value).__name__}"
 
 
 def _scalar(loss) -> torch.Tensor:

@@ -36,7 +36,34 @@ _PRIORITY = {
 }
 
 
-_active = threading.local()
+_active = threading.local()  # .trackers: this thread's active trackers, outermost first
+
+
+def active_trackers() -> list:
+    """The trackers whose blocks this thread is in, outermost first (a copy: changing it changes nothing).
+
+    Blocks nest: a :func:`batchlab.profile_step` inside a :func:`batchlab.memory_budget` block runs a tracker
+    of its own, and every operation is seen by both, so the budget counts what the nested step allocates.
+    """
+    return list(_stack())
+
+
+def _stack() -> list:
+    if not hasattr(_active, "trackers"):
+        _active.trackers = []
+    return _active.trackers
+
+
+def _reset_cuda_peak(tracker, device: str) -> None:
+    """Reset ``torch.cuda``'s peak counters of ``device`` for ``tracker``; the outer trackers remember the
+    peaks so far, so that their own reports still cover their whole block."""
+    torch.cuda.synchronize(device)
+    peaks = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+    for outer in _stack():
+        if outer is not tracker and outer.active and outer.device == device:
+            outer._cuda_peaks = tuple(map(max, outer._cuda_peaks, peaks))
+    tracker._cuda_peaks = (0, 0)
+    torch.cuda.reset_peak_memory_stats(device)
 
 
 class _StorageRef(weakref.ref):
@@ -63,6 +90,7 @@ class MemoryTracker:
         *,
         record: bool = True,
         observer=None,
+        count_meta: bool = True,
     ):
         self.model, self.optimizer = model, optimizer
         params = list(model.parameters()) if model is not None else []
@@ -87,12 +115,18 @@ class MemoryTracker:
         self._device_bytes: dict = {}  # device -> bytes allocated there (names the device without a model)
         self._handles: list = []
         self._cuda = None
+        self._cuda_peaks = (0, 0)  # peaks before a nested tracker reset torch.cuda's counters (allocated, reserved)
+        # Tensors on the meta device have shapes but no memory: a budget does not count them (the estimator's
+        # meta step inside a memory_budget block costs nothing); track_memory counts them when asked to.
+        self._count_meta = count_meta
         self.active = False
         self.new_category = "temporaries"  # what new memory is until a hook says otherwise (see recomputation)
 
     # -- what the hooks call -------------------------------------------------------------------
     def _add(self, storage, category: str, what: str) -> int | None:
         """Start tracking ``storage`` (new memory, or memory that existed before the block)."""
+        if not self._count_meta and storage.device.type == "meta":
+            return None
         nbytes = storage.nbytes()
         key = id(storage)
         with self._lock:
@@ -184,8 +218,7 @@ class MemoryTracker:
             self._events = [(ref.serial, ref.nbytes, "start", "existing") for ref in self._live.values()]
             self.phase = "start"
         if self.active and self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            _reset_cuda_peak(self, self.device)
 
     def category_of(self, serial: int) -> str:
         """The category of the storage numbered ``serial`` (the numbers an observer is given)."""
@@ -209,8 +242,7 @@ class MemoryTracker:
     def _install(self) -> None:
         self.active = True
         if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            _reset_cuda_peak(self, self.device)
         if self.model is not None:
             self.adopt(list(self.model.parameters()), "parameters")
             self.adopt(list(self.model.buffers()), "buffers")
@@ -229,9 +261,9 @@ class MemoryTracker:
             torch.cuda.synchronize(self.device)
             self._cuda = (
                 torch.cuda.memory_allocated(self.device),
-                torch.cuda.max_memory_allocated(self.device),
+                max(torch.cuda.max_memory_allocated(self.device), self._cuda_peaks[0]),
                 torch.cuda.memory_reserved(self.device),
-                torch.cuda.max_memory_reserved(self.device),
+                max(torch.cuda.max_memory_reserved(self.device), self._cuda_peaks[1]),
             )
         with self._lock:
             self._final = self.current()
@@ -360,7 +392,9 @@ def pack_hook(tracker: MemoryTracker, tensor):
     """Autograd saves ``tensor`` for backward: it is an activation."""
     if tracker.phase in ("start", "after step"):
         tracker._set_phase("forward")  # without a model, the first saved tensor marks the forward pass
-    tracker._reclassify(tensor, "activations")
+    for each in _stack():  # only the innermost block's hooks are called: tell the outer trackers too
+        if each.active:
+            each._reclassify(tensor, "activations")
     # Keep a detached alias, not the tensor itself: an output saved with its own grad_fn would
     # make a reference cycle that the garbage collector cannot see (and so never frees).
     return tensor.detach()
@@ -425,44 +459,51 @@ def replay_events(events, categories: dict, phase: str = "start"):
     return timeline, peak, timeline[peak_index], category_peaks
 
 
-def _make_mode(tracker: MemoryTracker):
-    base = dispatch_mode_base()
+class _StorageWatcher(dispatch_mode_base()):
+    """The dispatch mode of one tracker: called in place of every tensor operation, it runs the operation and
+    tells the tracker. One class for all trackers (a class made per block would be a reference cycle, and
+    would keep the tracker, its model and its optimizer alive until the garbage collector ran)."""
 
-    class _StorageWatcher(base):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))  # called in place of the operation, the mode runs it
-            try:
-                tracker._on_op(func, args, kwargs, out)
-            except torch.OutOfMemoryError as error:
-                refused = error
-            else:
-                return out
-            # An observer refused the new memory (memory_budget, or the estimator's simulated GPU). A GPU
-            # would never have made it: drop the result before the error travels, so that it is not held
-            # (the traceback's frames would keep it) and no longer counted.
-            refused = refused.with_traceback(None)
-            del out
-            try:
-                raise refused
-            finally:
-                del refused  # else this frame and the error's traceback would hold each other in a cycle
+    def __init__(self, tracker: MemoryTracker):
+        super().__init__()
+        self.tracker = tracker
 
-    return _StorageWatcher()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))  # called in place of the operation, the mode runs it
+        try:
+            self.tracker._on_op(func, args, kwargs, out)
+        except torch.OutOfMemoryError as error:
+            refused = error
+        else:
+            return out
+        # An observer refused the new memory (memory_budget, or the estimator's simulated GPU). A GPU
+        # would never have made it: drop the result before the error travels, so that it is not held
+        # (the traceback's frames would keep it) and no longer counted.
+        refused = refused.with_traceback(None)
+        del out
+        try:
+            raise refused
+        finally:
+            del refused  # else this frame and the error's traceback would hold each other in a cycle
 
 
 @contextmanager
-def track_storages(model, optimizer, *, record: bool, observer=None, saved_tensors: bool | None = None):
+def track_storages(
+    model, optimizer, *, record: bool, observer=None, saved_tensors: bool | None = None, count_meta: bool = True
+):
     """:func:`track_memory` without its argument checks, for batchlab's own tools: ``record=False`` keeps
     no timeline (leak_check, memory_budget); ``observer`` is told of every event as it happens (the GPU
     estimator, memory_budget); ``saved_tensors`` installs the saved-tensor hooks that name activations
-    (default: when recording; memory_budget asks for them without a timeline)."""
-    if getattr(_active, "tracker", None) is not None:
-        raise RuntimeError(
-            "track_memory is already active: trackers cannot be nested. Use the outer tracker, "
-            "or leave its block first (leak_check and profile_step start one of their own)."
-        )
-    tracker = MemoryTracker(model, optimizer, record=record, observer=observer)
-    _active.tracker = tracker
+    (default: when recording; memory_budget asks for them without a timeline); ``count_meta=False``
+    ignores tensors on the meta device (memory_budget: they take no memory).
+
+    Blocks nest: an inner tracker's dispatch mode runs each operation through the outer ones, so every
+    tracker sees every operation of its block, and an outer observer (a budget) can refuse one made
+    inside the inner block. The inner tracker's report is its own block's.
+    """
+    tracker = MemoryTracker(model, optimizer, record=record, observer=observer, count_meta=count_meta)
+    stack = _stack()
+    stack.append(tracker)
     try:
         tracker._install()
         # Saved-tensor hooks name the activations; leak_check does without them, because the aliases they
@@ -474,29 +515,29 @@ def track_storages(model, optimizer, *, record: bool, observer=None, saved_tenso
             if saved_tensors
             else nullcontext()
         )
-        with _make_mode(tracker), hooks:
+        with _StorageWatcher(tracker), hooks:
             yield tracker
     finally:
         try:
             tracker._uninstall()
         finally:
-            _active.tracker = None
+            stack.remove(tracker)
 
 
 @contextmanager
 def recomputation():
-    """Inside this block the active tracker (if any) counts new memory as ``activations``.
+    """Inside this block the active trackers (if any) count new memory as ``activations``.
 
     Activation checkpointing (:func:`batchlab.checkpointed`) recomputes a segment's forward pass during
     backward under hooks of its own, which the tracker's saved-tensor hooks do not see: what the
     recomputation makes is the segment's activations, made again.
     """
-    tracker = getattr(_active, "tracker", None)
-    if tracker is None:
-        yield
-        return
-    outer, tracker.new_category = tracker.new_category, "activations"
+    trackers = list(_stack())
+    outer = [tracker.new_category for tracker in trackers]
+    for tracker in trackers:
+        tracker.new_category = "activations"
     try:
         yield
     finally:
-        tracker.new_category = outer
+        for tracker, category in zip(trackers, outer):
+            tracker.new_category = category

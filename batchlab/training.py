@@ -348,7 +348,7 @@ def _step_or_halve(model, opt, step_args, inputs, targets, accumulation_steps, h
         opt.zero_grad(set_to_none=True)
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-        accumulation_steps = 2 * parts  # uneven sizes too: twice as many micro-batches
+        accumulation_steps = min(2 * parts, len(targets))  # twice as many micro-batches, at most one per sample
         note = (
             f"step {step}: out of memory; now {accumulation_steps} micro-batches of about "
             f"{-(-len(targets) // accumulation_steps)} samples (the effective batch is still {len(targets)})"

@@ -61,6 +61,7 @@ MODEL = tiny_model()
 OPTIMIZER = torch.optim.SGD(MODEL.parameters(), lr=0.1, momentum=0.9)
 DATA = tiny_data()
 BATCH = tiny_batch()
+OTHER_OPTIMIZER = torch.optim.SGD(tiny_model().parameters(), lr=0.1)  # built for another model
 
 
 def make_batch(n):
@@ -330,6 +331,40 @@ CASES = {
             "loss_fn": bad_loss_fn(),
         },
     ),
+    "train_step": (
+        keyword_call(
+            batchlab.train_step, {"model": MODEL, "optimizer": OPTIMIZER, "inputs": BATCH[0], "targets": BATCH[1]}, {}
+        ),
+        {
+            "model": bad_model(),
+            "optimizer": st.one_of(
+                st.sampled_from(["sgd", "adam"]), st.integers(), st.none(), st.just(OTHER_OPTIMIZER), st.just(MODEL)
+            ),
+            "inputs": st.one_of(
+                st.text(max_size=3),
+                st.none(),
+                st.just([[1.0] * 36] * 8),
+                st.just(BATCH[0][:3]),
+                st.just(BATCH[0][:0]),
+                st.just({}),
+                st.just({"x": 1}),
+            ),
+            "targets": st.one_of(
+                st.text(max_size=3),
+                st.none(),
+                st.just([0] * 8),
+                st.just(torch.tensor(1)),
+                st.just(BATCH[1][:3]),
+            ),
+            "loss_fn": bad_loss_fn(),
+            "accumulation_steps": st.one_of(
+                bad_positive_int(limit=8), st.just([4, 2]), st.just([4, 4, 0]), st.just(["4", "4"]), st.just([])
+            ),
+            "no_sync": st.one_of(st.text(max_size=3), st.booleans(), st.integers()),
+            "precision": st.one_of(st.sampled_from(["half", "fp64", "", "FP32"]), st.none(), st.integers()),
+            "scaler": st.one_of(st.text(max_size=3), st.booleans(), st.integers(), st.just(OPTIMIZER)),
+        },
+    ),
     "profile_step": (
         keyword_call(batchlab.profile_step, {"model": MODEL, "batch": BATCH}, {}),
         {
@@ -596,9 +631,37 @@ def test_every_public_function_that_takes_arguments_is_covered():
         "process_memory",
         "accumulate_weighted",  # its model, batch and loss_fn: the four scenarios below
     }
-    not_yet = {"train_step"}  # the step itself checks only loss_fn (it is called inside every tool, hot)
-    missing = public - set(CASES) - checked_elsewhere - not_yet
+    missing = public - set(CASES) - checked_elsewhere
     assert not missing, f"public functions without generated bad input: {sorted(missing)}"
+
+
+def test_train_step_says_what_is_wrong_and_takes_an_optimizer_over_part_of_the_model():
+    inputs, targets = BATCH
+    refusals = [
+        (dict(optimizer=OTHER_OPTIMIZER), ValueError, r"optimizer does not update model \(Sequential\)"),
+        (dict(optimizer="sgd"), TypeError, "optimizer must be a torch.optim.Optimizer over the model's parameters"),
+        (dict(targets=targets[:3]), ValueError, r"batch inputs and targets must have the same number of samples, "
+         r"got \(8, 1, 6, 6\) and \(3,\)"),
+        (dict(targets=torch.tensor(1)), ValueError, "targets must have one target per sample along dim 0"),
+        (dict(accumulation_steps=9), ValueError, "accumulation_steps must be at most 8, got 9"),
+        (dict(accumulation_steps=[4, 2]), ValueError, r"must add up to the batch \(8\), got \[4, 2\]"),
+        (dict(model=nn.Identity()), ValueError, "model has no trainable parameters"),
+        (dict(no_sync=True), TypeError, "no_sync must be None or DDP's model.no_sync"),
+    ]
+    for change, error, message in refusals:
+        call = {"model": MODEL, "optimizer": OPTIMIZER, "inputs": inputs, "targets": targets, **change}
+        model, optimizer = call.pop("model"), call.pop("optimizer")
+        before = snapshot(MODEL, OPTIMIZER)
+        with pytest.raises(error, match=message):
+            batchlab.train_step(model, optimizer, call.pop("inputs"), call.pop("targets"), **call)
+        assert_unchanged(before, MODEL, OPTIMIZER)
+    # Fine-tuning: an optimizer over the last layer only is an optimizer over some of the model's parameters.
+    model = tiny_model()
+    head = torch.optim.SGD(model[-1].parameters(), lr=0.1)
+    first = model[0].weight.detach().clone()
+    loss = batchlab.train_step(model, head, inputs, targets, accumulation_steps=[4, 4])
+    assert math.isfinite(loss) and torch.equal(model[0].weight, first)
+    assert model[-1].weight.grad is None  # zero_grad(set_to_none=True) ran: the step went through
 
 
 # -- four scenarios for each function that takes a model ------------------------------------------

@@ -127,6 +127,36 @@ def test_train_halves_the_micro_batch_on_out_of_memory():
     assert history.loss == pytest.approx(expected.loss, rel=1e-5)
 
 
+def test_halving_stops_at_one_sample_per_micro_batch():
+    """Batch 3: 1 micro-batch, then 2 (of 2 and 1 samples), then 3 of one sample each, not 4 (more micro-batches
+    than samples, which train_step refuses). Small weights, large activations: only the activations halve."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 5, (6,), generator=g)
+    data = torch.utils.data.TensorDataset(images, labels)
+
+    def net():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return torch.nn.Sequential(
+                torch.nn.Conv2d(3, 32, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(32, 32, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1),
+                torch.nn.Flatten(),
+                torch.nn.Linear(32, 5),
+            )
+
+    recovered, reference = net(), net()
+    weights = sum(p.numel() * 4 for p in recovered.parameters())
+    with memory_budget(weights + 900 * 2**10, recovered):  # room for one sample's activations, not two
+        history = batchlab.train(recovered, data, batch_size=3, steps=1, on_oom="halve", progress=False)
+    assert [note.split("; now ")[1].split(" of")[0] for note in history.notes] == ["2 micro-batches", "3 micro-batches"]
+    batchlab.train(reference, data, batch_size=3, steps=1, accumulation_steps=3, progress=False)
+    for p, q in zip(recovered.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
 def test_train_without_on_oom_lets_the_error_through_and_restores_the_model():
     model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -136,3 +166,48 @@ def test_train_without_on_oom_lets_the_error_through_and_restores_the_model():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="on_oom must be None"):
         batchlab.train(model, datasets.digits(), batch_size=64, steps=1, on_oom="skip", progress=False)
+
+
+# -- issue 16 defect 3: batchlab's tools inside a budget ------------------------------------------------
+
+
+def test_profile_step_inside_a_budget_reports_and_its_memory_counts_against_the_budget():
+    model = cnn()
+    batch = make_batch(8)
+    alone = batchlab.profile_step(model, batch)
+    with memory_budget("40MiB", model) as tracker:
+        before = tracker.current()
+        nested = batchlab.profile_step(model, batch)
+        assert tracker.current() == before  # what the nested step made is freed, and booked as freed
+        # A budget too small for the nested step (its model copy, optimizer state and activations) refuses it.
+        with pytest.raises(torch.OutOfMemoryError, match="Simulated by batchlab.memory_budget") as caught:
+            batchlab.profile_step(model, make_batch(512))
+        assert "Of the 40.00 MiB budget" in str(caught.value)
+        del caught
+        assert tracker.current() == before  # once the error is gone, nothing of the failed step is counted
+        assert tracker.active and tracker._observer.live == sum(before.values())  # the budget's own count too
+    assert (nested.peak_bytes, nested.breakdown) == (alone.peak_bytes, alone.breakdown)
+    assert before["parameters"] == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_the_nested_step_alone_passes_a_budget_that_the_model_fits():
+    """The budget counts profile_step's copy of the model and its step: a budget with room for the model
+    and not for the copy plus the step raises, though the model alone fits."""
+    model = cnn()
+    batch = make_batch(8)
+    step_peak = batchlab.profile_step(model, batch).peak_bytes
+    model_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    with memory_budget(model_bytes + step_peak // 2, model):
+        with pytest.raises(torch.OutOfMemoryError):
+            batchlab.profile_step(model, batch)
+    with memory_budget(model_bytes + 2 * step_peak, model):
+        batchlab.profile_step(model, batch)
+
+
+def test_the_estimators_meta_step_inside_a_budget_costs_nothing():
+    model, batch = cnn(), make_batch(4096)  # made before the block: its 48 MiB do not count
+    with memory_budget("3MiB", model) as tracker:
+        before = tracker.current()
+        report = batchlab.estimate_memory(model, batch, device="cpu")
+        assert tracker.current() == before
+    assert report.peak_bytes > 3 * 2**20  # far more than the budget, estimated on meta tensors

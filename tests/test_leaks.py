@@ -172,7 +172,7 @@ def test_bad_arguments_get_clear_errors():
     with pytest.raises(ValueError, match="warmup must be an int >= 0"):
         batchlab.leak_check(lambda: None, warmup=-1)
     with batchlab.track_memory():
-        with pytest.raises(RuntimeError, match="cannot be nested"):
+        with pytest.raises(RuntimeError, match="leak_check cannot run inside a track_memory or memory_budget block"):
             batchlab.leak_check(lambda: None, iterations=2)
 
 

@@ -11,8 +11,9 @@ from torch import nn
 
 import batchlab
 from batchlab import memory
+from batchlab import tracker as memory_tracker
 from batchlab.memory_plots import plot_peak_breakdown, plot_step_timeline
-from batchlab.tracker import track_storages
+from batchlab.tracker import active_trackers, track_storages
 
 
 def nbytes(tensors):
@@ -226,7 +227,8 @@ def tracker_is_gone(model, optimizer):
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
     assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
-    with batchlab.track_memory() as fresh:  # would raise if the old one were still active
+    assert not active_trackers()
+    with batchlab.track_memory() as fresh:
         torch.ones(3) * 2
     assert fresh.report().peak_bytes == 24  # the ones and the product, alive together
 
@@ -244,17 +246,91 @@ def test_an_error_inside_the_block_uninstalls_the_tracker():
     assert len(tracker.report().timeline) == events
 
 
-def test_nested_trackers_are_refused_clearly():
+def test_nested_trackers_each_count_their_own_block():
     model = batchlab.build_model("mlp", in_shape=(1, 8, 8))
     optimizer = make_optimizer("sgd", model.parameters())
     with batchlab.track_memory(model, optimizer) as outer:
-        with pytest.raises(RuntimeError, match="cannot be nested"):
-            with batchlab.track_memory():
-                pass
-        x = torch.zeros(10)
-        assert outer.current()["temporaries"] == 40
+        before = outer.current()
+        with batchlab.track_memory() as inner:
+            x = torch.zeros(10)
+            assert inner.current()["temporaries"] == 40 and outer.current()["temporaries"] == 40
+        assert inner.report().peak_bytes == 40 and active_trackers() == [outer]
+        del x
+        assert outer.current() == before  # the inner block's tensors are freed and booked in the outer one
+        assert outer.report().peak_bytes == sum(before.values()) + 40
     tracker_is_gone(model, optimizer)
-    del x
+
+
+class FakeCuda:
+    """torch.cuda's counters for one device, driven by hand: what a tracker on "cuda:0" reads."""
+
+    def __init__(self):
+        self.allocated = self.peak = 0
+
+    def use(self, nbytes):
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+
+    def reset(self):
+        self.peak = self.allocated
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: self.reset())
+        for name in ("memory_allocated", "memory_reserved"):
+            monkeypatch.setattr(torch.cuda, name, lambda device=None: self.allocated)
+        for name in ("max_memory_allocated", "max_memory_reserved"):
+            monkeypatch.setattr(torch.cuda, name, lambda device=None: self.peak)
+
+
+def test_a_nested_tracker_leaves_the_outer_trackers_cuda_peak(monkeypatch):
+    """Each tracker on CUDA resets torch.cuda's peak counter as it starts; the outer one keeps the peak it saw."""
+    cuda = FakeCuda()
+    cuda.install(monkeypatch)
+
+    class OnCuda(memory_tracker.MemoryTracker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.device = "cuda:0"
+
+    monkeypatch.setattr(memory_tracker, "MemoryTracker", OnCuda)
+    with track_storages(None, None, record=True) as outer:
+        cuda.use(100)
+        cuda.use(-100)
+        with track_storages(None, None, record=True) as inner:
+            cuda.use(30)
+        cuda.use(-30)
+    assert inner.report().cuda_max_allocated == inner.report().reserved_bytes == 30  # its own block's peak
+    assert outer.report().cuda_max_allocated == outer.report().reserved_bytes == 100  # not the inner one's 30
+
+
+def test_estimate_memory_inside_a_tracker_counts_no_meta_tensors():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    batch = batch_of(256)
+    optimizer = make_optimizer("sgd", model.parameters())
+    with batchlab.track_memory(model, optimizer) as outer:
+        before = outer.current()
+        estimate = batchlab.estimate_memory(model, batch, device="cpu")
+        assert outer.current() == before
+    # The estimate's step ran on meta tensors, which take no memory: the outer tracker saw no part of it.
+    assert outer.report().peak_bytes < sum(before.values()) + estimate.peak_bytes // 10
+    tracker_is_gone(model, optimizer)
+
+
+def test_profile_step_inside_a_tracker_gives_the_same_report_and_leaves_the_counts():
+    model = batchlab.build_model("cnn_bn", in_shape=(1, 28, 28))
+    batch = batch_of(16)
+    alone = batchlab.profile_step(model, batch)
+    optimizer = make_optimizer("sgd", model.parameters())
+    with batchlab.track_memory(model, optimizer) as outer:
+        before = outer.current()
+        nested = batchlab.profile_step(model, batch)
+        assert outer.current() == before  # no reference cycle keeps profile_step's copy of the model alive
+    assert (nested.peak_bytes, nested.breakdown) == (alone.peak_bytes, alone.breakdown)
+    # The outer tracker saw the copy of the model and its whole step, on top of what existed before; all
+    # but the copy's buffers, which deepcopy copies storage to storage, out of a dispatch mode's sight.
+    assert outer.report().peak_bytes >= sum(before.values()) + alone.peak_bytes - nbytes(model.buffers())
+    tracker_is_gone(model, optimizer)
 
 
 def test_bad_arguments_get_clear_errors():
