@@ -134,7 +134,7 @@ def batch_size_options(limit: int, near: int | None = None) -> tuple:
 
     With ``near`` (the largest batch that fits, once known), finer stops around it as well: ``near``
     itself, 2, 5 and 10% below it and 2, 4, 6 and 10% above, so that a learner can walk across the limit with
-    the slider (at 4 GiB, the cnn's 98 fits, 100 and 102 are too close, 104 does not fit).
+    the slider, from the largest batch that fits to batches too close to the limit and to ones that do not fit.
     """
     check_int("limit", limit, minimum=1)
     powers = [2**i for i in range(limit.bit_length()) if 2**i <= limit]

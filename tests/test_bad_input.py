@@ -640,8 +640,12 @@ def test_train_step_says_what_is_wrong_and_takes_an_optimizer_over_part_of_the_m
     refusals = [
         (dict(optimizer=OTHER_OPTIMIZER), ValueError, r"optimizer does not update model \(Sequential\)"),
         (dict(optimizer="sgd"), TypeError, "optimizer must be a torch.optim.Optimizer over the model's parameters"),
-        (dict(targets=targets[:3]), ValueError, r"batch inputs and targets must have the same number of samples, "
-         r"got \(8, 1, 6, 6\) and \(3,\)"),
+        (
+            dict(targets=targets[:3]),
+            ValueError,
+            r"batch inputs and targets must have the same number of samples, "
+            r"got \(8, 1, 6, 6\) and \(3,\)",
+        ),
         (dict(targets=torch.tensor(1)), ValueError, "targets must have one target per sample along dim 0"),
         (dict(accumulation_steps=9), ValueError, "accumulation_steps must be at most 8, got 9"),
         (dict(accumulation_steps=[4, 2]), ValueError, r"must add up to the batch \(8\), got \[4, 2\]"),

@@ -251,13 +251,16 @@ def test_the_slider_gets_finer_stops_around_the_largest_batch_that_fits(small_di
     assert ex.batch_size_options(100, 98)[-4:] == (93, 96, 98, 100)  # never beyond the limit
     widget = BatchSizeExplorer(small_digits, model="cnn", batch_size=64, profile="4 GiB", panels="memory")
     largest = widget.state["largest_batch"]
-    assert {largest, largest + 2, largest + 4} <= set(widget.batch_size.options)  # added once the search ended
-    index = widget.batch_size.options.index(largest)
-    widget.batch_size.value = widget.batch_size.options[index]
+    options = widget.batch_size.options
+    assert {round(largest * f) for f in ex.NEAR_STOPS} <= set(options)  # added once the search ended
+    index = options.index(largest)
+    widget.batch_size.value = options[index]
     assert widget.state["fits"] and widget.state["verdict"] == "fits"
-    widget.batch_size.value = widget.batch_size.options[index + 2]  # two stops further: across the limit
+    widget.batch_size.value = options[index + 2]  # two stops further (4% more): across the limit
     state = widget.state
-    assert not state["fits"] and state["verdict"] in ("margin", "allocator") and state["batch_size"] == largest + 4
+    assert (
+        not state["fits"] and state["verdict"] in ("margin", "allocator") and state["batch_size"] == options[index + 2]
+    )
     widget.close()
 
 
