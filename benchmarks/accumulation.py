@@ -24,7 +24,6 @@ import psutil
 import torch
 
 import batchlab
-from batchlab.accumulation import _train_step
 
 CASES = [("cnn", (1, 28, 28)), ("resnet18", (3, 32, 32))]  # (model, input shape)
 MICRO_BATCHES = (256, 64, 16, 4)
@@ -51,11 +50,11 @@ def measure(name, in_shape, batch, device, runs):
     settings = {m: _setting(name, in_shape, device) for m in MICRO_BATCHES if batch % m == 0}
     peaks = {}
     for m, (model, optimizer) in settings.items():  # warm-up (optimizer state, caches), then the peak
-        _train_step(model, optimizer, loss_fn, inputs, targets, batch // m)
+        batchlab.train_step(model, optimizer, inputs, targets, loss_fn=loss_fn, accumulation_steps=batch // m)
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _train_step(model, optimizer, loss_fn, inputs, targets, batch // m)
+        batchlab.train_step(model, optimizer, inputs, targets, loss_fn=loss_fn, accumulation_steps=batch // m)
         _sync(device)
         peaks[m] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     seconds = {m: [] for m in settings}
@@ -63,7 +62,7 @@ def measure(name, in_shape, batch, device, runs):
         for m, (model, optimizer) in settings.items():
             _sync(device)
             start = time.perf_counter()
-            _train_step(model, optimizer, loss_fn, inputs, targets, batch // m)
+            batchlab.train_step(model, optimizer, inputs, targets, loss_fn=loss_fn, accumulation_steps=batch // m)
             _sync(device)
             seconds[m].append(time.perf_counter() - start)
     return {m: (statistics.median(seconds[m]), peaks[m]) for m in settings}, (inputs, targets)
