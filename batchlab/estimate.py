@@ -197,35 +197,18 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-class _LargestRequest:
-    """Watches what a :class:`~batchlab.tracker.MemoryTracker` sees and keeps the largest allocation of the measured
-    step (``largest``, bytes): the unit of :func:`batchlab.max_batch_size`'s margin (:func:`margin_bytes`)."""
-
-    def __init__(self):
-        self.measuring = False
-        self.largest = 0
-
-    def allocated(self, serial: int, nbytes: int) -> None:
-        if self.measuring:
-            self.largest = max(self.largest, nbytes)
-
-    def freed(self, serial: int) -> None:
-        pass
-
-    def after_op(self, func, args, out) -> None:
-        pass
-
-
-class _AllocatorReplay(_LargestRequest):
+class _AllocatorReplay:
     """Replays what a :class:`~batchlab.tracker.MemoryTracker` sees through a CUDA caching allocator model.
 
     The tracker calls :meth:`allocated`, :meth:`freed` and :meth:`after_op`; the replay adds the
-    library workspaces and remembers which tensors were alive at the highest allocated moment.
+    library workspaces, remembers which tensors were alive at the highest allocated moment, and keeps the
+    largest allocation of the measured step (``largest``, bytes: the unit of :func:`margin_bytes`).
     """
 
     def __init__(self, budget: int | None = None):
-        super().__init__()
         self.allocator = CachingAllocator(budget)
+        self.measuring = False
+        self.largest = 0
         self.blocks: dict = {}  # tracker serial -> allocator block
         self.sizes: dict = {}  # tracker serial -> bytes the tensor asked for
         self.library_blocks: list = []  # cuBLAS workspaces, allocated at the first matrix product
@@ -235,7 +218,7 @@ class _AllocatorReplay(_LargestRequest):
         self.unmodelled: dict = {}  # operator name -> the library whose scratch memory is not modelled
 
     def allocated(self, serial: int, nbytes: int) -> None:
-        super().allocated(serial, nbytes)
+        self._note_request(nbytes)
         self.blocks[serial], self.sizes[serial] = self.allocator.malloc(nbytes), nbytes
         self._note_peak()
 
@@ -254,13 +237,17 @@ class _AllocatorReplay(_LargestRequest):
             self._note_peak()
         workspace = cudnn_workspace(func, args)
         if workspace:  # cuDNN's scratch memory lives only while the convolution runs
-            super().allocated(-1, workspace)
+            self._note_request(workspace)
             try:
                 block = self.allocator.malloc(workspace)
             except torch.OutOfMemoryError:
                 return  # PyTorch then tries cuDNN's next engine: we assume one that needs no workspace
             self._note_peak(block.size)
             self.allocator.free(block)
+
+    def _note_request(self, nbytes: int) -> None:
+        if self.measuring:
+            self.largest = max(self.largest, nbytes)
 
     def _note_peak(self, scratch: int = 0) -> None:
         if self.measuring and self.allocator.allocated > self.peak:
@@ -481,9 +468,8 @@ def _estimate(
     # The optimizer a real run would build: on CUDA PyTorch picks the multi-tensor (foreach) code.
     opt = make_optimizer(optimizer, list(work.parameters()), foreach=device == "cuda")
     replay = _AllocatorReplay(budget) if device == "cuda" else None
-    watcher = replay or _LargestRequest()
     work = apply_checkpointing(work, checkpointing)
-    tracking = track_storages(work, opt, record=True, observer=watcher)
+    tracking = track_storages(work, opt, record=True, observer=replay)
     functions = set()
     step = dict(
         loss_fn=loss_fn,
@@ -496,9 +482,8 @@ def _estimate(
         # warm-up: optimizer state, cached blocks; its graph is searched for custom autograd functions
         train_step(work, opt, inputs, targets, **{**step, "loss_fn": _watching_custom_functions(loss_fn, functions)})
         tracker.begin_measurement()
-        watcher.measuring = True
         if replay is not None:
-            replay.tracker = tracker
+            replay.tracker, replay.measuring = tracker, True
             replay.allocator.reset_peaks()
         train_step(work, opt, inputs, targets, **step)
     report = tracker.report(
@@ -533,22 +518,25 @@ def _estimate(
         report.reserved_bytes = replay.allocator.peak_reserved
         report.breakdown = replay.breakdown(tracker.category_of)
         report.peak_phase = replay.at_peak[2] or report.peak_phase
-    report.margin_bytes = margin_bytes(watcher.largest, device)
+        report.margin_bytes = margin_bytes(replay.largest)
     return report
 
 
-def margin_bytes(largest: int, device: str) -> int:
+def margin_bytes(largest: int) -> int:
     """The room a step must leave free at its worst moment to count as fitting (:func:`batchlab.max_batch_size`).
 
-    It is one more block for the step's ``largest`` allocation, as big as the memory it would take: on CUDA the
-    segment the caching allocator asks the driver for (:func:`batchlab.allocator.segment_size`), on the CPU the
-    bytes. Why this much: the replay places every block where PyTorch's allocator rules put it, for the order in
-    which this estimate allocates; a real run allocates a little differently (the kernels' own temporaries, where
-    library workspaces land), and where the replay reused a cached block that is not free in the real run, the
-    real allocator needs a new segment. One such miss costs at most one segment of the largest request, so the
-    margin grows with the batch. What it does not cover: cuDNN's convolution workspaces on a large GPU, which the
-    replay does not know (on the H100 reference they leave the real reserved memory up to 240 MiB above the
-    replay's); they shrink when memory is short, as PyTorch then tries cuDNN's next engine, so they weigh on a
-    large card's reserved memory more than on the largest batch of a small one (benchmarks/estimate_vs_gpu.py).
+    On CUDA it is one more block for the step's ``largest`` allocation, as big as the segment the caching
+    allocator would ask the driver for (:func:`batchlab.allocator.segment_size`); on the CPU it is 0, as
+    there is no caching allocator to model and the CPU estimate is exact for the tensors (chapter 4).
+
+    Why this much: the replay places every block where PyTorch's allocator rules put it, for the order in
+    which this estimate allocates; a real run allocates a little differently (the kernels' own temporaries,
+    where library workspaces land), and where the replay reused a cached block that is not free in the real
+    run, the real allocator needs a new segment. One such miss costs at most one segment of the largest
+    request, so the margin grows with the batch. What it does not cover: cuDNN's convolution workspaces on a
+    large GPU, which the replay does not know (on the H100 reference they leave the real reserved memory up
+    to 240 MiB above the replay's); they shrink when memory is short, as PyTorch then tries cuDNN's next
+    engine, so they weigh on a large card's reserved memory more than on the largest batch of a small one
+    (benchmarks/estimate_vs_gpu.py).
     """
-    return segment_size(block_size(largest)) if device == "cuda" and largest else largest
+    return segment_size(block_size(largest)) if largest else 0

@@ -117,8 +117,8 @@ class MemoryReport:
     * ``reserved_bytes``: the most bytes a CUDA caching allocator reserved during the step
       (``torch.cuda.max_memory_reserved`` when measured; an estimator's prediction otherwise; None on CPU).
     * ``margin_bytes``: the room :func:`batchlab.max_batch_size` wants free at the step's worst moment for
-      it to count as fitting: one more block of its largest allocation (:func:`batchlab.estimate.margin_bytes`;
-      0 when measured).
+      it to count as fitting: on CUDA one more segment for its largest allocation
+      (:func:`batchlab.estimate.margin_bytes`); 0 on the CPU and when measured.
     * ``warnings``: what an estimate did not model and so may have missed (an operation whose GPU library
       scratch memory is unknown, a custom autograd function, a fallback to measuring); empty when measured.
     """

@@ -140,7 +140,7 @@ def test_the_margin_is_one_more_segment_of_the_steps_largest_allocation():
         conv1_output = n * 32 * 28 * 28 * 4
         cuda = estimate_memory(model, meta_batch(n, (1, 28, 28)))
         assert cuda.margin_bytes == segment_size(block_size(conv1_output))
-        assert estimate_memory(model, meta_batch(n, (1, 28, 28)), device="cpu").margin_bytes == conv1_output
+        assert estimate_memory(model, meta_batch(n, (1, 28, 28)), device="cpu").margin_bytes == 0  # exact there
     measured = batchlab.profile_step(model, (torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
     assert measured.margin_bytes == 0  # a measurement has no margin
     assert has_room(cuda, cuda.reserved_bytes + cuda.margin_bytes)

@@ -62,11 +62,11 @@ def test_uneven_micro_batches_when_no_divisor_fits(make_batch):
         precisions="fp32",
         checkpointing=False,
     )
-    assert plan.options[0].max_micro_batch == 73  # 250 / 73 -> 4 micro-batches, and 4 does not divide 250
-    assert plan.micro_batches == [63, 63, 62, 62]
-    assert plan.micro_batch == 63 and plan.accumulation_steps == 4
-    assert plan.train_kwargs()["accumulation_steps"] == [63, 63, 62, 62]
-    assert "63 x 2 + 62 x 2" in repr(plan)
+    assert plan.options[0].max_micro_batch == 96  # 250 / 96 -> 3 micro-batches, and 3 does not divide 250
+    assert plan.micro_batches == [84, 83, 83]
+    assert plan.micro_batch == 84 and plan.accumulation_steps == 3
+    assert plan.train_kwargs()["accumulation_steps"] == [84, 83, 83]
+    assert "84 x 1 + 83 x 2" in repr(plan)
 
 
 def test_every_option_fits_its_estimate_and_uses_the_fewest_micro_batches(plan, make_batch):
