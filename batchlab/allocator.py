@@ -73,6 +73,20 @@ class CachingAllocator:
     def reset_peaks(self) -> None:
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
 
+    def limit(self, budget: int) -> None:
+        """Make ``budget`` the limit from now on, as if the device had just become that small: release the
+        cached segments that are entirely free if more than that is reserved, and raise
+        ``torch.OutOfMemoryError`` if the segments still in use alone are more."""
+        self.budget = budget
+        if self.reserved > budget:
+            self._release_free_segments()
+        if self.reserved > budget:
+            raise torch.OutOfMemoryError(
+                f"Simulated CUDA out of memory: {self.reserved / MiB:.2f} MiB of segments are in use, more than "
+                f"the {budget / MiB:.2f} MiB budget."
+            )
+        self.reset_peaks()
+
     def segments(self) -> list:
         """The size in bytes of every segment reserved now, in the order they were created."""
         sizes = []

@@ -54,6 +54,7 @@ from .validation import (
     MiB,
     batch_length,
     check_batch,
+    check_bool,
     check_choice,
     check_loss_fn,
     check_trainable,
@@ -202,7 +203,7 @@ class _AllocatorReplay:
 
     The tracker calls :meth:`allocated`, :meth:`freed` and :meth:`after_op`; the replay adds the
     library workspaces, remembers which tensors were alive at the highest allocated moment, and keeps the
-    largest allocation of the measured step (``largest``, bytes: the unit of :func:`margin_bytes`).
+    largest allocation of the two steps (``largest``, bytes: the unit of :func:`margin_bytes`).
     """
 
     def __init__(self, budget: int | None = None):
@@ -246,8 +247,7 @@ class _AllocatorReplay:
             self.allocator.free(block)
 
     def _note_request(self, nbytes: int) -> None:
-        if self.measuring:
-            self.largest = max(self.largest, nbytes)
+        self.largest = max(self.largest, nbytes)
 
     def _note_peak(self, scratch: int = 0) -> None:
         if self.measuring and self.allocator.allocated > self.peak:
@@ -358,6 +358,7 @@ def estimate_memory(
     accumulation_steps: int = 1,
     precision: str = "fp32",
     checkpointing=None,
+    keep_margin: bool = False,
 ) -> MemoryReport:
     """The peak memory of one training step of ``model`` on ``batch`` = (inputs, targets) on ``device``.
 
@@ -371,7 +372,9 @@ def estimate_memory(
     of :data:`CUDA_CONSTANTS`; ``breakdown`` adds ``workspaces`` and ``allocator rounding`` to the
     tensor categories. ``device="cpu"`` predicts the tensor bytes a CPU step holds at its peak.
     ``budget`` (bytes or a string like ``"4GiB"``) makes the simulated GPU that small: a step that
-    does not fit raises ``torch.OutOfMemoryError``, as on a real GPU. ``accumulation_steps`` splits the
+    does not fit raises ``torch.OutOfMemoryError``, as on a real GPU; with ``keep_margin=True`` the measured
+    step must also leave ``margin_bytes`` of the budget unused (:func:`margin_bytes`, max_batch_size's rule;
+    no effect on the CPU). ``accumulation_steps`` splits the
     batch into that many micro-batches (or micro-batches of the sizes listed) whose gradients are
     accumulated, as ``batchlab.train`` does.
 
@@ -385,12 +388,15 @@ def estimate_memory(
     """
     inputs, targets = _check_estimate_args(model, batch, optimizer, loss_fn, device, precision, checkpointing)
     budget = parse_bytes("budget", budget) if budget is not None else None
+    check_bool("keep_margin", keep_margin)
     check_accumulation(accumulation_steps, batch_length(inputs))
     precision = honour_autocast(precision)
     levers = dict(precision=precision, checkpointing=checkpointing)
     try:
         with _outside_autocast():
-            return _estimate(model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, **levers)
+            return _estimate(
+                model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, keep_margin, **levers
+            )
     except NotImplementedError as error:
         if device != "cpu" or accumulation_steps != 1 or targets.device.type == "meta":
             raise
@@ -456,7 +462,18 @@ def _warnings(functions: set, replay) -> list:
 
 
 def _estimate(
-    model, inputs, targets, optimizer, loss_fn, device, budget, accumulation_steps, *, precision, checkpointing
+    model,
+    inputs,
+    targets,
+    optimizer,
+    loss_fn,
+    device,
+    budget,
+    accumulation_steps,
+    keep_margin,
+    *,
+    precision,
+    checkpointing,
 ) -> MemoryReport:
     loss_fn = check_loss_fn(loss_fn)
     work = _meta_copy(model).train()
@@ -485,6 +502,8 @@ def _estimate(
         if replay is not None:
             replay.tracker, replay.measuring = tracker, True
             replay.allocator.reset_peaks()
+            if keep_margin and budget is not None:  # the warm-up made the same requests as the measured step
+                replay.allocator.limit(budget - margin_bytes(replay.largest))
         train_step(work, opt, inputs, targets, **step)
     report = tracker.report(
         label=f"{type(model).__name__}, batch {batch_length(inputs)}, "

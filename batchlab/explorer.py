@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .estimate import CUDA_CONSTANTS, estimate_memory
-from .max_batch import has_room, max_batch_size
+from .max_batch import max_batch_size
 from .models import MODEL_NAMES, build_model
 from .reference import GPUS, gpu_memory
 from .validation import GiB, check_choice, check_int, check_loss_fn, check_model
@@ -248,15 +248,14 @@ def memory_point(
 ) -> MemoryPoint:
     """The estimated peak of one training step of ``model`` on ``batch_size`` samples on ``profile``.
 
-    With ``accumulation_steps`` > 1 the step runs as that many micro-batches whose gradients are
-    accumulated, as :func:`batchlab.train` does (:func:`batchlab.estimate_memory` models it). The
-    verdict follows chapter 4's rule, the one :func:`batchlab.max_batch_size` applies: short of memory
-    the allocator releases its unused cache before it gives up, so what must fit the budget is the
-    tensors and the blocks it cannot release (the simulated allocator decides); and a step counts as
-    fitting only if, at its worst moment, one more block of its largest tensor would fit too
-    (:func:`batchlab.max_batch.has_room`). ``input_shape`` is one sample's
-    shape, or a learner's ``make_batch`` (:func:`batch_from`), with its ``loss_fn``. ``levers``: the
-    ``(precision, checkpointing)`` of chapter 8 (:data:`NO_LEVERS`: float32, no checkpointing).
+    With ``accumulation_steps`` > 1 the step runs as that many micro-batches whose gradients are accumulated, as
+    :func:`batchlab.train` does (:func:`batchlab.estimate_memory` models it). The verdict follows chapter 4's
+    rule, the one :func:`batchlab.max_batch_size` applies: short of memory the allocator releases its unused
+    cache before it gives up, so what must fit the budget is the tensors and the blocks it cannot release (the
+    simulated allocator decides); and a step counts as fitting only if one more segment for its largest tensor
+    stays free as it runs (``keep_margin=True``). ``input_shape`` is one sample's shape, or a learner's
+    ``make_batch`` (:func:`batch_from`), with its ``loss_fn``. ``levers``: the ``(precision, checkpointing)`` of
+    chapter 8 (:data:`NO_LEVERS`: float32, no checkpointing).
     """
     batch = batch_from(input_shape, batch_size)
     report = estimate_memory(
@@ -291,24 +290,27 @@ def _verdict(
     """The key of :data:`VERDICTS` for one step: sure answers from the estimate, the simulated allocator between."""
     if report.peak_bytes > profile.budget:
         return "tensors"
-    if has_room(report, profile.budget):
+
+    def runs(keep_margin: bool) -> bool:
+        try:
+            estimate_memory(
+                model,
+                batch_from(input_shape, batch_size),
+                optimizer=optimizer,
+                device=profile.device,
+                budget=profile.budget,
+                accumulation_steps=accumulation_steps,
+                loss_fn=loss_fn,
+                keep_margin=keep_margin,
+                **lever_kwargs(levers),
+            )
+        except torch.OutOfMemoryError:
+            return False
+        return True
+
+    if runs(keep_margin=True):
         return "fits"
-    if profile.device != "cuda":
-        return "margin"
-    try:  # short of memory the allocator releases its cache: what it then holds is what must leave room
-        constrained = estimate_memory(
-            model,
-            batch_from(input_shape, batch_size),
-            optimizer=optimizer,
-            device=profile.device,
-            budget=profile.budget,
-            accumulation_steps=accumulation_steps,
-            loss_fn=loss_fn,
-            **lever_kwargs(levers),
-        )
-    except torch.OutOfMemoryError:
-        return "allocator"
-    return "fits" if has_room(constrained, profile.budget) else "margin"
+    return "margin" if runs(keep_margin=False) else "allocator"
 
 
 def largest_batch(

@@ -1,8 +1,8 @@
 """The largest batch that fits a memory budget, from estimates only (chapter 4): :func:`max_batch_size`.
 
-A batch counts as fitting when its estimated step (:func:`batchlab.estimate_memory`) runs within the budget *and*
-leaves room, at its worst moment, for one more block of its largest allocation: :func:`has_room`. That room is
-the estimate's own uncertainty, in the allocator's units (:func:`batchlab.estimate.margin_bytes` says why).
+A batch counts as fitting when its estimated step (:func:`batchlab.estimate_memory`) runs within the budget while
+leaving one more segment for its largest allocation unused (``keep_margin=True``). That room is the estimate's own
+uncertainty, in the allocator's units (:func:`batchlab.estimate.margin_bytes` says why).
 """
 
 from __future__ import annotations
@@ -18,31 +18,21 @@ from .steps import check_optimizer
 from .validation import MiB, batch_length, check_batch, check_int, check_loss_fn, check_trainable, parse_bytes, shape_of
 
 
-def has_room(report: MemoryReport, budget: int) -> bool:
-    """Whether the step of ``report`` leaves ``report.margin_bytes`` free within ``budget`` at its worst moment.
-
-    The worst moment is the most the caching allocator reserved (``reserved_bytes``; on the CPU the peak of
-    the tensors). Run the estimate with ``budget=`` first: short of memory the simulated allocator releases
-    its unused cache as the real one does, so what is left reserved then is what the step cannot do without.
-    """
-    used = report.reserved_bytes if report.reserved_bytes is not None else report.peak_bytes
-    return used + report.margin_bytes <= budget
-
-
 def _fits(model, make_batch, n, budget, optimizer, loss_fn, device, levers) -> bool:
     try:
-        report = estimate_memory(
+        estimate_memory(
             model,
             _checked_batch(make_batch, n),
             optimizer=optimizer,
             loss_fn=loss_fn,
             device=device,
             budget=budget,
+            keep_margin=True,
             **levers,
         )
     except torch.OutOfMemoryError:
         return False
-    return has_room(report, budget)
+    return True
 
 
 def _checked_batch(make_batch, n: int):
@@ -77,9 +67,9 @@ def max_batch_size(
 
     A batch fits when the simulated caching allocator never needs more than the budget (it releases
     its unused cache first, like the real one): this counts reserved memory and fragmentation, not
-    just the allocated peak. The margin comes from that modelled reserved memory: at the step's worst
-    moment, what the allocator holds plus one more segment for the step's largest allocation must be
-    within the budget (:func:`has_room`, ``MemoryReport.margin_bytes``). One segment, because a real
+    just the allocated peak. The margin comes from that modelled reserved memory: the simulated allocator
+    must run the step while one more segment for the step's largest allocation stays unused
+    (``estimate_memory(..., keep_margin=True)``, ``MemoryReport.margin_bytes``). One segment, because a real
     run that cannot reuse a cached block where the replay did needs one new segment; so the margin
     grows with the batch's largest tensor, and the answer errs on the safe side. Activation memory
     grows almost linearly with the batch, so two estimates give a first guess, and a short bisection

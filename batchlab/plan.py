@@ -31,7 +31,7 @@ from torch import nn
 
 from .checkpointing import checkpoint_blocks
 from .estimate import estimate_memory
-from .max_batch import has_room, max_batch_size
+from .max_batch import max_batch_size
 from .precision import PRECISIONS, check_precision
 from .progress import progress_bar
 from .reference import gpu_reference
@@ -245,7 +245,7 @@ def plan_fit(
     For each setting: the largest micro-batch :func:`batchlab.max_batch_size` allows, the fewest micro-batches
     of at most that size (sizes as equal as possible, adding up to ``effective_batch``), and the accumulated
     step estimated by :func:`batchlab.estimate_memory` in ``budget``, which must fit too, with max_batch_size's
-    margin (:func:`batchlab.max_batch.has_room`; else one micro-batch more). ``peak_bytes``: its allocated peak;
+    margin (``keep_margin=True``; else one micro-batch more). ``peak_bytes``: its allocated peak;
     ``reserved_bytes``: what the caching allocator holds at most when it frees its cache at the budget, as a GPU
     that size would. Options are ranked by predicted cost (see :mod:`batchlab.plan`), then fewer micro-batches,
     fp32 before lower precision, no checkpointing first. Nothing fits: a ``ValueError`` with what a batch of one
@@ -284,7 +284,8 @@ def _estimate(model, make_batch, n, accumulation, precision, checkpoint, common,
     """estimate_memory of ``n`` samples in ``accumulation`` micro-batches, cached; None if it exceeds ``budget``.
 
     With a budget the simulated caching allocator works inside it (it frees its cache before giving
-    up), as :func:`batchlab.max_batch_size` counts fitting, so ``reserved_bytes`` is at most the budget.
+    up) and keeps max_batch_size's margin free, as :func:`batchlab.max_batch_size` counts fitting, so
+    ``reserved_bytes`` is at most the budget.
     """
     key = (n, accumulation, precision, checkpoint, budget)
     if key not in cache:
@@ -296,6 +297,7 @@ def _estimate(model, make_batch, n, accumulation, precision, checkpoint, common,
                 precision=precision,
                 checkpointing="blocks" if checkpoint else None,
                 budget=budget,
+                keep_margin=budget is not None,
                 **common,
             )
         except torch.OutOfMemoryError:
@@ -329,7 +331,7 @@ def _plan_for(model, make_batch, budget, effective_batch, smallest, precision, c
         # gradients of the earlier micro-batches while the next one runs.
         n, accumulation = effective_batch, (1 if parts == 1 else tuple(sizes))
         report = _estimate(model, make_batch, n, accumulation, precision, checkpoint, common, cache, budget)
-        if report is not None and has_room(report, budget):
+        if report is not None:
             break
         if sizes[0] <= smallest:
             return None

@@ -154,3 +154,16 @@ def test_release_frees_only_whole_unused_segments():
     a.malloc(20 * MiB + 512)  # 22 MiB more does not fit in 40 MiB + 22 > 50: the whole cached segment goes
     assert a.reserved == 42 * MiB and not live.free
     assert sorted(a.segments()) == [20 * MiB, 22 * MiB]
+
+
+def test_a_smaller_limit_releases_whole_cached_segments_first():
+    a = CachingAllocator()
+    live = a.malloc(2 * MiB)  # a 20 MiB segment in use
+    a.free(a.malloc(30 * MiB))  # a whole cached 30 MiB segment
+    a.limit(25 * MiB)  # 50 MiB reserved: the cached segment goes, the one in use stays
+    assert a.reserved == a.peak_reserved == 20 * MiB and a.segments() == [20 * MiB] and not live.free
+    with pytest.raises(torch.OutOfMemoryError, match="20.00 MiB of segments are in use"):
+        a.limit(10 * MiB)
+    a.malloc(6 * MiB)  # what fits the cached free part of a segment still works under the limit...
+    with pytest.raises(torch.OutOfMemoryError):  # ...and a new segment must fit the new limit
+        a.malloc(20 * MiB)

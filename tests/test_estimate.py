@@ -6,7 +6,7 @@ from torch import nn
 
 import batchlab
 from batchlab.estimate import CUDA_CONSTANTS, cudnn_workspace, estimate_memory
-from batchlab.max_batch import has_room, max_batch_size
+from batchlab.max_batch import max_batch_size
 from batchlab.reference import gpu_reference
 
 REFERENCE_MODELS = {
@@ -123,13 +123,12 @@ def test_max_batch_size_answers_the_largest_batch_that_leaves_room_for_its_margi
     make = lambda n: meta_batch(n, (1, 28, 28))  # noqa: E731
     budget = 512 * MiB
     n = max_batch_size(model, make, budget=budget)
-    report = estimate_memory(model, make(n), budget=budget)  # it runs...
-    assert has_room(report, budget)  # ...with one more block of its largest tensor free at the worst moment
-    bigger = n + max(1, n // 100) + 1  # the search stops within 1%
-    try:
-        assert not has_room(estimate_memory(model, make(bigger), budget=budget), budget)
-    except torch.OutOfMemoryError:
-        pass
+    # it runs with one more segment for its largest tensor kept free...
+    report = estimate_memory(model, make(n), budget=budget, keep_margin=True)
+    assert report.reserved_bytes + report.margin_bytes <= budget
+    bigger = n + max(1, n // 100) + 1  # ...and a batch past the search's 1% does not
+    with pytest.raises(torch.OutOfMemoryError):
+        estimate_memory(model, make(bigger), budget=budget, keep_margin=True)
 
 
 def test_the_margin_is_one_more_segment_of_the_steps_largest_allocation():
@@ -143,8 +142,13 @@ def test_the_margin_is_one_more_segment_of_the_steps_largest_allocation():
         assert estimate_memory(model, meta_batch(n, (1, 28, 28)), device="cpu").margin_bytes == 0  # exact there
     measured = batchlab.profile_step(model, (torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
     assert measured.margin_bytes == 0  # a measurement has no margin
-    assert has_room(cuda, cuda.reserved_bytes + cuda.margin_bytes)
-    assert not has_room(cuda, cuda.reserved_bytes + cuda.margin_bytes - 1)
+    # keep_margin: the measured step runs with its margin of the budget unused, releasing cached segments for it
+    batch = meta_batch(1024, (1, 28, 28))
+    for budget in (cuda.reserved_bytes + cuda.margin_bytes, cuda.reserved_bytes):
+        kept = estimate_memory(model, batch, budget=budget, keep_margin=True)
+        assert kept.reserved_bytes + kept.margin_bytes <= budget and kept.margin_bytes == cuda.margin_bytes
+    with pytest.raises(torch.OutOfMemoryError):  # the tensors alone leave no room for it
+        estimate_memory(model, batch, budget=cuda.peak_bytes + cuda.margin_bytes // 2, keep_margin=True)
 
 
 def test_max_batch_size_handles_batchnorm_models_that_need_two_samples():

@@ -9,7 +9,6 @@ from torch import nn
 
 import batchlab
 from batchlab import datasets
-from batchlab.max_batch import has_room
 from batchlab.plan import (
     RECOMPUTE,
     describe_micro_batches,
@@ -78,15 +77,17 @@ def test_every_option_fits_its_estimate_and_uses_the_fewest_micro_batches(plan, 
         # step (the whole batch's inputs alive all along) would not leave max_batch_size's margin free
         fewer = option.accumulation_steps - 1
         if fewer and math.ceil(EFFECTIVE / fewer) <= option.max_micro_batch:
-            report = batchlab.estimate_memory(
-                model,
-                make_batch(EFFECTIVE),
-                device="cpu",
-                accumulation_steps=split_evenly(EFFECTIVE, fewer) if fewer > 1 else 1,
-                precision=option.precision,
-                checkpointing="blocks" if option.checkpointing else None,
-            )
-            assert not has_room(report, BUDGET)
+            with pytest.raises(torch.OutOfMemoryError):
+                batchlab.estimate_memory(
+                    model,
+                    make_batch(EFFECTIVE),
+                    device="cpu",
+                    budget=BUDGET,
+                    keep_margin=True,
+                    accumulation_steps=split_evenly(EFFECTIVE, fewer) if fewer > 1 else 1,
+                    precision=option.precision,
+                    checkpointing="blocks" if option.checkpointing else None,
+                )
         # the accumulated step, estimated again, fits the budget (estimate_memory raises if not)
         batchlab.estimate_memory(
             model,
