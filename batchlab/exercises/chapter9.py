@@ -106,7 +106,7 @@ def check_plan(
     model = build_model(model_name, in_shape=tuple(in_shape))
     n, steps = effective_batch, (1 if plan.accumulation_steps == 1 else list(plan.micro_batches))
     batch = torch.empty(n, *in_shape, device="meta"), torch.zeros(n, dtype=torch.long, device="meta")
-    try:  # inside the budget, as plan_fit estimates (the simulated allocator frees its cache before giving up)
+    try:  # inside the budget with max_batch_size's margin kept free, as plan_fit estimates
         report = estimate_memory(
             model,
             batch,
@@ -114,6 +114,7 @@ def check_plan(
             device="cuda",
             accumulation_steps=steps,
             budget=plan.budget,
+            keep_margin=True,
             precision=plan.precision,
             checkpointing="blocks" if plan.checkpointing else None,
         )
