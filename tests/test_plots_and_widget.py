@@ -7,7 +7,7 @@ from matplotlib.mathtext import MathTextParser
 import batchlab
 from batchlab import datasets
 from batchlab.plots import figure_to_png, smoothed
-from batchlab.widgets import ConvergenceExplorer
+from batchlab.widgets import AccumulationExplorer, ConvergenceExplorer
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +110,15 @@ def test_widget_pngs_label_log_axes_as_plain_numbers_without_mathtext(mathtext_p
     assert y_labels(fig) == {y: f"{y:g}" for y in expected}  # the same ticks labelled, as plain numbers
 
 
-def test_convergence_widget_draws_its_log_axes_without_mathtext(small_digits, mathtext_parsed):
-    widget = ConvergenceExplorer(small_digits, epochs=1, batch_size=64, lr=0.05, keep=2)
+def test_explorers_draw_their_log_axes_without_mathtext(small_digits, mathtext_parsed):
+    convergence = ConvergenceExplorer(small_digits, epochs=1, batch_size=64, lr=0.05, keep=2)
     for size in (16, 32, 64):
-        widget.batch_size.value = size  # as a learner moves the slider: a new figure each time
-    assert widget.state["runs"][-1]["label"] == "batch 64, lr 0.05"
+        convergence.batch_size.value = size  # as a learner moves the slider: a new figure each time
+    assert convergence.state["runs"][-1]["label"] == "batch 64, lr 0.05"
+    accumulation = AccumulationExplorer(small_digits, effective_batch=16, micro_batch=4, steps=4)
+    for micro in (8, 4, 8):
+        accumulation.micro_batch.value = micro  # the loss panel has a log axis too
+    assert accumulation.state["micro_batch"] == 8
     assert mathtext_parsed == []
-    widget.close()
+    convergence.close()
+    accumulation.close()
