@@ -9,13 +9,21 @@ browser moves it, cycling over a few values; the explorer then waits until its p
 value. Three rounds of every value of every control first are the warm-up: the explorers cache their
 runs and estimates, matplotlib and the allocator settle, so the growth printed is what the changes
 themselves leave behind. Printed: the process's resident memory (psutil) after the warm-up and after
-the soak, the growth, and the number of Python threads before, during and after closing every explorer.
-Small settings (the 359 test digits, the MLP, short runs) keep it to a few minutes on two busy cores.
+the soak, the growth, the growth during each explorer's share of the soak, the number of live ipywidgets
+before and after, and the number of Python threads before, during and after closing every explorer.
+
+Resident memory is printed twice: as it is, and after glibc's ``malloc_trim(0)`` has given the free pages
+of its heaps back to the system. The first is what a learner's kernel holds; the second counts only pages
+still in use, so a growth there is memory kept (a leak), while a growth in the first alone is the C
+allocator keeping freed memory for reuse. The trim at the warm-up point happens after the first number
+is read, so the first growth includes pages the soak takes back from the system: it can only be larger.
+Small settings (the 359 test digits, the MLP, short runs) keep it to about a quarter of an hour on two busy cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import platform
@@ -66,19 +74,46 @@ def cycle_values(explorer, name, values):
     return values
 
 
-def soak(pairs, changes: int) -> None:
+def soak(pairs, changes: int) -> dict:
+    """Move every control of every explorer ``changes`` times; return each explorer's resident growth (bytes)."""
+    grown = {}
     for explorer, controls in pairs:
+        before = rss()
         for name, values in controls.items():
             values = cycle_values(explorer, name, values)
             control = explorer.controls[name]
             for i in range(changes):
                 control.value = values[i % len(values)]
             explorer.wait()
+        grown[type(explorer).__name__] = rss() - before
+    return grown
 
 
 def rss() -> int:
     gc.collect()
     return psutil.Process().memory_info().rss
+
+
+def trimmed_rss() -> int | None:
+    """Resident memory after glibc's malloc_trim(0) gave its heaps' free pages back (None without glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    gc.collect()
+    libc.malloc_trim(0)
+    return psutil.Process().memory_info().rss
+
+
+def live_widgets() -> int:
+    """How many ipywidgets exist in this process (every widget registers itself until it is closed)."""
+    from ipywidgets.widgets.widget import _instances
+
+    return len(_instances)
+
+
+def mib(size: int | None) -> str:
+    return "n/a" if size is None else f"{size / MiB:.1f} MiB"
 
 
 def main() -> None:
@@ -94,26 +129,38 @@ def main() -> None:
     start = time.perf_counter()
     pairs = explorers()
     soak(pairs, 9)  # the warm-up: every value of every control three times (caches fill, allocators settle)
-    warm = rss()
+    warm, widgets_warm = rss(), live_widgets()
+    warm_trimmed = trimmed_rss()
     print(
-        f"warm-up done after {time.perf_counter() - start:.0f} s: resident {warm / MiB:.1f} MiB, "
-        f"{threading.active_count()} threads"
+        f"warm-up done after {time.perf_counter() - start:.0f} s: resident {mib(warm)} ({mib(warm_trimmed)} after "
+        f"malloc_trim), {widgets_warm} widgets, {threading.active_count()} threads"
     )
     total = sum(len(controls) for _, controls in pairs) * args.changes
     began = time.perf_counter()
-    soak(pairs, args.changes)
-    after = rss()
+    grown = soak(pairs, args.changes)
+    after, widgets_after = rss(), live_widgets()
+    after_trimmed = trimmed_rss()
     print(
         f"{total} changes ({args.changes} of each of {total // args.changes} controls of {len(pairs)} explorers) "
         f"in {time.perf_counter() - began:.0f} s"
     )
     print(
-        f"resident memory: {warm / MiB:.1f} MiB after the warm-up, {after / MiB:.1f} MiB after the soak: "
+        f"resident memory: {mib(warm)} after the warm-up, {mib(after)} after the soak: "
         f"{(after - warm) / MiB:+.1f} MiB"
     )
+    if warm_trimmed is not None and after_trimmed is not None:
+        print(
+            f"after malloc_trim (pages in use): {mib(warm_trimmed)} after the warm-up, {mib(after_trimmed)} after "
+            f"the soak: {(after_trimmed - warm_trimmed) / MiB:+.1f} MiB"
+        )
+    print("growth during each explorer's changes: " + ", ".join(f"{k} {v / MiB:+.1f} MiB" for k, v in grown.items()))
     threads_open = threading.active_count()
     for explorer, _ in pairs:
         explorer.close()
+    print(
+        f"live widgets: {widgets_warm} after the warm-up, {widgets_after} after the soak, "
+        f"{live_widgets()} after closing the explorers"
+    )
     deadline = time.monotonic() + 10
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.1)  # a background job's thread ends after close() cancelled it

@@ -1,10 +1,13 @@
+import io
+
 import pytest
 from matplotlib.figure import Figure
+from matplotlib.mathtext import MathTextParser
 
 import batchlab
 from batchlab import datasets
 from batchlab.plots import figure_to_png, smoothed
-from batchlab.widgets import ConvergenceExplorer
+from batchlab.widgets import AccumulationExplorer, ConvergenceExplorer
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +64,61 @@ def test_convergence_widget_refuses_bad_values(small_digits):
         ConvergenceExplorer(small_digits, model="vgg")
     bundle = widget._repr_mimebundle_()
     assert bundle["text/plain"] == "ConvergenceExplorer(model='mlp', epochs=1)"
+
+
+@pytest.fixture
+def mathtext_parsed(monkeypatch):
+    """The strings matplotlib typesets with mathtext from now on (a spy on ``MathTextParser.parse``)."""
+    parsed = []
+    parse = MathTextParser.parse
+
+    def spy(self, s, *args, **kwargs):
+        parsed.append(s)
+        return parse(self, s, *args, **kwargs)
+
+    monkeypatch.setattr(MathTextParser, "parse", spy)
+    return parsed
+
+
+def log_figure(low: float, high: float) -> Figure:
+    fig = Figure(figsize=(4, 3))
+    ax = fig.subplots()
+    ax.plot([1, 2, 3], [low, (low * high) ** 0.5, high])
+    ax.set_yscale("log")
+    return fig
+
+
+def y_labels(fig) -> dict:
+    """``{tick position: label}`` of the labelled ticks, major and minor, of the figure's y axis as drawn."""
+    ax = fig.axes[0]
+    ticks = ax.get_yticklabels() + ax.get_yticklabels(minor=True)
+    return {round(t.get_position()[1], 9): t.get_text() for t in ticks if t.get_text()}
+
+
+@pytest.mark.parametrize("low, high", [(0.002, 40.0), (2.29, 2.31), (1.5, 2.4)])
+def test_widget_pngs_label_log_axes_as_plain_numbers_without_mathtext(mathtext_parsed, low, high):
+    # Issue 16's soak: matplotlib's mathtext labels (10⁻³, 2.3×10⁰) keep FreeType glyphs for every new figure
+    # rendered, about 8 KiB each time, so a widget redrawn per change grew without end.
+    reference = log_figure(low, high)
+    reference.savefig(io.BytesIO(), format="png")  # matplotlib's own labels
+    expected = y_labels(reference)
+    assert expected and all(label.startswith("$") for label in expected.values())
+    mathtext_parsed.clear()
+    fig = log_figure(low, high)
+    assert figure_to_png(fig).startswith(b"\x89PNG")
+    assert mathtext_parsed == []
+    assert y_labels(fig) == {y: f"{y:g}" for y in expected}  # the same ticks labelled, as plain numbers
+
+
+def test_explorers_draw_their_log_axes_without_mathtext(small_digits, mathtext_parsed):
+    convergence = ConvergenceExplorer(small_digits, epochs=1, batch_size=64, lr=0.05, keep=2)
+    for size in (16, 32, 64):
+        convergence.batch_size.value = size  # as a learner moves the slider: a new figure each time
+    assert convergence.state["runs"][-1]["label"] == "batch 64, lr 0.05"
+    accumulation = AccumulationExplorer(small_digits, effective_batch=16, micro_batch=4, steps=4)
+    for micro in (8, 4, 8):
+        accumulation.micro_batch.value = micro  # the loss panel has a log axis too
+    assert accumulation.state["micro_batch"] == 8
+    assert mathtext_parsed == []
+    convergence.close()
+    accumulation.close()
