@@ -145,8 +145,7 @@ def main() -> None:
         f"in {time.perf_counter() - began:.0f} s"
     )
     print(
-        f"resident memory: {mib(warm)} after the warm-up, {mib(after)} after the soak: "
-        f"{(after - warm) / MiB:+.1f} MiB"
+        f"resident memory: {mib(warm)} after the warm-up, {mib(after)} after the soak: {(after - warm) / MiB:+.1f} MiB"
     )
     if warm_trimmed is not None and after_trimmed is not None:
         print(
