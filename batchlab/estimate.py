@@ -203,7 +203,7 @@ class _AllocatorReplay:
 
     The tracker calls :meth:`allocated`, :meth:`freed` and :meth:`after_op`; the replay adds the
     library workspaces, remembers which tensors were alive at the highest allocated moment, and keeps the
-    largest allocation of the two steps (``largest``, bytes: the unit of :func:`margin_bytes`).
+    largest allocation the two steps make (``largest``, bytes: the unit of :func:`margin_bytes`).
     """
 
     def __init__(self, budget: int | None = None):
@@ -496,6 +496,8 @@ def _estimate(
     )
     with _explain_meta_failures(), attention_kernels(device), simulate_autocast_for(device), tracking as tracker:
         tracker.adopt([inputs, targets], "inputs")
+        if replay is not None:
+            replay.largest = 0  # the margin is about what the steps allocate, not the batch made before them
         # warm-up: optimizer state, cached blocks; its graph is searched for custom autograd functions
         train_step(work, opt, inputs, targets, **{**step, "loss_fn": _watching_custom_functions(loss_fn, functions)})
         tracker.begin_measurement()
