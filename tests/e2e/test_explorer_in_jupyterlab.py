@@ -181,6 +181,15 @@ def memory_figure_src(page) -> str:
     return page.locator(".widget-vbox", has=memory_readout(page)).last.locator("img").first.get_attribute("src")
 
 
+def largest_cnn_batch_on_4_gib() -> int:
+    """max_batch_size's answer for chapter 0's explorer (the cnn on the simulated 4 GiB GPU), in this process."""
+    from batchlab import explorer as ex
+
+    profile = ex.device_profiles()["GPU 4 GiB (simulated)"]
+    shape = ex.memory_input_shape("cnn")
+    return ex.largest_batch(ex.meta_model("cnn", shape), shape, profile)
+
+
 def test_moving_the_batch_size_slider_updates_memory_up_to_out_of_memory(lab, page):
     page.goto(f"{lab}/lab/tree/00_start_here.ipynb")
     page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=120_000)
@@ -221,7 +230,8 @@ def test_moving_the_batch_size_slider_updates_memory_up_to_out_of_memory(lab, pa
         timeout=60_000,
     )
     full = (readout.inner_text(), memory_figure_src(page))
-    assert "at batch 1438 needs" in full[0] and "The largest batch that fits in one step: 98" in full[0]
+    largest = largest_cnn_batch_on_4_gib()  # what the explorer's search must have found, computed here too
+    assert "at batch 1438 needs" in full[0] and f"The largest batch that fits in one step: {largest}" in full[0]
     assert full[1] != at_one[1]
     assert slider.locator(".widget-readout").inner_text().strip() == "1438"
 
