@@ -78,9 +78,7 @@ class CachingAllocator:
         cached segments that are entirely free if more than that is reserved, and raise
         ``torch.OutOfMemoryError`` if the segments still in use alone are more."""
         self.budget = budget
-        if self.reserved > budget:
-            self._release_free_segments()
-        if self.reserved > budget:
+        if not self._room_for(0):
             raise torch.OutOfMemoryError(
                 f"Simulated CUDA out of memory: {self.reserved / MiB:.2f} MiB of segments are in use, more than "
                 f"the {budget / MiB:.2f} MiB budget."
@@ -140,20 +138,26 @@ class CachingAllocator:
 
     def _new_segment(self, size: int, small: bool, nbytes: int) -> Block:
         want = segment_size(size)
-        if self.budget is not None and self.reserved + want > self.budget:
-            self._release_free_segments()  # what PyTorch does before giving up
-            if self.reserved + want > self.budget:
-                raise torch.OutOfMemoryError(
-                    f"Simulated CUDA out of memory. Tried to allocate {nbytes / MiB:.2f} MiB. "
-                    f"{self.allocated / MiB:.2f} MiB is allocated by tensors and {self.reserved / MiB:.2f} MiB "
-                    f"reserved, of a {self.budget / MiB:.2f} MiB budget."
-                )
+        if not self._room_for(want):
+            raise torch.OutOfMemoryError(
+                f"Simulated CUDA out of memory. Tried to allocate {nbytes / MiB:.2f} MiB. "
+                f"{self.allocated / MiB:.2f} MiB is allocated by tensors and {self.reserved / MiB:.2f} MiB "
+                f"reserved, of a {self.budget / MiB:.2f} MiB budget."
+            )
         block = Block(self._next_addr, want, small)
         self._next_addr += want + ROUND_LARGE  # segments never touch, so they never merge
         self._segments.append(block)
         self.reserved += want
         self.peak_reserved = max(self.peak_reserved, self.reserved)
         return block
+
+    def _room_for(self, want: int) -> bool:
+        """Whether ``want`` more bytes of segments fit the budget, once the cached free segments are released
+        if they must go (what PyTorch does before it gives up)."""
+        if self.budget is None or self.reserved + want <= self.budget:
+            return True
+        self._release_free_segments()
+        return self.reserved + want <= self.budget
 
     def _release_free_segments(self) -> None:
         for first in list(self._segments):

@@ -175,9 +175,10 @@ def recurrent_timing(repeats: int = 3, steps: int = 128) -> None:
         )
 
 
-def convolution_slack(name, in_shape, row) -> float:
-    """The most cuDNN workspace (MiB) any one convolution of the measured step could have taken without raising
-    the real peak: the real peak minus what the replay holds when that convolution runs (its output included)."""
+def convolution_slack(name, in_shape, row):
+    """(the estimate of ``row``, the most cuDNN workspace in MiB any one convolution of its measured step could
+    have taken without raising the real peak: the real peak minus what the replay holds when that convolution
+    runs, its output included)."""
     allocated = []
     original = estimate._AllocatorReplay.after_op  # the replay's per-operation hook: read the allocator at convolutions
 
@@ -188,12 +189,12 @@ def convolution_slack(name, in_shape, row) -> float:
 
     estimate._AllocatorReplay.after_op = watched
     try:
-        batchlab.estimate_memory(
+        report = batchlab.estimate_memory(
             batchlab.build_model(name, in_shape=in_shape), meta_batch(in_shape)(row["batch"]), optimizer=row["opt"]
         )
     finally:
         estimate._AllocatorReplay.after_op = original
-    return (row["peak_allocated"] - min(allocated)) / MiB if allocated else 0.0
+    return report, (row["peak_allocated"] - min(allocated)) / MiB if allocated else 0.0
 
 
 def workspace_table(reference) -> None:
@@ -207,13 +208,10 @@ def workspace_table(reference) -> None:
         name, in_shape = MODELS[row["model"]]
         if row["peak_reserved"] < 256 * MiB:
             continue
-        report = batchlab.estimate_memory(
-            batchlab.build_model(name, in_shape=in_shape), meta_batch(in_shape)(row["batch"]), optimizer=row["opt"]
-        )
+        report, room = convolution_slack(name, in_shape, row)
         missed = (row["peak_reserved"] - report.reserved_bytes) / MiB
         if missed <= 0:
             continue
-        room = convolution_slack(name, in_shape, row)
         print(
             f"  {row['model']:12} {row['opt']:4} {row['batch']:5}: real reserved {missed:+6.1f} MiB beyond the replay; "
             f"room for a cuDNN workspace {room:6.1f} MiB: {'could be one workspace' if missed <= room else 'more'}"
