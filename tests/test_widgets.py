@@ -383,6 +383,31 @@ def test_jobs_run_the_newest_work_only_and_never_two_at_once():
     assert log == ["new"]  # the cancelled job could not draw
 
 
+def test_jobs_run_in_one_thread_that_close_or_garbage_collection_ends():
+    jobs, threads = Jobs(background=True), set()
+    for _ in range(20):
+        jobs.submit(lambda job: threads.add(threading.current_thread()))
+        assert jobs.wait(10)
+    assert len(threads) == 1 and threads != {threading.current_thread()} and threads.pop().is_alive()
+    thread = jobs._worker.thread
+    assert jobs.close(10) and not thread.is_alive()
+    assert jobs.close(10)  # closing twice does nothing
+    jobs.submit(lambda job: None)  # a closed queue may be used again: it starts a new thread
+    thread = jobs._worker.thread
+    assert jobs.wait(10) and thread.is_alive()
+    del jobs
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()  # a queue dropped without close() ends its thread too
+
+
+def test_a_job_may_wait_for_its_own_queue_without_deadlock():
+    jobs, seen = Jobs(background=True), []
+    jobs.submit(lambda job: seen.append(jobs.wait(10)))
+    assert jobs.wait(10) and seen == [True]
+    jobs.close(10)
+
+
 def test_jobs_show_errors_instead_of_raising():
     shown = []
     jobs = Jobs(background=True, on_error=shown.append)
@@ -465,7 +490,9 @@ def test_a_batch_that_does_not_fit_shows_out_of_memory_and_the_largest_that_does
     assert state["fits"] and state["micro_batch"] == 64
     state = widget.set(profile=80, accumulation_steps=1)
     assert state["fits"] and state["largest_batch"] > 256
-    assert state["loss"] == [] and state["run"] is None and not explorer_threads()  # no convergence panel
+    assert state["loss"] == [] and state["run"] is None and not widget.jobs.running  # no convergence panel
+    widget.close()
+    assert not explorer_threads()  # closing ends the explorer's background thread
 
 
 def test_state_reads_the_notes_not_the_html_it_shows(explorer):
@@ -568,8 +595,9 @@ def test_a_newer_change_cancels_the_older_run_and_only_it_draws(small_digits):
         "mlp, batch 16, lr 0.05",
     }
     assert {key[0] for key in widget.runs.runs} == {"mlp"}  # the cancelled resnet18 run was dropped
-    assert not explorer_threads()
+    assert len(explorer_threads()) == 1  # every run, cancelled or not, ran in the explorer's one thread
     widget.close()
+    assert not explorer_threads()
 
 
 def test_results_already_computed_are_reused(explorer):
@@ -621,9 +649,10 @@ def test_two_hundred_changes_leave_memory_and_threads_as_they_were(small_digits)
     gc.collect()
     grown = psutil.Process().memory_info().rss - before
     assert grown < 50 * 2**20, f"200 changes grew the resident memory by {grown / 2**20:.1f} MiB"
-    assert not explorer_threads() and not widget.jobs.running
+    assert len(explorer_threads()) == 1 and not widget.jobs.running  # one thread for every change
     assert len(widget.runs.runs) <= 64 and len(widget.cache.points) <= 256
     widget.close()
+    assert not explorer_threads()
 
 
 def test_chosen_panels_only(small_digits):

@@ -114,8 +114,7 @@ class Explorer:
         if self.closed:
             return
         self.closed = True
-        self.jobs.cancel()
-        self.jobs.wait()
+        self.jobs.close()  # cancels the job in flight, waits for it to stop and ends the background thread
         for widget in own_widgets(self):
             widget.close()
 

@@ -1,7 +1,8 @@
 """The background-job machinery of the explorers: one job at a time, the newest one draws.
 
-:class:`Jobs` runs a widget's work one job at a time, in a background thread or inline. A newer job
-cancels the older one, and only the newest job may draw, one drawing at a time (:meth:`Job.publish`).
+:class:`Jobs` runs a widget's work one job at a time, in the widget's own background thread or inline.
+A newer job cancels the older one, and only the newest job may draw, one drawing at a time
+(:meth:`Job.publish`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import atexit
 import functools
 import threading
-import time
 import weakref
 
 
@@ -36,9 +36,7 @@ class Job:
             draw()
             return True
 
-    def run(self, previous: threading.Thread | None = None) -> None:
-        if previous is not None:
-            previous.join()  # one computation at a time: let the cancelled job stop first
+    def run(self) -> None:
         if self.cancelled:
             return
         try:
@@ -49,14 +47,65 @@ class Job:
             self.publish(functools.partial(self.jobs.on_error, error))
 
 
+class Worker:
+    """One thread that runs the jobs handed to it, one at a time, until :meth:`stop`.
+
+    Only the newest job handed over waits to run (an older one not yet started was cancelled anyway).
+    One long-lived thread rather than a thread per job: with a new thread for every change, the kernel's
+    memory grew by about 30 KiB a change; with one it does not (benchmarks/widget_soak.py).
+    """
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.pending: Job | None = None
+        self.busy = self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="batchlab-explorer", daemon=True)
+        self.thread.start()
+
+    def hand(self, job: Job) -> None:
+        with self.changed:
+            self.pending = job
+            self.changed.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.pending is not None or self.stopping)
+                if self.pending is None:
+                    return
+                job, self.pending, self.busy = self.pending, None, True
+            try:
+                job.run()
+            finally:
+                job = None  # the thread keeps no finished job (and nothing it refers to) alive
+                with self.changed:
+                    self.busy = False
+                    self.changed.notify_all()
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until no job runs or waits to (at most ``timeout`` seconds); True if so."""
+        if threading.current_thread() is self.thread:
+            return True  # a job waiting for itself would wait forever
+        with self.changed:
+            return self.changed.wait_for(lambda: self.pending is None and not self.busy, timeout)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Let the job in flight finish, then end the thread (at most ``timeout`` seconds of waiting)."""
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+
 class Jobs:
     """A widget's work queue of length one: the newest job runs, older ones are cancelled.
 
-    ``background=True`` runs each job in its own short-lived thread, so the controls stay responsive;
-    a job that starts waits for the cancelled one before it to stop, so two jobs never compute at
-    once. ``background=False`` runs each job at once in the caller's thread (for work that must not
-    leave the main thread, such as starting DataLoader worker processes). ``on_error(error)`` shows
-    what a background job raised; without it, the error propagates.
+    ``background=True`` runs the jobs in one background thread of the widget's own (started with the
+    first job, ended by :meth:`close` or when the widget is garbage collected), so the controls stay
+    responsive and two jobs never compute at once. ``background=False`` runs each job at once in the
+    caller's thread (for work that must not leave the main thread, such as starting DataLoader worker
+    processes). ``on_error(error)`` shows what a background job raised; without it, the error propagates.
     """
 
     def __init__(self, *, background: bool = True, on_error=None):
@@ -64,7 +113,7 @@ class Jobs:
         self.drawing = threading.RLock()  # held while a job draws: one drawing at a time
         self._lock = threading.Lock()
         self.latest: Job | None = None
-        self._thread: threading.Thread | None = None
+        self._worker: Worker | None = None
         _all_jobs.add(self)
 
     def submit(self, work) -> Job:
@@ -75,38 +124,38 @@ class Jobs:
                 self.latest.cancel()
             self.latest = job
             if self.background:
-                previous = self._thread
-                self._thread = threading.Thread(target=job.run, args=(previous,), name="batchlab-explorer", daemon=True)
-                self._thread.start()
+                if self._worker is None:
+                    self._worker = Worker()
+                    weakref.finalize(self, self._worker.stop, 0)  # a widget dropped unclosed ends its thread
+                self._worker.hand(job)
         if not self.background:
             job.run()
         return job
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until no job runs (at most ``timeout`` seconds); True if none does."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                thread = self._thread
-            if thread is None or thread is threading.current_thread():
-                return True
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                return False
-            with self._lock:
-                if self._thread is thread:
-                    self._thread = None
-                    return True
+        with self._lock:
+            worker = self._worker
+        return worker is None or worker.idle(timeout)
 
     @property
     def running(self) -> bool:
-        with self._lock:
-            return self._thread is not None and self._thread.is_alive()
+        return not self.wait(0)
 
     def cancel(self) -> None:
         with self._lock:
             if self.latest is not None:
                 self.latest.cancel()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Cancel the job in flight, wait for it to stop, end the background thread; True if it ended in time."""
+        self.cancel()
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is None:
+            return True
+        worker.stop(timeout)
+        return not worker.thread.is_alive()
 
 
 _all_jobs: weakref.WeakSet = weakref.WeakSet()
@@ -118,4 +167,4 @@ def _stop_all_jobs() -> None:
     for jobs in list(_all_jobs):
         jobs.cancel()
     for jobs in list(_all_jobs):
-        jobs.wait(timeout=5)
+        jobs.close(timeout=5)
