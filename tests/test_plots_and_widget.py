@@ -52,6 +52,10 @@ def test_convergence_widget_follows_its_controls(small_digits):
     cached = widget._cache[(16, 0.05)]
     widget.set(lr=0.05)
     assert widget._shown[-1] is cached  # a setting already run is reused, not retrained
+    widget.MAX_RUNS = 2
+    for lr in (0.2, 0.3, 0.05):
+        widget.set(lr=lr)
+    assert list(widget._cache) == [(16, 0.3), (16, 0.05)]  # the newest runs, the reused one counted as new
 
 
 def test_convergence_widget_refuses_bad_values(small_digits):

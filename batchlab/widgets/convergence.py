@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import ipywidgets as widgets
 
 from ..datasets import digits
@@ -18,12 +20,14 @@ class ConvergenceExplorer(Explorer):
 
     Each setting trains ``model`` (from the same initial weights) for ``epochs`` passes over
     ``dataset`` (default: the digits training set), so every run sees the same number of samples.
-    The last ``keep`` runs stay on the figure for comparison; a setting already run is reused.
+    The last ``keep`` runs stay on the figure for comparison; a setting already run is reused (the
+    newest ``MAX_RUNS`` are kept).
     Runs use :func:`batchlab.train` in the kernel's own thread (``set`` and the controls return
     when the run is drawn); :class:`BatchSizeExplorer` runs in the background instead.
     """
 
     settable = ("batch_size", "lr")
+    MAX_RUNS = 64  # finished runs kept for reuse; a learner typing new learning rates cannot grow it further
 
     def __init__(
         self,
@@ -55,7 +59,7 @@ class ConvergenceExplorer(Explorer):
         self.lr = lr_slider(lr)
         self.panel = Panel()
         self.image, self.summary = self.panel.image, self.panel.text
-        self._cache: dict = {}
+        self._cache: collections.OrderedDict = collections.OrderedDict()
         self._shown: list = []
         super().__init__(
             {"batch_size": self.batch_size, "lr": self.lr},
@@ -77,6 +81,9 @@ class ConvergenceExplorer(Explorer):
                 progress=False,
                 label=f"batch {batch_size}, lr {lr:.3g}",
             )
+            while len(self._cache) > self.MAX_RUNS:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
         return self._cache[key]
 
     def _changed(self, name=None):
