@@ -6,18 +6,19 @@
 For each explorer of :mod:`batchlab.widgets` (BatchSizeExplorer, ConvergenceExplorer, LoaderExplorer,
 AccumulationExplorer) every control is moved ``--changes`` times through ``control.value``, as the
 browser moves it, cycling over a few values; the explorer then waits until its panels show the last
-value. Three rounds of every value of every control first are the warm-up: the explorers cache their
-runs and estimates, matplotlib and the allocator settle, so the growth printed is what the changes
-themselves leave behind. Printed: the process's resident memory (psutil) after the warm-up and after
-the soak, the growth, the growth during each explorer's share of the soak, the number of live ipywidgets
-before and after, and the number of Python threads before, during and after closing every explorer.
+value. That is one round. The first round is the warm-up: the explorers cache the runs and estimates
+that the changes ask for (bounded caches), matplotlib and the allocators settle. The rounds after it
+(``--rounds``, default 1) repeat the same changes: every panel is redrawn and every job started and
+cancelled again, so what they add is what the changes themselves leave behind. Printed: the warm-up's
+own growth and what the caches hold after it; then the growth after each measured round, in all and
+for each explorer; the number of live ipywidgets; the number of Python threads before, with the
+explorers open, and after closing every explorer.
 
-Resident memory is printed twice: as it is, and after glibc's ``malloc_trim(0)`` has given the free pages
-of its heaps back to the system. The first is what a learner's kernel holds; the second counts only pages
-still in use, so a growth there is memory kept (a leak), while a growth in the first alone is the C
-allocator keeping freed memory for reuse. The trim at the warm-up point happens after the first number
-is read, so the first growth includes pages the soak takes back from the system: it can only be larger.
-Small settings (the 359 test digits, the MLP, short runs) keep it to about a quarter of an hour on two busy cores.
+Memory is the process's resident memory (psutil), read twice: as it is, and after glibc's
+``malloc_trim(0)`` has given the free pages of its heaps back to the system. The first is what a
+learner's kernel holds; the second counts only pages still in use, so a growth there is memory kept (a
+leak), while a growth in the first alone is the C allocator keeping freed memory for reuse.
+Small settings (the 359 test digits, the MLP, short runs) keep a round to about six minutes on two cores.
 """
 
 from __future__ import annotations
@@ -75,18 +76,27 @@ def cycle_values(explorer, name, values):
 
 
 def soak(pairs, changes: int) -> dict:
-    """Move every control of every explorer ``changes`` times; return each explorer's resident growth (bytes)."""
+    """One round: move every control of every explorer ``changes`` times; each explorer's growth in pages in use."""
     grown = {}
     for explorer, controls in pairs:
-        before = rss()
+        before = trimmed_rss()
         for name, values in controls.items():
             values = cycle_values(explorer, name, values)
             control = explorer.controls[name]
             for i in range(changes):
                 control.value = values[i % len(values)]
             explorer.wait()
-        grown[type(explorer).__name__] = rss() - before
+        grown[type(explorer).__name__] = trimmed_rss() - before
     return grown
+
+
+def cached(pairs) -> str:
+    """What the explorers' caches hold: runs and estimates."""
+    bse, convergence = pairs[0][0], pairs[1][0]
+    return (
+        f"BatchSizeExplorer {len(bse.runs.runs)} runs, {len(bse.cache.points)} estimates, "
+        f"{len(bse.cache.largest)} largest batches; ConvergenceExplorer {len(convergence._cache)} runs"
+    )
 
 
 def rss() -> int:
@@ -94,14 +104,13 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def trimmed_rss() -> int | None:
-    """Resident memory after glibc's malloc_trim(0) gave its heaps' free pages back (None without glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
+def trimmed_rss() -> int:
+    """Resident memory after glibc's malloc_trim(0) gave its heaps' free pages back (plain RSS without glibc)."""
     gc.collect()
-    libc.malloc_trim(0)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     return psutil.Process().memory_info().rss
 
 
@@ -118,7 +127,8 @@ def mib(size: int | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--changes", type=int, default=200, help="changes of each control (default 200)")
+    parser.add_argument("--changes", type=int, default=200, help="changes of each control in a round (default 200)")
+    parser.add_argument("--rounds", type=int, default=1, help="measured rounds after the warm-up (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as batchlab.setup() gives the notebooks
     print(
@@ -128,32 +138,27 @@ def main() -> None:
     threads_before = threading.active_count()
     start = time.perf_counter()
     pairs = explorers()
-    soak(pairs, 9)  # the warm-up: every value of every control three times (caches fill, allocators settle)
-    warm, widgets_warm = rss(), live_widgets()
-    warm_trimmed = trimmed_rss()
-    print(
-        f"warm-up done after {time.perf_counter() - start:.0f} s: resident {mib(warm)} ({mib(warm_trimmed)} after "
-        f"malloc_trim), {widgets_warm} widgets, {threading.active_count()} threads"
-    )
     total = sum(len(controls) for _, controls in pairs) * args.changes
-    began = time.perf_counter()
-    grown = soak(pairs, args.changes)
-    after, widgets_after = rss(), live_widgets()
-    after_trimmed = trimmed_rss()
+    built, built_trimmed = rss(), trimmed_rss()
+    soak(pairs, args.changes)
+    warm, warm_trimmed, widgets_warm = rss(), trimmed_rss(), live_widgets()
     print(
-        f"{total} changes ({args.changes} of each of {total // args.changes} controls of {len(pairs)} explorers) "
-        f"in {time.perf_counter() - began:.0f} s"
+        f"warm-up, one round of {total} changes ({args.changes} of each of {total // args.changes} controls of "
+        f"{len(pairs)} explorers) in {time.perf_counter() - start:.0f} s: resident {mib(built)} -> {mib(warm)}, "
+        f"pages in use {mib(built_trimmed)} -> {mib(warm_trimmed)} ({(warm_trimmed - built_trimmed) / MiB:+.1f} MiB)"
     )
-    print(
-        f"resident memory: {mib(warm)} after the warm-up, {mib(after)} after the soak: {(after - warm) / MiB:+.1f} MiB"
-    )
-    if warm_trimmed is not None and after_trimmed is not None:
+    print(f"  the caches after it: {cached(pairs)}")
+    for round_ in range(1, args.rounds + 1):
+        began = time.perf_counter()
+        grown = soak(pairs, args.changes)
+        after, after_trimmed = rss(), trimmed_rss()
         print(
-            f"after malloc_trim (pages in use): {mib(warm_trimmed)} after the warm-up, {mib(after_trimmed)} after "
-            f"the soak: {(after_trimmed - warm_trimmed) / MiB:+.1f} MiB"
+            f"round {round_} ({total} changes, {time.perf_counter() - began:.0f} s), since the warm-up: resident "
+            f"{(after - warm) / MiB:+.1f} MiB, pages in use {(after_trimmed - warm_trimmed) / MiB:+.1f} MiB "
+            f"({mib(after_trimmed)}); per explorer: " + ", ".join(f"{k} {v / MiB:+.1f}" for k, v in grown.items())
         )
-    print("growth during each explorer's changes: " + ", ".join(f"{k} {v / MiB:+.1f} MiB" for k, v in grown.items()))
-    threads_open = threading.active_count()
+        print(f"  the caches after it: {cached(pairs)}")
+    widgets_after, threads_open = live_widgets(), threading.active_count()
     for explorer, _ in pairs:
         explorer.close()
     print(
@@ -164,8 +169,8 @@ def main() -> None:
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.1)  # a background job's thread ends after close() cancelled it
     print(
-        f"Python threads: {threads_before} before, {threads_open} with the explorers open, "
-        f"{threading.active_count()} after closing them"
+        f"Python threads: {threads_before} before, {threads_open} with the explorers open (the BatchSizeExplorer "
+        f"trains in a thread of its own), {threading.active_count()} after closing them"
     )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
