@@ -25,3 +25,14 @@ def _seeded():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         yield
+
+
+@pytest.fixture
+def ctrl_c():
+    """Python's Ctrl-C handler for the test, whatever this process inherited: a shell without job control
+    starts background commands (``make test &``) with SIGINT ignored, and Python then installs no handler."""
+    import signal
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)

@@ -293,7 +293,7 @@ class Slow(Dataset):
         return torch.zeros(2), 0
 
 
-def test_keyboard_interrupt_leaves_no_worker_behind():
+def test_keyboard_interrupt_leaves_no_worker_behind(ctrl_c):
     before = {p.pid for p in children()}
     timer = threading.Timer(1.0, os.kill, args=(os.getpid(), signal.SIGINT))  # Ctrl-C, one second in
     timer.start()

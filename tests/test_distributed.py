@@ -160,7 +160,7 @@ def test_what_a_failing_rank_started_is_ended_with_it(tmp_path):
     assert children() == []
 
 
-def test_keyboard_interrupt_stops_every_process_and_is_raised_again():
+def test_keyboard_interrupt_stops_every_process_and_is_raised_again(ctrl_c):
     timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))  # as the notebook's stop button does
     timer.start()
     try:
