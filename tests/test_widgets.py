@@ -401,6 +401,17 @@ def test_jobs_run_in_one_thread_that_close_or_garbage_collection_ends():
     assert not thread.is_alive()  # a queue dropped without close() ends its thread too
 
 
+def test_a_background_job_that_raises_without_a_handler_does_not_stop_the_next(monkeypatch):
+    printed, done = [], []
+    monkeypatch.setattr("sys.excepthook", lambda kind, error, tb: printed.append(kind))
+    jobs = Jobs(background=True)
+    jobs.submit(lambda job: 1 / 0)
+    assert jobs.wait(10)
+    jobs.submit(lambda job: done.append(True))
+    assert jobs.wait(10) and done == [True] and printed == [ZeroDivisionError]
+    jobs.close(10)
+
+
 def test_a_job_may_wait_for_its_own_queue_without_deadlock():
     jobs, seen = Jobs(background=True), []
     jobs.submit(lambda job: seen.append(jobs.wait(10)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import sys
 import threading
 import weakref
 
@@ -76,6 +77,8 @@ class Worker:
                 job, self.pending, self.busy = self.pending, None, True
             try:
                 job.run()
+            except Exception:  # a job without on_error: reported, and the thread goes on with the next one
+                sys.excepthook(*sys.exc_info())
             finally:
                 job = None  # the thread keeps no finished job (and nothing it refers to) alive
                 with self.changed:
@@ -105,7 +108,8 @@ class Jobs:
     first job, ended by :meth:`close` or when the widget is garbage collected), so the controls stay
     responsive and two jobs never compute at once. ``background=False`` runs each job at once in the
     caller's thread (for work that must not leave the main thread, such as starting DataLoader worker
-    processes). ``on_error(error)`` shows what a background job raised; without it, the error propagates.
+    processes). ``on_error(error)`` shows what a job raised; without it, an inline job's error propagates
+    and a background job's is printed (``sys.excepthook``), the next job running as usual.
     """
 
     def __init__(self, *, background: bool = True, on_error=None):
